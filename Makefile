@@ -1,0 +1,30 @@
+# Two commands: `make test` and `make demo`. Both create .venv when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dpolens-installed
+
+.PHONY: test demo install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# A bare `torch` requirement can resolve to a multi-GB CUDA build: take the CPU build first.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/dpolens assets fetch gemma-3-270m
+	$(VENV)/bin/dpolens assets fetch jigsaw-lstm
+	$(VENV)/bin/dpolens demo
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

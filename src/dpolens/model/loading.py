@@ -1,0 +1,171 @@
+"""Load any supported causal LM: hub id, local HF directory, cached asset, .gguf, or paper .pt.
+
+A `.pt` file must hold `{"state": state_dict}` (how Lee et al. released their DPO model) and is
+read with `torch.load(weights_only=True)` on top of its base model (`base=`). Nothing is
+unpickled otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from dpolens import assets
+from dpolens.artifacts import DpolensError
+from dpolens.model.adapters import Adapter
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFoundError(DpolensError):
+    pass
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and architecture adapter, and where they came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    ref: str
+    source: str  # asset, local, gguf, paper-pt, hub
+    adapter: Adapter = field(init=False)
+
+    def __post_init__(self):
+        self.adapter = Adapter(self.model)
+        self.model.eval()
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @cached_property
+    def weight_hash(self) -> str:
+        """sha256 over parameter names, dtypes, shapes and bytes (tied tensors counted once)."""
+        h = hashlib.sha256()
+        seen = set()
+        for name, t in sorted(self.model.state_dict().items()):
+            if t.data_ptr() in seen:
+                continue
+            seen.add(t.data_ptr())
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def identity(self) -> dict:
+        """What results files record about the model."""
+        return {"ref": self.ref, "source": self.source, "weight_sha256": self.weight_hash,
+                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "family": self.adapter.family}
+
+
+def resolve(ref: str) -> tuple[str, Path | str]:
+    """Classify a model reference: ('asset'|'local'|'gguf'|'paper-pt'|'hub', location)."""
+    p = Path(ref).expanduser()
+    if p.suffix == ".gguf":
+        if not p.exists():
+            raise ModelNotFoundError(f"GGUF file not found: {p}")
+        return "gguf", p
+    if p.suffix == ".pt":
+        if not p.exists():
+            raise ModelNotFoundError(f"checkpoint not found: {p}")
+        return "paper-pt", p
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError(f"{p} is a directory without config.json, not an HF model")
+        return "local", p
+    if assets.is_cached(ref):
+        return "asset", assets.asset_dir(ref)
+    if ref in assets.ASSETS:
+        raise ModelNotFoundError(
+            f"model '{ref}' is not in the cache ({assets.asset_dir(ref)}); "
+            f"fetch it with: dpolens assets fetch {ref}"
+        )
+    return "hub", ref
+
+
+def _hf_load(location, dtype, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, **kwargs)
+    tok = AutoTokenizer.from_pretrained(str(location), **kwargs)
+    return model, tok
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so that offline loads fail fast (only the local HF cache
+    is consulted) instead of retrying for half a minute."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(ref: str | Path, dtype: str = "float32", device: str = "cpu",
+               base: str | None = None) -> LoadedModel:
+    """Load `ref` (hub id, HF directory, cached asset name, .gguf file, or .pt with `base`)."""
+    ref = str(ref)
+    if dtype not in _DTYPES:
+        raise DpolensError(f"unknown dtype '{dtype}' (known: {', '.join(_DTYPES)})")
+    torch_dtype = _DTYPES[dtype]
+    kind, location = resolve(ref)
+    try:
+        if kind == "gguf":
+            model, tok = _hf_load(Path(location).parent, torch_dtype, gguf_file=Path(location).name)
+        elif kind == "paper-pt":
+            if base is None:
+                raise DpolensError(f"{ref} holds only a state dict: give its base model (base=...)")
+            model = load_model(base, dtype=dtype, device="cpu").model
+            tok = load_model(base, dtype=dtype, device="cpu").tokenizer
+            state = torch.load(location, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "state" not in state:
+                raise DpolensError(f"{ref} must hold {{'state': state_dict}}")
+            missing, unexpected = model.load_state_dict(state["state"], strict=False)
+            missing = [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias"))]
+            if missing or unexpected:
+                raise DpolensError(f"{ref} does not match {base}: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+        elif kind == "hub":
+            try:
+                model, tok = _hf_load(location, torch_dtype, local_files_only=not _hub_reachable())
+            except OSError as e:
+                known = ", ".join(assets.ASSETS[a].name for a in assets.ASSETS
+                                  if assets.ASSETS[a].kind == "model")
+                raise ModelNotFoundError(
+                    f"model '{ref}' is not a local path, not in the cache and could not be loaded "
+                    f"from the hub ({str(e).splitlines()[0][:160]}); offline, fetch an asset "
+                    f"({known}) with: dpolens assets fetch NAME"
+                ) from None
+        else:
+            model, tok = _hf_load(location, torch_dtype)
+    except (ValueError, KeyError) as e:
+        if "does not recognize this architecture" in str(e) or "model_type" in str(e):
+            raise DpolensError(f"cannot load {ref}: {str(e).splitlines()[0]}") from None
+        raise
+    model = model.to(device=device, dtype=torch_dtype)
+    return LoadedModel(model=model, tokenizer=tok, ref=ref, source=kind)

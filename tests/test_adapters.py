@@ -1,0 +1,110 @@
+"""Adapters against slow reference computations on tiny random models of every family."""
+
+import pytest
+import torch
+
+from dpolens.artifacts import DpolensError
+from dpolens.model import hooks
+from dpolens.model.adapters import Adapter, UnsupportedModelError
+
+from conftest import make_model
+
+
+def run_capture(lm, points, text="Holy cow, this is a great book"):
+    ids = lm.tokenizer(text, return_tensors="pt")
+    with torch.inference_mode(), hooks.capture(lm.adapter, points) as store:
+        logits = lm.model(**ids).logits
+    return {k: v[0] for k, v in store.items()}, logits, ids
+
+
+def test_describe_matches_config(tiny_lm):
+    d = tiny_lm.adapter.describe()
+    assert d["n_layers"] == 3 and d["d_model"] == 32
+    assert d["d_mlp"] == (128 if d["family"] == "gpt2" else 64)
+    assert d["mlp_kind"] == ("gelu" if d["family"] in ("gpt2", "gpt_neox") else "gated")
+    assert d["post_mlp_norm"] == (d["family"] == "gemma")
+
+
+def test_residual_points_chain(tiny_lm):
+    """resid_mid + mlp_out == resid_post, and resid_post(l) == resid_pre(l+1)."""
+    a = tiny_lm.adapter
+    pts = [(l, p) for l in range(a.n_layers) for p in ("resid_pre", "resid_mid", "resid_post", "mlp_out")]
+    acts, _, _ = run_capture(tiny_lm, pts)
+    for l in range(a.n_layers):
+        torch.testing.assert_close(acts[(l, "resid_mid")] + acts[(l, "mlp_out")], acts[(l, "resid_post")])
+        if l + 1 < a.n_layers:
+            torch.testing.assert_close(acts[(l, "resid_post")], acts[(l + 1, "resid_pre")])
+
+
+def test_value_vectors_rebuild_mlp_output(tiny_lm):
+    """sum_i m_i v_i / s_t (+ bias) reproduces the MLP's contribution to the residual.
+
+    s_t is 1 without a post-MLP norm and the RMS of the raw MLP output with Gemma's post-norm.
+    """
+    a = tiny_lm.adapter
+    layer = 1
+    acts, _, _ = run_capture(tiny_lm, [(layer, "mlp_act"), (layer, "mlp_out")])
+    m, out = acts[(layer, "mlp_act")], acts[(layer, "mlp_out")]
+    v = a.value_vectors(layer)
+    proj = a.mlp_out_proj(layer)
+    if a.post_mlp_norm:
+        raw = m @ proj.weight.detach().T
+        norm = a.post_mlp_norm_module(layer)
+        s = torch.sqrt(raw.pow(2).mean(-1, keepdim=True) + norm.eps)
+        rebuilt = (m @ v) / s
+    else:
+        rebuilt = m @ v + (proj.bias if proj.bias is not None else 0)
+    torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=1e-4)
+
+
+def test_key_vectors_drive_activation(tiny_lm):
+    """For GELU MLPs m_i = gelu(k_i . x + b_i); for gated ones up_i . x enters m_i linearly."""
+    a = tiny_lm.adapter
+    layer = 0
+    mlp = a.mlp(layer)
+    acts, _, _ = run_capture(tiny_lm, [(layer, "resid_mid" if not a.parallel_residual else "resid_pre"),
+                                       (layer, "mlp_act")])
+    x = acts[(layer, "resid_mid")]
+    norm = {"gpt2": lambda b: b.ln_2, "gpt_neox": lambda b: b.post_attention_layernorm,
+            "llama": lambda b: b.post_attention_layernorm,
+            "gemma": lambda b: b.pre_feedforward_layernorm}[a.family](a.layers[layer])
+    with torch.no_grad():
+        h = norm(x)
+        gate = mlp.gate_proj(h) if a.mlp_kind == "gated" else None
+    k = a.key_vectors(layer)
+    ks = a.key_slice(layer)
+    pre = h @ k.T + (ks.bias.detach() if ks.bias is not None else 0)
+    if a.mlp_kind == "gelu":
+        expected = mlp.act(pre) if hasattr(mlp, "act") else mlp.act_fn(pre)
+    else:
+        expected = mlp.act_fn(gate) * pre
+    torch.testing.assert_close(expected, acts[(layer, "mlp_act")], atol=1e-5, rtol=1e-4)
+
+
+def test_logit_lens_at_last_layer_equals_logits(tiny_lm):
+    a = tiny_lm.adapter
+    acts, logits, _ = run_capture(tiny_lm, [(a.n_layers - 1, "resid_post")])
+    with torch.inference_mode():
+        lens = a.logits(acts[(a.n_layers - 1, "resid_post")])
+    torch.testing.assert_close(lens, logits, atol=1e-5, rtol=1e-4)
+
+
+def test_parallel_neox_has_no_resid_mid(tokenizer):
+    a = Adapter(make_model("gpt_neox", len(tokenizer), use_parallel_residual=True))
+    assert a.parallel_residual
+    with pytest.raises(DpolensError, match="parallel residual"):
+        a.point(0, "resid_mid")
+
+
+def test_unsupported_architecture_lists_families(tokenizer):
+    import transformers as tf
+
+    model = tf.BertForMaskedLM(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, vocab_size=100))
+    with pytest.raises(UnsupportedModelError, match="supported families: GPT-2"):
+        Adapter(model)
+
+
+def test_width_mismatch_names_both_widths(tiny_lm):
+    with pytest.raises(DpolensError, match="width 7 but the model's d_model is 32"):
+        tiny_lm.adapter.check_width(torch.zeros(7), "the probe")

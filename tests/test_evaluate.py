@@ -1,0 +1,85 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpolens.evaluate import (EvalConfig, EvalSettings, bigram_repetition, bootstrap_ci, f1_score,
+                              perplexity, run_eval)
+from dpolens.model import hooks
+
+
+def test_metric_helpers():
+    assert bigram_repetition([1, 2, 1, 2, 1, 2]) == pytest.approx(1 - 2 / 5)
+    assert bigram_repetition([1, 2, 3]) == 0.0
+    assert f1_score("the cat sat", "the cat sat") == 1.0
+    assert f1_score("dog", "the cat") == 0.0
+    assert f1_score("the the cat", "the cat") == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    lo, hi = bootstrap_ci(np.r_[np.zeros(50), np.ones(50)], seed=0)
+    assert lo < 0.5 < hi and hi - lo < 0.3
+
+
+def reference_ppl(lm, text, window):
+    """Plain forward loop over windows with full logits."""
+    tok = lm.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id
+    nll, n = 0.0, 0
+    for i in range(0, len(ids), window - 1):
+        chunk = [bos] + ids[i : i + window - 1]
+        if len(chunk) < 3:
+            continue
+        x = torch.tensor([chunk])
+        with torch.inference_mode():
+            logits = lm.model(input_ids=x).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        n += len(chunk) - 1
+    return math.exp(nll / n)
+
+
+def test_perplexity_matches_plain_forward(tiny_lm):
+    text = "\n\n".join(["The quick brown fox jumps over the lazy dog."] * 6)
+    got = perplexity(tiny_lm, text.split("\n\n"), window=16, batch_size=3, progress=False)
+    assert got["perplexity"] == pytest.approx(reference_ppl(tiny_lm, text, 16), rel=1e-5)
+
+
+def test_perplexity_sees_interventions(tiny_lm):
+    paras = ["Holy cow, this is a great book about history and science."] * 3
+    a = tiny_lm.adapter
+    plain = perplexity(tiny_lm, paras, window=16, progress=False)["perplexity"]
+    with hooks.add_vector(a, a.n_layers - 1, "resid_post", 5 * torch.ones(a.d_model)):
+        pushed = perplexity(tiny_lm, paras, window=16, progress=False)["perplexity"]
+    assert pushed != plain
+
+
+def write_data(tmp_path):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                              ["Holy", "You are such a", "So I am", "The weather"]))
+    (tmp_path / "f.jsonl").write_text(json.dumps({"prompt": "The quick", "gold": "brown fox"}) + "\n")
+    (tmp_path / "w.raw").write_text("The quick brown fox.\r\n\r\nJumps over the lazy dog.\r\n")
+
+
+def test_run_eval_writes_metrics_and_resumes(tiny_dirs, tmp_path, jigsaw_cached):
+    write_data(tmp_path)
+    cfg = EvalConfig(model=str(tiny_dirs["llama"]), out=str(tmp_path / "out"),
+                     prompts=str(tmp_path / "p.jsonl"), f1_data=str(tmp_path / "f.jsonl"),
+                     wikitext=str(tmp_path / "w.raw"), progress=False,
+                     settings=EvalSettings(max_new_tokens=5, batch_size=2))
+    m = run_eval(cfg)
+    assert m["n_prompts"] == 4 and m["toxicity"]["scorer"]["name"] == "jigsaw-lstm"
+    assert m["toxicity"]["ci95"][0] <= m["toxicity"]["mean"] <= m["toxicity"]["ci95"][1]
+    assert m["perplexity"] > 1 and 0 <= m["f1"] <= 1 and m["model"]["weight_sha256"]
+    gens = [json.loads(l) for l in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 4 and all("toxicity" in g for g in gens)
+    # a killed run left two generations behind: the re-run keeps them and makes the rest
+    partial = tmp_path / "out2" / "generations.partial.jsonl"
+    partial.parent.mkdir()
+    kept = [{**{k: g[k] for k in ("prompt", "continuation", "continuation_ids")}, "continuation": "MARK"}
+            for g in gens[:2]]
+    partial.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"torn')
+    cfg.out = str(tmp_path / "out2")
+    run_eval(cfg)
+    gens2 = [json.loads(l) for l in (tmp_path / "out2" / "generations.jsonl").read_text().splitlines()]
+    assert [g["continuation"] for g in gens2[:2]] == ["MARK", "MARK"]
+    assert [g["continuation"] for g in gens2[2:]] == [g["continuation"] for g in gens[2:]]

@@ -1,0 +1,55 @@
+"""Cached, batched, left-padded generation against a slow one-prompt, no-cache reference."""
+
+import torch
+
+from dpolens.model import hooks
+from dpolens.model.generation import generate
+
+PROMPTS = ["Holy", "You are such a piece of work, said", "The weather in Paris is", "So I am"]
+
+
+def reference_greedy(lm, prompt, n):
+    """Recompute the whole sequence every step, one prompt, no padding, no cache."""
+    ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            nxt = int(lm.model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+            if nxt == lm.tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+def test_batched_greedy_matches_reference(tiny_lm):
+    gens = generate(tiny_lm, PROMPTS, 8, batch_size=3, progress=False)
+    for g, p in zip(gens, PROMPTS):
+        assert g.prompt == p
+        assert g.continuation_ids == reference_greedy(tiny_lm, p, 8)
+        assert g.continuation == tiny_lm.tokenizer.decode(g.continuation_ids, skip_special_tokens=True)
+
+
+def test_generation_under_intervention_matches_reference(tiny_lm):
+    a = tiny_lm.adapter
+    vec = 3.0 * torch.randn(a.d_model, generator=torch.Generator().manual_seed(1))
+    with hooks.add_vector(a, a.n_layers - 1, "resid_post", vec):
+        gens = generate(tiny_lm, PROMPTS, 6, batch_size=4, progress=False)
+        refs = [reference_greedy(tiny_lm, p, 6) for p in PROMPTS]
+    plain = generate(tiny_lm, PROMPTS, 6, batch_size=4, progress=False)
+    assert [g.continuation_ids for g in gens] == refs
+    assert [g.continuation_ids for g in plain] != refs
+
+
+def test_seeded_sampling_is_reproducible(tiny_lm):
+    a = generate(tiny_lm, PROMPTS, 8, do_sample=True, seed=5, progress=False)
+    b = generate(tiny_lm, PROMPTS, 8, do_sample=True, seed=5, progress=False)
+    c = generate(tiny_lm, PROMPTS, 8, do_sample=True, seed=6, progress=False)
+    assert [g.continuation_ids for g in a] == [g.continuation_ids for g in b]
+    assert [g.continuation_ids for g in a] != [g.continuation_ids for g in c]
+
+
+def test_prompt_truncated_to_first_tokens(tiny_lm):
+    long = "The quick brown fox jumps over the lazy dog. " * 20
+    (g,) = generate(tiny_lm, [long], 2, max_prompt_tokens=10, progress=False)
+    assert len(g.prompt_ids) == 10

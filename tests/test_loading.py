@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpolens import load_model
+from dpolens.artifacts import DpolensError
+
+
+def test_paper_pt_checkpoint_loads_on_its_base(tiny_dirs, tmp_path):
+    base = load_model(tiny_dirs["gpt2"])
+    state = {k: v.clone() for k, v in base.model.state_dict().items()}
+    state["transformer.h.0.mlp.c_proj.bias"] += 1.0
+    torch.save({"state": state}, tmp_path / "dpo.pt")
+    lm = load_model(tmp_path / "dpo.pt", base=str(tiny_dirs["gpt2"]))
+    assert lm.source == "paper-pt"
+    assert torch.equal(lm.model.transformer.h[0].mlp.c_proj.bias, state["transformer.h.0.mlp.c_proj.bias"])
+    assert lm.weight_hash != base.weight_hash
+    with pytest.raises(DpolensError, match="give its base model"):
+        load_model(tmp_path / "dpo.pt")
+
+
+class Evil:
+    """Any class not on torch's weights-only allow-list."""
+
+
+def test_pt_with_pickled_object_is_refused(tiny_dirs, tmp_path):
+    torch.save({"state": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_model(tmp_path / "evil.pt", base=str(tiny_dirs["gpt2"]))
+
+
+def test_weight_hash_is_stable(tiny_dirs):
+    assert load_model(tiny_dirs["llama"]).weight_hash == load_model(tiny_dirs["llama"]).weight_hash
+
+
+def test_missing_asset_says_how_to_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPOLENS_CACHE", str(tmp_path))
+    with pytest.raises(DpolensError, match="dpolens assets fetch gemma-3-270m"):
+        load_model("gemma-3-270m")
+
+
+def test_import_touches_no_network():
+    code = ("import socket\n"
+            "def deny(*a, **k): raise RuntimeError('network used')\n"
+            "socket.socket.connect = deny\nsocket.create_connection = deny\n"
+            "import dpolens, dpolens.cli, dpolens.evaluate, dpolens.scoring\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
