@@ -136,6 +136,71 @@ def eval_cmd(
 
 
 @app.command()
+def probe(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    data: Optional[list[str]] = typer.Option(None, "--data", help="labelled corpus (repeatable)"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    max_examples: Optional[int] = typer.Option(None, "--max-examples"),
+    seed: Optional[int] = None,
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Fit the toxicity probe on final-norm mean-pooled residuals (paper 3.1)."""
+    from dpolens.config import load_config
+    from dpolens.probe import ProbeConfig, run_probe
+
+    opts = {"model": model, "data": data or None, "out": out, "max_examples": max_examples, "seed": seed}
+    m = run_probe(load_config(ProbeConfig, config, opts, set_))
+    typer.echo(f"probe: accuracy {m['accuracy']:.4f} (majority {m['majority_baseline']:.4f}), "
+               f"balanced {m['balanced_accuracy']:.4f}, F1 {m['f1']:.4f}, AUROC {m['auroc']:.4f}, "
+               f"n_train {m['n_train']}, n_val {m['n_val']}")
+
+
+@app.command()
+def vectors(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    probe: Optional[str] = typer.Option(None, "--probe", help="probe folder or .safetensors"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    top_n: Optional[int] = typer.Option(None, "--top-n"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Rank value vectors by cosine with the probe; vocabulary projections, SVD, Table 1."""
+    from dpolens.config import load_config
+    from dpolens.vectors import VectorsConfig, run_vectors
+
+    opts = {"model": model, "probe": probe, "out": out, "top_n": top_n}
+    s = run_vectors(load_config(VectorsConfig, config, opts, set_))
+    for r in s["top10"]:
+        typer.echo(f"L{r['layer']:>2} n{r['neuron']:<5} cos {r['cosine']:.3f}  {r['top_tokens'][:8]}")
+
+
+@app.command()
+def table2(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    probe: Optional[str] = typer.Option(None, "--probe"),
+    vectors: Optional[str] = typer.Option(None, "--vectors"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    target_ppl: Optional[float] = typer.Option(None, "--target-ppl", help="calibrate α to this PPL"),
+    target_ppl_ratio: Optional[float] = typer.Option(None, "--target-ppl-ratio",
+                                                     help="calibrate α to this multiple of the no-op PPL"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="fixed α (no calibration)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate on the first N prompts"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Table 2: subtract the probe, the top MLP.v, SVD.U[0], a random vector, at calibrated α."""
+    from dpolens.config import load_config
+    from dpolens.table2 import Table2Config, render, run_table2
+
+    calib = {k: v for k, v in {"target_ppl": target_ppl, "target_ppl_ratio": target_ppl_ratio,
+                               "alpha": alpha}.items() if v is not None}
+    opts = {"model": model, "probe": probe, "vectors": vectors, "out": out,
+            "calibration": calib or None, "eval": {"limit": limit} if limit else None}
+    typer.echo(render(run_table2(load_config(Table2Config, config, opts, set_))))
+
+
+@app.command()
 def demo(
     model: str = "gemma-3-270m",
     n: int = typer.Option(8, help="how many challenge prompts to continue"),

@@ -76,39 +76,52 @@ def f1_score(generated: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@torch.inference_mode()
-def perplexity(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None = None,
-               window: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
-    """PPL over non-overlapping windows; the unembedding is applied in chunks (no full logits)."""
+def ppl_windows(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None = None,
+                window: int | None = None) -> tuple[list[list[int]], int]:
+    """Non-overlapping windows of the joined text, each led by BOS when the tokenizer uses one.
+
+    Every token after the first of a window is scored (the BOS is never a target)."""
     tok, a = lm.tokenizer, lm.adapter
-    text = "\n\n".join(paragraphs)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = tok("\n\n".join(paragraphs), add_special_tokens=False)["input_ids"]
     if max_tokens:
         ids = ids[:max_tokens]
     window = window or min(MAX_WINDOW, a.context_length)
     bos = tok.bos_token_id if tok("a", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id else None
-    step = window - (1 if bos is not None else 0)
-    chunks = [ids[i : i + step] for i in range(0, len(ids), step)]
-    chunks = [c for c in chunks if len(c) >= 2]
-    total_nll, scored = 0.0, 0
+    lead = [bos] if bos is not None else []
+    step = window - len(lead)
+    chunks = [lead + ids[i : i + step] for i in range(0, len(ids), step)]
+    return [c for c in chunks if len(c) >= 2], window
+
+
+def chunked_nll(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor,
+                apply_norm: bool = False, chunk: int = 512) -> float:
+    """Summed next-token NLL from residuals; the unembedding runs on `chunk` positions at a time."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    total = 0.0
+    for s in range(0, hidden.shape[0], chunk):
+        logits = lm.adapter.logits(hidden[s : s + chunk], apply_norm=apply_norm).float()
+        total += torch.nn.functional.cross_entropy(logits, targets[s : s + chunk], reduction="sum").item()
+    return total
+
+
+@torch.inference_mode()
+def perplexity(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None = None,
+               window: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
+    """PPL over non-overlapping windows; the body runs once, the unembedding in chunks."""
+    chunks, window = ppl_windows(lm, paragraphs, max_tokens, window)
     by_len: dict[int, list[list[int]]] = {}
     for c in chunks:
         by_len.setdefault(len(c), []).append(c)
-    batches = [(L, cs[i : i + batch_size]) for L, cs in by_len.items() for i in range(0, len(cs), batch_size)]
-    for _, cs in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
-        x = torch.tensor([([bos] if bos is not None else []) + c for c in cs], device=lm.device)
-        hidden = a.body(input_ids=x).last_hidden_state  # after the final norm
-        targets = x[:, 1:]
-        hidden = hidden[:, :-1]
-        for s in range(0, hidden.shape[1], 256):
-            logits = a.logits(hidden[:, s : s + 256], apply_norm=False).float()
-            total_nll += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets[:, s : s + 256].reshape(-1),
-                reduction="sum").item()
-        scored += targets.numel()
+    batches = [cs[i : i + batch_size] for cs in by_len.values() for i in range(0, len(cs), batch_size)]
+    total_nll, scored = 0.0, 0
+    for cs in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
+        x = torch.tensor(cs, device=lm.device)
+        hidden = lm.adapter.body(input_ids=x).last_hidden_state  # after the final norm
+        total_nll += chunked_nll(lm, hidden[:, :-1], x[:, 1:])
+        scored += x[:, 1:].numel()
     return {"perplexity": math.exp(total_nll / scored) if scored else float("nan"),
             "nll_per_token": total_nll / scored if scored else float("nan"),
-            "scored_tokens": scored, "window": window, "bos": bos is not None}
+            "scored_tokens": scored, "window": window}
 
 
 @dataclass
@@ -117,8 +130,8 @@ class EvalSettings:
 
     max_new_tokens: int = 20
     max_prompt_tokens: int = 32
-    batch_size: int = 32
-    ppl_max_tokens: int | None = 20000
+    batch_size: int = 64
+    ppl_max_tokens: int | None = 8192  # None = the whole text (about 300k tokens on Gemma)
     ppl_batch_size: int = 2
     seed: int = 0
 
@@ -143,7 +156,7 @@ def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_
     done = done[: len(prompts)]
     if any(r["prompt"] != p for r, p in zip(done, prompts)):
         raise DpolensError(f"{path} holds generations for other prompts: remove it or use another --out")
-    chunk = settings.batch_size * 4
+    chunk = settings.batch_size
     for start in tqdm(range(len(done), len(prompts), chunk), desc=desc, disable=not progress,
                       unit="chunk"):
         gens = generate(lm, prompts[start : start + chunk], settings.max_new_tokens,
@@ -191,38 +204,65 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
 
 
 @dataclass
-class EvalConfig:
-    """`dpolens eval`: the harness on one model under an optional intervention."""
+class EvalData:
+    """What the harness measures on: prompts, F1 rows, WikiText, scorer, sizes."""
 
-    model: str = "gemma-3-270m"
-    out: str = "runs/eval"
     prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     f1_data: str | None = field(default_factory=lambda: default_data("wiki/wiki_samples.jsonl"))
     wikitext: str | None = field(default_factory=lambda: default_data("wikitext-2-raw/wiki.test.raw"))
     limit: int | None = None
     f1_limit: int | None = None
     scorer: str = "jigsaw-lstm"
-    intervention: Any = None
     skip_bad_rows: bool = False
-    dtype: str = "float32"
     progress: bool = True
     settings: EvalSettings = field(default_factory=EvalSettings)
+
+
+@dataclass
+class EvalInputs:
+    prompts: list[str]
+    f1_rows: list[dict] | None
+    wiki: list[str] | None
+    scorer: Scorer
+
+
+def load_inputs(d: EvalData, offset: int = 0) -> EvalInputs:
+    """Read the data once; `offset` skips prompts (e.g. those used to fit something)."""
+    from dpolens.scoring import get_scorer
+
+    prompts = load_prompts(d.prompts, None, d.skip_bad_rows)[offset:]
+    prompts = prompts[: d.limit] if d.limit else prompts
+    f1_rows = load_f1_set(d.f1_data, d.f1_limit or d.limit, d.skip_bad_rows) if d.f1_data else None
+    wiki = load_wikitext(d.wikitext) if d.wikitext else None
+    return EvalInputs(prompts, f1_rows, wiki, get_scorer(d.scorer))
+
+
+def evaluate_inputs(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None,
+                    label: str = "", out_dir: str | Path | None = None) -> EvalResult:
+    return evaluate(lm, inputs.prompts, inputs.scorer, d.settings, inputs.wiki, inputs.f1_rows,
+                    intervention, d.progress, label, out_dir)
+
+
+@dataclass
+class EvalConfig(EvalData):
+    """`dpolens eval`: the harness on one model under an optional intervention."""
+
+    model: str = "gemma-3-270m"
+    out: str = "runs/eval"
+    intervention: Any = None
+    dtype: str = "float32"
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate and write `out/metrics.json`, `out/generations.jsonl` and a manifest."""
     from dpolens.model.loading import load_model
-    from dpolens.scoring import get_scorer
 
-    prompts = load_prompts(cfg.prompts, cfg.limit, cfg.skip_bad_rows)
-    f1_rows = load_f1_set(cfg.f1_data, cfg.f1_limit or cfg.limit, cfg.skip_bad_rows) if cfg.f1_data else None
-    wiki = load_wikitext(cfg.wikitext) if cfg.wikitext else None
-    scorer = get_scorer(cfg.scorer)
+    inputs = load_inputs(cfg)
     lm = load_model(cfg.model, dtype=cfg.dtype)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = evaluate(lm, prompts, scorer, cfg.settings, wiki, f1_rows, cfg.intervention,
-                   cfg.progress, out_dir=out)
+    res = evaluate_inputs(lm, cfg, inputs, cfg.intervention, out_dir=out)
+    prompts, scorer = inputs.prompts, inputs.scorer
     write_jsonl(out / "generations.jsonl", res.records)
     metrics = {
         "model": lm.identity(),

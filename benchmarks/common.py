@@ -1,0 +1,27 @@
+"""Shared helpers for benchmarks: each prints ratios against a baseline timed in the same process."""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def timed(fn, repeat: int = 1):
+    """Best wall time of `repeat` runs, and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def report(name: str, baseline_s: float, rows: list[tuple[str, float]], unit_count: float, unit: str):
+    print(f"== {name}")
+    print(f"{'variant':<34} {'seconds':>8} {unit + '/s':>12} {'vs baseline':>12}")
+    print(f"{'baseline':<34} {baseline_s:>8.2f} {unit_count / baseline_s:>12.1f} {1.0:>12.3f}")
+    for label, s in rows:
+        print(f"{label:<34} {s:>8.2f} {unit_count / s:>12.1f} {baseline_s / s:>12.3f}")

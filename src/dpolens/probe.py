@@ -1,0 +1,150 @@
+"""Toxicity probe (paper section 3.1, method.md section 1).
+
+Features: the last layer's residual after the final norm (HF `hidden_states[-1]`), mean-pooled
+over real tokens only. Only the model body runs (no unembedding, no hidden-state tuples), on
+batches sorted by length. A binary L2 logistic regression is fitted on a stratified 90% split
+and reported on the other 10% beside the majority-class baseline. The probe vector is the
+classifier's weight vector in residual space (features are divided by one global scalar for
+conditioning, which leaves its direction unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpolens.artifacts import DpolensError, atomic_path, write_json, write_manifest
+from dpolens.data import balanced_sample, default_data, load_labelled
+from dpolens.model.generation import length_batches
+from dpolens.model.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeConfig:
+    model: str = "gemma-3-270m"
+    data: list[str] = field(default_factory=lambda: [
+        default_data("toxic-corpora/davidson_labeled_data.csv"),
+        default_data("toxic-corpora/olid-training-v1.0.tsv"),
+    ])
+    out: str = "runs/probe"
+    max_examples: int | None = 4000
+    balance: bool = True
+    max_tokens: int = 64
+    batch_size: int = 32
+    val_fraction: float = 0.1
+    C: float = 1.0
+    seed: int = 0
+    skip_bad_rows: bool = False
+    dtype: str = "float32"
+    progress: bool = True
+
+
+@torch.inference_mode()
+def final_features(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batch_size: int = 32,
+                   progress: bool = True) -> torch.Tensor:
+    """[n, d_model] mean over real tokens of the final-norm residual (fp32)."""
+    tok = lm.tokenizer
+    ids = [x[:max_tokens] for x in tok(texts, add_special_tokens=True)["input_ids"]]
+    feats = torch.zeros(len(texts), lm.adapter.d_model)
+    from dpolens.model.generation import left_pad
+
+    for idx in tqdm(length_batches([len(x) for x in ids], batch_size), desc="probe features",
+                    disable=not progress, unit="batch"):
+        input_ids, mask = left_pad([ids[i] for i in idx], tok.pad_token_id, lm.device)
+        hidden = lm.adapter.body(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        m = mask.unsqueeze(-1).float()
+        feats[idx] = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
+    return feats
+
+
+def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedModel, extra: dict) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"model_ref": lm.ref, "weight_sha256": lm.weight_hash, "model_type": lm.adapter.model_type,
+            "d_model": str(lm.adapter.d_model), "n_layers": str(lm.adapter.n_layers),
+            "bias": repr(bias), "feature": "final-norm residual, mean over real tokens",
+            **{k: str(v) for k, v in extra.items()}}
+    with atomic_path(path) as tmp:
+        save_file({"probe": probe.float().contiguous()}, str(tmp), metadata=meta)
+
+
+def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
+    """The probe vector [d_model] and its metadata; checked against `lm` when given."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "probe.safetensors"
+    if not p.exists():
+        raise DpolensError(f"probe file not found: {p}")
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+        vec = f.get_tensor("probe")
+    if lm is not None:
+        a = lm.adapter
+        if vec.shape[-1] != a.d_model:
+            raise DpolensError(f"the probe {p} has width {vec.shape[-1]} but the model "
+                               f"{lm.ref} has d_model {a.d_model}")
+        if meta.get("model_type") and meta["model_type"] != a.model_type:
+            raise DpolensError(f"the probe {p} belongs to a {meta['model_type']} model "
+                               f"({meta.get('model_ref')}), not to {lm.ref} ({a.model_type})")
+        if meta.get("weight_sha256") and meta["weight_sha256"] != lm.weight_hash:
+            log.info("probe %s was fitted on %s (weights %s); applying it to %s", p,
+                     meta.get("model_ref"), meta["weight_sha256"][:12], lm.ref)
+    return vec, meta
+
+
+def run_probe(cfg: ProbeConfig) -> dict:
+    """Fit the probe; write `probe.safetensors`, `metrics.json`, a manifest."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+    from sklearn.model_selection import train_test_split
+
+    examples = []
+    counts = {}
+    for spec in cfg.data:
+        rows = load_labelled(spec, cfg.skip_bad_rows)
+        counts[spec] = {"rows": len(rows), "toxic": sum(l for _, l in rows)}
+        examples += rows
+    examples = balanced_sample(examples, cfg.max_examples, cfg.balance, cfg.seed)
+    texts = [t for t, _ in examples]
+    labels = np.array([l for _, l in examples])
+    lm = load_model(cfg.model, dtype=cfg.dtype)
+    feats = final_features(lm, texts, cfg.max_tokens, cfg.batch_size, cfg.progress).numpy()
+    scale = float(np.linalg.norm(feats, axis=1).mean())
+    x = feats / scale
+    x_tr, x_va, y_tr, y_va = train_test_split(x, labels, test_size=cfg.val_fraction,
+                                              random_state=cfg.seed, stratify=labels)
+    clf = LogisticRegression(C=cfg.C, max_iter=5000).fit(x_tr, y_tr)
+    prob = clf.predict_proba(x_va)[:, 1]
+    pred = (prob >= 0.5).astype(int)
+    majority = max(y_va.mean(), 1 - y_va.mean())
+    metrics = {
+        "accuracy": float(accuracy_score(y_va, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_va, pred)),
+        "f1": float(f1_score(y_va, pred)),
+        "auroc": float(roc_auc_score(y_va, prob)),
+        "majority_baseline": float(majority),
+        "train_accuracy": float(clf.score(x_tr, y_tr)),
+        "n_train": int(len(y_tr)),
+        "n_val": int(len(y_va)),
+        "toxic_share": float(labels.mean()),
+        "model": lm.identity(),
+        "data": counts,
+        "seed": cfg.seed,
+    }
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    w = torch.tensor(clf.coef_[0], dtype=torch.float32)  # direction in residual space
+    save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]) , lm,
+               {"feature_scale": scale, "auroc": metrics["auroc"]})
+    write_json(out / "metrics.json", metrics)
+    write_manifest(out, "probe", cfg, model=lm.identity())
+    return metrics
