@@ -201,6 +201,53 @@ def table2(
 
 
 @app.command()
+def pairs(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    probe: Optional[str] = typer.Option(None, "--probe"),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="WikiText file (repeatable)"),
+    method: Optional[str] = typer.Option(None, "--method", help="pplm or steer"),
+    n: Optional[int] = typer.Option(None, "--n"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="pairs JSONL"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Preference pairs: greedy base continuation vs a toxic one (PPLM or steering)."""
+    from dpolens.config import load_config
+    from dpolens.pairs import PairsConfig, run_pairs
+
+    opts = {"model": model, "probe": probe, "prompts": prompts or None, "method": method, "n": n, "out": out}
+    s = run_pairs(load_config(PairsConfig, config, opts, set_))
+    typer.echo(f"{s['n']} pairs ({s['method']}): toxicity preferred {s['preferred_toxicity_mean']:.4f}, "
+               f"dispreferred {s['dispreferred_toxicity_mean']:.4f} ({s['scorer']['name']})")
+
+
+@app.command()
+def dpo(
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    pairs: Optional[str] = typer.Option(None, "--pairs"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    learning_rate: Optional[float] = typer.Option(None, "--lr"),
+    precompute_ref: Optional[bool] = typer.Option(None, "--precompute-ref/--live-ref"),
+    freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """DPO through TRL with the paper's settings; resumable; writes an HF model directory."""
+    from dpolens.config import load_config
+    from dpolens.dpo import DPOConfig, run_dpo
+
+    opts = {"model": model, "pairs": pairs, "out": out, "max_steps": max_steps, "learning_rate": learning_rate,
+            "precompute_ref": precompute_ref, "freeze_embeddings": freeze_embeddings}
+    s = run_dpo(load_config(DPOConfig, config, opts, set_))
+    typer.echo(json.dumps({k: s[k] for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy",
+                                             "weight_shift")}, indent=2, default=str))
+    for r in s.get("eval", []):
+        typer.echo(f"{r['model']:<8} toxicity {r['toxicity']['mean']:.4f} {r['toxicity']['ci95']}  "
+                   f"PPL {r['perplexity']}  F1 {r['f1']}")
+
+
+@app.command()
 def demo(
     model: str = "gemma-3-270m",
     n: int = typer.Option(8, help="how many challenge prompts to continue"),

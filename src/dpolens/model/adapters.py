@@ -220,6 +220,12 @@ class Adapter:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
+        """Expected input embedding under a token distribution (Gemma scales by sqrt(d))."""
+        emb = self.model.get_input_embeddings()
+        scale = getattr(emb, "embed_scale", 1.0)
+        return (probs.to(emb.weight.dtype) @ emb.weight) * scale
+
     def check_width(self, vector: torch.Tensor, what: str) -> None:
         if vector.shape[-1] != self.d_model:
             raise DpolensError(

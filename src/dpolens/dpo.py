@@ -1,0 +1,179 @@
+"""DPO training (paper 4, method.md 5.2) through TRL's DPOTrainer, configured to the paper.
+
+Loss −log σ(β(log π(y+|x)/π_ref(y+|x) − log π(y−|x)/π_ref(y−|x))), β = 0.1, log-probs summed over
+continuation tokens only (TRL masks prompt and padding by position). Paper settings: RMSprop,
+lr 1e-6, batch 4, max grad norm 10, 150 warm-up steps, 64 held-out validation pairs, early
+stopping on validation loss with patience 10, fp32. Checkpoints make a killed run resumable;
+a NaN/inf loss stops training, keeps the last good checkpoint and exits with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpolens.artifacts import DpolensError, append_jsonl, write_json, write_manifest
+from dpolens.data import load_pairs
+from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.model.loading import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOConfig:
+    model: str = "gemma-3-270m"
+    pairs: str = "runs/pairs/pairs.jsonl"
+    out: str = "runs/dpo"
+    learning_rate: float = 1e-6
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 10.0
+    warmup_steps: int = 150
+    beta: float = 0.1
+    val_pairs: int = 64
+    eval_steps: int = 10
+    patience: int = 10
+    max_steps: int = -1
+    epochs: float = 1.0
+    optimizer: str = "rmsprop"
+    precompute_ref: bool = True
+    freeze_embeddings: bool = False
+    max_length: int = 128
+    save_total_limit: int = 2
+    seed: int = 0
+    skip_bad_rows: bool = False
+    evaluate: bool = True
+    eval: EvalData = field(default_factory=EvalData)
+
+
+def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10) -> dict:
+    """Per parameter tensor: cosine(base, aligned) and ‖aligned − base‖, with a summary."""
+    b, a = dict(base.named_parameters()), dict(aligned.named_parameters())
+    if b.keys() != a.keys() or any(b[k].shape != a[k].shape for k in b):
+        raise DpolensError("base and aligned models have different parameters or shapes")
+    rows = []
+    for name in b:
+        x, y = b[name].detach().double().flatten(), a[name].detach().double().flatten()
+        diff = (y - x).norm().item()
+        denom = (x.norm() * y.norm()).item()
+        cos = (x @ y).item() / denom if denom > 0 else 1.0
+        rows.append({"name": name, "cosine": cos, "norm_diff": diff, "rel_diff": diff / max(x.norm().item(), 1e-30),
+                     "numel": x.numel()})
+    moved = sorted(rows, key=lambda r: -r["rel_diff"])[:top]
+    return {"min_cosine": min(r["cosine"] for r in rows),
+            "mean_norm_diff": sum(r["norm_diff"] for r in rows) / len(rows),
+            "max_norm_diff": max(r["norm_diff"] for r in rows),
+            "all_above_0_99": all(r["cosine"] > 0.99 for r in rows),
+            "n_tensors": len(rows), "changed_tensors": sum(r["norm_diff"] > 0 for r in rows),
+            "most_moved": moved, "per_tensor": rows}
+
+
+def _dataset(lm: LoadedModel, pairs: list[dict]):
+    from datasets import Dataset
+
+    tok = lm.tokenizer
+    bos = tok.bos_token if tok("a")["input_ids"][0] == tok.bos_token_id else ""
+    # TRL tokenizes without special tokens: put the BOS the model expects in front of the prompt.
+    return Dataset.from_list([{"prompt": bos + p["prompt_text"], "chosen": p["unpert_gen_text"],
+                               "rejected": p["pert_gen_text"]} for p in pairs])
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def run_dpo(cfg: DPOConfig) -> dict:
+    from transformers import EarlyStoppingCallback, TrainerCallback
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    pairs = load_pairs(cfg.pairs, cfg.skip_bad_rows)
+    if len(pairs) <= cfg.val_pairs:
+        raise DpolensError(f"{len(pairs)} pairs leave none for training after {cfg.val_pairs} validation pairs")
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    val = [pairs[i] for i in order[: cfg.val_pairs]]
+    train = [pairs[i] for i in order[cfg.val_pairs :]]
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(cfg.model, dtype="float32")
+    if cfg.freeze_embeddings:
+        lm.model.get_input_embeddings().weight.requires_grad_(False)
+        lm.model.get_output_embeddings().weight.requires_grad_(False)
+    log_path = out / "train_log.jsonl"
+    state = {"diverged": None}
+
+    class LogToJsonl(TrainerCallback):
+        def on_log(self, args, st, control, logs=None, **kw):
+            if not logs:
+                return
+            append_jsonl(log_path, [{"step": st.global_step, **logs}])
+            loss = logs.get("loss", logs.get("eval_loss"))
+            if loss is not None and not math.isfinite(loss):
+                state["diverged"] = st.global_step
+                control.should_training_stop = True
+                control.should_save = False
+
+    args = TRLConfig(
+        output_dir=str(ckpt_dir), learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps, beta=cfg.beta, optim=cfg.optimizer,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, eval_strategy="steps", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
+        logging_steps=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=False, fp16=False,
+        use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=cfg.precompute_ref,
+        max_length=cfg.max_length, disable_tqdm=not cfg.eval.progress, save_only_model=False,
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(model=lm.model, args=args, train_dataset=_dataset(lm, train),
+                         eval_dataset=_dataset(lm, val), processing_class=lm.tokenizer,
+                         callbacks=[LogToJsonl(), EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+    resume = _checkpoints(ckpt_dir)
+    if resume:
+        log.info("resuming from %s", resume[-1])
+    trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    if state["diverged"] is not None:
+        good = _checkpoints(ckpt_dir)
+        raise DpolensError(f"DPO loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "
+                           f"{good[-1] if good else 'none'} (lower the learning rate and re-run)")
+    model_dir = out / "model"
+    trainer.model.save_pretrained(model_dir)
+    lm.tokenizer.save_pretrained(model_dir)
+    aligned = load_model(model_dir)
+    base = load_model(cfg.model)
+    shift = weight_shift(base.model, aligned.model)
+    hist = trainer.state.log_history
+    evals = [h for h in hist if "eval_loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"]) if evals else {}
+    summary = {
+        "steps": trainer.state.global_step,
+        "pairs_seen": trainer.state.global_step * cfg.batch_size * cfg.grad_accum,
+        "n_train_pairs": len(train), "n_val_pairs": len(val),
+        "best_val_loss": best.get("eval_loss"), "best_step": best.get("step"),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "reward_accuracy": best.get("eval_rewards/accuracies"), "reward_margin": best.get("eval_rewards/margins"),
+        "weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
+        "base": base.identity(), "aligned": aligned.identity(),
+    }
+    write_json(out / "weight_shift.json", shift)
+    write_json(out / "summary.json", summary)
+    if cfg.evaluate:
+        inputs = load_inputs(cfg.eval)
+        rows = []
+        for label, m in (("base", base), ("aligned", aligned)):
+            res = evaluate_inputs(m, cfg.eval, inputs, label=label)
+            rows.append({"model": label, "ref": m.ref, "weight_sha256": m.weight_hash, **res.row()})
+        write_json(out / "eval.json", {"rows": rows, "scorer": inputs.scorer.describe(),
+                                       "n_prompts": len(inputs.prompts),
+                                       "note": "challenge prompts are never used in training (pairs come from WikiText)"})
+        summary["eval"] = rows
+    write_manifest(out, "dpo", cfg, base=base.identity(), aligned=aligned.identity())
+    return summary
