@@ -128,7 +128,7 @@ def eval_cmd(
 
     opts = {"model": model, "out": out, "intervention": intervention, "limit": limit,
             "scorer": scorer, "prompts": prompts, "skip_bad_rows": skip_bad_rows or None}
-    metrics = run_eval(load_config(EvalConfig, config, opts, set_))
+    metrics = run_eval(load_config(EvalConfig, config, opts, set_, section="eval"))
     t = metrics["toxicity"]
     typer.echo(f"toxicity {t['mean']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]  "
                f"perplexity {metrics['perplexity']}  f1 {metrics['f1']}  "
@@ -150,7 +150,7 @@ def probe(
     from dpolens.probe import ProbeConfig, run_probe
 
     opts = {"model": model, "data": data or None, "out": out, "max_examples": max_examples, "seed": seed}
-    m = run_probe(load_config(ProbeConfig, config, opts, set_))
+    m = run_probe(load_config(ProbeConfig, config, opts, set_, section="probe"))
     typer.echo(f"probe: accuracy {m['accuracy']:.4f} (majority {m['majority_baseline']:.4f}), "
                f"balanced {m['balanced_accuracy']:.4f}, F1 {m['f1']:.4f}, AUROC {m['auroc']:.4f}, "
                f"n_train {m['n_train']}, n_val {m['n_val']}")
@@ -170,7 +170,7 @@ def vectors(
     from dpolens.vectors import VectorsConfig, run_vectors
 
     opts = {"model": model, "probe": probe, "out": out, "top_n": top_n}
-    s = run_vectors(load_config(VectorsConfig, config, opts, set_))
+    s = run_vectors(load_config(VectorsConfig, config, opts, set_, section="vectors"))
     for r in s["top10"]:
         typer.echo(f"L{r['layer']:>2} n{r['neuron']:<5} cos {r['cosine']:.3f}  {r['top_tokens'][:8]}")
 
@@ -197,7 +197,7 @@ def table2(
                                "alpha": alpha}.items() if v is not None}
     opts = {"model": model, "probe": probe, "vectors": vectors, "out": out,
             "calibration": calib or None, "eval": {"limit": limit} if limit else None}
-    typer.echo(render(run_table2(load_config(Table2Config, config, opts, set_))))
+    typer.echo(render(run_table2(load_config(Table2Config, config, opts, set_, section="table2"))))
 
 
 @app.command()
@@ -216,7 +216,7 @@ def pairs(
     from dpolens.pairs import PairsConfig, run_pairs
 
     opts = {"model": model, "probe": probe, "prompts": prompts or None, "method": method, "n": n, "out": out}
-    s = run_pairs(load_config(PairsConfig, config, opts, set_))
+    s = run_pairs(load_config(PairsConfig, config, opts, set_, section="pairs"))
     typer.echo(f"{s['n']} pairs ({s['method']}): toxicity preferred {s['preferred_toxicity_mean']:.4f}, "
                f"dispreferred {s['dispreferred_toxicity_mean']:.4f} ({s['scorer']['name']})")
 
@@ -239,12 +239,36 @@ def dpo(
 
     opts = {"model": model, "pairs": pairs, "out": out, "max_steps": max_steps, "learning_rate": learning_rate,
             "precompute_ref": precompute_ref, "freeze_embeddings": freeze_embeddings}
-    s = run_dpo(load_config(DPOConfig, config, opts, set_))
+    s = run_dpo(load_config(DPOConfig, config, opts, set_, section="dpo"))
     typer.echo(json.dumps({k: s[k] for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy",
                                              "weight_shift")}, indent=2, default=str))
     for r in s.get("eval", []):
         typer.echo(f"{r['model']:<8} toxicity {r['toxicity']['mean']:.4f} {r['toxicity']['ci95']}  "
                    f"PPL {r['perplexity']}  F1 {r['f1']}")
+
+
+@app.command()
+def unalign(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="the aligned model"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model evaluated beside it"),
+    probe: Optional[str] = typer.Option(None, "--probe"),
+    k: Optional[int] = typer.Option(None, "--k"),
+    scale: Optional[float] = typer.Option(None, "--scale"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Table 4: scale the keys of the k most probe-like value vectors and evaluate."""
+    from dpolens.config import load_config
+    from dpolens.unalign import UnalignConfig, run_unalign
+
+    opts = {"model": model, "base": base, "probe": probe, "k": k, "scale": scale, "out": out,
+            "eval": {"limit": limit} if limit else None}
+    r = run_unalign(load_config(UnalignConfig, config, opts, set_, section="unalign"))
+    for row in r["rows"]:
+        typer.echo(f"{row['model']:<10} toxicity {row['toxicity']['mean']:.4f} {row['toxicity']['ci95']}  "
+                   f"PPL {row['perplexity']}  F1 {row['f1']}")
 
 
 @app.command()

@@ -118,8 +118,13 @@ def load_config(
     path: str | Path | None = None,
     options: dict | None = None,
     sets: list[str] | None = None,
+    section: str | None = None,
 ) -> T:
-    """Defaults < YAML file < command-line options (those given) < `--set` overrides."""
+    """Defaults < YAML file < command-line options (those given) < `--set` overrides.
+
+    A study file holds one mapping per stage (`probe:`, `pairs:`, `dpo:`, ...): with `section`,
+    only that stage's mapping is read when the file has it.
+    """
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -129,6 +134,8 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping")
         data = loaded
+        if section and isinstance(loaded.get(section), dict):
+            data = loaded[section]
     data = merge(data, {k: v for k, v in (options or {}).items() if v is not None})
     data = merge(data, parse_set(sets))
     return from_dict(cls, data)

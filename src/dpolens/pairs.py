@@ -55,6 +55,7 @@ class SteerSettings:
     point: str = "resid_post"
     temperature: float = 1.0
     top_k: int = 10
+    repetition_penalty: float = 1.3  # steering alone collapses into one repeated slur
 
 
 @dataclass
@@ -110,7 +111,7 @@ def steer_generate(lm: LoadedModel, prompts: list[str], direction: torch.Tensor,
     a = lm.adapter
     with hooks.add_vector(a, s.layer % a.n_layers, s.point, beta * direction / direction.norm()):
         return generate(lm, prompts, max_new_tokens, do_sample=True, temperature=s.temperature,
-                        top_k=s.top_k, seed=seed, batch_size=batch_size, max_prompt_tokens=None,
+                        top_k=s.top_k, repetition_penalty=s.repetition_penalty, seed=seed, batch_size=batch_size, max_prompt_tokens=None,
                         progress=False)
 
 
@@ -219,6 +220,10 @@ def pplm_generate(lm: LoadedModel, prompts: list[str], attr: ProbeAttribute, s: 
                         if g is None:
                             pair.append(d.detach())
                             continue
+                        if s.window_length > 0:  # perturb only the last `window_length` positions
+                            window = torch.zeros_like(g)
+                            window[..., -s.window_length :, :] = 1
+                            g = g * window
                         norm = g.flatten(1).norm(dim=1).clamp(min=1e-10).view(-1, *[1] * (g.ndim - 1))
                         pair.append((d - s.step_size * g / norm ** s.gamma).detach())
                     new.append(tuple(pair))

@@ -10,6 +10,7 @@ conditioning, which leaves its direction unchanged).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ class ProbeConfig:
     max_tokens: int = 64
     batch_size: int = 32
     val_fraction: float = 0.1
-    C: float = 1.0
+    C: float | None = None  # None: chosen by 5-fold cross-validation on the training split
+    Cs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
     seed: int = 0
     skip_bad_rows: bool = False
     dtype: str = "float32"
@@ -101,6 +103,25 @@ def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.T
     return vec, meta
 
 
+def _cached_features(lm: LoadedModel, texts: list[str], cfg: ProbeConfig, path: Path) -> torch.Tensor:
+    """Features are the slow part: keep them beside the probe, keyed by model, texts and length."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = hashlib.sha256(json.dumps([lm.weight_hash, cfg.max_tokens, texts]).encode()).hexdigest()
+    if path.exists():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                log.info("reusing probe features from %s", path)
+                return f.get_tensor("features")
+    feats = final_features(lm, texts, cfg.max_tokens, cfg.batch_size, cfg.progress)
+    with atomic_path(path) as tmp:
+        save_file({"features": feats.contiguous()}, str(tmp), metadata={"key": key})
+    return feats
+
+
 def run_probe(cfg: ProbeConfig) -> dict:
     """Fit the probe; write `probe.safetensors`, `metrics.json`, a manifest."""
     from sklearn.linear_model import LogisticRegression
@@ -117,12 +138,21 @@ def run_probe(cfg: ProbeConfig) -> dict:
     texts = [t for t, _ in examples]
     labels = np.array([l for _, l in examples])
     lm = load_model(cfg.model, dtype=cfg.dtype)
-    feats = final_features(lm, texts, cfg.max_tokens, cfg.batch_size, cfg.progress).numpy()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    feats = _cached_features(lm, texts, cfg, out / "features.safetensors").numpy()
     scale = float(np.linalg.norm(feats, axis=1).mean())
     x = feats / scale
     x_tr, x_va, y_tr, y_va = train_test_split(x, labels, test_size=cfg.val_fraction,
                                               random_state=cfg.seed, stratify=labels)
-    clf = LogisticRegression(C=cfg.C, max_iter=5000).fit(x_tr, y_tr)
+    if cfg.C is None:
+        from sklearn.linear_model import LogisticRegressionCV
+
+        cv = LogisticRegressionCV(Cs=cfg.Cs, cv=5, max_iter=5000, scoring="roc_auc").fit(x_tr, y_tr)
+        C = float(cv.C_[0])
+    else:
+        C = cfg.C
+    clf = LogisticRegression(C=C, max_iter=5000).fit(x_tr, y_tr)
     prob = clf.predict_proba(x_va)[:, 1]
     pred = (prob >= 0.5).astype(int)
     majority = max(y_va.mean(), 1 - y_va.mean())
@@ -136,12 +166,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
         "n_train": int(len(y_tr)),
         "n_val": int(len(y_va)),
         "toxic_share": float(labels.mean()),
+        "C": C,
         "model": lm.identity(),
         "data": counts,
         "seed": cfg.seed,
     }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     w = torch.tensor(clf.coef_[0], dtype=torch.float32)  # direction in residual space
     save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]) , lm,
                {"feature_scale": scale, "auroc": metrics["auroc"]})

@@ -57,6 +57,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float = 1.0,
     seed: int = 0,
     batch_size: int = 32,
     max_prompt_tokens: int | None = 32,
@@ -71,6 +72,7 @@ def generate(
     eos = tok.eos_token_id
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
+        repetition_penalty=repetition_penalty,
         eos_token_id=eos, **({"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
                              if do_sample else {}),
     )

@@ -1,0 +1,67 @@
+"""Un-aligning by key scaling (paper 5.4, Table 4, method.md 5.4).
+
+Take the k value vectors most cosine-similar to the probe (ranked in the aligned model) and
+scale their keys by `scale`: for GELU MLPs the fc input weights (and bias); for gated MLPs the
+up-projection row, which enters m_i linearly (recorded in the results). The scaled model is
+saved as an HF directory and evaluated beside the base and aligned models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dpolens.artifacts import write_json, write_manifest, write_text
+from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.model import hooks
+from dpolens.model.loading import load_model
+from dpolens.probe import load_probe
+from dpolens.vectors import rank_by_probe
+
+
+@dataclass
+class UnalignConfig:
+    model: str = "runs/dpo/model"
+    base: str | None = "gemma-3-270m"
+    probe: str = "runs/probe"
+    out: str = "runs/unalign"
+    k: int = 7
+    scale: float = 10.0
+    eval: EvalData = field(default_factory=EvalData)
+
+
+def run_unalign(cfg: UnalignConfig) -> dict:
+    aligned = load_model(cfg.model)
+    probe, _ = load_probe(cfg.probe, aligned)
+    a = aligned.adapter
+    cos = rank_by_probe(aligned, probe).flatten()
+    top = cos.topk(cfg.k).indices.tolist()
+    targets = [(i // a.d_mlp, i % a.d_mlp, float(cos[i])) for i in top]
+    out = Path(cfg.out)
+    with contextlib.ExitStack() as stack:
+        scaled = [stack.enter_context(hooks.scale_keys(a, layer, [neuron], cfg.scale))
+                  for layer, neuron, _ in targets]
+        aligned.model.save_pretrained(out / "model")
+        aligned.tokenizer.save_pretrained(out / "model")
+    unaligned = load_model(out / "model")
+    inputs = load_inputs(cfg.eval)
+    models = ([("base", load_model(cfg.base))] if cfg.base else []) + [("aligned", aligned), ("unaligned", unaligned)]
+    rows = []
+    for label, m in models:
+        res = evaluate_inputs(m, cfg.eval, inputs, label=label)
+        rows.append({"model": label, "ref": m.ref, "weight_sha256": m.weight_hash, **res.row()})
+    result = {"rows": rows, "scaled": [{**s, "cosine": c} for s, (_, _, c) in zip(scaled, targets)],
+              "k": cfg.k, "scale": cfg.scale, "key_kind": f"{a.mlp_kind}: {scaled[0]['module'].rsplit('.', 1)[-1]}",
+              "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts)}
+    write_json(out / "table.json", result)
+    lines = [f"# Table 4 — un-aligning {cfg.model} by scaling {cfg.k} toxic keys ×{cfg.scale}", "",
+             "| model | toxicity | 95% CI | PPL | F1 |", "|---|---|---|---|---|"]
+    for r in rows:
+        t = r["toxicity"]
+        lines.append(f"| {r['model']} | {t['mean']:.4f} | [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] | "
+                     f"{r['perplexity']:.2f} | {r['f1']:.3f} |" if r["perplexity"] and r["f1"] is not None else
+                     f"| {r['model']} | {t['mean']:.4f} | [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] | - | - |")
+    write_text(out / "table4.md", "\n".join(lines) + "\n")
+    write_manifest(out, "unalign", cfg, aligned=aligned.identity(), unaligned=unaligned.identity())
+    return result

@@ -1,0 +1,30 @@
+import json
+
+import torch
+
+from dpolens import load_model
+from dpolens.evaluate import EvalData, EvalSettings
+from dpolens.probe import save_probe
+from dpolens.unalign import UnalignConfig, run_unalign
+
+
+def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached):
+    for fam in ("gpt2", "llama"):
+        lm = load_model(tiny_dirs[fam])
+        a = lm.adapter
+        save_probe(tmp_path / f"{fam}.safetensors", a.value_vectors(2)[3].clone(), 0.0, lm, {})
+        (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Holy"}) + "\n")
+        cfg = UnalignConfig(model=str(tiny_dirs[fam]), base=None, probe=str(tmp_path / f"{fam}.safetensors"),
+                            out=str(tmp_path / fam), k=2, scale=10.0,
+                            eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
+                                          progress=False, settings=EvalSettings(max_new_tokens=3)))
+        res = run_unalign(cfg)
+        scaled = [(int(s["module"].split(".")[1]), s["neurons"][0]) for s in res["scaled"]]
+        assert scaled[0] == (2, 3)
+        un = load_model(tmp_path / fam / "model")
+        for layer in range(a.n_layers):
+            before, after = a.key_vectors(layer), un.adapter.key_vectors(layer)
+            for n in range(a.d_mlp):
+                factor = 10.0 if (layer, n) in scaled else 1.0
+                torch.testing.assert_close(after[n], before[n] * factor)
+        assert [r["model"] for r in res["rows"]] == ["aligned", "unaligned"]
