@@ -50,3 +50,48 @@ def test_perspective_needs_key(monkeypatch):
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
     with pytest.raises(DpolensError, match="PERSPECTIVE_API_KEY"):
         get_scorer("perspective")
+
+
+def test_perspective_cache_retry_and_key_not_written(tmp_path, monkeypatch):
+    """Against a loopback server: a 429 is retried, responses are cached, the key stays in memory."""
+    import http.server
+    import threading
+
+    calls = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            calls.append(self.path)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if len(calls) == 1:
+                self.send_response(429)
+                self.end_headers()
+                return
+            value = 0.9 if "idiot" in body["comment"]["text"] else 0.1
+            resp = {"attributeScores": {a: {"summaryScore": {"value": value}} for a in body["requestedAttributes"]}}
+            data = json.dumps(resp).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("PERSPECTIVE_API_KEY", "secret-key-123")
+        monkeypatch.setenv("DPOLENS_CACHE", str(tmp_path))
+        monkeypatch.setattr("time.sleep", lambda s: None)
+        from dpolens.scoring.perspective import PerspectiveScorer
+
+        s = PerspectiveScorer(qps=1000, url=f"http://127.0.0.1:{server.server_port}/analyze")
+        first = s.score(["you idiot", "nice day"])
+        assert list(first.toxicity) == [0.9, 0.1] and len(calls) == 3  # one 429, then two texts
+        again = s.score(["you idiot", "nice day"])
+        assert list(again.toxicity) == [0.9, 0.1] and len(calls) == 3  # served from the cache
+        written = "".join(p.read_text() for p in tmp_path.rglob("*.json"))
+        assert "secret-key-123" not in written
+    finally:
+        server.shutdown()

@@ -9,10 +9,9 @@ a NaN/inf loss stops training, keeps the last good checkpoint and exits with a c
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
