@@ -248,6 +248,29 @@ def dpo(
 
 
 @app.command()
+def analyze(
+    base: Optional[str] = typer.Option(None, "--base"),
+    aligned: Optional[str] = typer.Option(None, "--aligned"),
+    probe: Optional[str] = typer.Option(None, "--probe"),
+    vectors: Optional[str] = typer.Option(None, "--vectors"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="challenge prompts to generate from"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Weight shift, logit lens, activation drop, residual offset and value-vector shifts (paper 5)."""
+    from dpolens.analysis import AnalyzeConfig, run_analyze
+    from dpolens.config import load_config
+
+    opts = {"base": base, "aligned": aligned, "probe": probe, "vectors": vectors, "out": out, "limit": limit}
+    r = run_analyze(load_config(AnalyzeConfig, config, opts, set_, section="analyze"))
+    w, d = r["weight_shift"], r["activation_drop"]
+    typer.echo(f"weight shift: min cosine {w['min_cosine']:.6f}, mean norm diff {w['mean_norm_diff']:.3e}")
+    typer.echo(f"top toxic neurons: mean activation base {d['mean_base']:.4f} -> aligned {d['mean_aligned']:.4f}")
+    typer.echo(f"figures: {', '.join(f for f in r['figures'] if f.endswith('.png'))}")
+
+
+@app.command()
 def unalign(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the aligned model"),
     base: Optional[str] = typer.Option(None, "--base", help="base model evaluated beside it"),

@@ -1,0 +1,130 @@
+"""Figures of the analysis stage (the paper's Figures 1, 2, 4, 5/7-10), saved as PNG and PDF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+COLORS = {"base": "#d62728", "aligned": "#1f77b4"}
+
+
+def _save(fig, out: Path, name: str) -> list[str]:
+    paths = []
+    for ext in ("png", "pdf"):
+        p = out / f"{name}.{ext}"
+        fig.savefig(p, dpi=130, bbox_inches="tight")
+        paths.append(p.name)
+    plt.close(fig)
+    return paths
+
+
+def logit_lens_figure(out: Path, lens: dict, base_ref: str, aligned_ref: str) -> list[str]:
+    fig, ax = plt.subplots(figsize=(11, 4))
+    x = np.arange(len(lens["labels"]))
+    ax.plot(x, lens["base"], "-o", ms=3, color=COLORS["base"], label=f"base ({base_ref})")
+    ax.plot(x, lens["aligned"], "-o", ms=3, color=COLORS["aligned"], label=f"aligned ({aligned_ref})")
+    gains = [(lens["base"][i] - lens["base"][i - 1], i) for i in range(1, len(x)) if not lens["labels"][i].endswith("_mid")]
+    for _, i in sorted(gains, reverse=True)[:3]:
+        ax.axvspan(i - 1, i, color="grey", alpha=0.25)
+    ax.set_xticks(x[1::2])
+    ax.set_xticklabels([lbl for lbl in lens["labels"][1::2]], rotation=90, fontsize=7)
+    ax.set_xlabel("sub-layer (l_mid: after attention; l: after the MLP); shaded: the 3 MLPs that promote it most")
+    ax.set_ylabel(f"P({lens['token']!r})")
+    ax.set_title(f"Figure 1 — logit lens on {lens['n_prompts']} prompts whose base next token is {lens['token']!r}")
+    ax.legend()
+    return _save(fig, out, "fig1_logit_lens")
+
+
+def activation_drop_figure(out: Path, drop: dict) -> list[str]:
+    rows = drop["per_neuron"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.27, [r["base"] for r in rows], 0.27, color=COLORS["base"], label="base")
+    ax.bar(x, [r["aligned_same_tokens"] for r in rows], 0.27, color=COLORS["aligned"], label="aligned, base tokens")
+    ax.bar(x + 0.27, [r["aligned_own_tokens"] for r in rows], 0.27, color="#9ecae1", label="aligned, own tokens")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"L{r['layer']}.{r['neuron']}" for r in rows], rotation=60, fontsize=8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("mean activation m over 20 generated tokens")
+    ax.set_title("Figure 2 — activations of the top toxic neurons, base vs aligned")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "fig2_activation_drop")
+
+
+def offset_figure(out: Path, offset: list[dict]) -> list[str]:
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    layers = [o["layer"] for o in offset]
+    ax.bar(layers, [o["relative_norm"] for o in offset], color="#7f7f7f")
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("‖δx^l_mid‖ / ‖mean x_base‖")
+    ax2 = ax.twinx()
+    ax2.plot(layers, [o["cosine_with_probe"] for o in offset], "-o", color="#2ca02c")
+    ax2.set_ylabel("cos(δx, probe)", color="#2ca02c")
+    ax.set_title("Residual offset δx per layer (aligned − base, same tokens)")
+    return _save(fig, out, "fig_offset_by_layer")
+
+
+def projection_figure(out: Path, stats, layer: int, neuron: int, delta: torch.Tensor) -> list[str]:
+    xb = stats[("base", "same")].per_prompt_x[layer]
+    xa = stats[("aligned", "same")].per_prompt_x[layer]
+    mb = stats[("base", "same")].per_prompt_m[layer][:, neuron]
+    ma = stats[("aligned", "same")].per_prompt_m[layer][:, neuron]
+    d = delta[layer] / delta[layer].norm().clamp(min=1e-30)
+    both = torch.cat([xb, xa])
+    centred = both - both.mean(0)
+    centred = centred - (centred @ d)[:, None] * d  # PC1 of what δx does not explain
+    pc1 = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    pb, pa = torch.stack([xb @ d, xb @ pc1], 1), torch.stack([xa @ d, xa @ pc1], 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i in range(len(pb)):
+        ax.plot([pb[i, 0], pa[i, 0]], [pb[i, 1], pa[i, 1]], ":", color="grey", lw=0.5)
+    for p, m, marker, label in ((pb, mb, "o", "base"), (pa, ma, "^", "aligned")):
+        active = (m > 0).numpy()
+        ax.scatter(p[active, 0], p[active, 1], marker=marker, color="#d62728", s=14,
+                   label=f"{label}, L{layer}.{neuron} active")
+        ax.scatter(p[~active, 0], p[~active, 1], marker=marker, color="#1f77b4", s=14,
+                   label=f"{label}, inactive")
+    ax.set_xlabel(f"projection on δx̂^{layer}_mid")
+    ax.set_ylabel("projection on PC1")
+    ax.set_title(f"Figure 4 — residuals at layer {layer} (dotted: same prompt)")
+    ax.legend(fontsize=7)
+    return _save(fig, out, f"fig4_projection_L{layer}")
+
+
+def value_shift_figure(out: Path, layer: int, shifts: dict, base_mean_m: np.ndarray) -> list[str]:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bins = np.linspace(-1, 1, 41)
+    cmap = plt.get_cmap("viridis")
+    for j, c in shifts.items():
+        hist, _ = np.histogram(c, bins=bins)
+        ax1.plot((bins[:-1] + bins[1:]) / 2, hist / max(len(c), 1), color=cmap(j / max(layer, 1)), lw=1)
+    ax1.set_xlabel(f"cos(Δv_i^j, δx^{layer}_mid)")
+    ax1.set_ylabel("share of neurons in layer j")
+    ax1.set_title(f"value-vector shifts of layers j < {layer} (colour: j, dark = early)")
+    m = base_mean_m[:layer].ravel()
+    ax2.hist(m, bins=60, color="#ff7f0e")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("mean activation m_i (base model)")
+    ax2.set_title(f"activations of the neurons of layers < {layer}")
+    return _save(fig, out, f"fig5_value_shifts_L{layer}")
+
+
+def analysis_figures(out: Path, lens, drop, offset, stats, fig_layers, top, delta, shifts, base_mean_m,
+                     base_ref, aligned_ref) -> list[str]:
+    files = []
+    if lens.get("labels"):
+        files += logit_lens_figure(out, lens, base_ref, aligned_ref)
+    files += activation_drop_figure(out, drop)
+    files += offset_figure(out, offset)
+    for layer in fig_layers:
+        neuron = next(n for l, n in top if l == layer)
+        files += projection_figure(out, stats, layer, neuron, delta)
+        if layer > 0:
+            files += value_shift_figure(out, layer, shifts[layer], base_mean_m)
+    return files
