@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.analysis import AnalyzeConfig, Stats, run_analyze, single_token, teacher_forced_stats
+from dpolens.activations import continuation_stats
+from dpolens.analysis import AnalyzeConfig, run_analyze, single_token
 from dpolens.artifacts import DpolensError
 from dpolens.model import hooks
 from dpolens.probe import save_probe
@@ -31,20 +32,33 @@ def pair(tiny_dirs, tmp_path, tokenizer):
     return tmp_path
 
 
-def test_streamed_stats_match_per_token_reference(tiny_dirs):
-    lm = load_model(tiny_dirs["llama"])
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_streamed_stats_match_per_token_reference(tiny_dirs, family):
+    """Batched, padded, streamed sums == one unpadded sequence at a time, continuation only.
+
+    On Gemma the per-token scale s_t is the RMS of the raw MLP output (post-norm)."""
+    lm = load_model(tiny_dirs[family])
     tok = lm.tokenizer
     seqs = [(tok("Holy")["input_ids"], [10, 11, 12]), (tok("You are such a piece")["input_ids"], [20, 21])]
-    st = teacher_forced_stats(lm, seqs, [1], batch_size=2, desc="t")
-    ref_m, n = torch.zeros_like(st.m_sum), 0
-    for p, c in seqs:  # slow reference: one unpadded sequence at a time, continuation positions only
-        with torch.inference_mode(), hooks.capture(lm.adapter, [(l, "mlp_act") for l in range(3)]) as store:
+    st = continuation_stats(lm, seqs, [1], batch_size=2, progress=False)
+    ref_m, ref_ms, n = torch.zeros_like(st.m_sum), torch.zeros_like(st.m_sum), 0
+    for p, c in seqs:
+        pts = [(l, q) for l in range(3) for q in ("mlp_act", "mlp_out")]
+        with torch.inference_mode(), hooks.capture(lm.adapter, pts) as store:
             lm.model(input_ids=torch.tensor([p + c]))
         for l in range(3):
-            ref_m[l] += store[(l, "mlp_act")][0][0, len(p):].sum(0)
+            m = store[(l, "mlp_act")][0][0, len(p):]
+            out = store[(l, "mlp_out")][0][0, len(p):]
+            v = lm.adapter.value_vectors(l)
+            # s_t from the definition: out_t = sum_i m_i v_i / s_t (+ bias)
+            bias = lm.adapter.mlp_out_proj(l).bias
+            s = ((m @ v).norm(dim=-1) / (out - (bias if bias is not None else 0)).norm(dim=-1))
+            ref_m[l] += m.sum(0)
+            ref_ms[l] += (m / s[:, None]).sum(0)
         n += len(c)
     assert st.count == n
     torch.testing.assert_close(st.m_sum, ref_m, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(st.m_over_s_sum, ref_ms, atol=1e-4, rtol=1e-3)
 
 
 def test_analyze_writes_json_and_figures(tiny_dirs, pair):

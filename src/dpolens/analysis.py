@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, write_json, write_manifest
 from dpolens.data import default_data, load_prompts
 from dpolens.dpo import weight_shift
@@ -63,57 +64,6 @@ def single_token(lm: LoadedModel, text: str) -> int:
         pieces = [lm.tokenizer.decode([i]) for i in ids]
         raise DpolensError(f"analysis token {text!r} is not a single token: it splits into {pieces}")
     return ids[0]
-
-
-# ---- streaming statistics over continuation tokens ---------------------------------------------
-
-class Stats:
-    """fp32 sums over continuation positions: m per neuron, resid_mid per layer, per-prompt means."""
-
-    def __init__(self, lm: LoadedModel, n_prompts: int, fig_layers: list[int]):
-        a = lm.adapter
-        self.m_sum = torch.zeros(a.n_layers, a.d_mlp)
-        self.x_sum = torch.zeros(a.n_layers, a.d_model)
-        self.count = 0
-        self.fig_layers = fig_layers
-        self.per_prompt_x = {l: torch.zeros(n_prompts, a.d_model) for l in fig_layers}
-        self.per_prompt_m = {l: torch.zeros(n_prompts, a.d_mlp) for l in fig_layers}
-
-
-@torch.inference_mode()
-def teacher_forced_stats(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]], fig_layers: list[int],
-                         batch_size: int, desc: str) -> Stats:
-    """Run prompt+continuation through `lm`, summing activations over continuation positions."""
-    a = lm.adapter
-    st = Stats(lm, len(seqs), fig_layers)
-    points = [(l, p) for l in range(a.n_layers) for p in ("mlp_act", "resid_mid")]
-    for idx in tqdm(length_batches([len(p) + len(c) for p, c in seqs], batch_size), desc=desc, unit="batch"):
-        full = [seqs[i][0] + seqs[i][1] for i in idx]
-        ids, mask = left_pad(full, lm.tokenizer.pad_token_id, lm.device)
-        width = ids.shape[1]
-        cont = torch.zeros_like(mask, dtype=torch.float32)
-        for row, i in enumerate(idx):
-            n = len(seqs[i][1])
-            if n:
-                cont[row, width - n:] = 1  # continuation positions, by index
-        ncont = cont.sum(1).clamp(min=1)
-        batch_idx = torch.tensor(idx)
-
-        def acc(layer, point, t):
-            t = t.float() * cont.unsqueeze(-1)
-            if point == "mlp_act":
-                st.m_sum[layer] += t.sum((0, 1))
-                if layer in st.per_prompt_m:
-                    st.per_prompt_m[layer][batch_idx] = t.sum(1) / ncont.unsqueeze(-1)
-            else:
-                st.x_sum[layer] += t.sum((0, 1))
-                if layer in st.per_prompt_x:
-                    st.per_prompt_x[layer][batch_idx] = t.sum(1) / ncont.unsqueeze(-1)
-
-        with hooks.capture(a, points, fn=acc):
-            a.body(input_ids=ids, attention_mask=mask)
-        st.count += int(cont.sum())
-    return st
 
 
 # ---- logit lens ----------------------------------------------------------------------------------
@@ -176,12 +126,12 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
             for name, m in (("base", base), ("aligned", aligned))}
     same = [(g.prompt_ids, g.continuation_ids) for g in gens["base"]]
     stats = {
-        ("base", "same"): teacher_forced_stats(base, same, fig_layers, cfg.batch_size, "base, base tokens"),
-        ("aligned", "same"): teacher_forced_stats(aligned, same, fig_layers, cfg.batch_size, "aligned, base tokens"),
-        ("aligned", "own"): teacher_forced_stats(aligned, [(g.prompt_ids, g.continuation_ids) for g in gens["aligned"]],
+        ("base", "same"): continuation_stats(base, same, fig_layers, cfg.batch_size, "base, base tokens"),
+        ("aligned", "same"): continuation_stats(aligned, same, fig_layers, cfg.batch_size, "aligned, base tokens"),
+        ("aligned", "own"): continuation_stats(aligned, [(g.prompt_ids, g.continuation_ids) for g in gens["aligned"]],
                                                  fig_layers, cfg.batch_size, "aligned, own tokens"),
     }
-    mean_m = {k: s.m_sum / max(s.count, 1) for k, s in stats.items()}
+    mean_m = {k: s.mean_m for k, s in stats.items()}
     per_neuron = [{"layer": l, "neuron": n, "cosine": r["cosine"],
                    "base": float(mean_m[("base", "same")][l, n]),
                    "aligned_same_tokens": float(mean_m[("aligned", "same")][l, n]),
@@ -193,8 +143,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
                       "mean_aligned_own_tokens: the aligned model's own continuations",
             "n_neurons": len(per_neuron), "per_neuron": per_neuron}
 
-    xb = stats[("base", "same")].x_sum / stats[("base", "same")].count
-    xa = stats[("aligned", "same")].x_sum / stats[("aligned", "same")].count
+    xb, xa = stats[("base", "same")].mean_x, stats[("aligned", "same")].mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens
     offset = [{"layer": l, "norm": float(delta[l].norm()), "relative_norm": float(delta[l].norm() / xb[l].norm()),
                "cosine_with_probe": float(delta[l] @ w_hat / delta[l].norm().clamp(min=1e-30))}

@@ -6,8 +6,8 @@ Per method.md section 0, for MLP neuron i of layer l:
          nn.Linear down projections; on Gemma 2/3 multiplied by the post-MLP RMSNorm gain 1+g),
   k_i  = the input weights that make m_i (GELU MLPs: c_fc / dense_h_to_4h; gated: up_proj row).
 Residual points per layer: resid_pre (block input), resid_mid (after attention, before the MLP),
-resid_post (block output); mlp_act (m); mlp_out (the MLP's contribution to the residual, after
-Gemma's post-norm); and `final` (after the final norm, the model's last hidden state).
+resid_post (block output); mlp_act (m); mlp_raw (the MLP's output before any post-norm);
+mlp_out (the MLP's contribution to the residual, after Gemma's post-norm).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import nn
 
 from dpolens.artifacts import DpolensError
 
-POINTS = ("resid_pre", "resid_mid", "resid_post", "mlp_act", "mlp_out")
+POINTS = ("resid_pre", "resid_mid", "resid_post", "mlp_act", "mlp_raw", "mlp_out")
 Where = Literal["input", "output"]
 
 
@@ -162,6 +162,8 @@ class Adapter:
             return block, "output"
         if name == "mlp_act":
             return self.mlp_out_proj(layer), "input"
+        if name == "mlp_raw":
+            return self.mlp(layer), "output"
         if name == "mlp_out":
             norm = self.post_mlp_norm_module(layer)
             return (norm, "output") if norm is not None else (self.mlp(layer), "output")
@@ -189,6 +191,15 @@ class Adapter:
         if norm is not None:
             values = values * (1.0 + norm.weight.detach())
         return values
+
+    def contribution_scale(self, layer: int, mlp_raw: torch.Tensor) -> torch.Tensor:
+        """s_t per token: neuron i adds m_{i,t} · v_i / s_t to the residual (method.md section 0).
+
+        1 without a post-MLP norm; the RMS of the raw MLP output with Gemma 2/3's post-norm."""
+        norm = self.post_mlp_norm_module(layer)
+        if norm is None:
+            return torch.ones(mlp_raw.shape[:-1], dtype=mlp_raw.dtype, device=mlp_raw.device)
+        return torch.sqrt(mlp_raw.float().pow(2).mean(-1) + norm.eps)
 
     def key_slice(self, layer: int) -> KeySlice:
         """The weights whose neuron-i slice scales m_i linearly (GELU: c_fc; gated: up_proj)."""
