@@ -271,6 +271,35 @@ def analyze(
 
 
 @app.command()
+def neurons(
+    base: Optional[str] = typer.Option(None, "--base"),
+    aligned: Optional[str] = typer.Option(None, "--aligned"),
+    probe: Optional[str] = typer.Option(None, "--probe"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    fit_prompts: Optional[int] = typer.Option(None, "--fit-prompts", help="prompts that fit groups"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="held-out prompts to evaluate on"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Neuron groups of the toxicity reduction, activation patching, tuning-free editing."""
+    from dpolens.config import load_config
+    from dpolens.neurons import GROUPS, NeuronsConfig, run_neurons
+
+    opts = {"base": base, "aligned": aligned, "probe": probe, "out": out, "fit_prompts": fit_prompts,
+            "eval": {"limit": limit} if limit else None}
+    r = run_neurons(load_config(NeuronsConfig, config, opts, set_, section="neurons"))
+    g = r["groups"]
+    for name in GROUPS:
+        x = g["groups"][name]
+        typer.echo(f"{name:<4} {x['count']:>6} neurons  {100 * (x['share_of_positive'] or 0):6.2f}% of positive")
+    tn = g["toxic_neurons"]
+    typer.echo(f"toxic neurons: {100 * (tn['share_of_positive'] or 0):.2f}% of positive, "
+               f"{100 * (tn['share_of_net'] or 0):.2f}% of net")
+    for s in r["patching"]["steps"]:
+        typer.echo(f"patch {'+'.join(s['groups']):<16} toxicity {s['toxicity']['mean']:.4f}  PPL {s['perplexity']}")
+
+
+@app.command()
 def unalign(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="the aligned model"),
     base: Optional[str] = typer.Option(None, "--base", help="base model evaluated beside it"),

@@ -128,3 +128,52 @@ def analysis_figures(out: Path, lens, drop, offset, stats, fig_layers, top, delt
         if layer > 0:
             files += value_shift_figure(out, layer, shifts[layer], base_mean_m)
     return files
+
+
+GROUP_COLORS = {"TP-": "#d62728", "TN+": "#ff7f0e", "AP+": "#1f77b4", "AN-": "#17becf",
+                "TP+": "#f7b6d2", "TN-": "#ffbb78", "AP-": "#aec7e8", "AN+": "#9edae5", "": "#c7c7c7"}
+
+
+def neuron_figures(out: Path, t: dict, labels: np.ndarray, shares: dict) -> list[str]:
+    """Per-layer contribution of each group, the cumulative share curve, Δm vs cosine."""
+    files = []
+    L = int(t["layer"].max()) + 1
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bottom_pos, bottom_neg = np.zeros(L), np.zeros(L)
+    for g in ("TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+"):
+        per_layer = np.array([t["delta"][(labels == g) & (t["layer"] == l)].sum() for l in range(L)])
+        base = np.where(per_layer >= 0, bottom_pos, bottom_neg)
+        ax.bar(range(L), per_layer, bottom=base, color=GROUP_COLORS[g], label=g)
+        bottom_pos += np.clip(per_layer, 0, None)
+        bottom_neg += np.clip(per_layer, None, 0)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("reduction of the probe projection Δ")
+    ax.set_title("Reduction of the toxicity projection by neuron group and layer")
+    ax.legend(ncol=4, fontsize=7)
+    files += _save(fig, out, "fig_groups_by_layer")
+
+    d = np.sort(t["delta"][t["delta"] > 0])[::-1]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if len(d):
+        ax.plot(np.arange(1, len(d) + 1), np.cumsum(d) / d.sum())
+    ax.set_xscale("log")
+    ax.set_xlabel("neurons, largest reduction first")
+    ax.set_ylabel("cumulative share of the positive reduction")
+    tn = shares["toxic_neurons"]
+    ax.set_title(f"Cumulative share (toxic neurons: {100 * (tn['share_of_positive'] or 0):.1f}% of positive)")
+    files += _save(fig, out, "fig_cumulative_share")
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    dm = t["ms_aligned"] - t["ms_base"]
+    for g in ("", "TP+", "TN-", "AP-", "AN+", "TP-", "TN+", "AP+", "AN-"):
+        sel = labels == g
+        ax.scatter(t["cosine"][sel], dm[sel], s=2, color=GROUP_COLORS[g], label=g or "none", alpha=0.6)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_xlabel("cos(v_i, probe)")
+    ax.set_ylabel("activation change (aligned − base)")
+    ax.set_title("Neurons by cosine and activation change")
+    ax.legend(markerscale=4, fontsize=7, ncol=3)
+    files += _save(fig, out, "fig_neuron_scatter")
+    return files

@@ -1,0 +1,234 @@
+"""Neuron-level attribution of the toxicity reduction (Yang et al., method.md section 6).
+
+For every neuron i of every layer and each model M: mean activation m̄_i(M) and the mean
+projection of its exact residual contribution onto the probe direction,
+p_i(M) = E_t[m_{i,t} / s_t] · (v_i · ŵ)  (s_t = 1, or the RMS of the raw MLP output on Gemma 2/3),
+from one generation pass per model plus one teacher-forced forward, streamed in fp32.
+Δ_i = p_i(base) − p_i(aligned) is neuron i's reduction of the toxicity projection.
+
+Groups by the sign of cos(v_i, w) and of the base activation, among the neurons that reduce
+the projection (Δ_i > 0), so that the four groups hold exactly the positive reduction; the
+names give the activation change that produces it (activations in the units that scale the
+contribution, m/s, = m when there is no post-norm):
+  TP−  cos > 0, m̄ ≥ 0, activation decreases      TN+  cos > 0, m̄ < 0, becomes more negative
+  AP+  cos < 0, m̄ ≥ 0, activation increases      AN−  cos < 0, m̄ < 0, becomes less negative
+and the mirror groups (TP+, TN−, AP−, AN+) with the opposite change, which raise it.
+Groups and patch values are fitted on one split of the prompts; patching and editing are
+evaluated on a disjoint split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpolens.activations import continuation_stats
+from dpolens.analysis import check_pair
+from dpolens.artifacts import write_json, write_manifest
+from dpolens.data import load_prompts
+from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.model.generation import generate
+from dpolens.model.loading import LoadedModel, load_model
+from dpolens.probe import load_probe
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("TP-", "TN+", "AP+", "AN-")
+MIRRORS = ("TP+", "TN-", "AP-", "AN+")
+PATCH_ORDER = ("TP-", "AN-", "TN+", "AP+")
+
+
+@dataclass
+class NeuronsConfig:
+    base: str = "gemma-3-270m"
+    aligned: str = "runs/dpo/model"
+    probe: str = "runs/probe"
+    out: str = "runs/neurons"
+    fit_prompts: int = 200  # the first N challenge prompts fit groups and patch values
+    top_toxic: int = 128
+    edit_alpha: float = 0.05
+    edit_beta: float = 0.5
+    cluster_sample: int = 3000
+    batch_size: int = 32
+    max_new_tokens: int = 20
+    seed: int = 0
+    eval: EvalData = field(default_factory=EvalData)  # evaluated on prompts after the fit split
+
+
+@torch.inference_mode()
+def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, prompts: list[str],
+                 batch_size: int = 32, max_new_tokens: int = 20, progress: bool = True) -> dict[str, np.ndarray]:
+    """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, m, m/s, p for both models."""
+    a = base.adapter
+    w_hat = probe.float() / probe.float().norm()
+    out = {}
+    for name, lm in (("base", base), ("aligned", aligned)):
+        gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
+                        desc=f"generate {name}")
+        st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
+                                batch_size, f"neurons {name}", progress)
+        values = torch.stack([lm.adapter.value_vectors(l).float() for l in range(a.n_layers)])
+        vw = values @ w_hat  # [L, d_mlp]
+        out[f"m_{name}"] = st.mean_m.flatten().numpy()
+        out[f"ms_{name}"] = st.mean_m_over_s.flatten().numpy()
+        out[f"p_{name}"] = (st.mean_m_over_s * vw).flatten().numpy()
+        if name == "base":
+            out["cosine"] = (vw / values.norm(dim=-1).clamp(min=1e-30)).flatten().numpy()
+            out["n_tokens_base"] = st.count
+    L, d = a.n_layers, a.d_mlp
+    out["layer"] = np.repeat(np.arange(L), d)
+    out["neuron"] = np.tile(np.arange(d), L)
+    out["delta"] = out["p_base"] - out["p_aligned"]
+    return out
+
+
+def assign_groups(t: dict[str, np.ndarray]) -> np.ndarray:
+    """Group label per neuron ('' when the cosine or Δ_i is exactly zero).
+
+    Letters: sign of cos(v, w) in the base model (T > 0, A < 0) and of the base activation
+    (P >= 0, N < 0). Neurons that reduce the projection (Δ_i > 0) form TP−, TN+, AP+, AN−, whose
+    +/- names the expected change of the activation's magnitude; those with Δ_i < 0 form the
+    mirrors TP+, TN−, AP−, AN+. `agreement` in groups.json says how often the activation did move
+    as the name says (Δ_i also carries the aligned model's own small value-vector change)."""
+    cos, m, delta = t["cosine"], t["ms_base"], t["delta"]
+    labels = np.full(len(cos), "", dtype=object)
+    names = {("T", "P", True): "TP-", ("T", "N", True): "TN+", ("A", "P", True): "AP+", ("A", "N", True): "AN-",
+             ("T", "P", False): "TP+", ("T", "N", False): "TN-", ("A", "P", False): "AP-", ("A", "N", False): "AN+"}
+    for tox, cos_ok in (("T", cos > 0), ("A", cos < 0)):
+        for sign, m_ok in (("P", m >= 0), ("N", m < 0)):
+            for reduces, d_ok in ((True, delta > 0), (False, delta < 0)):
+                labels[cos_ok & m_ok & d_ok] = names[(tox, sign, reduces)]
+    return labels
+
+
+def _agreement(t, labels: np.ndarray, g: str) -> float | None:
+    sel = labels == g
+    if not sel.any():
+        return None
+    dm = (t["ms_aligned"] - t["ms_base"])[sel]
+    grows = dm > 0 if g[1] == "P" else dm < 0
+    return float(np.mean(grows if g[2] == "+" else ~grows))
+
+
+def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -> dict:
+    delta = t["delta"]
+    positive, net = float(delta[delta > 0].sum()), float(delta.sum())
+    groups = {}
+    for g in GROUPS + MIRRORS:
+        sel = labels == g
+        red = float(delta[sel].sum())
+        groups[g] = {"count": int(sel.sum()), "reduction": red, "share_of_positive": red / positive if positive else None,
+                     "share_of_net": red / net if net else None, "reduces_toxicity": g in GROUPS,
+                     "agreement": _agreement(t, labels, g)}
+    top = np.argsort(-t["cosine"])[:top_toxic]
+    dampened = top[(t["ms_base"][top] > 0) & (t["ms_aligned"][top] < t["ms_base"][top])]
+    tox_red = float(delta[dampened].sum())
+    return {"groups": groups, "totals": {"positive": positive, "net": net},
+            "four_groups_share_of_positive": sum(groups[g]["reduction"] for g in GROUPS) / positive if positive else None,
+            "toxic_neurons": {"count": int(len(dampened)), "top_n": top_toxic, "reduction": tox_red,
+                              "share_of_positive": tox_red / positive if positive else None,
+                              "share_of_net": tox_red / net if net else None,
+                              "definition": f"top {top_toxic} by cos(v, probe) that were active (m̄_base > 0) "
+                                            "and dampened by alignment"}}
+
+
+def neuron_edits(t, sel: np.ndarray, values: np.ndarray) -> list[dict]:
+    """Intervention spec setting the selected neurons to `values`, one edit per layer."""
+    edits = []
+    for layer in np.unique(t["layer"][sel]):
+        idx = np.where(sel & (t["layer"] == layer))[0]
+        edits.append({"kind": "neurons", "layer": int(layer), "neurons": t["neuron"][idx].tolist(),
+                      "value": values[idx].tolist()})
+    return edits
+
+
+def scale_edits(t, sel: np.ndarray, factors: np.ndarray) -> list[dict]:
+    """One `neurons` edit per (layer, factor): activations multiplied by the factor."""
+    edits = []
+    for layer in np.unique(t["layer"][sel]):
+        for f in np.unique(factors[sel & (t["layer"] == layer)]):
+            idx = np.where(sel & (t["layer"] == layer) & (factors == f))[0]
+            edits.append({"kind": "neurons", "layer": int(layer), "neurons": t["neuron"][idx].tolist(),
+                          "scale": float(f)})
+    return edits
+
+
+def clustering_check(t, labels: np.ndarray, sample: int, seed: int) -> dict:
+    """Do unsupervised clusters of (cosine, activation change, projection change) recover the groups?"""
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import adjusted_rand_score
+
+    grouped = np.where(labels != "")[0]
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(grouped, size=min(sample, len(grouped)), replace=False)
+    feats = np.stack([t["cosine"][pick], t["ms_aligned"][pick] - t["ms_base"][pick], t["delta"][pick],
+                      t["ms_base"][pick]], 1)
+    feats = (feats - feats.mean(0)) / feats.std(0).clip(min=1e-30)
+    n = len(set(labels[pick]))
+    pred = AgglomerativeClustering(n_clusters=n, linkage="ward").fit_predict(feats)
+    return {"n_neurons": int(len(pick)), "n_clusters": int(n), "adjusted_rand_index": float(
+        adjusted_rand_score(labels[pick].astype(str), pred)),
+        "features": "cosine, activation change, projection change, base activation (standardised)"}
+
+
+def run_neurons(cfg: NeuronsConfig) -> dict:
+    import pandas as pd
+
+    from dpolens import figures
+
+    base, aligned = load_model(cfg.base), load_model(cfg.aligned)
+    check_pair(base, aligned)
+    probe, _ = load_probe(cfg.probe, base)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fit_prompts = load_prompts(cfg.eval.prompts, cfg.fit_prompts, cfg.eval.skip_bad_rows)
+    t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress)
+    labels = assign_groups(t)
+    df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],
+                       "m_base": t["m_base"], "m_aligned": t["m_aligned"], "ms_base": t["ms_base"],
+                       "ms_aligned": t["ms_aligned"], "p_base": t["p_base"], "p_aligned": t["p_aligned"],
+                       "delta": t["delta"], "group": labels.astype(str)})
+    tmp = out / ".neurons.parquet.tmp"
+    df.to_parquet(tmp, index=False)
+    tmp.replace(out / "neurons.parquet")
+    shares = group_shares(t, labels, cfg.top_toxic)
+    shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
+    shares["fit"] = {"prompts": cfg.eval.prompts, "n_prompts": len(fit_prompts), "tokens": t["n_tokens_base"]}
+    write_json(out / "groups.json", shares)
+
+    inputs = load_inputs(cfg.eval, offset=cfg.fit_prompts)  # disjoint from the fit split
+    rows = {}
+    for label, m in (("base", base), ("aligned", aligned)):
+        rows[label] = {"model": label, **evaluate_inputs(m, cfg.eval, inputs, label=label).row()}
+    steps, chosen = [], np.zeros(len(labels), dtype=bool)
+    for g in PATCH_ORDER:
+        chosen |= labels == g
+        spec = neuron_edits(t, chosen, t["m_aligned"])
+        res = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"patch {g}")
+        steps.append({"groups": [x for x in PATCH_ORDER[: PATCH_ORDER.index(g) + 1]],
+                      "n_neurons": int(chosen.sum()), **res.row()})
+    patching = {"base": rows["base"], "aligned": rows["aligned"], "steps": steps,
+                "n_eval_prompts": len(inputs.prompts), "eval_offset": cfg.fit_prompts,
+                "patch": "each group's neurons set to their aligned mean activation at every position"}
+    write_json(out / "patching.json", patching)
+
+    factors = np.ones(len(labels))
+    sel = np.zeros(len(labels), dtype=bool)
+    for g, f in (("TP-", 1 - cfg.edit_alpha), ("TN+", 1 + cfg.edit_alpha), ("AP+", 1 + cfg.edit_alpha),
+                 ("AN-", 1 - cfg.edit_alpha)):
+        idx = np.where(labels == g)[0]
+        idx = idx[np.argsort(-t["delta"][idx])][: int(round(cfg.edit_beta * len(idx)))]
+        sel[idx], factors[idx] = True, f
+    res = evaluate_inputs(base, cfg.eval, inputs, scale_edits(t, sel, factors), label="edit")
+    editing = {"alpha": cfg.edit_alpha, "beta": cfg.edit_beta, "n_neurons": int(sel.sum()),
+               "rule": "per group, the share beta of neurons with the largest reduction; activations scaled by "
+                       "(1 - alpha) for TP-/AN- and (1 + alpha) for TN+/AP+ (base model, no weight update)",
+               "base": rows["base"], "aligned": rows["aligned"], "edited": res.row()}
+    write_json(out / "editing.json", editing)
+    figs = figures.neuron_figures(out, t, labels, shares)
+    write_manifest(out, "neurons", cfg, base=base.identity(), aligned=aligned.identity())
+    return {"groups": shares, "patching": patching, "editing": editing, "figures": figs}

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dpolens import load_model
+from dpolens.evaluate import EvalData, EvalSettings
+from dpolens.neurons import GROUPS, NeuronsConfig, assign_groups, group_shares, neuron_table, run_neurons
+from dpolens.probe import save_probe
+
+from conftest import make_model
+
+
+def naive_table(base, aligned, probe, prompts, n_new):
+    """Slow reference: recompute the whole sequence for each generated token, per-token lists."""
+    w = probe / probe.norm()
+    res = {}
+    for name, lm in (("base", base), ("aligned", aligned)):
+        a = lm.adapter
+        ms, mss = [[] for _ in range(a.n_layers)], [[] for _ in range(a.n_layers)]
+        for p in prompts:
+            ids = lm.tokenizer(p)["input_ids"][:32]
+            for _ in range(n_new):
+                with torch.inference_mode():
+                    from dpolens.model import hooks
+
+                    pts = [(l, q) for l in range(a.n_layers) for q in ("mlp_act", "mlp_raw")]
+                    with hooks.capture(a, pts) as store:
+                        logits = lm.model(input_ids=torch.tensor([ids])).logits
+                nxt = int(logits[0, -1].argmax())
+                if nxt == lm.tokenizer.eos_token_id:
+                    break
+                ids = ids + [nxt]
+                with torch.inference_mode(), hooks.capture(a, pts) as store:
+                    lm.model(input_ids=torch.tensor([ids]))
+                for l in range(a.n_layers):
+                    m = store[(l, "mlp_act")][0][0, -1]
+                    s = a.contribution_scale(l, store[(l, "mlp_raw")][0][0, -1])
+                    ms[l].append(m)
+                    mss[l].append(m / s)
+        mean = torch.stack([torch.stack(x).mean(0) for x in ms])
+        mean_s = torch.stack([torch.stack(x).mean(0) for x in mss])
+        vw = torch.stack([a.value_vectors(l) for l in range(a.n_layers)]) @ w
+        res[f"m_{name}"], res[f"p_{name}"] = mean.flatten().numpy(), (mean_s * vw).flatten().numpy()
+    return res
+
+
+@pytest.fixture
+def pair(tiny_dirs, tokenizer, tmp_path):
+    base = load_model(tiny_dirs["gemma3"])
+    aligned_model = make_model("gemma3", len(tokenizer))
+    with torch.no_grad():
+        for p in aligned_model.parameters():
+            p.add_(2e-2 * torch.randn_like(p))
+    aligned_model.save_pretrained(tmp_path / "aligned")
+    tokenizer.save_pretrained(tmp_path / "aligned")
+    probe = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    save_probe(tmp_path / "probe.safetensors", probe, 0.0, base, {})
+    return base, load_model(tmp_path / "aligned"), probe
+
+
+def test_streamed_table_matches_naive_reference(pair):
+    base, aligned, probe = pair
+    prompts = ["Holy", "You are such a piece of", "The weather in Paris"]
+    t = neuron_table(base, aligned, probe, prompts, batch_size=3, max_new_tokens=4, progress=False)
+    ref = naive_table(base, aligned, probe, prompts, 4)
+    for k in ("m_base", "m_aligned", "p_base", "p_aligned"):
+        np.testing.assert_allclose(t[k], ref[k], atol=1e-5, rtol=1e-4)
+
+
+def test_groups_partition_the_positive_reduction():
+    rng = np.random.default_rng(0)
+    n = 500
+    t = {"cosine": rng.normal(size=n), "ms_base": rng.normal(size=n), "layer": np.repeat(np.arange(5), 100),
+         "neuron": np.tile(np.arange(100), 5)}
+    t["ms_aligned"] = t["ms_base"] + rng.normal(scale=0.1, size=n)
+    vw = t["cosine"] * 2.0
+    t["delta"] = (t["ms_base"] - t["ms_aligned"]) * vw
+    labels = assign_groups(t)
+    s = group_shares(t, labels, top_toxic=50)
+    assert sum(s["groups"][g]["share_of_positive"] for g in GROUPS) == pytest.approx(1.0)
+    assert all(t["delta"][labels == g].min() > 0 for g in GROUPS)
+    assert s["totals"]["net"] == pytest.approx(t["delta"].sum())
+    tp = (t["cosine"] > 0) & (t["ms_base"] >= 0) & (t["ms_aligned"] < t["ms_base"])
+    assert (labels[tp] == "TP-").all()  # here Δ comes from activations only: names agree fully
+    assert all(s["groups"][g]["agreement"] == 1.0 for g in GROUPS)
+
+
+def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                              ["Holy", "You are", "So I am", "The weather", "Holy cow", "Nice"]))
+    cfg = NeuronsConfig(base=str(tiny_dirs["gemma3"]), aligned=str(tmp_path / "aligned"),
+                        probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "n"), fit_prompts=3,
+                        top_toxic=16, cluster_sample=200,
+                        eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
+                                      progress=False, settings=EvalSettings(max_new_tokens=4)))
+    r = run_neurons(cfg)
+    df = pd.read_parquet(tmp_path / "n" / "neurons.parquet")
+    assert list(df.columns[:10]) == ["layer", "neuron", "cosine", "m_base", "m_aligned", "ms_base", "ms_aligned",
+                                     "p_base", "p_aligned", "delta"]
+    assert len(df) == 3 * 64
+    g = json.loads((tmp_path / "n" / "groups.json").read_text())
+    assert g["four_groups_share_of_positive"] == pytest.approx(1.0)
+    assert set(g["toxic_neurons"]) >= {"share_of_positive", "share_of_net"}
+    p = json.loads((tmp_path / "n" / "patching.json").read_text())
+    assert [s["groups"][-1] for s in p["steps"]] == ["TP-", "AN-", "TN+", "AP+"]
+    assert p["n_eval_prompts"] == 3  # disjoint from the 3 fit prompts
+    assert (tmp_path / "n" / "editing.json").exists() and all((tmp_path / "n" / f).exists() for f in r["figures"])
