@@ -25,7 +25,7 @@ def pair(tiny_dirs, tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "aligned")
     save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[2].clone(), 0.0, base, {})
     run_vectors(VectorsConfig(model=str(tiny_dirs["gemma3"]), probe=str(tmp_path / "probe.safetensors"),
-                              out=str(tmp_path / "vec"), top_n=8))
+                              out=str(tmp_path / "vec"), top_n=8, space="raw"))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                               ["Holy", "You are such a", "So I am", "The weather in", "Holy cow"]))
     (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")

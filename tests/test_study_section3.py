@@ -89,7 +89,7 @@ def test_vectors_stage_writes_table1(tiny_dirs, tmp_path):
     lm = load_model(tiny_dirs["llama"])
     save_probe(tmp_path / "probe.safetensors", lm.adapter.value_vectors(2)[9].clone(), 0.0, lm, {})
     s = run_vectors(VectorsConfig(model=str(tiny_dirs["llama"]), probe=str(tmp_path / "probe.safetensors"),
-                                  out=str(tmp_path / "vec"), top_n=16))
+                                  out=str(tmp_path / "vec"), top_n=16, space="raw"))
     rows = json.loads((tmp_path / "vec" / "toxic_vectors.json").read_text())
     assert len(rows) == 16 and (rows[0]["layer"], rows[0]["neuron"]) == (2, 9)
     assert [r["cosine"] for r in rows] == sorted([r["cosine"] for r in rows], reverse=True)
@@ -122,7 +122,7 @@ def test_table2_rows(tiny_dirs, tmp_path, eval_files, jigsaw_cached):
     lm = load_model(tiny_dirs["gpt2"])
     save_probe(tmp_path / "probe.safetensors", torch.randn(32), 0.0, lm, {})
     run_vectors(VectorsConfig(model=str(tiny_dirs["gpt2"]), probe=str(tmp_path / "probe.safetensors"),
-                              out=str(tmp_path / "vec"), top_n=8))
+                              out=str(tmp_path / "vec"), top_n=8, space="raw"))
     res = run_table2(Table2Config(model=str(tiny_dirs["gpt2"]), probe=str(tmp_path / "probe.safetensors"),
                                   vectors=str(tmp_path / "vec"), out=str(tmp_path / "t2"), eval=eval_files,
                                   table3_prompts=["Holy"], calibration=Calibration(alpha=2.0)))
@@ -133,3 +133,22 @@ def test_table2_rows(tiny_dirs, tmp_path, eval_files, jigsaw_cached):
     assert all(r["alpha"] == 2.0 and r["alpha_rel"] == pytest.approx(2.0 / norm) for r in rows[1:])
     assert len({r["toxicity"]["mean"] for r in rows}) > 1  # the interventions changed the generations
     assert len(res["table3"]) == 5 and (tmp_path / "t2" / "table2.md").exists()
+
+
+def test_standardized_space_matches_definition(tiny_dirs):
+    """cos(v ⊙ γ/σ, w ⊙ σ), checked neuron by neuron against the formula."""
+    from dpolens import load_model
+    from dpolens.vectors import readout_gain
+
+    lm = load_model(tiny_dirs["gemma3"])
+    g = torch.Generator().manual_seed(0)
+    w, sigma = torch.randn(32, generator=g), torch.rand(32, generator=g) + 0.1
+    cos = rank_by_probe(lm, w, "standardized", sigma)
+    gamma = 1 + lm.adapter.final_norm.weight.detach()
+    assert torch.allclose(readout_gain(lm), gamma)
+    for layer, neuron in [(0, 1), (2, 40)]:
+        v = lm.adapter.value_vectors(layer)[neuron]
+        ref = torch.nn.functional.cosine_similarity(v * gamma / sigma, w * sigma, 0)
+        assert cos[layer, neuron] == pytest.approx(float(ref), abs=1e-5)
+    with pytest.raises(DpolensError, match="feature_std"):
+        rank_by_probe(lm, w, "standardized", None)

@@ -15,7 +15,7 @@ def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached)
         save_probe(tmp_path / f"{fam}.safetensors", a.value_vectors(2)[3].clone(), 0.0, lm, {})
         (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Holy"}) + "\n")
         cfg = UnalignConfig(model=str(tiny_dirs[fam]), base=None, probe=str(tmp_path / f"{fam}.safetensors"),
-                            out=str(tmp_path / fam), k=2, scale=10.0,
+                            out=str(tmp_path / fam), k=2, scale=10.0, space="raw",
                             eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
                                           progress=False, settings=EvalSettings(max_new_tokens=3)))
         res = run_unalign(cfg)

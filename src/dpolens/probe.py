@@ -66,7 +66,10 @@ def final_features(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batc
     return feats
 
 
-def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedModel, extra: dict) -> None:
+def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedModel, extra: dict,
+               feature_std: torch.Tensor | None = None) -> None:
+    """The probe vector, the per-dimension std of its training features (for the standardised
+    cosine of `dpolens vectors`), and the model it belongs to."""
     from safetensors.torch import save_file
 
     meta = {"model_ref": lm.ref, "weight_sha256": lm.weight_hash, "model_type": lm.adapter.model_type,
@@ -74,7 +77,10 @@ def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedMod
             "bias": repr(bias), "feature": "final-norm residual, mean over real tokens",
             **{k: str(v) for k, v in extra.items()}}
     with atomic_path(path) as tmp:
-        save_file({"probe": probe.float().contiguous()}, str(tmp), metadata=meta)
+        tensors = {"probe": probe.float().contiguous()}
+        if feature_std is not None:
+            tensors["feature_std"] = feature_std.float().contiguous()
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
@@ -89,6 +95,8 @@ def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.T
     with safe_open(str(p), "pt") as f:
         meta = f.metadata() or {}
         vec = f.get_tensor("probe")
+        if "feature_std" in f.keys():
+            meta["feature_std"] = f.get_tensor("feature_std")
     if lm is not None:
         a = lm.adapter
         if vec.shape[-1] != a.d_model:
@@ -172,8 +180,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
         "seed": cfg.seed,
     }
     w = torch.tensor(clf.coef_[0], dtype=torch.float32)  # direction in residual space
-    save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]) , lm,
-               {"feature_scale": scale, "auroc": metrics["auroc"]})
+    save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]), lm,
+               {"feature_scale": scale, "auroc": metrics["auroc"]}, torch.tensor(feats.std(0)))
     write_json(out / "metrics.json", metrics)
     write_manifest(out, "probe", cfg, model=lm.identity())
     return metrics

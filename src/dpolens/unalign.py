@@ -28,14 +28,15 @@ class UnalignConfig:
     out: str = "runs/unalign"
     k: int = 7
     scale: float = 10.0
+    space: str = "standardized"  # where the cosine with the probe is taken (see dpolens.vectors)
     eval: EvalData = field(default_factory=EvalData)
 
 
 def run_unalign(cfg: UnalignConfig) -> dict:
     aligned = load_model(cfg.model)
-    probe, _ = load_probe(cfg.probe, aligned)
+    probe, meta = load_probe(cfg.probe, aligned)
     a = aligned.adapter
-    cos = rank_by_probe(aligned, probe).flatten()
+    cos = rank_by_probe(aligned, probe, cfg.space, meta.get("feature_std")).flatten()
     top = cos.topk(cfg.k).indices.tolist()
     targets = [(i // a.d_mlp, i % a.d_mlp, float(cos[i])) for i in top]
     out = Path(cfg.out)

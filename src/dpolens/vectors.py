@@ -1,10 +1,18 @@
 """Toxic value vectors, their vocabulary projections, and their SVD (paper 3.1-3.2, Table 1).
 
 Every value vector v_i^l of every layer (residual-space, with Gemma's post-norm gain) is ranked
-by cos(v_i^l, w) with the probe w; MLP.v_Toxic = the top N. The vocabulary projection of a
-vector u is the top tokens of E·u (`projection: raw`, the paper's) or of the logit lens of u
-through the final norm (`projection: norm`). SVD.U_Toxic[j] = the j-th right singular vector
-of the N unit-normalised toxic vectors, sign-fixed so that cos(U[j], w) >= 0.
+by its cosine with the probe w; MLP.v_Toxic = the top N. Where the cosine is taken (`space`):
+  raw           cos(v, w), the paper's (GPT-2): w lives after the final norm, v before it.
+  standardized  (default) cos(v ⊙ γ / σ, w ⊙ σ): v as the probe's features see it (through the
+                final norm's gain γ), in units of the features' per-dimension std σ. Deviation from
+                the paper, needed on Gemma: its residual has dimensions with final gains up to 301
+                whose raw cosines rank multilingual noise first (measured: 0 of the top 10 toxic
+                in `raw` on gemma-3-270m).
+The vocabulary projection of a residual-space vector u is the top tokens of the logit lens of u
+through the final norm (`projection: norm`, default) or of E·u (`raw`, the paper's); the probe,
+which lives after the final norm, is always projected raw. SVD.U_Toxic[j] = the j-th right
+singular vector of the N unit-normalised toxic vectors (residual space), sign-fixed so that U[j]
+raises the probe's logit.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ class VectorsConfig:
     top_n: int = 128
     n_tokens: int = 10
     svd_k: int = 3
-    projection: Literal["raw", "norm"] = "raw"
+    space: Literal["raw", "standardized"] = "standardized"
+    projection: Literal["raw", "norm"] = "norm"
     dtype: str = "float32"
 
 
@@ -39,11 +48,34 @@ def all_value_vectors(lm: LoadedModel) -> torch.Tensor:
     return torch.stack([a.value_vectors(l).float() for l in range(a.n_layers)])
 
 
-def rank_by_probe(lm: LoadedModel, probe: torch.Tensor) -> torch.Tensor:
-    """[n_layers, d_mlp] cosine of every value vector with the probe."""
-    values = all_value_vectors(lm)
-    w = probe.float() / probe.float().norm()
-    return (values @ w) / values.norm(dim=-1).clamp(min=1e-12)
+def readout_gain(lm: LoadedModel) -> torch.Tensor:
+    """[d_model] the final norm's per-dimension gain γ (ones when it has none)."""
+    norm = lm.adapter.final_norm
+    w = getattr(norm, "weight", None)
+    if w is None:
+        return torch.ones(lm.adapter.d_model)
+    return w.detach().float() + (1.0 if lm.adapter.family == "gemma" else 0.0)
+
+
+def probe_in_residual(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
+                      feature_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(map, direction): residual vectors v are compared as `v * map` with `direction`."""
+    if space == "raw":
+        return torch.ones_like(probe.float()), probe.float()
+    if feature_std is None:
+        raise DpolensError("space 'standardized' needs the probe's feature_std (refit the probe with this "
+                           "version of dpolens) or use space: raw")
+    sigma = feature_std.float().clamp(min=1e-12)
+    return readout_gain(lm) / sigma, probe.float() * sigma
+
+
+def rank_by_probe(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
+                  feature_std: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_layers, d_mlp] cosine of every value vector with the probe, in `space`."""
+    scale, direction = probe_in_residual(lm, probe, space, feature_std)
+    values = all_value_vectors(lm) * scale
+    w = direction / direction.norm()
+    return (values @ w) / values.norm(dim=-1).clamp(min=1e-30)
 
 
 @torch.inference_mode()
@@ -59,13 +91,22 @@ def vocab_projection(lm: LoadedModel, vectors: torch.Tensor, k: int = 10,
     return [{"top_tokens": dec(t), "bottom_tokens": dec(b)} for t, b in zip(top, bottom)]
 
 
-def toxic_svd(unit_vectors: torch.Tensor, probe: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right singular vectors U[0..k) (rows) and singular values, signs aligned with the probe."""
+def toxic_svd(unit_vectors: torch.Tensor, probe_grad: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors U[0..k) (rows) and singular values; signs make U·probe_grad >= 0,
+    where probe_grad is the residual direction that raises the probe's logit."""
     _, s, vh = torch.linalg.svd(unit_vectors.double(), full_matrices=False)
     u = vh[:k].float()
-    signs = torch.sign(u @ probe.float())
+    signs = torch.sign(u @ probe_grad.float())
     signs[signs == 0] = 1
     return u * signs[:, None], s[:k].float()
+
+
+def rank_cos(lm: LoadedModel, vectors: torch.Tensor, probe: torch.Tensor, space: str,
+             feature_std: torch.Tensor | None) -> torch.Tensor:
+    """Cosine of residual-space `vectors` [n, d] with the probe, in `space`."""
+    scale, direction = probe_in_residual(lm, probe, space, feature_std)
+    v = vectors.float() * scale
+    return (v @ direction) / (v.norm(dim=-1).clamp(min=1e-30) * direction.norm())
 
 
 def load_vectors(folder: str | Path) -> list[dict]:
@@ -82,7 +123,8 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     lm = load_model(cfg.model, dtype=cfg.dtype)
     probe, meta = load_probe(cfg.probe, lm)
     a = lm.adapter
-    cos = rank_by_probe(lm, probe)
+    cos = rank_by_probe(lm, probe, cfg.space, meta.get("feature_std"))
+    probe_grad = probe.float() * (readout_gain(lm) if cfg.space != "raw" else 1.0)
     flat = cos.flatten()
     n = min(cfg.top_n, flat.numel())
     best = flat.topk(n).indices
@@ -93,9 +135,9 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     rows = [{"rank": r, "layer": l, "neuron": i, "cosine": float(cos[l, i]), "norm": float(top_vecs[r].norm()),
              **proj[r]} for r, (l, i) in enumerate(zip(layers, neurons))]
     unit = top_vecs / top_vecs.norm(dim=-1, keepdim=True)
-    u, s = toxic_svd(unit, probe, cfg.svd_k)
+    u, s = toxic_svd(unit, probe_grad, cfg.svd_k)
     u_proj = vocab_projection(lm, u, cfg.n_tokens, cfg.projection)
-    probe_proj = vocab_projection(lm, probe[None], cfg.n_tokens, cfg.projection)[0]
+    probe_proj = vocab_projection(lm, probe[None], cfg.n_tokens, "raw")[0]
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,13 +148,14 @@ def run_vectors(cfg: VectorsConfig) -> dict:
         save_file({"U": u.contiguous(), "S": s.contiguous(), "toxic_vectors": top_vecs.contiguous()},
                   str(tmp), metadata={"model_ref": lm.ref, "weight_sha256": lm.weight_hash,
                                       "model_type": a.model_type, "top_n": str(n),
-                                      "sign": "cos(U[j], probe) >= 0"})
-    svd_rows = [{"j": j, "singular_value": float(s[j]), "cosine_with_probe": float(
-        u[j] @ probe / probe.norm()), **u_proj[j]} for j in range(len(u))]
+                                      "space": cfg.space, "sign": "U[j] raises the probe logit"})
+    svd_cos = rank_cos(lm, u, probe, cfg.space, meta.get("feature_std"))
+    svd_rows = [{"j": j, "singular_value": float(s[j]), "cosine_with_probe": float(svd_cos[j]), **u_proj[j]}
+                for j in range(len(u))]
     write_json(out / "svd.json", svd_rows)
     write_text(out / "table1.md", table1(lm, probe_proj, rows, svd_rows, cfg))
     summary = {"model": lm.identity(), "probe": meta.get("model_ref"), "top_n": n,
-               "projection": cfg.projection, "top10": rows[:10], "svd": svd_rows,
+               "space": cfg.space, "projection": cfg.projection, "top10": rows[:10], "svd": svd_rows,
                "probe_tokens": probe_proj, "cosine_histogram": torch.histc(flat, 20, -1, 1).tolist()}
     write_json(out / "summary.json", summary)
     write_manifest(out, "vectors", cfg, model=lm.identity())
@@ -122,7 +165,10 @@ def run_vectors(cfg: VectorsConfig) -> dict:
 def table1(lm, probe_proj, rows, svd_rows, cfg) -> str:
     """The paper's Table 1: probe, the top MLP.v, SVD.U[0..k) with their top tokens."""
     fmt = lambda toks: ", ".join(repr(t)[1:-1].strip() or repr(t) for t in toks)
-    lines = [f"# Table 1 — toxic vectors of {lm.ref} (projection: {cfg.projection}, E·u)", "",
+    how = "E·u" if cfg.projection == "raw" else "E·finalnorm(u)"
+    lines = [f"# Table 1 — toxic vectors of {lm.ref}", "",
+             f"Cosine space: {cfg.space}; vocabulary projection of value and SVD vectors: {how}; "
+             "the probe (which lives after the final norm): E·w.", "",
              "| vector | cosine with probe | top tokens |", "|---|---|---|",
              f"| W_Toxic (probe) | 1.000 | {fmt(probe_proj['top_tokens'])} |"]
     for r in rows[:5]:
