@@ -324,6 +324,24 @@ def unalign(
 
 
 @app.command()
+def robustness(
+    base: Optional[str] = typer.Option(None, "--base"),
+    aligned: Optional[str] = typer.Option(None, "--aligned"),
+    unaligned: Optional[str] = typer.Option(None, "--unaligned"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Transformed and multi-turn prompts: toxicity and how much of the offset δx survives."""
+    from dpolens.config import load_config
+    from dpolens.robustness import RobustnessConfig, render, run_robustness
+
+    opts = {"base": base, "aligned": aligned, "unaligned": unaligned, "out": out, "limit": limit}
+    typer.echo(render(run_robustness(load_config(RobustnessConfig, config, opts, set_, section="robustness"))))
+
+
+@app.command()
 def demo(
     model: str = "gemma-3-270m",
     n: int = typer.Option(8, help="how many challenge prompts to continue"),

@@ -177,3 +177,18 @@ def neuron_figures(out: Path, t: dict, labels: np.ndarray, shares: dict) -> list
     ax.legend(markerscale=4, fontsize=7, ncol=3)
     files += _save(fig, out, "fig_neuron_scatter")
     return files
+
+
+def retention_figure(out: Path, rows: list[dict]) -> list[str]:
+    """Offset retention by layer, one line per transformation (aligned model)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in rows:
+        if r["model"] == "aligned" and r["retention"]:
+            ax.plot(range(len(r["retention"])), r["retention"], "-o", ms=3, label=r["transform"])
+    ax.axhline(1, color="black", lw=0.5, ls=":")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("offset retention (1 = as on plain prompts)")
+    ax.set_title("Does the aligned model still apply its offset δx?")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "fig_retention")

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+import torch
+
+from dpolens.robustness import TRANSFORMS, RobustnessConfig, multi_turn, run_robustness
+
+from conftest import make_model
+
+
+@pytest.mark.parametrize("name", [n for n in TRANSFORMS if n != "upper"])
+def test_transforms_invert(name):
+    fwd, inv = TRANSFORMS[name]
+    text = "so i am starting to think she is full of it"
+    assert inv(fwd(text)) == text
+
+
+def test_multi_turn_accumulates_turns():
+    out = multi_turn(["p1", "p2"], ["n1", "n2"], 3, seed=0)
+    assert out[0].endswith("User: p1") and out[0].count("User:") == 4 and out[0].count("Assistant:") == 3
+
+
+def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached):
+    aligned = make_model("llama", len(tokenizer))
+    with torch.no_grad():
+        for p in aligned.parameters():
+            p.add_(1e-2 * torch.randn_like(p))
+    aligned.save_pretrained(tmp_path / "aligned")
+    tokenizer.save_pretrained(tmp_path / "aligned")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                              ["Holy cow", "You are such a piece of", "So I am"]))
+    (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")
+    r = run_robustness(RobustnessConfig(base=str(tiny_dirs["llama"]), aligned=str(tmp_path / "aligned"),
+                                        unaligned=str(tmp_path / "aligned"), out=str(tmp_path / "r"),
+                                        prompts=str(tmp_path / "p.jsonl"), neutral=[str(tmp_path / "w.raw")],
+                                        max_new_tokens=3, batch_size=3))
+    rows = r["rows"]
+    assert {(x["transform"], x["model"]) for x in rows} == {
+        (t, m) for t in [*TRANSFORMS, "multi_turn"] for m in ("base", "aligned", "unaligned")}
+    plain = next(x for x in rows if x["transform"] == "plain" and x["model"] == "aligned")
+    assert plain["retention"] == pytest.approx([1.0] * 3)  # by definition on plain prompts
+    assert all(len(x["retention"]) == 3 for x in rows if x["model"] != "base")
+    assert (tmp_path / "r" / "robustness.md").exists() and (tmp_path / "r" / "fig_retention.png").exists()
