@@ -25,7 +25,7 @@ from dpolens.artifacts import write_json, write_manifest, write_text
 from dpolens.data import default_data, load_prompts
 from dpolens.evaluate import summarize
 from dpolens.model.generation import encode_prompts, generate
-from dpolens.model.loading import LoadedModel, load_model
+from dpolens.model.loading import load_model
 from dpolens.pairs import wikitext_prompts
 from dpolens.scoring import get_scorer
 
