@@ -113,3 +113,46 @@ def test_dpo_nan_stops_with_message(tiny_dirs, tmp_path):
                     max_grad_norm=1e30, optimizer="sgd")
     with pytest.raises(DpolensError, match="NaN/inf"):
         run_dpo(cfg)
+
+
+@pytest.mark.parametrize("trainable", ["late-layers:1", "toxic-neurons", "bias"])
+def test_dpo_trainable_subsets_leave_the_rest_untouched(tiny_dirs, tmp_path, trainable):
+    from dpolens.dpo import DPOConfig, run_dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs)
+    base = load_model(tiny_dirs["gpt2"])
+    save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[7].clone(), 0.0, base, {})
+    s = run_dpo(DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
+                          learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
+                          evaluate=False, trainable=trainable, probe=str(tmp_path / "probe.safetensors"),
+                          top_neurons=3))
+    aligned = load_model(tmp_path / "dpo" / "model")
+    moved = {n for n, p in aligned.model.named_parameters()
+             if not torch.equal(p, dict(base.model.named_parameters())[n])}
+    assert moved
+    if trainable == "late-layers:1":
+        assert all(n.startswith("transformer.h.2.") for n in moved)
+    elif trainable == "bias":
+        assert all(n.endswith(".bias") for n in moved)
+    else:
+        chosen = s["trainable"]["neurons"]
+        assert [1, 7] in chosen and len(chosen) == 3
+        assert all(".mlp.c_fc." in n or ".mlp.c_proj.weight" in n for n in moved)
+        for layer in range(3):
+            fc_b = base.adapter.key_vectors(layer)
+            fc_a = aligned.adapter.key_vectors(layer)
+            rows = [n for l, n in chosen if l == layer]
+            untouched = [i for i in range(fc_b.shape[0]) if i not in rows]
+            assert torch.equal(fc_b[untouched], fc_a[untouched])
+
+
+def test_sft_loss_runs(tiny_dirs, tmp_path):
+    from dpolens.dpo import DPOConfig, run_dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs)
+    s = run_dpo(DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "sft"),
+                          learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
+                          evaluate=False, loss="sft"))
+    assert s["loss"] == "sft" and s["steps"] == 2

@@ -230,6 +230,10 @@ def dpo(
     learning_rate: Optional[float] = typer.Option(None, "--lr"),
     precompute_ref: Optional[bool] = typer.Option(None, "--precompute-ref/--live-ref"),
     freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings"),
+    trainable: Optional[str] = typer.Option(None, "--trainable",
+                                            help="all | bias | late-layers:K | toxic-neurons (needs --probe)"),
+    probe: Optional[str] = typer.Option(None, "--probe", help="probe for --trainable toxic-neurons"),
+    loss: Optional[str] = typer.Option(None, "--loss", help="sigmoid (DPO) or sft (preferred side, no KL)"),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ):
@@ -238,7 +242,8 @@ def dpo(
     from dpolens.dpo import DPOConfig, run_dpo
 
     opts = {"model": model, "pairs": pairs, "out": out, "max_steps": max_steps, "learning_rate": learning_rate,
-            "precompute_ref": precompute_ref, "freeze_embeddings": freeze_embeddings}
+            "precompute_ref": precompute_ref, "freeze_embeddings": freeze_embeddings, "trainable": trainable,
+            "probe": probe, "loss": loss}
     s = run_dpo(load_config(DPOConfig, config, opts, set_, section="dpo"))
     typer.echo(json.dumps({k: s[k] for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy",
                                              "weight_shift")}, indent=2, default=str))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from dpolens.artifacts import DpolensError, append_jsonl, write_json, write_manifest
 from dpolens.data import load_pairs
@@ -43,6 +44,12 @@ class DPOConfig:
     optimizer: str = "rmsprop"
     precompute_ref: bool = True
     freeze_embeddings: bool = False
+    # all | bias | late-layers:K | toxic-neurons (the top_neurons value vectors most similar to the
+    # probe: their key, gate and value weights) — the alternatives the paper conjectures (6.1)
+    trainable: str = "all"
+    probe: str | None = None  # for trainable: toxic-neurons
+    top_neurons: int = 128
+    loss: str = "sigmoid"  # sigmoid = DPO; sft = fine-tuning on the preferred side only, no KL term
     max_length: int = 128
     save_total_limit: int = 2
     seed: int = 0
@@ -71,6 +78,55 @@ def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10)
             "all_above_0_99": all(r["cosine"] > 0.99 for r in rows),
             "n_tensors": len(rows), "changed_tensors": sum(r["norm_diff"] > 0 for r in rows),
             "most_moved": moved, "per_tensor": rows}
+
+
+def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
+    """Freeze everything outside `cfg.trainable`; row-level choices get gradient masks."""
+    model, a = lm.model, lm.adapter
+    mode = cfg.trainable
+    if mode == "all":
+        return {"trainable": "all", "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if mode == "bias":
+        params = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        if not params:
+            raise DpolensError(f"{lm.ref} has no bias terms: trainable 'bias' would train nothing")
+        for p in params:
+            p.requires_grad_(True)
+        return {"trainable": mode, "n_params": sum(p.numel() for p in params)}
+    if mode.startswith("late-layers:"):
+        k = int(mode.split(":", 1)[1])
+        for layer in a.layers[a.n_layers - k:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        return {"trainable": mode, "layers": list(range(a.n_layers - k, a.n_layers)),
+                "n_params": sum(p.numel() for layer in a.layers[a.n_layers - k:] for p in layer.parameters())}
+    if mode == "toxic-neurons":
+        from dpolens.probe import load_probe
+        from dpolens.vectors import rank_by_probe
+
+        if not cfg.probe:
+            raise DpolensError("trainable 'toxic-neurons' needs probe=...")
+        probe, meta = load_probe(cfg.probe, lm)
+        cos = rank_by_probe(lm, probe, "standardized" if "feature_std" in meta else "raw",
+                            meta.get("feature_std")).flatten()
+        top = cos.topk(cfg.top_neurons).indices.tolist()
+        by_layer: dict[int, list[int]] = {}
+        for i in top:
+            by_layer.setdefault(i // a.d_mlp, []).append(i % a.d_mlp)
+        masks: dict[nn.Parameter, torch.Tensor] = {}
+        for layer, neurons in by_layer.items():
+            for p, dim in a.neuron_slices(layer):
+                m = masks.setdefault(p, torch.zeros_like(p))
+                m.index_fill_(dim, torch.tensor(neurons), 1.0)
+        for p, m in masks.items():
+            p.requires_grad_(True)
+            p.register_hook(lambda g, m=m: g * m)
+        n = int(sum(m.sum() for m in masks.values()))
+        return {"trainable": mode, "neurons": [[l, n_] for l, ns in sorted(by_layer.items()) for n_ in ns],
+                "n_params": n, "note": "weight decay must be 0: masked entries then stay exactly unchanged"}
+    raise DpolensError(f"unknown trainable '{mode}' (all, bias, late-layers:K, toxic-neurons)")
 
 
 def _dataset(lm: LoadedModel, pairs: list[dict]):
@@ -103,6 +159,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(cfg.model, dtype="float32")
+    trainable = restrict_training(lm, cfg)
     if cfg.freeze_embeddings:
         lm.model.get_input_embeddings().weight.requires_grad_(False)
         lm.model.get_output_embeddings().weight.requires_grad_(False)
@@ -130,7 +187,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         logging_steps=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=False, fp16=False,
         use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=cfg.precompute_ref,
         max_length=cfg.max_length, disable_tqdm=not cfg.eval.progress, save_only_model=False,
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, loss_type=[cfg.loss], weight_decay=0.0,
     )
     trainer = DPOTrainer(model=lm.model, args=args, train_dataset=_dataset(lm, train),
                          eval_dataset=_dataset(lm, val), processing_class=lm.tokenizer,
@@ -160,6 +217,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "reward_accuracy": best.get("eval_rewards/accuracies"), "reward_margin": best.get("eval_rewards/margins"),
         "weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
+        "trainable": trainable, "loss": cfg.loss,
         "base": base.identity(), "aligned": aligned.identity(),
     }
     write_json(out / "weight_shift.json", shift)

@@ -211,6 +211,18 @@ class Adapter:
             return KeySlice(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, 0, f"{prefix}.dense_h_to_4h")
         return KeySlice(mlp.up_proj.weight, getattr(mlp.up_proj, "bias", None), 0, f"{prefix}.up_proj")
 
+    def neuron_slices(self, layer: int) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, neuron axis) of every weight that belongs to layer's MLP neurons:
+        key (and gate) input weights with their biases, and the value (output) weights."""
+        ks = self.key_slice(layer)
+        out = [(ks.weight, ks.dim)] + ([(ks.bias, 0)] if ks.bias is not None else [])
+        mlp = self.mlp(layer)
+        if self.mlp_kind == "gated":
+            out.append((mlp.gate_proj.weight, 0))
+        proj = self.mlp_out_proj(layer)
+        out.append((proj.weight, 0 if self.family == "gpt2" else 1))
+        return out
+
     def key_vectors(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model] key vectors (GELU: the fc input weights; gated: up_proj rows)."""
         ks = self.key_slice(layer)
