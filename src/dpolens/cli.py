@@ -347,6 +347,32 @@ def robustness(
 
 
 @app.command()
+def run(
+    study: str = typer.Argument(..., help="study YAML (e.g. configs/quickstart.yaml)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (repeatable)"),
+    start: Optional[str] = typer.Option(None, "--from", help="start at this stage"),
+    force: Optional[list[str]] = typer.Option(None, "--force", help="redo this stage (repeatable)"),
+    set_: Optional[list[str]] = SetOpt,
+):
+    """The whole study as one cached, resumable graph; writes runs/<name>/results.json."""
+    from dpolens.pipeline import load_study, run_study
+
+    s = load_study(study, set_)
+    r = run_study(s, only=only, start=start, force=force)
+    for stage, t in r["provenance"]["stage_times"].items():
+        typer.echo(f"{stage:<11} {'skipped' if t['skipped'] else 'ran':<8} {t['wall_time_s'] or 0:8.1f} s")
+    typer.echo(f"total {r['wall_time_s']:.1f} s -> {s.root}/{s.name}/results.json")
+
+
+@app.command()
+def report(run_dir: str):
+    """Render RUN_DIR/report.html: every table and figure of a run, self-contained."""
+    from dpolens.report import write_report
+
+    typer.echo(write_report(run_dir))
+
+
+@app.command()
 def demo(
     model: str = "gemma-3-270m",
     n: int = typer.Option(8, help="how many challenge prompts to continue"),

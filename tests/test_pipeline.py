@@ -1,0 +1,71 @@
+"""The whole study on a tiny model: every stage, results.json, report, caching and resume."""
+
+import json
+
+import pytest
+import yaml
+
+from dpolens.pipeline import STAGES, load_study, run_study
+from dpolens.report import write_report
+
+TOXIC = ["you stupid idiot", "shut up idiot", "what a stupid moron", "idiot idiot stupid", "moron stupid"]
+CLEAN = ["thank you kindly", "the weather is nice", "a calm sentence here", "have a great day", "nice book"]
+
+
+@pytest.fixture
+def study_file(tmp_path, tiny_dirs):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"text": f"{t} {i}", "label": lab}) + "\n"
+                                            for i in range(6) for lab, ts in ((1, TOXIC), (0, CLEAN)) for t in ts))
+    (d / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                       ["Holy", "You are such a", "So I am", "The weather", "Holy cow", "Nice"]))
+    (d / "f.jsonl").write_text(json.dumps({"prompt": "The quick", "gold": "brown fox"}) + "\n")
+    (d / "w.raw").write_text("\n".join(f"The quick brown fox number {i} jumps over the lazy dog today. "
+                                       f"Another calm sentence about the weather number {i} follows." for i in range(20)))
+    ev = {"prompts": str(d / "p.jsonl"), "f1_data": str(d / "f.jsonl"), "wikitext": str(d / "w.raw"),
+          "progress": False, "settings": {"max_new_tokens": 3, "batch_size": 6, "ppl_max_tokens": 64}}
+    study = {
+        "name": "tiny", "root": str(tmp_path / "runs"), "model": str(tiny_dirs["gemma3"]),
+        "probe": {"data": [str(d / "corpus.jsonl")], "max_examples": None, "val_fraction": 0.25, "progress": False},
+        "vectors": {"top_n": 8},
+        "table2": {"calibration": {"alpha": 1.0}, "eval": ev, "table3_prompts": ["Holy"]},
+        "pairs": {"prompts": [str(d / "w.raw")], "n": 12, "max_new_tokens": 3, "batch_size": 6, "progress": False},
+        "dpo": {"learning_rate": 1e-4, "warmup_steps": 0, "val_pairs": 4, "eval_steps": 1, "max_steps": 2, "eval": ev},
+        "analyze": {"prompts": str(d / "p.jsonl"), "lens_search": [str(d / "w.raw")], "lens_token": "Holy",
+                    "top_neurons": 4, "max_new_tokens": 3, "figure_layers": 2},
+        "unalign": {"k": 2, "eval": ev},
+        "neurons": {"fit_prompts": 3, "top_toxic": 8, "cluster_sample": 100, "max_new_tokens": 3, "eval": ev},
+        "robustness": {"prompts": str(d / "p.jsonl"), "neutral": [str(d / "w.raw")], "max_new_tokens": 3,
+                       "limit": 3},
+    }
+    p = tmp_path / "study.yaml"
+    p.write_text(yaml.safe_dump(study))
+    return p
+
+
+def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached):
+    study = load_study(study_file)
+    r = run_study(study)
+    run = tmp_path / "runs" / "tiny"
+    assert all((run / s / ".dpolens-stage.json").exists() for s in STAGES)
+    for key in ("probe", "toxic_vectors", "table2", "pairs", "dpo", "weight_shift", "activation_drop",
+                "unalign", "neuron_groups", "patching", "robustness", "provenance"):
+        assert r[key], key
+    assert r["wall_time_s"] > 0 and set(r["provenance"]["stage_times"]) == set(STAGES)
+    page = write_report(run).read_text()
+    assert page.count("<img") >= 5 and "Table 2" in page and "<td>" in page
+
+    again = run_study(load_study(study_file))  # nothing changed: every stage is skipped
+    assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())
+    changed = run_study(load_study(study_file, ["robustness.limit=2"]), only=["robustness"])
+    assert changed["provenance"]["stage_times"]["robustness"]["skipped"] is False
+
+
+def test_unknown_stage_key_is_named(study_file):
+    from dpolens.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown config key 'probe.max_exemples'"):
+        from dpolens.pipeline import stage_configs
+
+        stage_configs(load_study(study_file, ["probe.max_exemples=3"]))
