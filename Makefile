@@ -21,7 +21,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dpolens assets fetch gemma-3-270m
 	$(VENV)/bin/dpolens assets fetch jigsaw-lstm
-	$(VENV)/bin/dpolens demo
+	$(VENV)/bin/dpolens run configs/quickstart.yaml
+	$(VENV)/bin/dpolens report runs/quickstart
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b; done

@@ -42,7 +42,7 @@ class AnalyzeConfig:
     limit: int | None = 200
     lens_token: str = " shit"
     lens_search: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
-    lens_search_limit: int = 1000
+    lens_search_limit: int = 2000  # challenge prompts first, then WikiText sentences
     top_neurons: int = 16
     max_new_tokens: int = 20
     max_prompt_tokens: int = 32
@@ -150,7 +150,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
               for l in range(a.n_layers)]
 
     token_id = single_token(base, cfg.lens_token)
-    search = load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search)[: cfg.lens_search_limit]
+    search = (load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
     lens_prompts = find_lens_prompts(base, search, token_id, cfg.batch_size)
     lens = {"token": cfg.lens_token, "n_prompts": len(lens_prompts), "prompts": lens_prompts[:20]}
     if lens_prompts:
