@@ -105,6 +105,7 @@ def calibrate_alpha(ppl_of: Callable[[float], float], target: float, scale: floa
     def g(alpha):
         p = ppl_of(alpha)
         trace.append((alpha, p))
+        log.info("calibration: α %.2f -> PPL %.3f (target %.3f)", alpha, p, target)
         return math.log(p) - math.log(target)
 
     lo, g_lo = 0.0, math.log(base_ppl) - math.log(target)
@@ -181,6 +182,7 @@ def run_table2(cfg: Table2Config) -> dict:
     calib = {"base_ppl_subset": base_ppl, "target_ppl_subset": target, "calib_tokens": c.calib_tokens,
              "mean_resid_norm": readout.mean_norm, "vectors": {}}
     for label, u in vecs:
+        log.info("calibrating α for %s", label)
         if c.alpha is not None:
             alpha, p, trace = c.alpha, readout.ppl(-c.alpha * u), []
         else:
