@@ -296,7 +296,7 @@ def run_pairs(cfg: PairsConfig) -> dict:
                            for p, gd, bd in zip(batch, good, bad)])
         bar.update(len(batch))
     bar.close()
-    rows = read_jsonl_complete(out)
+    rows = read_jsonl_complete(out)[: cfg.n]  # a file made with a larger n serves its first n pairs
     scorer = get_scorer(cfg.scorer)
     pos = scorer.score([r["unpert_gen_text"] for r in rows]).toxicity
     neg = scorer.score([r["pert_gen_text"] for r in rows]).toxicity
