@@ -23,8 +23,8 @@ class Cfg:
 def test_precedence_file_options_set(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model: fromfile\nn: 3\ninner: {limit: 7}\n")
-    cfg = load_config(Cfg, p, {"n": 4, "model": None}, ["inner.rate=2", "tags=[a, b]"])
-    assert (cfg.model, cfg.n, cfg.inner.limit, cfg.inner.rate, cfg.tags) == ("fromfile", 4, 7, 2.0, ["a", "b"])
+    cfg = load_config(Cfg, p, {"n": 4, "model": None}, ["inner.rate=2e-1", "tags=[a, b]"])
+    assert (cfg.model, cfg.n, cfg.inner.limit, cfg.inner.rate, cfg.tags) == ("fromfile", 4, 7, 0.2, ["a", "b"])
 
 
 def test_unknown_key_named(tmp_path):

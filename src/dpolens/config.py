@@ -95,6 +95,11 @@ def parse_set(items: list[str] | None) -> dict:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
