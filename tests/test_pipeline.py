@@ -5,6 +5,8 @@ import json
 import pytest
 import yaml
 
+from browser import CHROMIUM, browser_check
+
 from dpolens.pipeline import STAGES, load_study, run_study
 from dpolens.report import write_report
 
@@ -55,6 +57,11 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     assert r["wall_time_s"] > 0 and set(r["provenance"]["stage_times"]) == set(STAGES)
     page = write_report(run).read_text()
     assert page.count("<img") >= 5 and "Table 2" in page and "<td>" in page
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed: `make test` installs Debian's chromium (see Makefile)")
+    seen = browser_check(run / "report.html", tmp_path)
+    assert seen["images"] == page.count("<img") and seen["broken_images"] == 0, seen
+    assert seen["tables"] >= 5 and seen["empty_tables"] == 0, seen
 
     again = run_study(load_study(study_file))  # nothing changed: every stage is skipped
     assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())
