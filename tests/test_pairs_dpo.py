@@ -84,11 +84,11 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path):
     from dpolens.dpo import DPOConfig, run_dpo
 
     pairs = tmp_path / "pairs.jsonl"
-    write_pairs(pairs)
-    cfg = DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"), learning_rate=1e-3,
-                    warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False)
+    write_pairs(pairs, 30)
+    cfg = DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), max_pairs=24, out=str(tmp_path / "dpo"),
+                    learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False)
     s = run_dpo(cfg)
-    assert s["steps"] == 6 and s["pairs_seen"] == 24
+    assert s["steps"] == 6 and s["pairs_seen"] == 24 and s["n_train_pairs"] == 20
     assert 0 < s["weight_shift"]["min_cosine"] < 1 and s["weight_shift"]["changed_tensors"] > 0
     log = [json.loads(l) for l in (tmp_path / "dpo" / "train_log.jsonl").read_text().splitlines()]
     evals = [r["eval_loss"] for r in log if "eval_loss" in r]

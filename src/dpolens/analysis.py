@@ -58,6 +58,15 @@ def check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
                            + ", ".join(f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]))
 
 
+def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.Tensor) -> list[dict]:
+    """Per layer, δx = mean resid_mid (aligned − base, same tokens): norm, norm relative to the base
+    residual, cosine with the probe direction. x_*: [n_layers, d_model]."""
+    delta = x_aligned - x_base
+    return [{"layer": l, "norm": float(delta[l].norm()), "relative_norm": float(delta[l].norm() / x_base[l].norm()),
+             "cosine_with_probe": float(delta[l] @ w_hat / delta[l].norm().clamp(min=1e-30))}
+            for l in range(len(delta))]
+
+
 def single_token(lm: LoadedModel, text: str) -> int:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -145,9 +154,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
 
     xb, xa = stats[("base", "same")].mean_x, stats[("aligned", "same")].mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens
-    offset = [{"layer": l, "norm": float(delta[l].norm()), "relative_norm": float(delta[l].norm() / xb[l].norm()),
-               "cosine_with_probe": float(delta[l] @ w_hat / delta[l].norm().clamp(min=1e-30))}
-              for l in range(a.n_layers)]
+    offset = residual_offset(xb, xa, w_hat)
 
     token_id = single_token(base, cfg.lens_token)
     search = (load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]

@@ -347,6 +347,30 @@ def robustness(
 
 
 @app.command()
+def alternatives(
+    base: Optional[str] = typer.Option(None, "--base"),
+    variant: Optional[list[str]] = typer.Option(None, "--variant", help="LABEL=DPO_DIR (repeatable)"),
+    probe: Optional[str] = typer.Option(None, "--probe"),
+    out: Optional[str] = typer.Option(None, "--out", "-o"),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    config: Optional[str] = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Compare alternative alignments (dpo --trainable / --loss sft): toxicity, PPL, weight shift,
+    δx, and whether key scaling still un-aligns each."""
+    from dpolens.alternatives import AlternativesConfig, render, run_alternatives
+    from dpolens.config import ConfigError, load_config
+
+    pairs = [v.split("=", 1) for v in variant or []]
+    if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+        raise ConfigError("--variant takes LABEL=DIR, e.g. --variant bias=runs/dpo-bias")
+    opts = {"base": base, "variants": dict(pairs) or None, "probe": probe, "out": out,
+            "eval": {"limit": limit} if limit else None}
+    typer.echo(render(run_alternatives(load_config(AlternativesConfig, config, opts, set_,
+                                                   section="alternatives"))))
+
+
+@app.command()
 def run(
     study: str = typer.Argument(..., help="study YAML (e.g. configs/quickstart.yaml)"),
     only: Optional[list[str]] = typer.Option(None, "--only", help="run only this stage (repeatable)"),

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class DPOConfig:
     model: str = "gemma-3-270m"
     pairs: str = "runs/pairs/pairs.jsonl"
+    max_pairs: int | None = None  # use the first N pairs of the file (validation pairs included)
     out: str = "runs/dpo"
     learning_rate: float = 1e-6
     batch_size: int = 4
@@ -148,7 +149,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
-    pairs = load_pairs(cfg.pairs, cfg.skip_bad_rows)
+    pairs = load_pairs(cfg.pairs, cfg.skip_bad_rows)[: cfg.max_pairs]
     if len(pairs) <= cfg.val_pairs:
         raise DpolensError(f"{len(pairs)} pairs leave none for training after {cfg.val_pairs} validation pairs")
     g = torch.Generator().manual_seed(cfg.seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 from dpolens.artifacts import write_json, write_manifest, write_text
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model import hooks
-from dpolens.model.loading import load_model
+from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
 from dpolens.vectors import rank_by_probe
 
@@ -32,17 +32,28 @@ class UnalignConfig:
     eval: EvalData = field(default_factory=EvalData)
 
 
+def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str) -> list[tuple[int, int, float]]:
+    """(layer, neuron, cosine) of the k value vectors of `lm` most cosine-similar to the probe."""
+    probe, meta = load_probe(probe_path, lm)
+    cos = rank_by_probe(lm, probe, space, meta.get("feature_std")).flatten()
+    d_mlp = lm.adapter.d_mlp
+    return [(i // d_mlp, i % d_mlp, float(cos[i])) for i in cos.topk(k).indices.tolist()]
+
+
+@contextlib.contextmanager
+def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: float):
+    """Scale the keys of `targets` by `scale` for the duration; yields what was scaled."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale))
+               for layer, neuron, _ in targets]
+
+
 def run_unalign(cfg: UnalignConfig) -> dict:
     aligned = load_model(cfg.model)
-    probe, meta = load_probe(cfg.probe, aligned)
     a = aligned.adapter
-    cos = rank_by_probe(aligned, probe, cfg.space, meta.get("feature_std")).flatten()
-    top = cos.topk(cfg.k).indices.tolist()
-    targets = [(i // a.d_mlp, i % a.d_mlp, float(cos[i])) for i in top]
+    targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space)
     out = Path(cfg.out)
-    with contextlib.ExitStack() as stack:
-        scaled = [stack.enter_context(hooks.scale_keys(a, layer, [neuron], cfg.scale))
-                  for layer, neuron, _ in targets]
+    with keys_scaled(aligned, targets, cfg.scale) as scaled:
         aligned.model.save_pretrained(out / "model")
         aligned.tokenizer.save_pretrained(out / "model")
     unaligned = load_model(out / "model")

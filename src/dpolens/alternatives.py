@@ -1,0 +1,116 @@
+"""The paper's conjectured alternative alignments (its 6.1-6.2), compared on one table.
+
+Each variant is a `dpolens dpo` output folder (trained with `--trainable all|bias|late-layers:K|
+toxic-neurons` or `--loss sft`). For each: toxicity, perplexity and F1 with the harness; weight
+shift against the base; the residual offset δx per layer (the base model's greedy continuations
+teacher-forced into both models); and whether key scaling still un-aligns it — the k value
+vectors most similar to the probe (ranked in the variant) get their keys scaled, and
+`unalign_recovery` is the share of the base-to-variant toxicity gap that comes back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpolens.activations import continuation_stats
+from dpolens.analysis import check_pair, residual_offset
+from dpolens.artifacts import DpolensError, write_json, write_manifest, write_text
+from dpolens.data import default_data, load_prompts
+from dpolens.dpo import weight_shift
+from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.model.generation import generate
+from dpolens.model.loading import load_model
+from dpolens.probe import load_probe
+from dpolens.unalign import keys_scaled, toxic_keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlternativesConfig:
+    base: str = "gemma-3-270m"
+    variants: dict[str, str] = field(default_factory=dict)  # label -> `dpolens dpo` output folder
+    probe: str = "runs/probe"
+    out: str = "runs/alternatives"
+    k: int = 7
+    scale: float = 10.0
+    space: str = "standardized"
+    offset_prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
+    offset_limit: int = 50
+    max_new_tokens: int = 20
+    batch_size: int = 32
+    eval: EvalData = field(default_factory=EvalData)
+
+
+def _training(folder: Path) -> dict:
+    p = folder / "summary.json"
+    s = json.loads(p.read_text()) if p.exists() else {}
+    return {"trainable": s.get("trainable", {}).get("trainable", "all"), "loss": s.get("loss", "sigmoid"),
+            "steps": s.get("steps")}
+
+
+def run_alternatives(cfg: AlternativesConfig) -> dict:
+    if not cfg.variants:
+        raise DpolensError("no variants: pass label=DIR pairs, each a `dpolens dpo` output folder")
+    base = load_model(cfg.base)
+    probe, _ = load_probe(cfg.probe, base)
+    w_hat = probe.float() / probe.float().norm()
+    inputs = load_inputs(cfg.eval)
+    base_eval = evaluate_inputs(base, cfg.eval, inputs, label="base").row()
+    prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit)
+    seqs = [(g.prompt_ids, g.continuation_ids) for g in
+            generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
+    x_base = continuation_stats(base, seqs, (), cfg.batch_size, "base").mean_x
+    rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
+    for label, folder in cfg.variants.items():
+        folder = Path(folder)
+        m = load_model(folder / "model" if (folder / "model").is_dir() else folder)
+        check_pair(base, m)
+        res = evaluate_inputs(m, cfg.eval, inputs, label=label).row()
+        shift = weight_shift(base.model, m.model)
+        offset = residual_offset(x_base, continuation_stats(m, seqs, (), cfg.batch_size, label).mean_x, w_hat)
+        targets = toxic_keys(m, cfg.probe, cfg.k, cfg.space)
+        with keys_scaled(m, targets, cfg.scale):
+            un = evaluate_inputs(m, cfg.eval, inputs, label=f"{label} un-aligned").row()
+        gap = base_eval["toxicity"]["mean"] - res["toxicity"]["mean"]
+        recovery = (un["toxicity"]["mean"] - res["toxicity"]["mean"]) / gap if gap > 0 else None
+        rows.append({
+            "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
+            "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
+            "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
+            "unaligned": {"toxicity": un["toxicity"], "perplexity": un["perplexity"], "f1": un["f1"],
+                          "keys": [{"layer": l, "neuron": n, "cosine": c} for l, n, c in targets]},
+            "unalign_recovery": recovery,
+        })
+    result = {"rows": rows, "k": cfg.k, "scale": cfg.scale, "scorer": inputs.scorer.describe(),
+              "n_prompts": len(inputs.prompts), "n_offset_prompts": len(prompts), "base": base.identity(),
+              "unalign_recovery": "(toxicity un-aligned - toxicity variant) / (toxicity base - toxicity variant); "
+                                  "null when the variant is not less toxic than the base"}
+    out = Path(cfg.out)
+    write_json(out / "alternatives.json", result)
+    write_text(out / "alternatives.md", render(result))
+    write_manifest(out, "alternatives", cfg, base=base.identity())
+    return result
+
+
+def _f(x, fmt=".4f"):
+    return "-" if x is None else format(x, fmt)
+
+
+def render(result: dict) -> str:
+    lines = ["# Alternative alignments (paper 6.1-6.2)", "",
+             f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
+             "| variant | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
+             "toxicity un-aligned | recovery |", "|" + "---|" * 11]
+    for r in result["rows"]:
+        ws, un = r.get("weight_shift", {}), r.get("unaligned", {})
+        lines.append(f"| {r['variant']} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
+                     f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
+                     f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
+                     f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+import torch
+
+from dpolens import load_model
+from dpolens.alternatives import AlternativesConfig, run_alternatives
+from dpolens.artifacts import DpolensError
+from dpolens.evaluate import EvalData, EvalSettings
+from dpolens.probe import save_probe
+
+
+def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_cached):
+    base = load_model(tiny_dirs["gpt2"])
+    save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[5].clone(), 0.0, base, {})
+    # a "bias-only" variant: one MLP output bias of layer 1 moved, nothing else
+    variant = load_model(tiny_dirs["gpt2"])
+    with torch.no_grad():
+        variant.model.transformer.h[1].mlp.c_proj.bias.add_(0.5)
+    (tmp_path / "bias").mkdir()
+    variant.model.save_pretrained(tmp_path / "bias" / "model")
+    variant.tokenizer.save_pretrained(tmp_path / "bias" / "model")
+    (tmp_path / "bias" / "summary.json").write_text(json.dumps({"trainable": {"trainable": "bias"}, "steps": 3}))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Holy", "You are", "So I"]))
+    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False,
+                  settings=EvalSettings(max_new_tokens=3))
+    cfg = AlternativesConfig(base=str(tiny_dirs["gpt2"]), variants={"bias": str(tmp_path / "bias")},
+                             probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2,
+                             space="raw", offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev)
+    res = run_alternatives(cfg)
+    b, v = res["rows"]
+    assert b["variant"] == "base" and v["variant"] == "bias" and v["trainable"] == "bias"
+    assert v["weight_shift"]["changed_tensors"] == 1 and v["weight_shift"]["min_cosine"] < 1
+    norms = [o["norm"] for o in v["offset"]]
+    assert norms[0] == 0 and norms[1] == 0 and norms[2] > 0  # resid_mid sees layer 1's MLP from layer 2 on
+    assert len(v["unaligned"]["keys"]) == 2 and (v["unaligned"]["keys"][0]["layer"], v["unaligned"]["keys"][0]["neuron"]) == (1, 5)
+    gap = b["toxicity"]["mean"] - v["toxicity"]["mean"]
+    expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap if gap > 0 else None
+    assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
+    table = (tmp_path / "alt" / "alternatives.md").read_text()
+    assert "\n| base |" in table and "\n| bias | bias | sigmoid |" in table
+    with pytest.raises(DpolensError, match="no variants"):
+        run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))
