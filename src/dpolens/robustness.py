@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import write_json, write_manifest, write_text
@@ -92,6 +93,7 @@ class RobustnessConfig:
     batch_size: int = 16
     scorer: str = "jigsaw-lstm"
     seed: int = 0
+    progress: bool = True
 
 
 def run_robustness(cfg: RobustnessConfig) -> dict:
@@ -115,10 +117,13 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
         return [(x[:1], x[1:]) for x in ids]
 
     mean_x = {}
+    steps = tqdm(total=2 * len(inputs) * len(models), desc="robustness", unit="step", disable=not cfg.progress)
     for tname, (texts, _) in inputs.items():
         seqs = token_seqs(texts)
         for mname, lm in models:
+            steps.set_postfix_str(f"activations {tname} {mname}")
             mean_x[(tname, mname)] = continuation_stats(lm, seqs, (), cfg.batch_size, progress=False).mean_x
+            steps.update()
     delta = mean_x[("plain", "aligned")] - mean_x[("plain", "base")]
     d_hat = delta / delta.norm(dim=-1, keepdim=True).clamp(min=1e-30)
     plain_proj = delta.norm(dim=-1)
@@ -126,6 +131,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     rows = []
     for tname, (texts, inverse) in inputs.items():
         for mname, lm in models:
+            steps.set_postfix_str(f"generate {tname} {mname}")
             gens = generate(lm, texts, cfg.max_new_tokens, batch_size=cfg.batch_size,
                             max_prompt_tokens=cfg.max_prompt_tokens, progress=False)
             decoded = [inverse(g.continuation) for g in gens]
@@ -137,6 +143,8 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
             rows.append({"transform": tname, "model": mname, "toxicity": tox, "retention": retention,
                          "example": {"prompt": texts[0][-200:], "continuation": gens[0].continuation,
                                      "decoded": decoded[0]}})
+            steps.update()
+    steps.close()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "scorer": scorer.describe(), "n_prompts": len(plain),
