@@ -101,6 +101,13 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path):
     steps_logged = [r["step"] for r in json.loads("[" + ",".join(
         (tmp_path / "dpo" / "train_log.jsonl").read_text().splitlines()) + "]") if "loss" in r]
     assert s2["steps"] == 8 and steps_logged.count(1) == 1
+    # re-running a finished run trains nothing more and gives the same model
+    log_before = (tmp_path / "dpo" / "train_log.jsonl").read_text()
+    before = load_model(tmp_path / "dpo" / "model").model.state_dict()
+    s3 = run_dpo(cfg)
+    after = load_model(tmp_path / "dpo" / "model").model.state_dict()
+    assert s3["steps"] == 8 and all(torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "dpo" / "train_log.jsonl").read_text() == log_before
 
 
 def test_dpo_nan_stops_with_message(tiny_dirs, tmp_path):

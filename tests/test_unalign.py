@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from dpolens import load_model
@@ -8,22 +9,28 @@ from dpolens.probe import save_probe
 from dpolens.unalign import UnalignConfig, run_unalign
 
 
-def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached):
+@pytest.mark.parametrize("which", ["gate", "key"])
+def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached, which):
     for fam in ("gpt2", "llama"):
         lm = load_model(tiny_dirs[fam])
         a = lm.adapter
         save_probe(tmp_path / f"{fam}.safetensors", a.value_vectors(2)[3].clone(), 0.0, lm, {})
         (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Holy"}) + "\n")
         cfg = UnalignConfig(model=str(tiny_dirs[fam]), base=None, probe=str(tmp_path / f"{fam}.safetensors"),
-                            out=str(tmp_path / fam), k=2, scale=10.0, space="raw",
+                            out=str(tmp_path / fam), k=2, scale=10.0, space="raw", key=which,
                             eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
                                           progress=False, settings=EvalSettings(max_new_tokens=3)))
         res = run_unalign(cfg)
         scaled = [(int(s["module"].split(".")[1]), s["neurons"][0]) for s in res["scaled"]]
         assert scaled[0] == (2, 3)
         un = load_model(tmp_path / fam / "model")
+        gate = which == "gate" and fam == "llama"
+        assert res["scaled"][0]["module"].endswith("gate_proj" if gate else ("c_fc" if fam == "gpt2" else "up_proj"))
+        rows = (lambda ad, l: ad.gate_slice(l).weight.detach()) if gate else (lambda ad, l: ad.key_vectors(l))
         for layer in range(a.n_layers):
-            before, after = a.key_vectors(layer), un.adapter.key_vectors(layer)
+            before, after = rows(a, layer), rows(un.adapter, layer)
+            if gate:  # the up_proj rows stay as they were
+                assert torch.equal(a.key_vectors(layer), un.adapter.key_vectors(layer))
             for n in range(a.d_mlp):
                 factor = 10.0 if (layer, n) in scaled else 1.0
                 torch.testing.assert_close(after[n], before[n] * factor)

@@ -40,6 +40,7 @@ class AlternativesConfig:
     k: int = 7
     scale: float = 10.0
     space: str = "standardized"
+    key: str = "gate"  # as in dpolens.unalign
     offset_prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     offset_limit: int = 50
     max_new_tokens: int = 20
@@ -75,7 +76,7 @@ def run_alternatives(cfg: AlternativesConfig) -> dict:
         shift = weight_shift(base.model, m.model)
         offset = residual_offset(x_base, continuation_stats(m, seqs, (), cfg.batch_size, label).mean_x, w_hat)
         targets = toxic_keys(m, cfg.probe, cfg.k, cfg.space)
-        with keys_scaled(m, targets, cfg.scale):
+        with keys_scaled(m, targets, cfg.scale, cfg.key):
             un = evaluate_inputs(m, cfg.eval, inputs, label=f"{label} un-aligned").row()
         gap = base_eval["toxicity"]["mean"] - res["toxicity"]["mean"]
         recovery = (un["toxicity"]["mean"] - res["toxicity"]["mean"]) / gap if gap > 0 else None

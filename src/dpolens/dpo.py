@@ -194,9 +194,20 @@ def run_dpo(cfg: DPOConfig) -> dict:
                          eval_dataset=_dataset(lm, val), processing_class=lm.tokenizer,
                          callbacks=[LogToJsonl(), EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
     resume = _checkpoints(ckpt_dir)
-    if resume:
-        log.info("resuming from %s", resume[-1])
-    trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    target = cfg.max_steps if cfg.max_steps > 0 else \
+        math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs)
+    if resume and int(resume[-1].name.split("-")[1]) >= target:
+        # finished: HF's Trainer would take one more step past max_steps on resume; load the best instead
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(resume[-1] / "trainer_state.json"))
+        best = trainer.state.best_model_checkpoint
+        log.info("training already finished at %s; loading %s", resume[-1], best or resume[-1])
+        trainer._load_from_checkpoint(best if best and Path(best).is_dir() else str(resume[-1]))
+    else:
+        if resume:
+            log.info("resuming from %s", resume[-1])
+        trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     if state["diverged"] is not None:
         good = _checkpoints(ckpt_dir)
         raise DpolensError(f"DPO loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "

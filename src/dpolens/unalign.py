@@ -1,9 +1,11 @@
 """Un-aligning by key scaling (paper 5.4, Table 4, method.md 5.4).
 
 Take the k value vectors most cosine-similar to the probe (ranked in the aligned model) and
-scale their keys by `scale`: for GELU MLPs the fc input weights (and bias); for gated MLPs the
-up-projection row, which enters m_i linearly (recorded in the results). The scaled model is
-saved as an HF directory and evaluated beside the base and aligned models.
+scale their keys by `scale`: for GELU MLPs the fc input weights (and bias), m_i = GELU(10·k·x);
+for gated MLPs by default the gate_proj row, m_i = σ(10·g·x)·(u·x), the same operation on the
+nonlinearity's input (`key: key` scales the up_proj row instead, which multiplies m_i by 10 on
+every token, active or not). What was scaled is recorded. The scaled model is saved as an HF
+directory and evaluated beside the base and aligned models.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class UnalignConfig:
     k: int = 7
     scale: float = 10.0
     space: str = "standardized"  # where the cosine with the probe is taken (see dpolens.vectors)
+    key: str = "gate"  # gated MLPs: scale gate_proj rows (σ(10·g·x), as GELU key scaling does) or "key" (up_proj)
     eval: EvalData = field(default_factory=EvalData)
 
 
@@ -41,10 +44,10 @@ def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str) -> list[tup
 
 
 @contextlib.contextmanager
-def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: float):
+def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: float, which: str = "gate"):
     """Scale the keys of `targets` by `scale` for the duration; yields what was scaled."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale))
+        yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale, which))
                for layer, neuron, _ in targets]
 
 
@@ -53,7 +56,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     a = aligned.adapter
     targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space)
     out = Path(cfg.out)
-    with keys_scaled(aligned, targets, cfg.scale) as scaled:
+    with keys_scaled(aligned, targets, cfg.scale, cfg.key) as scaled:
         aligned.model.save_pretrained(out / "model")
         aligned.tokenizer.save_pretrained(out / "model")
     unaligned = load_model(out / "model")

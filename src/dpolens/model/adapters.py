@@ -211,6 +211,15 @@ class Adapter:
             return KeySlice(mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias, 0, f"{prefix}.dense_h_to_4h")
         return KeySlice(mlp.up_proj.weight, getattr(mlp.up_proj, "bias", None), 0, f"{prefix}.up_proj")
 
+    def gate_slice(self, layer: int) -> KeySlice | None:
+        """Gated MLPs: the gate_proj rows, whose neuron-i slice is the input of the nonlinearity
+        (scaling it is what scaling a GELU key does: σ(c·k·x)); None for GELU MLPs."""
+        if self.mlp_kind != "gated":
+            return None
+        mlp = self.mlp(layer)
+        return KeySlice(mlp.gate_proj.weight, getattr(mlp.gate_proj, "bias", None), 0,
+                        f"layers.{layer}.mlp.gate_proj")
+
     def neuron_slices(self, layer: int) -> list[tuple[nn.Parameter, int]]:
         """(parameter, neuron axis) of every weight that belongs to layer's MLP neurons:
         key (and gate) input weights with their biases, and the value (output) weights."""

@@ -145,14 +145,18 @@ def edit_neurons(
 
 @contextlib.contextmanager
 def scale_keys(
-    adapter: Adapter, layer: int, neurons: Sequence[int], factor: float
+    adapter: Adapter, layer: int, neurons: Sequence[int], factor: float, which: str = "key"
 ) -> Iterator[dict]:
     """Temporarily scale the key vectors (and key bias) of chosen neurons by `factor`.
 
+    `which`: "key" (GELU: the fc rows; gated: up_proj rows, which scale m_i linearly) or "gate"
+    (gated MLPs: the gate_proj rows; GELU MLPs fall back to their keys, the same thing there).
     Yields a record of what was scaled (module name, neurons, factor). Weights are restored
     from saved copies, never by dividing, so they come back bit-identical.
     """
-    ks = adapter.key_slice(layer)
+    if which not in ("key", "gate"):
+        raise ValueError(f"which must be 'key' or 'gate', not {which!r}")
+    ks = (adapter.gate_slice(layer) if which == "gate" else None) or adapter.key_slice(layer)
     idx = torch.as_tensor(list(neurons), dtype=torch.long)
     targets = [(ks.weight, ks.dim)] + ([(ks.bias, 0)] if ks.bias is not None else [])
     saved = [(p, dim, p.detach().index_select(dim, idx).clone()) for p, dim in targets]
