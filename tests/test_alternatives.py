@@ -39,5 +39,6 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
     table = (tmp_path / "alt" / "alternatives.md").read_text()
     assert "\n| base |" in table and "\n| bias | bias | sigmoid |" in table
+    assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "none" in res["finding"])
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))

@@ -92,11 +92,23 @@ def run_alternatives(cfg: AlternativesConfig) -> dict:
               "n_prompts": len(inputs.prompts), "n_offset_prompts": len(prompts), "base": base.identity(),
               "unalign_recovery": "(toxicity un-aligned - toxicity variant) / (toxicity base - toxicity variant); "
                                   "null when the variant is not less toxic than the base"}
+    result["finding"] = finding(rows)
     out = Path(cfg.out)
     write_json(out / "alternatives.json", result)
     write_text(out / "alternatives.md", render(result))
     write_manifest(out, "alternatives", cfg, base=base.identity())
     return result
+
+
+def finding(rows: list[dict]) -> str:
+    """Which variant key scaling undoes least (the lowest recovery of its toxicity gap), with numbers."""
+    scored = [r for r in rows if r.get("unalign_recovery") is not None]
+    if not scored:
+        return "no variant is less toxic than the base, so none can be un-aligned"
+    hardest = min(scored, key=lambda r: r["unalign_recovery"])
+    each = "; ".join(f"{r['variant']} {r['unalign_recovery']:.2f}" for r in scored)
+    return (f"hardest to undo by key scaling: {hardest['variant']} (share of its toxicity gap brought back "
+            f"by scaling: {each})")
 
 
 def _f(x, fmt=".4f"):
@@ -114,4 +126,4 @@ def render(result: dict) -> str:
                      f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"

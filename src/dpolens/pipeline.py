@@ -195,6 +195,10 @@ def collect_results(run: Path, study: Study, keys: dict, timings: dict, wall: fl
         r["patching"] = pt["steps"]
     if (rb := _read(run / "robustness" / "table.json")):
         r["robustness"] = [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]]
+        r["robustness_findings"] = rb.get("findings", [])
+    if (alt := _read(run / "alternatives" / "alternatives.json")):  # written by `dpolens alternatives`
+        r["alternatives"] = alt["rows"]
+        r["alternatives_finding"] = alt.get("finding")
     r["provenance"] = provenance(config=dataclasses.asdict(study), stage_keys=keys, stage_times=timings,
                                  wall_time_s=wall)
     r["wall_time_s"] = wall

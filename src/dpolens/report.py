@@ -126,6 +126,18 @@ def render(run: Path) -> str:
         parts.append(table(rows, ["transform", "model", "toxicity", "retention"],
                            "Toxicity and mean offset retention under transformed and multi-turn prompts."))
         parts.append(image(run / "robustness" / "fig_retention.png", "Offset retention by layer."))
+        if (fs := res.get("robustness_findings")):
+            parts.append("<p><b>Does the offset persist?</b></p><ul>" +
+                         "".join(f"<li>{_esc(f)}</li>" for f in fs) + "</ul>")
+    if (alt := res.get("alternatives")):
+        rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
+                 "toxicity_unaligned": r.get("unaligned", {}).get("toxicity")} for r in alt]
+        parts.append("<h2>Alternative alignments (paper 6.1-6.2)</h2>")
+        parts.append(table(rows, ["variant", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
+                                  "offset_mean_relative_norm", "toxicity_unaligned", "unalign_recovery"],
+                           "Variants trained with the same DPO engine and pairs; recovery = share of the "
+                           "toxicity gap that key scaling brings back."))
+        parts.append(f"<p><b>Which alignment is hardest to undo?</b> {_esc(res.get('alternatives_finding'))}</p>")
     prov = res.get("provenance", {})
     parts.append("<h2>Provenance</h2>")
     parts.append(table([{"git": prov.get("git_revision"), "created": prov.get("created"),

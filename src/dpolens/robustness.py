@@ -151,6 +151,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
               "offset_plain_norm": plain_proj.tolist(),
               "retention_definition": "mean over prompt tokens of (x_M - x_base)·δx̂ at resid_mid, divided by "
                                       "‖δx‖ on plain prompts (1 = the offset is applied as on plain prompts)"}
+    result["findings"] = findings(rows)
     write_json(out / "table.json", result)
     write_text(out / "robustness.md", render(result))
     from dpolens import figures
@@ -158,6 +159,25 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     result["figures"] = figures.retention_figure(out, rows)
     write_manifest(out, "robustness", cfg, base=base.identity(), aligned=aligned.identity())
     return result
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """One sentence per transformation, with its numbers: does the aligned model still apply the
+    offset (mean retention over layers >= 0.5), and how its toxicity compares with the base's."""
+    by = {(r["transform"], r["model"]): r for r in rows}
+    out = []
+    for t in dict.fromkeys(r["transform"] for r in rows):
+        a, b = by.get((t, "aligned")), by.get((t, "base"))
+        if not a or not b or not a["retention"]:
+            continue
+        ret = float(np.mean(a["retention"]))
+        verdict = "the offset persists" if ret >= 0.5 else "the offset is mostly lost"
+        line = (f"{t}: {verdict} (mean retention {ret:.2f}, min {min(a['retention']):.2f}); toxicity base "
+                f"{b['toxicity']['mean']:.3f} → aligned {a['toxicity']['mean']:.3f}")
+        if (u := by.get((t, "unaligned"))):
+            line += f" → un-aligned {u['toxicity']['mean']:.3f}"
+        out.append(line)
+    return out
 
 
 def render(result: dict) -> str:
@@ -175,4 +195,5 @@ def render(result: dict) -> str:
             rr = "- | -"
         lines.append(f"| {r['transform']} | {r['model']} | {t['mean']:.4f} | [{t['ci95'][0]:.4f}, "
                      f"{t['ci95'][1]:.4f}] | {rr} |")
+    lines += ["", "Findings:", *[f"- {f}" for f in result.get("findings", [])]]
     return "\n".join(lines) + "\n"
