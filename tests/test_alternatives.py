@@ -35,10 +35,11 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert norms[0] == 0 and norms[1] == 0 and norms[2] > 0  # resid_mid sees layer 1's MLP from layer 2 on
     assert len(v["unaligned"]["keys"]) == 2 and (v["unaligned"]["keys"][0]["layer"], v["unaligned"]["keys"][0]["neuron"]) == (1, 5)
     gap = b["toxicity"]["mean"] - v["toxicity"]["mean"]
-    expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap if gap > 0 else None
+    expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap \
+        if gap > 0 and gap >= 0.1 * b["toxicity"]["mean"] else None
     assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
     table = (tmp_path / "alt" / "alternatives.md").read_text()
     assert "\n| base |" in table and "\n| bias | bias | sigmoid |" in table
-    assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "none" in res["finding"])
+    assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))
