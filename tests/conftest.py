@@ -83,6 +83,19 @@ def tokenizer():
     return make_tokenizer()
 
 
+def save_perturbed(family: str, tokenizer, path: Path, noise: float, seed: int = 0) -> Path:
+    """A stand-in "aligned" model: the tiny `family` model (same seed as tiny_dirs) with every
+    parameter moved by `noise`-scaled Gaussian noise, saved with save_pretrained."""
+    model = make_model(family, len(tokenizer))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(noise * torch.randn(p.shape, generator=g))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     """save_pretrained directories of a tiny random model per family."""

@@ -16,7 +16,7 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     # a "bias-only" variant: one MLP output bias of layer 1 moved, nothing else
     variant = load_model(tiny_dirs["gpt2"])
     with torch.no_grad():
-        variant.model.transformer.h[1].mlp.c_proj.bias.add_(0.5)
+        variant.adapter.mlp_out_proj(1).bias.add_(0.5)
     (tmp_path / "bias").mkdir()
     variant.model.save_pretrained(tmp_path / "bias" / "model")
     variant.tokenizer.save_pretrained(tmp_path / "bias" / "model")

@@ -11,18 +11,13 @@ from dpolens.model import hooks
 from dpolens.probe import save_probe
 from dpolens.vectors import VectorsConfig, run_vectors
 
-from conftest import make_model
+from conftest import save_perturbed
 
 
 @pytest.fixture
 def pair(tiny_dirs, tmp_path, tokenizer):
     base = load_model(tiny_dirs["gemma3"])
-    aligned = make_model("gemma3", len(tokenizer))
-    with torch.no_grad():
-        for p in aligned.parameters():
-            p.add_(1e-3 * torch.randn_like(p))
-    aligned.save_pretrained(tmp_path / "aligned")
-    tokenizer.save_pretrained(tmp_path / "aligned")
+    save_perturbed("gemma3", tokenizer, tmp_path / "aligned", 1e-3)
     save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[2].clone(), 0.0, base, {})
     run_vectors(VectorsConfig(model=str(tiny_dirs["gemma3"]), probe=str(tmp_path / "probe.safetensors"),
                               out=str(tmp_path / "vec"), top_n=8, space="raw"))
@@ -70,6 +65,7 @@ def test_analyze_writes_json_and_figures(tiny_dirs, pair):
     a = json.loads((t / "an" / "analysis.json").read_text())
     assert set(a) >= {"weight_shift", "activation_drop", "offset", "logit_lens"}
     assert a["weight_shift"]["all_above_0_99"] in (True, False) and a["weight_shift"]["min_cosine"] < 1
+    assert a["weight_shift"]["all_above_0_99"] == (a["weight_shift"]["min_cosine"] > 0.99)
     assert len(a["offset"]) == 3 and len(a["activation_drop"]["per_neuron"]) == 4
     assert all((t / "an" / f).exists() for f in res["figures"])
     assert any(f.startswith("fig2_") for f in res["figures"]) and any(f.startswith("fig4_") for f in res["figures"])

@@ -56,3 +56,9 @@ def test_unknown_set_key_exit_2(tiny_dirs, tmp_path):
     out = dpolens("eval", "--model", str(tiny_dirs["gpt2"]), "--set", "settings.max_new_tokns=3")
     assert out.returncode == 2
     assert "unknown config key 'settings.max_new_tokns'" in out.stderr
+
+
+def test_alternatives_variant_must_be_label_equals_dir():
+    out = dpolens("alternatives", "--variant", "runs/dpo-bias")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--variant takes LABEL=DIR" in out.stderr

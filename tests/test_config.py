@@ -25,6 +25,9 @@ def test_precedence_file_options_set(tmp_path):
     p.write_text("model: fromfile\nn: 3\ninner: {limit: 7}\n")
     cfg = load_config(Cfg, p, {"n": 4, "model": None}, ["inner.rate=2e-1", "tags=[a, b]"])
     assert (cfg.model, cfg.n, cfg.inner.limit, cfg.inner.rate, cfg.tags) == ("fromfile", 4, 7, 0.2, ["a", "b"])
+    # only numbers in exponent notation become floats: words that float() accepts stay strings
+    assert load_config(Cfg, sets=["model=nan"]).model == "nan"
+    assert load_config(Cfg, sets=["model=infinity"]).model == "infinity"
 
 
 def test_unknown_key_named(tmp_path):

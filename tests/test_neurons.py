@@ -10,7 +10,7 @@ from dpolens.evaluate import EvalData, EvalSettings
 from dpolens.neurons import GROUPS, NeuronsConfig, assign_groups, group_shares, neuron_table, run_neurons
 from dpolens.probe import save_probe
 
-from conftest import make_model
+from conftest import save_perturbed
 
 
 def naive_table(base, aligned, probe, prompts, n_new):
@@ -50,12 +50,7 @@ def naive_table(base, aligned, probe, prompts, n_new):
 @pytest.fixture
 def pair(tiny_dirs, tokenizer, tmp_path):
     base = load_model(tiny_dirs["gemma3"])
-    aligned_model = make_model("gemma3", len(tokenizer))
-    with torch.no_grad():
-        for p in aligned_model.parameters():
-            p.add_(2e-2 * torch.randn_like(p))
-    aligned_model.save_pretrained(tmp_path / "aligned")
-    tokenizer.save_pretrained(tmp_path / "aligned")
+    save_perturbed("gemma3", tokenizer, tmp_path / "aligned", 2e-2)
     probe = torch.randn(32, generator=torch.Generator().manual_seed(3))
     save_probe(tmp_path / "probe.safetensors", probe, 0.0, base, {})
     return base, load_model(tmp_path / "aligned"), probe

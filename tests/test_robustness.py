@@ -1,11 +1,10 @@
 import json
 
 import pytest
-import torch
 
 from dpolens.robustness import TRANSFORMS, RobustnessConfig, multi_turn, run_robustness
 
-from conftest import make_model
+from conftest import save_perturbed
 
 
 @pytest.mark.parametrize("name", [n for n in TRANSFORMS if n != "upper"])
@@ -21,12 +20,7 @@ def test_multi_turn_accumulates_turns():
 
 
 def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached):
-    aligned = make_model("llama", len(tokenizer))
-    with torch.no_grad():
-        for p in aligned.parameters():
-            p.add_(1e-2 * torch.randn_like(p))
-    aligned.save_pretrained(tmp_path / "aligned")
-    tokenizer.save_pretrained(tmp_path / "aligned")
+    save_perturbed("llama", tokenizer, tmp_path / "aligned", 1e-2)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                               ["Holy cow", "You are such a piece of", "So I am"]))
     (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")

@@ -138,14 +138,13 @@ def test_table2_rows(tiny_dirs, tmp_path, eval_files, jigsaw_cached):
 def test_standardized_space_matches_definition(tiny_dirs):
     """cos(v ⊙ γ/σ, w ⊙ σ), checked neuron by neuron against the formula."""
     from dpolens import load_model
-    from dpolens.vectors import readout_gain
 
     lm = load_model(tiny_dirs["gemma3"])
     g = torch.Generator().manual_seed(0)
     w, sigma = torch.randn(32, generator=g), torch.rand(32, generator=g) + 0.1
     cos = rank_by_probe(lm, w, "standardized", sigma)
     gamma = 1 + lm.adapter.final_norm.weight.detach()
-    assert torch.allclose(readout_gain(lm), gamma)
+    assert torch.allclose(lm.adapter.final_norm_gain(), gamma)
     for layer, neuron in [(0, 1), (2, 40)]:
         v = lm.adapter.value_vectors(layer)[neuron]
         ref = torch.nn.functional.cosine_similarity(v * gamma / sigma, w * sigma, 0)

@@ -10,7 +10,6 @@ vectors most similar to the probe (ranked in the variant) get their keys scaled,
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 
 from dpolens.activations import continuation_stats
 from dpolens.analysis import check_pair, residual_offset
-from dpolens.artifacts import DpolensError, write_json, write_manifest, write_text
+from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
 from dpolens.data import default_data, load_prompts
 from dpolens.dpo import weight_shift
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
@@ -50,8 +49,7 @@ class AlternativesConfig:
 
 
 def _training(folder: Path) -> dict:
-    p = folder / "summary.json"
-    s = json.loads(p.read_text()) if p.exists() else {}
+    s = read_json(folder / "summary.json") or {}
     return {"trainable": s.get("trainable", {}).get("trainable", "all"), "loss": s.get("loss", "sigmoid"),
             "steps": s.get("steps")}
 

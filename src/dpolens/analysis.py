@@ -22,13 +22,15 @@ from dpolens.artifacts import DpolensError, write_json, write_manifest
 from dpolens.data import default_data, load_prompts
 from dpolens.dpo import weight_shift
 from dpolens.model import hooks
-from dpolens.model.generation import generate, left_pad, length_batches
+from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.pairs import wikitext_prompts
 from dpolens.probe import load_probe
 from dpolens.vectors import load_vectors
 
 log = logging.getLogger(__name__)
+
+LENS_PROMPT_TOKENS = 32  # logit-lens prompts are cut like the harness's challenge prompts
 
 
 @dataclass
@@ -81,7 +83,7 @@ def single_token(lm: LoadedModel, text: str) -> int:
 def find_lens_prompts(lm: LoadedModel, texts: list[str], token_id: int, batch_size: int) -> list[str]:
     """Texts after which the model's greedy next token is `token_id`."""
     found = []
-    ids_all = [x[:32] for x in lm.tokenizer(texts)["input_ids"]]
+    ids_all = encode_prompts(lm, texts, LENS_PROMPT_TOKENS)
     for idx in tqdm(length_batches([len(x) for x in ids_all], batch_size), desc="logit-lens search", unit="batch"):
         ids, mask = left_pad([ids_all[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
         last = lm.adapter.body(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
@@ -97,7 +99,7 @@ def logit_lens(lm: LoadedModel, prompts: list[str], token_id: int) -> dict:
     points = [(l, p) for l in range(a.n_layers) for p in ("resid_mid", "resid_post")]
     sums = {pt: 0.0 for pt in points}
     for start in range(0, len(prompts), 16):
-        ids, mask = left_pad([x[:32] for x in lm.tokenizer(prompts[start:start + 16])["input_ids"]],
+        ids, mask = left_pad(encode_prompts(lm, prompts[start:start + 16], LENS_PROMPT_TOKENS),
                              lm.tokenizer.pad_token_id, lm.device)
         with hooks.capture(a, points) as store:
             a.body(input_ids=ids, attention_mask=mask)

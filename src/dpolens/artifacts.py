@@ -55,6 +55,12 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """The JSON at `path`, or None when there is no such file (an optional artifact)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
 

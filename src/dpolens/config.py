@@ -7,6 +7,7 @@ dataclasses are addressed with dots (`--set eval.limit=100`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -87,6 +88,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         raise ConfigError(f"config {cls.__name__}: {e}") from None
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_set(items: list[str] | None) -> dict:
     """Turn `["a.b=1", "c=x"]` into a nested dict, values parsed as YAML scalars."""
     out: dict = {}
@@ -95,11 +99,8 @@ def parse_set(items: list[str] | None) -> dict:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
-        if isinstance(value, str):  # YAML 1.1 reads "2e-5" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads "2e-5" as a string
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:

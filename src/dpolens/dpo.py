@@ -105,17 +105,16 @@ def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
                 "n_params": sum(p.numel() for layer in a.layers[a.n_layers - k:] for p in layer.parameters())}
     if mode == "toxic-neurons":
         from dpolens.probe import load_probe
-        from dpolens.vectors import rank_by_probe
+        from dpolens.vectors import top_probe_neurons
 
         if not cfg.probe:
             raise DpolensError("trainable 'toxic-neurons' needs probe=...")
         probe, meta = load_probe(cfg.probe, lm)
-        cos = rank_by_probe(lm, probe, "standardized" if "feature_std" in meta else "raw",
-                            meta.get("feature_std")).flatten()
-        top = cos.topk(cfg.top_neurons).indices.tolist()
+        top = top_probe_neurons(lm, probe, cfg.top_neurons, "standardized" if "feature_std" in meta else "raw",
+                                meta.get("feature_std"))
         by_layer: dict[int, list[int]] = {}
-        for i in top:
-            by_layer.setdefault(i // a.d_mlp, []).append(i % a.d_mlp)
+        for layer, neuron, _ in top:
+            by_layer.setdefault(layer, []).append(neuron)
         masks: dict[nn.Parameter, torch.Tensor] = {}
         for layer, neurons in by_layer.items():
             for p, dim in a.neuron_slices(layer):

@@ -28,12 +28,13 @@ import torch
 
 from dpolens.activations import continuation_stats
 from dpolens.analysis import check_pair
-from dpolens.artifacts import write_json, write_manifest
+from dpolens.artifacts import atomic_path, write_json, write_manifest
 from dpolens.data import load_prompts
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
+from dpolens.vectors import all_value_vectors
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
                         desc=f"generate {name}")
         st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
                                 batch_size, f"neurons {name}", progress)
-        values = torch.stack([lm.adapter.value_vectors(l).float() for l in range(a.n_layers)])
+        values = all_value_vectors(lm)  # [L, d_mlp, d_model]
         vw = values @ w_hat  # [L, d_mlp]
         out[f"m_{name}"] = st.mean_m.flatten().numpy()
         out[f"ms_{name}"] = st.mean_m_over_s.flatten().numpy()
@@ -192,9 +193,8 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
                        "m_base": t["m_base"], "m_aligned": t["m_aligned"], "ms_base": t["ms_base"],
                        "ms_aligned": t["ms_aligned"], "p_base": t["p_base"], "p_aligned": t["p_aligned"],
                        "delta": t["delta"], "group": labels.astype(str)})
-    tmp = out / ".neurons.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(out / "neurons.parquet")
+    with atomic_path(out / "neurons.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
     shares = group_shares(t, labels, cfg.top_toxic)
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
     shares["fit"] = {"prompts": cfg.eval.prompts, "n_prompts": len(fit_prompts), "tokens": t["n_tokens_base"]}

@@ -111,8 +111,8 @@ def steer_generate(lm: LoadedModel, prompts: list[str], direction: torch.Tensor,
     a = lm.adapter
     with hooks.add_vector(a, s.layer % a.n_layers, s.point, beta * direction / direction.norm()):
         return generate(lm, prompts, max_new_tokens, do_sample=True, temperature=s.temperature,
-                        top_k=s.top_k, repetition_penalty=s.repetition_penalty, seed=seed, batch_size=batch_size, max_prompt_tokens=None,
-                        progress=False)
+                        top_k=s.top_k, repetition_penalty=s.repetition_penalty, seed=seed, batch_size=batch_size,
+                        max_prompt_tokens=None, progress=False)
 
 
 @torch.inference_mode()

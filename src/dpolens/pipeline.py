@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from dpolens.artifacts import DpolensError, provenance, write_json
+from dpolens.artifacts import DpolensError, provenance, read_json, write_json
 from dpolens.config import ConfigError, from_dict, merge
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def run_study(study: Study, only: list[str] | None = None, start: str | None = N
         keys[s] = _key(cfgs[s], [keys.get(u, "") for u in DEPENDS[s]])
         folder = run / s
         marker = folder / MARKER
-        done = json.loads(marker.read_text()) if marker.exists() else None
+        done = read_json(marker)
         if s not in selected:
             continue
         if done and done.get("key") == keys[s] and done.get("finished") and s not in (force or []):
@@ -162,41 +162,37 @@ def run_study(study: Study, only: list[str] | None = None, start: str | None = N
     return results
 
 
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def collect_results(run: Path, study: Study, keys: dict, timings: dict, wall: float) -> dict:
     """Headline figures of every stage, and the provenance of the run."""
     r: dict[str, Any] = {}
-    if (m := _read(run / "probe" / "metrics.json")):
+    if (m := read_json(run / "probe" / "metrics.json")):
         r["probe"] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "f1", "auroc", "majority_baseline",
                                         "n_train", "n_val")}
-    if (v := _read(run / "vectors" / "toxic_vectors.json")):
+    if (v := read_json(run / "vectors" / "toxic_vectors.json")):
         r["toxic_vectors"] = [{k: x[k] for k in ("layer", "neuron", "cosine", "top_tokens")} for x in v[:10]]
-    if (t := _read(run / "table2" / "table.json")):
+    if (t := read_json(run / "table2" / "table.json")):
         r["table2"] = t["rows"]
-    if (p := _read(run / "pairs" / "pairs.summary.json")):
+    if (p := read_json(run / "pairs" / "pairs.summary.json")):
         r["pairs"] = {k: p[k] for k in ("n", "method", "preferred_toxicity_mean", "dispreferred_toxicity_mean")}
-    if (d := _read(run / "dpo" / "summary.json")):
+    if (d := read_json(run / "dpo" / "summary.json")):
         r["dpo"] = {k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin")}
         r["weight_shift"] = d.get("weight_shift")
-        r["dpo_eval"] = (_read(run / "dpo" / "eval.json") or {}).get("rows")
+        r["dpo_eval"] = (read_json(run / "dpo" / "eval.json") or {}).get("rows")
         r["models"] = {"base": d.get("base"), "aligned": d.get("aligned")}
-    if (a := _read(run / "analyze" / "analysis.json")):
+    if (a := read_json(run / "analyze" / "analysis.json")):
         r["activation_drop"] = {k: a["activation_drop"][k] for k in ("mean_base", "mean_aligned",
                                                                      "mean_aligned_own_tokens")}
         r["offset"] = a["offset"]
-    if (u := _read(run / "unalign" / "table.json")):
+    if (u := read_json(run / "unalign" / "table.json")):
         r["unalign"] = u["rows"]
-    if (g := _read(run / "neurons" / "groups.json")):
+    if (g := read_json(run / "neurons" / "groups.json")):
         r["neuron_groups"] = {"groups": g["groups"], "totals": g["totals"], "toxic_neurons": g["toxic_neurons"]}
-    if (pt := _read(run / "neurons" / "patching.json")):
+    if (pt := read_json(run / "neurons" / "patching.json")):
         r["patching"] = pt["steps"]
-    if (rb := _read(run / "robustness" / "table.json")):
+    if (rb := read_json(run / "robustness" / "table.json")):
         r["robustness"] = [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]]
         r["robustness_findings"] = rb.get("findings", [])
-    if (alt := _read(run / "alternatives" / "alternatives.json")):  # written by `dpolens alternatives`
+    if (alt := read_json(run / "alternatives" / "alternatives.json")):  # written by `dpolens alternatives`
         r["alternatives"] = alt["rows"]
         r["alternatives_finding"] = alt.get("finding")
     r["provenance"] = provenance(config=dataclasses.asdict(study), stage_keys=keys, stage_times=timings,

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
-from dpolens.artifacts import write_text
+from dpolens.artifacts import read_json, write_text
 
 PAPER = {
     "probe_accuracy": "94% (Jigsaw, gpt2-medium; majority baseline ~90%)",
@@ -57,22 +56,18 @@ def image(path: Path, caption: str) -> str:
            f"<figcaption>{_esc(caption)}</figcaption></figure>"
 
 
-def _load(p: Path):
-    return json.loads(p.read_text()) if p.exists() else None
-
-
 def render(run: Path) -> str:
     parts = [f"<h1>dpolens study: {_esc(run.name)}</h1>"]
-    res = _load(run / "results.json") or {}
+    res = read_json(run / "results.json") or {}
     if (m := res.get("probe")):
         parts.append("<h2>Toxicity probe (paper 3.1)</h2>")
         parts.append(table([m], list(m), f"Validation metrics of the probe. Paper: {PAPER['probe_accuracy']}."))
     if (t1 := run / "vectors" / "toxic_vectors.json").exists():
-        rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in _load(t1)[:10]]
+        rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in read_json(t1)[:10]]
         parts.append("<h2>Toxic value vectors (Table 1)</h2>")
         parts.append(table(rows, ["layer", "neuron", "cosine", "top_tokens"],
                            "The 10 value vectors most similar to the probe and their top tokens."))
-    if (t2 := _load(run / "table2" / "table.json")):
+    if (t2 := read_json(run / "table2" / "table.json")):
         rows = [{**r, "paper (tox / PPL / F1)": PAPER["table2"].get(r["vector"].split(" ")[0], "")}
                 for r in t2["rows"]]
         parts.append("<h2>Residual interventions (Table 2)</h2>")

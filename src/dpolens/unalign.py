@@ -19,7 +19,7 @@ from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model import hooks
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
-from dpolens.vectors import rank_by_probe
+from dpolens.vectors import top_probe_neurons
 
 
 @dataclass
@@ -36,11 +36,10 @@ class UnalignConfig:
 
 
 def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str) -> list[tuple[int, int, float]]:
-    """(layer, neuron, cosine) of the k value vectors of `lm` most cosine-similar to the probe."""
+    """(layer, neuron, cosine) of the k value vectors of `lm` (ranked in `lm` itself) most
+    cosine-similar to the probe."""
     probe, meta = load_probe(probe_path, lm)
-    cos = rank_by_probe(lm, probe, space, meta.get("feature_std")).flatten()
-    d_mlp = lm.adapter.d_mlp
-    return [(i // d_mlp, i % d_mlp, float(cos[i])) for i in cos.topk(k).indices.tolist()]
+    return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
 
 
 @contextlib.contextmanager

@@ -48,15 +48,6 @@ def all_value_vectors(lm: LoadedModel) -> torch.Tensor:
     return torch.stack([a.value_vectors(l).float() for l in range(a.n_layers)])
 
 
-def readout_gain(lm: LoadedModel) -> torch.Tensor:
-    """[d_model] the final norm's per-dimension gain γ (ones when it has none)."""
-    norm = lm.adapter.final_norm
-    w = getattr(norm, "weight", None)
-    if w is None:
-        return torch.ones(lm.adapter.d_model)
-    return w.detach().float() + (1.0 if lm.adapter.family == "gemma" else 0.0)
-
-
 def probe_in_residual(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
                       feature_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(map, direction): residual vectors v are compared as `v * map` with `direction`."""
@@ -66,16 +57,22 @@ def probe_in_residual(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
         raise DpolensError("space 'standardized' needs the probe's feature_std (refit the probe with this "
                            "version of dpolens) or use space: raw")
     sigma = feature_std.float().clamp(min=1e-12)
-    return readout_gain(lm) / sigma, probe.float() * sigma
+    return lm.adapter.final_norm_gain() / sigma, probe.float() * sigma
 
 
 def rank_by_probe(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
                   feature_std: torch.Tensor | None = None) -> torch.Tensor:
     """[n_layers, d_mlp] cosine of every value vector with the probe, in `space`."""
-    scale, direction = probe_in_residual(lm, probe, space, feature_std)
-    values = all_value_vectors(lm) * scale
-    w = direction / direction.norm()
-    return (values @ w) / values.norm(dim=-1).clamp(min=1e-30)
+    values = all_value_vectors(lm)  # [n_layers, d_mlp, d_model]
+    return rank_cos(lm, values.flatten(0, 1), probe, space, feature_std).view(values.shape[:2])
+
+
+def top_probe_neurons(lm: LoadedModel, probe: torch.Tensor, k: int, space: str = "raw",
+                      feature_std: torch.Tensor | None = None) -> list[tuple[int, int, float]]:
+    """(layer, neuron, cosine) of the k value vectors most cosine-similar to the probe, best first."""
+    cos = rank_by_probe(lm, probe, space, feature_std).flatten()
+    d_mlp = lm.adapter.d_mlp
+    return [(i // d_mlp, i % d_mlp, float(cos[i])) for i in cos.topk(k).indices.tolist()]
 
 
 @torch.inference_mode()
@@ -124,7 +121,7 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     probe, meta = load_probe(cfg.probe, lm)
     a = lm.adapter
     cos = rank_by_probe(lm, probe, cfg.space, meta.get("feature_std"))
-    probe_grad = probe.float() * (readout_gain(lm) if cfg.space != "raw" else 1.0)
+    probe_grad = probe.float() * (a.final_norm_gain() if cfg.space != "raw" else 1.0)
     flat = cos.flatten()
     n = min(cfg.top_n, flat.numel())
     best = flat.topk(n).indices

@@ -189,8 +189,19 @@ class Adapter:
         values = w if self.family == "gpt2" else w.T
         norm = self.post_mlp_norm_module(layer)
         if norm is not None:
-            values = values * (1.0 + norm.weight.detach())
+            values = values * self.norm_gain(norm)
         return values
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """[d_model] per-dimension gain of a norm module (Gemma's RMSNorm multiplies by 1 + weight)."""
+        w = getattr(norm, "weight", None)
+        if w is None:
+            return torch.ones(self.d_model)
+        return w.detach().float() + (1.0 if self.family == "gemma" else 0.0)
+
+    def final_norm_gain(self) -> torch.Tensor:
+        """[d_model] the final norm's gain γ: how the readout scales each residual dimension."""
+        return self.norm_gain(self.final_norm)
 
     def contribution_scale(self, layer: int, mlp_raw: torch.Tensor) -> torch.Tensor:
         """s_t per token: neuron i adds m_{i,t} · v_i / s_t to the residual (method.md section 0).
