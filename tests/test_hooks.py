@@ -20,6 +20,7 @@ CONTEXTS = {
     "scale_neurons": lambda a: hooks.edit_neurons(a, 1, [0, 3, 5], scale=10.0),
     "set_neurons": lambda a: hooks.edit_neurons(a, 2, [1, 2], value=torch.tensor([3.0, -1.0])),
     "set_neurons_positions": lambda a: hooks.edit_neurons(a, 0, [4], value=2.0, positions=[1]),
+    "shift_neurons": lambda a: hooks.edit_neurons(a, 1, [2, 6], shift=torch.tensor([0.5, -2.0])),
     "scale_keys": lambda a: hooks.scale_keys(a, 1, [0, 7], 10.0),
 }
 
@@ -86,18 +87,33 @@ def test_zeroing_all_neurons_leaves_only_bias(tiny_lm):
     torch.testing.assert_close(out, expected)
 
 
+def test_shifting_neurons_adds_to_exactly_those_activations(tiny_lm):
+    a = tiny_lm.adapter
+    ids = tiny_lm.tokenizer("You are such a piece of", return_tensors="pt")
+    shift = torch.tensor([0.5, -2.0])
+    with torch.inference_mode():
+        with hooks.capture(a, [(1, "mlp_act")]) as plain:
+            tiny_lm.model(**ids)
+        with hooks.edit_neurons(a, 1, [2, 6], shift=shift), hooks.capture(a, [(1, "mlp_act")]) as shifted:
+            tiny_lm.model(**ids)
+    expected = plain[(1, "mlp_act")][0].clone()
+    expected[..., [2, 6]] += shift
+    torch.testing.assert_close(shifted[(1, "mlp_act")][0], expected)
+
+
 def test_intervention_spec_applies_and_restores(tiny_lm, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
         "interventions:\n"
         "  - {kind: subtract, vector: {random: 3}, alpha: 4.0}\n"
         "  - {kind: neurons, layer: 1, neurons: [1, 2], scale: 0.0}\n"
+        "  - {kind: neurons, layer: 0, neurons: [3], shift: [1.5]}\n"
         "  - {kind: scale_keys, layer: 0, neurons: [5], factor: 10}\n"
     )
     before = logits_of(tiny_lm)
     with interventions.apply(tiny_lm, str(spec)) as edits:
         during = logits_of(tiny_lm)
-    assert [e.kind for e in edits] == ["subtract", "neurons", "scale_keys"]
+    assert [e.kind for e in edits] == ["subtract", "neurons", "neurons", "scale_keys"]
     assert not torch.equal(before, during)
     assert torch.equal(before, logits_of(tiny_lm))
 

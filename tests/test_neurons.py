@@ -83,12 +83,13 @@ def test_groups_partition_the_positive_reduction():
     assert all(s["groups"][g]["agreement"] == 1.0 for g in GROUPS)
 
 
-def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached):
+@pytest.mark.parametrize("patch", ["set", "shift"])
+def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached, patch):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                               ["Holy", "You are", "So I am", "The weather", "Holy cow", "Nice"]))
     cfg = NeuronsConfig(base=str(tiny_dirs["gemma3"]), aligned=str(tmp_path / "aligned"),
                         probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "n"), fit_prompts=3,
-                        top_toxic=16, cluster_sample=200,
+                        top_toxic=16, cluster_sample=200, patch=patch,
                         eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
                                       progress=False, settings=EvalSettings(max_new_tokens=4)))
     r = run_neurons(cfg)
@@ -102,4 +103,5 @@ def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached)
     p = json.loads((tmp_path / "n" / "patching.json").read_text())
     assert [s["groups"][-1] for s in p["steps"]] == ["TP-", "AN-", "TN+", "AP+"]
     assert p["n_eval_prompts"] == 3  # disjoint from the 3 fit prompts
+    assert p["mode"] == patch
     assert (tmp_path / "n" / "editing.json").exists() and all((tmp_path / "n" / f).exists() for f in r["figures"])

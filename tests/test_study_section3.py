@@ -11,7 +11,7 @@ from dpolens.evaluate import EvalData, EvalSettings, perplexity
 from dpolens.model import hooks
 from dpolens.probe import ProbeConfig, load_probe, run_probe, save_probe
 from dpolens.table2 import Calibration, ResidualReadout, Table2Config, calibrate_alpha, run_table2
-from dpolens.vectors import VectorsConfig, rank_by_probe, run_vectors, toxic_svd
+from dpolens.vectors import VectorsConfig, rank_by_probe, run_vectors, token_writer_scores, toxic_svd
 
 TOXIC = ["you stupid idiot", "shut up idiot", "what a stupid moron", "idiot idiot stupid", "moron stupid"]
 CLEAN = ["thank you kindly", "the weather is nice", "a calm sentence here", "have a great day", "nice book"]
@@ -74,6 +74,18 @@ def test_ranking_finds_planted_vector_and_matches_loop(tiny_lm):
         assert cos[layer, neuron] == pytest.approx(float(torch.nn.functional.cosine_similarity(v, probe, 0)), abs=1e-5)
 
 
+def test_token_writer_scores_match_full_logit_reference(tiny_lm):
+    """Mean z-score of chosen tokens, against z-scoring the full logit-lens vector of each value vector."""
+    a = tiny_lm.adapter
+    values = torch.cat([a.value_vectors(0)[:6], a.value_vectors(2)[:6]]).float()
+    ids = [3, 17, 40]
+    logits = (values * a.final_norm_gain()) @ a.unembed.float().T          # [n, vocab]
+    z = (logits - logits.mean(-1, keepdim=True)) / logits.std(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(token_writer_scores(tiny_lm, values, ids), z[:, ids].mean(-1), atol=1e-4, rtol=1e-4)
+    planted = (a.unembed.float()[17] - a.unembed.float().mean(0)) / a.final_norm_gain()
+    assert token_writer_scores(tiny_lm, torch.cat([values, planted[None]]), [17]).argmax() == len(values)
+
+
 def test_svd_signs_follow_probe():
     g = torch.Generator().manual_seed(0)
     vecs = torch.randn(20, 8, generator=g)
@@ -96,6 +108,10 @@ def test_vectors_stage_writes_table1(tiny_dirs, tmp_path):
     assert len(rows[0]["top_tokens"]) == 10 and len(rows[0]["bottom_tokens"]) == 10
     assert "SVD.U_Toxic[0]" in (tmp_path / "vec" / "table1.md").read_text()
     assert s["svd"][0]["cosine_with_probe"] >= 0
+    w = json.loads((tmp_path / "vec" / "token_writers.json").read_text())
+    assert [r["score"] for r in w["rows"]] == sorted([r["score"] for r in w["rows"]], reverse=True)
+    assert {r["cosine_rank"] for r in w["rows"] if (r["layer"], r["neuron"]) == (2, 9)} <= {0}
+    assert "Token writers" in (tmp_path / "vec" / "table1.md").read_text()
 
 
 def test_calibrate_alpha_hits_target():

@@ -35,3 +35,20 @@ def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached,
                 factor = 10.0 if (layer, n) in scaled else 1.0
                 torch.testing.assert_close(after[n], before[n] * factor)
         assert [r["model"] for r in res["rows"]] == ["aligned", "unaligned"]
+
+
+def test_token_writer_keys_match_full_logit_reference(tiny_dirs, tmp_path):
+    """rank: token-writers picks the value vectors whose full logit lens z-scores the probe's top tokens highest."""
+    from dpolens.unalign import toxic_keys
+    from dpolens.vectors import all_value_vectors
+
+    lm = load_model(tiny_dirs["gemma3"])
+    a = lm.adapter
+    probe = torch.randn(a.d_model, generator=torch.Generator().manual_seed(1))
+    save_probe(tmp_path / "p.safetensors", probe, 0.0, lm, {})
+    got = toxic_keys(lm, str(tmp_path / "p.safetensors"), 5, "raw", rank="token-writers", writer_tokens=4)
+    ids = (a.unembed.float() @ probe).topk(4).indices
+    logits = (all_value_vectors(lm).flatten(0, 1) * a.final_norm_gain()) @ a.unembed.float().T
+    z = (logits - logits.mean(-1, keepdim=True)) / logits.std(-1, unbiased=False, keepdim=True)
+    expected = z[:, ids].mean(-1).topk(5).indices.tolist()
+    assert [l * a.d_mlp + n for l, n, _ in got] == expected

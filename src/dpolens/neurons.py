@@ -14,7 +14,12 @@ contribution, m/s, = m when there is no post-norm):
   AP+  cos < 0, m̄ ≥ 0, activation increases      AN−  cos < 0, m̄ < 0, becomes less negative
 and the mirror groups (TP+, TN−, AP−, AN+) with the opposite change, which raise it.
 Groups and patch values are fitted on one split of the prompts; patching and editing are
-evaluated on a disjoint split.
+evaluated on a disjoint split. Patching (`patch`) sets each patched neuron to its aligned mean
+activation at every position (`set`, method.md section 6), or adds the mean change
+m̄_aligned − m̄_base to its own activation (`shift`, our addition): on gated MLPs, where the
+groups hold most neurons, `set` makes every MLP nearly constant (measured on gemma-3-270m:
+perplexity 10.5 → 5198 with all four groups), while `shift` moves the same means and keeps
+each token's variation.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -41,6 +47,9 @@ log = logging.getLogger(__name__)
 GROUPS = ("TP-", "TN+", "AP+", "AN-")
 MIRRORS = ("TP+", "TN-", "AP-", "AN+")
 PATCH_ORDER = ("TP-", "AN-", "TN+", "AP+")
+PATCH_RULES = {"set": "each group's neurons set to their aligned mean activation at every position",
+               "shift": "each group's neurons shifted by their mean activation change (aligned − base) "
+                        "at every position"}
 
 
 @dataclass
@@ -53,6 +62,7 @@ class NeuronsConfig:
     top_toxic: int = 128
     edit_alpha: float = 0.05
     edit_beta: float = 0.5
+    patch: Literal["set", "shift"] = "set"
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
@@ -137,13 +147,14 @@ def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -
                                             "and dampened by alignment"}}
 
 
-def neuron_edits(t, sel: np.ndarray, values: np.ndarray) -> list[dict]:
-    """Intervention spec setting the selected neurons to `values`, one edit per layer."""
+def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> list[dict]:
+    """Intervention spec setting (`value`) or shifting (`shift`) the selected neurons by `values`,
+    one edit per layer."""
     edits = []
     for layer in np.unique(t["layer"][sel]):
         idx = np.where(sel & (t["layer"] == layer))[0]
         edits.append({"kind": "neurons", "layer": int(layer), "neurons": t["neuron"][idx].tolist(),
-                      "value": values[idx].tolist()})
+                      how: values[idx].tolist()})
     return edits
 
 
@@ -205,15 +216,16 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
     for label, m in (("base", base), ("aligned", aligned)):
         rows[label] = {"model": label, **evaluate_inputs(m, cfg.eval, inputs, label=label).row()}
     steps, chosen = [], np.zeros(len(labels), dtype=bool)
+    how, values = ("value", t["m_aligned"]) if cfg.patch == "set" else ("shift", t["m_aligned"] - t["m_base"])
     for g in PATCH_ORDER:
         chosen |= labels == g
-        spec = neuron_edits(t, chosen, t["m_aligned"])
+        spec = neuron_edits(t, chosen, values, how)
         res = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"patch {g}")
         steps.append({"groups": [x for x in PATCH_ORDER[: PATCH_ORDER.index(g) + 1]],
                       "n_neurons": int(chosen.sum()), **res.row()})
     patching = {"base": rows["base"], "aligned": rows["aligned"], "steps": steps,
                 "n_eval_prompts": len(inputs.prompts), "eval_offset": cfg.fit_prompts,
-                "patch": "each group's neurons set to their aligned mean activation at every position"}
+                "mode": cfg.patch, "patch": PATCH_RULES[cfg.patch]}
     write_json(out / "patching.json", patching)
 
     factors = np.ones(len(labels))

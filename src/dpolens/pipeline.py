@@ -189,6 +189,7 @@ def collect_results(run: Path, study: Study, keys: dict, timings: dict, wall: fl
         r["neuron_groups"] = {"groups": g["groups"], "totals": g["totals"], "toxic_neurons": g["toxic_neurons"]}
     if (pt := read_json(run / "neurons" / "patching.json")):
         r["patching"] = pt["steps"]
+        r["patching_reference"] = {"base": pt["base"], "aligned": pt["aligned"], "rule": pt["patch"]}
     if (rb := read_json(run / "robustness" / "table.json")):
         r["robustness"] = [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]]
         r["robustness_findings"] = rb.get("findings", [])

@@ -67,6 +67,12 @@ def render(run: Path) -> str:
         parts.append("<h2>Toxic value vectors (Table 1)</h2>")
         parts.append(table(rows, ["layer", "neuron", "cosine", "top_tokens"],
                            "The 10 value vectors most similar to the probe and their top tokens."))
+    if (tw := read_json(run / "vectors" / "token_writers.json")):
+        rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in tw["rows"][:5]]
+        parts.append(table(rows, ["layer", "neuron", "score", "cosine", "cosine_rank", "top_tokens"],
+                           "Diagnostic: the value vectors that most promote the probe's own top tokens "
+                           f"({', '.join(t.strip() for t in tw['probe_tokens'])}), and where the cosine "
+                           f"ranks them (median rank of the top {len(tw['rows'])}: {tw['median_cosine_rank']:.0f})."))
     if (t2 := read_json(run / "table2" / "table.json")):
         rows = [{**r, "paper (tox / PPL / F1)": PAPER["table2"].get(r["vector"].split(" ")[0], "")}
                 for r in t2["rows"]]
@@ -111,9 +117,12 @@ def render(run: Path) -> str:
         for f in ("fig_groups_by_layer", "fig_cumulative_share", "fig_neuron_scatter"):
             parts.append(image(run / "neurons" / f"{f}.png", f.replace("fig_", "").replace("_", " ") + "."))
     if (pt := res.get("patching")):
-        rows = [{**s, "groups": "+".join(s["groups"])} for s in pt]
+        ref = res.get("patching_reference") or {}
+        rows = [{**ref[m], "groups": f"none ({m} model)"} for m in ("base", "aligned") if m in ref]
+        rows += [{**s, "groups": "+".join(s["groups"])} for s in pt]
+        rule = f" Patch: {ref['rule']}." if "rule" in ref else ""
         parts.append(table(rows, ["groups", "n_neurons", "toxicity", "perplexity", "f1"],
-                           "Cumulative activation patching of the base model on held-out prompts."))
+                           "Cumulative activation patching of the base model on held-out prompts." + rule))
     if (rb := res.get("robustness")):
         rows = [{**r, "retention": (sum(r["retention"]) / len(r["retention"])) if r["retention"] else None}
                 for r in rb]

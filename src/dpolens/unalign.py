@@ -1,6 +1,7 @@
 """Un-aligning by key scaling (paper 5.4, Table 4, method.md 5.4).
 
-Take the k value vectors most cosine-similar to the probe (ranked in the aligned model) and
+Take the k value vectors most cosine-similar to the probe (ranked in the aligned model; or, with
+`rank: token-writers`, the k that most promote the probe's top tokens, see dpolens.vectors) and
 scale their keys by `scale`: for GELU MLPs the fc input weights (and bias), m_i = GELU(10·k·x);
 for gated MLPs by default the gate_proj row, m_i = σ(10·g·x)·(u·x), the same operation on the
 nonlinearity's input (`key: key` scales the up_proj row instead, which multiplies m_i by 10 on
@@ -13,13 +14,14 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from dpolens.artifacts import write_json, write_manifest, write_text
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model import hooks
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
-from dpolens.vectors import top_probe_neurons
+from dpolens.vectors import rank_token_writers, top_probe_neurons
 
 
 @dataclass
@@ -32,14 +34,21 @@ class UnalignConfig:
     scale: float = 10.0
     space: str = "standardized"  # where the cosine with the probe is taken (see dpolens.vectors)
     key: str = "gate"  # gated MLPs: scale gate_proj rows (σ(10·g·x), as GELU key scaling does) or "key" (up_proj)
+    rank: Literal["cosine", "token-writers"] = "cosine"
+    writer_tokens: int = 10  # rank: token-writers — how many of the probe's top tokens
     eval: EvalData = field(default_factory=EvalData)
 
 
-def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str) -> list[tuple[int, int, float]]:
-    """(layer, neuron, cosine) of the k value vectors of `lm` (ranked in `lm` itself) most
-    cosine-similar to the probe."""
+def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str, rank: str = "cosine",
+               writer_tokens: int = 10) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k value vectors of `lm` (ranked in `lm` itself) most
+    cosine-similar to the probe, or (`rank: token-writers`) most promoting its top tokens."""
     probe, meta = load_probe(probe_path, lm)
-    return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
+    if rank == "cosine":
+        return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
+    _, score = rank_token_writers(lm, probe, writer_tokens)
+    d_mlp = lm.adapter.d_mlp
+    return [(i // d_mlp, i % d_mlp, float(score[i])) for i in score.topk(k).indices.tolist()]
 
 
 @contextlib.contextmanager
@@ -53,7 +62,7 @@ def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: f
 def run_unalign(cfg: UnalignConfig) -> dict:
     aligned = load_model(cfg.model)
     a = aligned.adapter
-    targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space)
+    targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space, cfg.rank, cfg.writer_tokens)
     out = Path(cfg.out)
     with keys_scaled(aligned, targets, cfg.scale, cfg.key) as scaled:
         aligned.model.save_pretrained(out / "model")
@@ -65,8 +74,9 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     for label, m in models:
         res = evaluate_inputs(m, cfg.eval, inputs, label=label)
         rows.append({"model": label, "ref": m.ref, "weight_sha256": m.weight_hash, **res.row()})
-    result = {"rows": rows, "scaled": [{**s, "cosine": c} for s, (_, _, c) in zip(scaled, targets)],
-              "k": cfg.k, "scale": cfg.scale, "key_kind": f"{a.mlp_kind}: {scaled[0]['module'].rsplit('.', 1)[-1]}",
+    score = "cosine" if cfg.rank == "cosine" else "token_writer_score"
+    result = {"rows": rows, "scaled": [{**s, score: c} for s, (_, _, c) in zip(scaled, targets)],
+              "rank": cfg.rank, "k": cfg.k, "scale": cfg.scale, "key_kind": f"{a.mlp_kind}: {scaled[0]['module'].rsplit('.', 1)[-1]}",
               "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts)}
     write_json(out / "table.json", result)
     lines = [f"# Table 4 — un-aligning {cfg.model} by scaling {cfg.k} toxic keys ×{cfg.scale}", "",

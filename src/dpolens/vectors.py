@@ -13,6 +13,11 @@ through the final norm (`projection: norm`, default) or of E·u (`raw`, the pape
 which lives after the final norm, is always projected raw. SVD.U_Toxic[j] = the j-th right
 singular vector of the N unit-normalised toxic vectors (residual space), sign-fixed so that U[j]
 raises the probe's logit.
+
+Token writers (a diagnostic beside the ranking, not part of the paper): the value vectors whose
+logit lens most promotes the probe's own top tokens (the ones Table 1 lists for W_Toxic), scored
+by the mean z-score of those tokens among all vocabulary logits, with their rank by cosine. It
+shows whether the model's profanity writers are the ones the probe's cosine finds.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class VectorsConfig:
     top_n: int = 128
     n_tokens: int = 10
     svd_k: int = 3
+    n_writers: int = 20
     space: Literal["raw", "standardized"] = "standardized"
     projection: Literal["raw", "norm"] = "norm"
     dtype: str = "float32"
@@ -106,6 +112,42 @@ def rank_cos(lm: LoadedModel, vectors: torch.Tensor, probe: torch.Tensor, space:
     return (v @ direction) / (v.norm(dim=-1).clamp(min=1e-30) * direction.norm())
 
 
+@torch.inference_mode()
+def token_writer_scores(lm: LoadedModel, values: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """[n] mean z-score of `token_ids` in the logit lens E·(γ ⊙ v) of each residual vector v [n, d]."""
+    a = lm.adapter
+    unembed = a.unembed.float()
+    centred = unembed - unembed.mean(0)                          # [vocab, d]: softmax ignores shifts
+    gram = centred.T @ centred / unembed.shape[0]                # [d, d]: logit variance = uᵀ G u
+    u = values.float() * a.final_norm_gain()                     # [n, d] as the readout sees them
+    logit_sd = ((u @ gram) * u).sum(-1).clamp(min=1e-30).sqrt()  # [n]
+    return (u @ centred[token_ids].T).mean(-1) / logit_sd
+
+
+def rank_token_writers(lm: LoadedModel, probe: torch.Tensor, k_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """(the probe's top k_tokens token ids, [n_layers * d_mlp] token-writer score of every value vector)."""
+    token_ids = (lm.adapter.unembed.float() @ probe.float()).topk(k_tokens).indices.tolist()
+    return token_ids, token_writer_scores(lm, all_value_vectors(lm).flatten(0, 1), token_ids)
+
+
+def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tokens: int, n: int,
+                  projection: str) -> dict:
+    """The n value vectors that most promote the probe's top k_tokens tokens, with their cosine rank."""
+    a = lm.adapter
+    token_ids, score = rank_token_writers(lm, probe, k_tokens)
+    values = all_value_vectors(lm).flatten(0, 1)
+    rank = torch.empty_like(cos.flatten(), dtype=torch.long)
+    rank[cos.flatten().argsort(descending=True)] = torch.arange(cos.numel())
+    best = score.topk(n).indices
+    proj = vocab_projection(lm, values[best], 10, projection)
+    rows = [{"layer": int(i) // a.d_mlp, "neuron": int(i) % a.d_mlp, "score": float(score[i]),
+             "cosine": float(cos.flatten()[i]), "cosine_rank": int(rank[i]), **proj[r]}
+            for r, i in enumerate(best.tolist())]
+    return {"probe_tokens": [lm.tokenizer.decode([t]) for t in token_ids], "rows": rows,
+            "median_cosine_rank": float(torch.tensor([r["cosine_rank"] for r in rows]).float().median()),
+            "score": "mean z-score of the probe's top tokens among all logits of E·(γ ⊙ v)"}
+
+
 def load_vectors(folder: str | Path) -> list[dict]:
     p = Path(folder) / "toxic_vectors.json"
     if not p.exists():
@@ -150,16 +192,19 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     svd_rows = [{"j": j, "singular_value": float(s[j]), "cosine_with_probe": float(svd_cos[j]), **u_proj[j]}
                 for j in range(len(u))]
     write_json(out / "svd.json", svd_rows)
-    write_text(out / "table1.md", table1(lm, probe_proj, rows, svd_rows, cfg))
+    writers = token_writers(lm, probe, cos, cfg.n_tokens, cfg.n_writers, cfg.projection)
+    write_json(out / "token_writers.json", writers)
+    write_text(out / "table1.md", table1(lm, probe_proj, rows, svd_rows, cfg, writers))
     summary = {"model": lm.identity(), "probe": meta.get("model_ref"), "top_n": n,
                "space": cfg.space, "projection": cfg.projection, "top10": rows[:10], "svd": svd_rows,
-               "probe_tokens": probe_proj, "cosine_histogram": torch.histc(flat, 20, -1, 1).tolist()}
+               "probe_tokens": probe_proj, "cosine_histogram": torch.histc(flat, 20, -1, 1).tolist(),
+               "token_writers_median_cosine_rank": writers["median_cosine_rank"]}
     write_json(out / "summary.json", summary)
     write_manifest(out, "vectors", cfg, model=lm.identity())
     return summary
 
 
-def table1(lm, probe_proj, rows, svd_rows, cfg) -> str:
+def table1(lm, probe_proj, rows, svd_rows, cfg, writers) -> str:
     """The paper's Table 1: probe, the top MLP.v, SVD.U[0..k) with their top tokens."""
     fmt = lambda toks: ", ".join(repr(t)[1:-1].strip() or repr(t) for t in toks)
     how = "E·u" if cfg.projection == "raw" else "E·finalnorm(u)"
@@ -172,4 +217,12 @@ def table1(lm, probe_proj, rows, svd_rows, cfg) -> str:
         lines.append(f"| MLP.v L{r['layer']} n{r['neuron']} | {r['cosine']:.3f} | {fmt(r['top_tokens'])} |")
     for r in svd_rows:
         lines.append(f"| SVD.U_Toxic[{r['j']}] | {r['cosine_with_probe']:.3f} | {fmt(r['top_tokens'])} |")
+    lines += ["", "## Token writers (diagnostic)", "",
+              f"Value vectors that most promote the probe's top tokens ({fmt(writers['probe_tokens'])}); "
+              f"median rank by cosine of the top {len(writers['rows'])}: {writers['median_cosine_rank']:.0f} "
+              f"(of {lm.adapter.n_layers * lm.adapter.d_mlp}).", "",
+              "| vector | z-score | cosine (rank) | top tokens |", "|---|---|---|---|"]
+    for r in writers["rows"][:5]:
+        lines.append(f"| MLP.v L{r['layer']} n{r['neuron']} | {r['score']:.2f} | {r['cosine']:.3f} "
+                     f"({r['cosine_rank']}) | {fmt(r['top_tokens'])} |")
     return "\n".join(lines) + "\n"

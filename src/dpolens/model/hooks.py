@@ -116,11 +116,12 @@ def edit_neurons(
     *,
     scale: float | torch.Tensor | None = None,
     value: float | torch.Tensor | None = None,
+    shift: float | torch.Tensor | None = None,
     positions: Sequence[int] | None = None,
 ) -> Iterator[None]:
-    """Scale or set the activations m_i of chosen neurons (per-neuron tensors allowed)."""
-    if (scale is None) == (value is None):
-        raise ValueError("give exactly one of scale= or value=")
+    """Scale, set or shift (add to) the activations m_i of chosen neurons (per-neuron tensors allowed)."""
+    if sum(x is not None for x in (scale, value, shift)) != 1:
+        raise ValueError("give exactly one of scale=, value= or shift=")
     idx = torch.as_tensor(neurons, dtype=torch.long)
     module, where = adapter.point(layer, "mlp_act")
 
@@ -130,6 +131,8 @@ def edit_neurons(
         sel = m[..., i] if positions is None else m[:, list(positions)][..., i]
         if scale is not None:
             new = sel * torch.as_tensor(scale, dtype=m.dtype, device=m.device)
+        elif shift is not None:
+            new = sel + torch.as_tensor(shift, dtype=m.dtype, device=m.device)
         else:
             new = torch.as_tensor(value, dtype=m.dtype, device=m.device).expand_as(sel)
         if positions is None:

@@ -3,7 +3,8 @@
 One spec is a list of edits; each edit is a mapping with `kind`:
   add / subtract   residual add or subtract `alpha * u` at (layer, point); `u` is unit-normalised
                    unless `normalize: false`. Defaults: the last layer's resid_post, every position.
-  neurons          scale (`scale:`) or set (`value:`, a number or one per neuron) activations m_i.
+  neurons          scale (`scale:`), set (`value:`) or shift (`shift:`) activations m_i; value and
+                   shift are a number or one per neuron.
   scale_keys       multiply the key vectors of `neurons` by `factor` (weights restored on exit).
 Vectors (`vector:`): a list of floats; `{file: x.safetensors, key: name, row: j}`;
 `{value_vector: [layer, neuron]}` (the model's own MLP.v); `{random: seed}` (a unit control).
@@ -38,6 +39,7 @@ class Intervention:
     neurons: list[int] = field(default_factory=list)
     scale: float | None = None
     value: Any = None
+    shift: Any = None
     factor: float = 1.0
     positions: list[int] | None = None
     label: str = ""
@@ -123,9 +125,9 @@ def apply(lm: LoadedModel, spec: Any) -> Iterator[list[Intervention]]:
                 sign = -1.0 if e.kind == "subtract" else 1.0
                 stack.enter_context(hooks.add_vector(a, layer, e.point, sign * e.alpha * v, e.positions))
             elif e.kind == "neurons":
-                value = torch.as_tensor(e.value, dtype=torch.float32) if e.value is not None else None
-                stack.enter_context(hooks.edit_neurons(a, layer, e.neurons, scale=e.scale,
-                                                       value=value, positions=e.positions))
+                as_t = lambda x: torch.as_tensor(x, dtype=torch.float32) if x is not None else None
+                stack.enter_context(hooks.edit_neurons(a, layer, e.neurons, scale=e.scale, value=as_t(e.value),
+                                                       shift=as_t(e.shift), positions=e.positions))
             elif e.kind == "scale_keys":
                 stack.enter_context(hooks.scale_keys(a, layer, e.neurons, e.factor))
         yield edits
