@@ -89,6 +89,24 @@ def test_logit_lens_at_last_layer_equals_logits(tiny_lm):
     torch.testing.assert_close(lens, logits, atol=1e-5, rtol=1e-4)
 
 
+def test_wide_unembed_matches_linear_and_keeps_tying(tiny_lm, tmp_path):
+    """The adapter's W·xᵀ head gives nn.Linear's logits, shares its parameter, and saves the same keys."""
+    from dpolens import load_model
+
+    head = tiny_lm.model.get_output_embeddings()
+    assert type(head).__name__ == "WideUnembed"
+    plain = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    plain.weight, plain.bias = head.weight, head.bias
+    x = torch.randn(3, 5, head.in_features)
+    with torch.inference_mode():
+        torch.testing.assert_close(head(x), plain(x), atol=1e-6, rtol=1e-5)
+    assert tiny_lm.adapter.tied_embeddings == (head.weight is tiny_lm.model.get_input_embeddings().weight)
+    tiny_lm.model.save_pretrained(tmp_path)
+    tiny_lm.tokenizer.save_pretrained(tmp_path)
+    again = load_model(tmp_path)
+    assert again.weight_hash == tiny_lm.weight_hash
+
+
 def test_parallel_neox_has_no_resid_mid(tokenizer):
     a = Adapter(make_model("gpt_neox", len(tokenizer), use_parallel_residual=True))
     assert a.parallel_residual

@@ -52,6 +52,25 @@ class KeySlice:
     module: str  # the module name, recorded with any key scaling
 
 
+class WideUnembed(nn.Linear):
+    """The unembedding computed as W·xᵀ instead of x·Wᵀ: same parameters and values (to float
+    reordering), but on CPU MKL's x·Wᵀ path is 1.3-4x slower for a vocabulary-sized W at the
+    batch sizes of decoding (benchmarks/bench_unembed.py)."""
+
+    @classmethod
+    def sharing(cls, linear: nn.Linear) -> WideUnembed:
+        wide = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        wide.weight, wide.bias = linear.weight, linear.bias
+        return wide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, d_model]
+        logits = (self.weight @ flat.T).T  # [N, vocab]
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.reshape(*x.shape[:-1], -1)
+
+
 class Adapter:
     """Uniform view of one causal LM's layers, residual points, neurons and readout."""
 
@@ -78,7 +97,11 @@ class Adapter:
             self.body = model.model
             self.layers = model.model.layers
             self.final_norm = model.model.norm
-        self.unembed_module = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        if type(head) is nn.Linear:
+            head = WideUnembed.sharing(head)
+            model.set_output_embeddings(head)
+        self.unembed_module = head
 
     # ---- shape facts -------------------------------------------------------------------
     @property
