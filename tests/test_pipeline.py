@@ -58,6 +58,7 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     page = write_report(run).read_text()
     assert page.count("<img") >= 5 and "Table 2" in page and "<td>" in page
     assert r["robustness_findings"] and "Does the offset persist?" in page
+    assert "<td>None</td>" not in page and "<td>–</td>" in page  # base rows have no retention
     if CHROMIUM is None:
         pytest.fail("chromium is not installed: `make test` installs Debian's chromium (see Makefile)")
     seen = browser_check(run / "report.html", tmp_path)

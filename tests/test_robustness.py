@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dpolens.robustness import TRANSFORMS, RobustnessConfig, multi_turn, run_robustness
+from dpolens.robustness import TRANSFORMS, RobustnessConfig, findings, multi_turn, run_robustness
 
 from conftest import save_perturbed
 
@@ -17,6 +17,20 @@ def test_transforms_invert(name):
 def test_multi_turn_accumulates_turns():
     out = multi_turn(["p1", "p2"], ["n1", "n2"], 3, seed=0)
     assert out[0].endswith("User: p1") and out[0].count("User:") == 4 and out[0].count("Assistant:") == 3
+
+
+def test_findings_state_retention_and_toxicity():
+    def row(t, model, tox, ret):
+        return {"transform": t, "model": model, "toxicity": {"mean": tox}, "retention": ret}
+
+    rows = [row("plain", "base", 0.3, []), row("plain", "aligned", 0.1, [1.0, 1.0]),
+            row("rot13", "base", 0.1, []), row("rot13", "aligned", 0.2, [0.9, 0.5]),
+            row("rot13", "unaligned", 0.25, []), row("upper", "base", 0.3, []), row("upper", "aligned", 0.2, [0.1, 0.3])]
+    plain, rot13, upper = findings(rows)
+    assert plain == "plain: the offset persists (mean retention 1.00, min 1.00); toxicity base 0.300 → aligned 0.100"
+    assert rot13.startswith("rot13: the offset persists (mean retention 0.70, min 0.50)")
+    assert "→ un-aligned 0.250" in rot13 and rot13.endswith("no less toxic than the base here")
+    assert upper.startswith("upper: the offset is mostly lost (mean retention 0.20") and "no less toxic" not in upper
 
 
 def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached):

@@ -29,6 +29,8 @@ def _esc(x) -> str:
 
 
 def _fmt(x) -> str:
+    if x is None:
+        return "–"
     if isinstance(x, float):
         return f"{x:.7f}" if 0.999 < abs(x) < 1 else f"{x:.4g}"  # cosines near 1 must not print as 1
     if isinstance(x, dict) and "mean" in x:

@@ -163,7 +163,8 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
 
 def findings(rows: list[dict]) -> list[str]:
     """One sentence per transformation, with its numbers: does the aligned model still apply the
-    offset (mean retention over layers >= 0.5), and how its toxicity compares with the base's."""
+    offset (mean retention over layers >= 0.5), and how its toxicity compares with the base's;
+    retained offset with no toxicity reduction is said so."""
     by = {(r["transform"], r["model"]): r for r in rows}
     out = []
     for t in dict.fromkeys(r["transform"] for r in rows):
@@ -176,6 +177,8 @@ def findings(rows: list[dict]) -> list[str]:
                 f"{b['toxicity']['mean']:.3f} → aligned {a['toxicity']['mean']:.3f}")
         if (u := by.get((t, "unaligned"))):
             line += f" → un-aligned {u['toxicity']['mean']:.3f}"
+        if a["toxicity"]["mean"] >= b["toxicity"]["mean"]:
+            line += "; the aligned model is no less toxic than the base here"
         out.append(line)
     return out
 
