@@ -101,6 +101,7 @@ def test_wide_unembed_matches_linear_and_keeps_tying(tiny_lm, tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(head(x), plain(x), atol=1e-6, rtol=1e-5)
     assert tiny_lm.adapter.tied_embeddings == (head.weight is tiny_lm.model.get_input_embeddings().weight)
+    assert tiny_lm.adapter.tied_embeddings == bool(tiny_lm.adapter.config.tie_word_embeddings)
     tiny_lm.model.save_pretrained(tmp_path)
     tiny_lm.tokenizer.save_pretrained(tmp_path)
     again = load_model(tmp_path)

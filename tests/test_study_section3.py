@@ -111,6 +111,10 @@ def test_vectors_stage_writes_table1(tiny_dirs, tmp_path):
     w = json.loads((tmp_path / "vec" / "token_writers.json").read_text())
     assert [r["score"] for r in w["rows"]] == sorted([r["score"] for r in w["rows"]], reverse=True)
     assert {r["cosine_rank"] for r in w["rows"] if (r["layer"], r["neuron"]) == (2, 9)} <= {0}
+    by_cos = {(r["layer"], r["neuron"]): i for i, r in enumerate(rows)}  # the cosine top 16, best first
+    ranked = [r for r in w["rows"] if r["cosine_rank"] < len(rows)]
+    assert all(by_cos[(r["layer"], r["neuron"])] == r["cosine_rank"] for r in ranked)
+    assert all(r["cosine_rank"] >= len(rows) for r in w["rows"] if (r["layer"], r["neuron"]) not in by_cos)
     assert "Token writers" in (tmp_path / "vec" / "table1.md").read_text()
 
 

@@ -21,7 +21,7 @@ from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model import hooks
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
-from dpolens.vectors import rank_token_writers, top_probe_neurons
+from dpolens.vectors import top_probe_neurons, top_token_writers
 
 
 @dataclass
@@ -46,9 +46,7 @@ def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str, rank: str =
     probe, meta = load_probe(probe_path, lm)
     if rank == "cosine":
         return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
-    _, score = rank_token_writers(lm, probe, writer_tokens)
-    d_mlp = lm.adapter.d_mlp
-    return [(i // d_mlp, i % d_mlp, float(score[i])) for i in score.topk(k).indices.tolist()]
+    return top_token_writers(lm, probe, k, writer_tokens)
 
 
 @contextlib.contextmanager

@@ -76,9 +76,12 @@ def rank_by_probe(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
 def top_probe_neurons(lm: LoadedModel, probe: torch.Tensor, k: int, space: str = "raw",
                       feature_std: torch.Tensor | None = None) -> list[tuple[int, int, float]]:
     """(layer, neuron, cosine) of the k value vectors most cosine-similar to the probe, best first."""
-    cos = rank_by_probe(lm, probe, space, feature_std).flatten()
-    d_mlp = lm.adapter.d_mlp
-    return [(i // d_mlp, i % d_mlp, float(cos[i])) for i in cos.topk(k).indices.tolist()]
+    return top_neurons(rank_by_probe(lm, probe, space, feature_std).flatten(), k, lm.adapter.d_mlp)
+
+
+def top_neurons(scores: torch.Tensor, k: int, d_mlp: int) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k highest of `scores` [n_layers * d_mlp], best first."""
+    return [(i // d_mlp, i % d_mlp, float(scores[i])) for i in scores.topk(k).indices.tolist()]
 
 
 @torch.inference_mode()
@@ -124,25 +127,31 @@ def token_writer_scores(lm: LoadedModel, values: torch.Tensor, token_ids: list[i
     return (u @ centred[token_ids].T).mean(-1) / logit_sd
 
 
-def rank_token_writers(lm: LoadedModel, probe: torch.Tensor, k_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """(the probe's top k_tokens token ids, [n_layers * d_mlp] token-writer score of every value vector)."""
-    token_ids = (lm.adapter.unembed.float() @ probe.float()).topk(k_tokens).indices.tolist()
-    return token_ids, token_writer_scores(lm, all_value_vectors(lm).flatten(0, 1), token_ids)
+def probe_top_tokens(lm: LoadedModel, probe: torch.Tensor, k_tokens: int) -> list[int]:
+    """Ids of the k_tokens tokens the probe direction promotes most (it lives after the final norm)."""
+    return (lm.adapter.unembed.float() @ probe.float()).topk(k_tokens).indices.tolist()
+
+
+def top_token_writers(lm: LoadedModel, probe: torch.Tensor, k: int, k_tokens: int) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k value vectors that most promote the probe's top k_tokens tokens."""
+    scores = token_writer_scores(lm, all_value_vectors(lm).flatten(0, 1), probe_top_tokens(lm, probe, k_tokens))
+    return top_neurons(scores, k, lm.adapter.d_mlp)
 
 
 def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tokens: int, n: int,
                   projection: str) -> dict:
     """The n value vectors that most promote the probe's top k_tokens tokens, with their cosine rank."""
-    a = lm.adapter
-    token_ids, score = rank_token_writers(lm, probe, k_tokens)
-    values = all_value_vectors(lm).flatten(0, 1)
-    rank = torch.empty_like(cos.flatten(), dtype=torch.long)
-    rank[cos.flatten().argsort(descending=True)] = torch.arange(cos.numel())
-    best = score.topk(n).indices
-    proj = vocab_projection(lm, values[best], 10, projection)
-    rows = [{"layer": int(i) // a.d_mlp, "neuron": int(i) % a.d_mlp, "score": float(score[i]),
-             "cosine": float(cos.flatten()[i]), "cosine_rank": int(rank[i]), **proj[r]}
-            for r, i in enumerate(best.tolist())]
+    d_mlp = lm.adapter.d_mlp
+    values = all_value_vectors(lm).flatten(0, 1)  # [n_layers * d_mlp, d_model]
+    token_ids = probe_top_tokens(lm, probe, k_tokens)
+    best = top_neurons(token_writer_scores(lm, values, token_ids), n, d_mlp)
+    cos = cos.flatten()
+    rank = torch.empty_like(cos, dtype=torch.long)
+    rank[cos.argsort(descending=True)] = torch.arange(cos.numel())
+    flat = [layer * d_mlp + neuron for layer, neuron, _ in best]
+    proj = vocab_projection(lm, values[flat], 10, projection)
+    rows = [{"layer": layer, "neuron": neuron, "score": score, "cosine": float(cos[i]), "cosine_rank": int(rank[i]),
+             **proj[r]} for r, ((layer, neuron, score), i) in enumerate(zip(best, flat))]
     return {"probe_tokens": [lm.tokenizer.decode([t]) for t in token_ids], "rows": rows,
             "median_cosine_rank": float(torch.tensor([r["cosine_rank"] for r in rows]).float().median()),
             "score": "mean z-score of the probe's top tokens among all logits of E·(γ ⊙ v)"}
