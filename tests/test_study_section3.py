@@ -115,6 +115,8 @@ def test_vectors_stage_writes_table1(tiny_dirs, tmp_path):
     ranked = [r for r in w["rows"] if r["cosine_rank"] < len(rows)]
     assert all(by_cos[(r["layer"], r["neuron"])] == r["cosine_rank"] for r in ranked)
     assert all(r["cosine_rank"] >= len(rows) for r in w["rows"] if (r["layer"], r["neuron"]) not in by_cos)
+    cos = rank_by_probe(lm, lm.adapter.value_vectors(2)[9], "raw")  # reference: count of strictly higher cosines
+    assert w["rows"] and all(r["cosine_rank"] == int((cos > cos[r["layer"], r["neuron"]]).sum()) for r in w["rows"])
     assert "Token writers" in (tmp_path / "vec" / "table1.md").read_text()
 
 

@@ -173,10 +173,9 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     a = lm.adapter
     cos = rank_by_probe(lm, probe, cfg.space, meta.get("feature_std"))
     probe_grad = probe.float() * (a.final_norm_gain() if cfg.space != "raw" else 1.0)
-    flat = cos.flatten()
-    n = min(cfg.top_n, flat.numel())
-    best = flat.topk(n).indices
-    layers, neurons = (best // a.d_mlp).tolist(), (best % a.d_mlp).tolist()
+    n = min(cfg.top_n, cos.numel())
+    layers, neurons, _ = zip(*top_neurons(cos.flatten(), n, a.d_mlp))
+    layers, neurons = list(layers), list(neurons)
     values = all_value_vectors(lm)
     top_vecs = values[layers, neurons]
     proj = vocab_projection(lm, top_vecs, cfg.n_tokens, cfg.projection)
@@ -206,7 +205,7 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     write_text(out / "table1.md", table1(lm, probe_proj, rows, svd_rows, cfg, writers))
     summary = {"model": lm.identity(), "probe": meta.get("model_ref"), "top_n": n,
                "space": cfg.space, "projection": cfg.projection, "top10": rows[:10], "svd": svd_rows,
-               "probe_tokens": probe_proj, "cosine_histogram": torch.histc(flat, 20, -1, 1).tolist(),
+               "probe_tokens": probe_proj, "cosine_histogram": torch.histc(cos.flatten(), 20, -1, 1).tolist(),
                "token_writers_median_cosine_rank": writers["median_cosine_rank"]}
     write_json(out / "summary.json", summary)
     write_manifest(out, "vectors", cfg, model=lm.identity())
