@@ -62,3 +62,21 @@ def test_alternatives_variant_must_be_label_equals_dir():
     out = dpolens("alternatives", "--variant", "runs/dpo-bias")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--variant takes LABEL=DIR" in out.stderr
+
+
+BAD_PAIRS = {
+    "identical": '{"prompt_text": "a", "unpert_gen_text": "same", "pert_gen_text": "same"}\n',
+    "empty": '{"prompt_text": "a", "unpert_gen_text": "", "pert_gen_text": "bad"}\n',
+    "missing": '{"prompt_text": "a", "unpert_gen_text": "good"}\n',
+}
+
+
+def test_dpo_bad_pairs_file_one_line_exit_2(tiny_dirs, tmp_path):
+    """Issue #15: a pairs file with identical or empty sides, or a missing field: one line, exit 2, no output."""
+    for name, text in BAD_PAIRS.items():
+        pairs = tmp_path / f"{name}.jsonl"
+        pairs.write_text(text * 3)
+        out = dpolens("dpo", "--model", str(tiny_dirs["gpt2"]), "--pairs", str(pairs), "--out", str(tmp_path / name))
+        assert out.returncode == 2, (name, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr, (name, out.stderr)
+        assert not (tmp_path / name).exists()

@@ -31,16 +31,18 @@ def test_rtp_nested_prompt_and_f1(tmp_path):
         load_f1_set(f)
 
 
-def test_pairs_skip_empty_and_identical(tmp_path, caplog):
+def test_pairs_empty_or_identical_sides(tmp_path):
     p = tmp_path / "pairs.jsonl"
     p.write_text(
         '{"prompt_text": "a", "unpert_gen_text": "good", "pert_gen_text": "bad"}\n'
         '{"prompt_text": "b", "unpert_gen_text": "same", "pert_gen_text": "same"}\n'
         '{"prompt_text": "c", "unpert_gen_text": "", "pert_gen_text": "bad"}\n')
-    assert len(load_pairs(p)) == 1
+    with pytest.raises(DataError, match="pairs.jsonl:2: identical preferred and dispreferred sides"):
+        load_pairs(p)
+    assert len(load_pairs(p, skip_bad_rows=True)) == 1
     p.write_text('{"prompt_text": "b", "unpert_gen_text": "same", "pert_gen_text": "same"}\n')
     with pytest.raises(DataError, match="no usable preference pairs"):
-        load_pairs(p)
+        load_pairs(p, skip_bad_rows=True)
 
 
 def test_shared_corpora(shared):

@@ -48,9 +48,10 @@ def test_perplexity_sees_interventions(tiny_lm):
     paras = ["Holy cow, this is a great book about history and science."] * 3
     a = tiny_lm.adapter
     plain = perplexity(tiny_lm, paras, window=16, progress=False)["perplexity"]
-    with hooks.add_vector(a, a.n_layers - 1, "resid_post", 5 * torch.ones(a.d_model)):
+    push = 5 * torch.randn(a.d_model, generator=torch.Generator().manual_seed(0))  # not constant: a final
+    with hooks.add_vector(a, a.n_layers - 1, "resid_post", push):                 # LayerNorm removes those
         pushed = perplexity(tiny_lm, paras, window=16, progress=False)["perplexity"]
-    assert pushed != plain
+    assert abs(pushed / plain - 1) > 1e-5  # well above rounding (~1e-7)
 
 
 def write_data(tmp_path):

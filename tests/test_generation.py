@@ -1,5 +1,6 @@
 """Cached, batched, left-padded generation against a slow one-prompt, no-cache reference."""
 
+import pytest
 import torch
 
 from dpolens.model import hooks
@@ -53,3 +54,24 @@ def test_prompt_truncated_to_first_tokens(tiny_lm):
     long = "The quick brown fox jumps over the lazy dog. " * 20
     (g,) = generate(tiny_lm, [long], 2, max_prompt_tokens=10, progress=False)
     assert len(g.prompt_ids) == 10
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95])
+def test_sampling_keeps_the_transformers_nucleus(top_p):
+    """sample_next draws only from the tokens TopPLogitsWarper keeps, also for rows whose top
+    `cap` miss the nucleus (the fallback), and every kept token can be drawn."""
+    from transformers import TopPLogitsWarper
+
+    from dpolens.model.generation import sample_next
+
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(2, 300, generator=g) * 3
+    flat = torch.randn(1, 300, generator=g) * 0.01  # the top 16 hold ~5% of the mass
+    scores = torch.cat([peaked, flat])
+    allowed = ~torch.isinf(TopPLogitsWarper(top_p)(None, scores.clone()))
+    gen = torch.Generator().manual_seed(1)
+    drawn = torch.zeros_like(allowed)
+    for _ in range(3000):
+        drawn.scatter_(1, sample_next(scores, 1.0, None, top_p, gen, cap=16), True)
+    assert not (drawn & ~allowed).any()
+    assert drawn[:2].sum() == allowed[:2].sum()  # small nuclei: every kept token turns up

@@ -22,6 +22,7 @@ CONTEXTS = {
     "set_neurons_positions": lambda a: hooks.edit_neurons(a, 0, [4], value=2.0, positions=[1]),
     "shift_neurons": lambda a: hooks.edit_neurons(a, 1, [2, 6], shift=torch.tensor([0.5, -2.0])),
     "scale_keys": lambda a: hooks.scale_keys(a, 1, [0, 7], 10.0),
+    "scale_positive": lambda a: hooks.edit_neurons(a, 1, [0, 3, 5], scale=10.0, positive_only=True),
 }
 
 
@@ -101,6 +102,35 @@ def test_shifting_neurons_adds_to_exactly_those_activations(tiny_lm):
     torch.testing.assert_close(shifted[(1, "mlp_act")][0], expected)
 
 
+def test_scale_positive_scales_only_positive_activations(tiny_lm):
+    """The `scale_positive` spec == the plain activations with exactly the chosen neurons' positive
+    entries scaled (checked at the layer, and downstream by feeding that reference tensor in);
+    the logits come back bit-identical and no hook is left behind."""
+    a = tiny_lm.adapter
+    module, _ = a.point(1, "mlp_act")
+    ids = tiny_lm.tokenizer("You are such a piece of", return_tensors="pt")
+    chosen = [0, 3, 5, 9]
+    before = logits_of(tiny_lm)
+    with torch.inference_mode():
+        with hooks.capture(a, [(1, "mlp_act")]) as plain:
+            tiny_lm.model(**ids)
+        m = plain[(1, "mlp_act")][0]  # [1, T, d_mlp]
+        expected = m.clone()
+        expected[..., chosen] = torch.where(m[..., chosen] > 0, 10.0 * m[..., chosen], m[..., chosen])
+        assert (m[..., chosen] > 0).any() and (m[..., chosen] < 0).any()
+        spec = [{"kind": "scale_positive", "layer": 1, "neurons": chosen, "factor": 10.0}]
+        with interventions.apply(tiny_lm, spec), hooks.capture(a, [(1, "mlp_act")]) as edited:
+            got = tiny_lm.model(**ids).logits
+        with hooks.on_tensor(module, "input", lambda _m: expected):
+            reference = tiny_lm.model(**ids).logits
+    assert torch.equal(edited[(1, "mlp_act")][0], expected)
+    torch.testing.assert_close(got, reference)
+    assert torch.equal(before, logits_of(tiny_lm))
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in tiny_lm.model.modules())
+    with pytest.raises(ValueError, match="positive_only"):
+        hooks.edit_neurons(a, 1, chosen, shift=1.0, positive_only=True).__enter__()
+
+
 def test_intervention_spec_applies_and_restores(tiny_lm, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(
@@ -109,11 +139,12 @@ def test_intervention_spec_applies_and_restores(tiny_lm, tmp_path):
         "  - {kind: neurons, layer: 1, neurons: [1, 2], scale: 0.0}\n"
         "  - {kind: neurons, layer: 0, neurons: [3], shift: [1.5]}\n"
         "  - {kind: scale_keys, layer: 0, neurons: [5], factor: 10}\n"
+        "  - {kind: scale_positive, layer: 2, neurons: [1, 4], factor: 10}\n"
     )
     before = logits_of(tiny_lm)
     with interventions.apply(tiny_lm, str(spec)) as edits:
         during = logits_of(tiny_lm)
-    assert [e.kind for e in edits] == ["subtract", "neurons", "neurons", "scale_keys"]
+    assert [e.kind for e in edits] == ["subtract", "neurons", "neurons", "scale_keys", "scale_positive"]
     assert not torch.equal(before, during)
     assert torch.equal(before, logits_of(tiny_lm))
 

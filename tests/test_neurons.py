@@ -7,7 +7,8 @@ import torch
 
 from dpolens import load_model
 from dpolens.evaluate import EvalData, EvalSettings
-from dpolens.neurons import GROUPS, NeuronsConfig, assign_groups, group_shares, neuron_table, run_neurons
+from dpolens.neurons import (GROUPS, MIRRORS, NeuronsConfig, assign_groups, group_intervals, group_shares, neuron_table,
+                             run_neurons)
 from dpolens.probe import save_probe
 
 from conftest import save_perturbed
@@ -20,7 +21,8 @@ def naive_table(base, aligned, probe, prompts, n_new):
     for name, lm in (("base", base), ("aligned", aligned)):
         a = lm.adapter
         ms, mss = [[] for _ in range(a.n_layers)], [[] for _ in range(a.n_layers)]
-        for p in prompts:
+        prompt_of_token = []  # which prompt each generated token belongs to
+        for j, p in enumerate(prompts):
             ids = lm.tokenizer(p)["input_ids"][:32]
             for _ in range(n_new):
                 with torch.inference_mode():
@@ -35,6 +37,7 @@ def naive_table(base, aligned, probe, prompts, n_new):
                 ids = ids + [nxt]
                 with torch.inference_mode(), hooks.capture(a, pts) as store:
                     lm.model(input_ids=torch.tensor([ids]))
+                prompt_of_token.append(j)
                 for l in range(a.n_layers):
                     m = store[(l, "mlp_act")][0][0, -1]
                     s = a.contribution_scale(l, store[(l, "mlp_raw")][0][0, -1])
@@ -44,6 +47,11 @@ def naive_table(base, aligned, probe, prompts, n_new):
         mean_s = torch.stack([torch.stack(x).mean(0) for x in mss])
         vw = torch.stack([a.value_vectors(l) for l in range(a.n_layers)]) @ w
         res[f"m_{name}"], res[f"p_{name}"] = mean.flatten().numpy(), (mean_s * vw).flatten().numpy()
+        owner = torch.tensor(prompt_of_token)
+        per_token_p = torch.stack([torch.stack(x) for x in mss], 1) * vw  # [n_tokens, L, d_mlp]
+        res[f"prompt_p_{name}"] = torch.stack([per_token_p[owner == j].sum(0).flatten()
+                                               for j in range(len(prompts))]).numpy()
+        res[f"prompt_tokens_{name}"] = np.bincount(owner.numpy(), minlength=len(prompts))
     return res
 
 
@@ -61,8 +69,47 @@ def test_streamed_table_matches_naive_reference(pair):
     prompts = ["Holy", "You are such a piece of", "The weather in Paris"]
     t = neuron_table(base, aligned, probe, prompts, batch_size=3, max_new_tokens=4, progress=False)
     ref = naive_table(base, aligned, probe, prompts, 4)
-    for k in ("m_base", "m_aligned", "p_base", "p_aligned"):
+    for k in ("m_base", "m_aligned", "p_base", "p_aligned", "prompt_p_base", "prompt_p_aligned"):
         np.testing.assert_allclose(t[k], ref[k], atol=1e-5, rtol=1e-4)
+    for k in ("base", "aligned"):
+        np.testing.assert_array_equal(t[f"prompt_tokens_{k}"], ref[f"prompt_tokens_{k}"])
+
+
+def synthetic_table(n_prompts=40, seed=0, noise=0.05):
+    """A neuron table with per-prompt projection sums whose token-weighted means are p_base / p_aligned."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    t = {"cosine": rng.normal(size=n), "ms_base": rng.normal(size=n), "layer": np.repeat(np.arange(3), 100),
+         "neuron": np.tile(np.arange(100), 3)}
+    t["ms_aligned"] = t["ms_base"] + rng.normal(scale=0.1, size=n)
+    for name, ms in (("base", t["ms_base"]), ("aligned", t["ms_aligned"])):
+        tokens = rng.integers(1, 6, size=n_prompts).astype(float)
+        per_token = ms * t["cosine"] * (1 + rng.normal(scale=noise, size=(n_prompts, n)))
+        t[f"prompt_p_{name}"] = (per_token * tokens[:, None]).astype(np.float32)  # [n_prompts, n] sums
+        t[f"prompt_tokens_{name}"] = tokens
+        t[f"p_{name}"] = t[f"prompt_p_{name}"].astype(np.float64).sum(0) / tokens.sum()
+    t["delta"] = t["p_base"] - t["p_aligned"]
+    return t
+
+
+def test_group_intervals_are_seeded_and_cover_the_shares():
+    t = synthetic_table()
+    labels = assign_groups(t)
+    s = group_shares(t, labels, top_toxic=30)
+    ci = group_intervals(t, labels, 30, n_boot=400, seed=0)
+    assert set(ci) == set(GROUPS + MIRRORS) | {"toxic_neurons"}
+    assert ci == group_intervals(t, labels, 30, n_boot=400, seed=0)
+    assert ci != group_intervals(t, labels, 30, n_boot=400, seed=1)
+    for g in GROUPS:
+        for k in ("share_of_positive", "share_of_net"):
+            lo, hi = ci[g][f"ci95_{k}"]
+            assert lo <= s["groups"][g][k] <= hi
+    lo, hi = ci["toxic_neurons"]["ci95_share_of_positive"]
+    assert lo <= s["toxic_neurons"]["share_of_positive"] <= hi
+    # with no noise between prompts' tokens the only spread is the token weighting: intervals shrink
+    tight = group_intervals(synthetic_table(noise=0.0), labels, 30, n_boot=400, seed=0)
+    width = lambda c: c["TP-"]["ci95_share_of_positive"][1] - c["TP-"]["ci95_share_of_positive"][0]
+    assert width(tight) < width(ci)
 
 
 def test_groups_partition_the_positive_reduction():
@@ -99,7 +146,13 @@ def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached,
     assert len(df) == 3 * 64
     g = json.loads((tmp_path / "n" / "groups.json").read_text())
     assert g["four_groups_share_of_positive"] == pytest.approx(1.0)
-    assert set(g["toxic_neurons"]) >= {"share_of_positive", "share_of_net"}
+    assert set(g["toxic_neurons"]) >= {"share_of_positive", "share_of_net", "ci95_share_of_positive",
+                                       "ci95_share_of_net"}
+    for name in GROUPS:
+        x = g["groups"][name]
+        if x["share_of_positive"] is not None:
+            assert len(x["ci95_share_of_positive"]) == 2 and len(x["ci95_share_of_net"]) == 2
+    assert g["bootstrap"]["n"] == 3 and g["bootstrap"]["unit"] == "fit prompts"
     p = json.loads((tmp_path / "n" / "patching.json").read_text())
     assert [s["groups"][-1] for s in p["steps"]] == ["TP-", "AN-", "TN+", "AP+"]
     assert p["n_eval_prompts"] == 3  # disjoint from the 3 fit prompts

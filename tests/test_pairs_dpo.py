@@ -9,7 +9,10 @@ import torch
 from dpolens import load_model
 from dpolens.artifacts import DpolensError
 from dpolens.model.generation import generate
-from dpolens.pairs import PairsConfig, PPLMSettings, ProbeAttribute, pplm_generate, run_pairs, wikitext_prompts
+from dpolens.data import tweet_prompts, wikitext_prompts
+from dpolens.model.generation import banned_token_ids
+from dpolens.pairs import (PairsConfig, PPLMSettings, ProbeAttribute, QualityGate, SampleSettings, gate_reason,
+                           pplm_generate, run_pairs)
 from dpolens.probe import save_probe
 
 PROMPTS = ["Holy cow, this is", "You are such a piece of work", "The weather", "So I am starting to think"]
@@ -55,23 +58,99 @@ def probe_and_text(tiny_dirs, tmp_path):
     return tmp_path / "probe.safetensors", text
 
 
-@pytest.mark.parametrize("method", ["steer", "pplm"])
+OPEN_GATE = QualityGate(require_more_toxic=False, min_toxicity_gap=-1.0, max_nll_gap=None)
+
+
+@pytest.mark.parametrize("method", ["steer", "pplm", "sample"])
 def test_pairs_stage_resumes(tiny_dirs, tmp_path, probe_and_text, method, jigsaw_cached):
     probe, text = probe_and_text
     cfg = PairsConfig(model=str(tiny_dirs["llama"]), probe=str(probe), prompts=[str(text)], method=method,
-                      n=6, out=str(tmp_path / method / "pairs.jsonl"), max_new_tokens=4, batch_size=4,
-                      progress=False, pplm=PPLMSettings(num_iterations=2))
+                      n=6, out=str(tmp_path / method / "pairs.jsonl"), max_new_tokens=4, batch_size=2,
+                      progress=False, pplm=PPLMSettings(num_iterations=2), sample=SampleSettings(n_samples=3),
+                      gate=OPEN_GATE)
     s = run_pairs(cfg)
     rows = [json.loads(l) for l in (tmp_path / method / "pairs.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and set(rows[0]) == {"prompt_text", "unpert_gen_text", "pert_gen_text"}
-    assert s["n"] == 6 and "dispreferred_toxicity_mean" in s
+    assert len(rows) == s["n"] and set(rows[0]) == {"prompt_text", "unpert_gen_text", "pert_gen_text"}
+    q = s["quality"]
+    for side in ("preferred", "dispreferred"):
+        assert {"toxicity", "nll_per_token", "special_token_share", "distinct_2", "repeated_ngram_rate"} <= set(q[side])
+        assert q[side]["special_token_share"] == 0.0
+    assert len(s["samples"]) == 3 and s["n_candidates"] >= s["n"]
+    if method == "sample":  # least toxic of the samples preferred, most toxic dispreferred
+        cands = [json.loads(l) for l in (tmp_path / method / "pairs.candidates.jsonl").read_text().splitlines()]
+        assert all(c["dispreferred_toxicity"] >= c["preferred_toxicity"] for c in cands)
     assert json.loads((tmp_path / method / "manifest.json").read_text())["config"]["method"] == method
-    # interrupted after 4 pairs (and a torn line): the re-run keeps them and adds 2
-    kept = rows[:4]
-    (tmp_path / method / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"prom')
+    # interrupted after 4 candidates (and a torn line): the re-run keeps them and gives the same pairs
+    cand = tmp_path / method / "pairs.candidates.jsonl"
+    lines = cand.read_text().splitlines()
+    cand.write_text("\n".join(lines[:4]) + '\n{"prom')
+    (tmp_path / method / "pairs.jsonl").unlink()
     run_pairs(cfg)
-    again = [json.loads(l) for l in (tmp_path / method / "pairs.jsonl").read_text().splitlines()]
-    assert again[:4] == kept and len(again) == 6
+    assert [json.loads(l) for l in (tmp_path / method / "pairs.jsonl").read_text().splitlines()] == rows
+    # a resume with other settings is refused, naming what differs
+    with pytest.raises(DpolensError, match="max_new_tokens"):
+        run_pairs(PairsConfig(**{**cfg.__dict__, "max_new_tokens": 5}))
+
+
+def test_quality_gate_drops_and_counts(tiny_dirs, tmp_path, probe_and_text, jigsaw_cached):
+    probe, text = probe_and_text
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), probe=str(probe), prompts=[str(text)], method="sample",
+                      n=4, max_candidates=8, out=str(tmp_path / "p" / "pairs.jsonl"), max_new_tokens=4,
+                      batch_size=4, progress=False, sample=SampleSettings(n_samples=3),
+                      gate=QualityGate(require_more_toxic=True, min_toxicity_gap=0.0, max_nll_gap=None))
+    s = run_pairs(cfg)
+    cands = [json.loads(l) for l in (tmp_path / "p" / "pairs.candidates.jsonl").read_text().splitlines()]
+    expect_drop = {}
+    for c in cands:
+        r = gate_reason(c, cfg.gate)
+        if r:
+            expect_drop[r] = expect_drop.get(r, 0) + 1
+    assert s["dropped"] == expect_drop
+    assert s["quality"]["share_dispreferred_more_toxic"] == 1.0
+
+
+def test_gate_reasons():
+    g = QualityGate(require_more_toxic=True, min_toxicity_gap=0.2, max_nll_gap=1.0)
+    base = {"unpert_gen_text": " a calm day", "pert_gen_text": " you idiot", "preferred_toxicity": 0.1,
+            "dispreferred_toxicity": 0.6, "preferred_nll": 3.0, "dispreferred_nll": 3.5}
+    assert gate_reason(base, g) is None
+    assert gate_reason({**base, "pert_gen_text": " a calm day"}, g) == "identical_sides"
+    assert gate_reason({**base, "pert_gen_text": "  "}, g) == "empty_side"
+    assert gate_reason({**base, "dispreferred_toxicity": 0.05}, g) == "not_more_toxic"
+    assert gate_reason({**base, "dispreferred_toxicity": 0.2}, g) == "toxicity_gap_below_min"
+    assert gate_reason({**base, "dispreferred_nll": 4.5}, g) == "nll_gap_above_max"
+    assert gate_reason({**base, "dispreferred_nll": float("nan")}, g) == "nll_gap_above_max"
+
+
+def test_generators_never_emit_special_tokens(tiny_lm):
+    """Greedy and sampled decoding suppress every special/control token; with a bias that makes
+    one of them the most likely next token, the model would emit it otherwise."""
+    tok = tiny_lm.tokenizer
+    banned = banned_token_ids(tok)
+    assert banned and tok.eos_token_id not in banned
+    target = banned[-1]
+    head = tiny_lm.model.get_output_embeddings()
+    with torch.no_grad():
+        saved = head.weight[target].clone()
+        head.weight[target] = 50 * tiny_lm.model.get_input_embeddings().weight.std() * torch.ones_like(saved)
+    try:
+        for kw in ({}, {"do_sample": True, "top_p": 0.95}):
+            gens = generate(tiny_lm, PROMPTS, 6, batch_size=4, progress=False, **kw)
+            assert all(not set(g.continuation_ids) & set(banned) for g in gens)
+        attr = ProbeAttribute(torch.randn(32), 0.0, 1.0)
+        got = pplm_generate(tiny_lm, PROMPTS, attr, PPLMSettings(num_iterations=1), 4, seed=0, batch_size=4)
+        assert all(not set(g.continuation_ids) & set(banned) for g in got)
+    finally:
+        with torch.no_grad():
+            head.weight[target] = saved
+    assert all(p.requires_grad for p in tiny_lm.model.parameters())  # PPLM restores requires_grad
+
+
+def test_tweet_prompts_are_clean_prefixes(shared):
+    t = tweet_prompts([str(shared / "data/toxic-corpora/davidson_labeled_data.csv")])
+    assert len(t) > 10000 and len(set(x.lower() for x in t)) == len(t)
+    assert not any("@" in x.split()[0] or "http" in x or x.startswith("RT") for x in t[:500])
+    assert all(len(x.split()) >= 4 for x in t)
 
 
 def write_pairs(path, n=24):
@@ -163,3 +242,17 @@ def test_sft_loss_runs(tiny_dirs, tmp_path):
                           learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
                           evaluate=False, loss="sft"))
     assert s["loss"] == "sft" and s["steps"] == 2
+
+
+def test_separability_warning():
+    from dpolens.dpo import separability
+
+    hist = [{"step": 1, "loss": 0.69, "logps/chosen": -39.6, "logps/rejected": -125.6},
+            {"step": 8, "eval_loss": 0.024, "eval_rewards/accuracies": 1.0, "eval_rewards/margins": 4.1},
+            {"step": 16, "eval_loss": 0.01, "eval_rewards/accuracies": 1.0, "eval_rewards/margins": 5.0}]
+    s = separability(hist, eval_steps=8, loss_below=0.1)
+    assert s["trivially_separable"] and "-125.6" in s["warning"]
+    hard = [{**h, "eval_loss": 0.6, "eval_rewards/accuracies": 0.7} if "eval_loss" in h else h for h in hist]
+    assert not separability(hard, eval_steps=8, loss_below=0.1)["trivially_separable"]
+    late = [hist[0], {**hist[1], "step": 40}]
+    assert not separability(late, eval_steps=8, loss_below=0.1)["trivially_separable"]

@@ -32,7 +32,9 @@ def study_file(tmp_path, tiny_dirs):
         "probe": {"data": [str(d / "corpus.jsonl")], "max_examples": None, "val_fraction": 0.25, "progress": False},
         "vectors": {"top_n": 8},
         "table2": {"calibration": {"alpha": 1.0}, "eval": ev, "table3_prompts": ["Holy"]},
-        "pairs": {"prompts": [str(d / "w.raw")], "n": 12, "max_new_tokens": 3, "batch_size": 6, "progress": False},
+        # random tiny models write no toxic text: the quality gate is opened (tested in test_pairs_dpo)
+        "pairs": {"prompts": [str(d / "w.raw")], "n": 12, "max_new_tokens": 3, "batch_size": 6, "progress": False,
+                  "gate": {"require_more_toxic": False, "min_toxicity_gap": -1.0, "max_nll_gap": None}},
         "dpo": {"learning_rate": 1e-4, "warmup_steps": 0, "val_pairs": 4, "eval_steps": 1, "max_steps": 2, "eval": ev},
         "analyze": {"prompts": str(d / "p.jsonl"), "lens_search": [str(d / "w.raw")], "lens_token": "Holy",
                     "top_neurons": 4, "max_new_tokens": 3, "figure_layers": 2},
@@ -55,7 +57,14 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
                 "unalign", "neuron_groups", "patching", "robustness", "provenance"):
         assert r[key], key
     assert r["wall_time_s"] > 0 and set(r["provenance"]["stage_times"]) == set(STAGES)
+    ledger = json.loads((run / "claims.json").read_text())
+    assert len(ledger["rows"]) >= 13 and sum(r["claims"].values()) == len(ledger["rows"])
+    assert all(r["verdict"] == "holds" or r["diagnosis"] for r in ledger["rows"])
+    assert {r["id"]: r["n"] for r in ledger["rows"]}["dpo_lowers_toxicity"] == 6  # paired over the 6 prompts
+    (run / "claims.json").unlink()  # the report rebuilds a missing ledger
     page = write_report(run).read_text()
+    assert (run / "claims.json").exists()
+    assert page.index("<h2>") == page.index("<h2>Claims</h2>")  # the first section
     assert page.count("<img") >= 5 and "Table 2" in page and "<td>" in page
     assert r["robustness_findings"] and "Does the offset persist?" in page
     assert "<td>None</td>" not in page and "<td>–</td>" in page  # base rows have no retention

@@ -48,4 +48,9 @@ def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached)
     plain = next(x for x in rows if x["transform"] == "plain" and x["model"] == "aligned")
     assert plain["retention"] == pytest.approx([1.0] * 3)  # by definition on plain prompts
     assert all(len(x["retention"]) == 3 for x in rows if x["model"] != "base")
+    for x in rows:  # per-prompt retention, token-weighted, averages to the per-layer retention's mean
+        if x["model"] != "base":
+            assert x["retention_mean"] == pytest.approx(sum(x["retention"]) / 3, rel=1e-4, abs=1e-6)
+            assert len(x["retention_per_prompt"]) == len(x["tokens_per_prompt"]) == 3
+            assert x["retention_ci95"][0] <= x["retention_ci95"][1]
     assert (tmp_path / "r" / "robustness.md").exists() and (tmp_path / "r" / "fig_retention.png").exists()

@@ -49,6 +49,9 @@ def test_probe_fits_and_records_model(tiny_dirs, corpus, tmp_path):
     lm = load_model(tiny_dirs["gemma3"])
     vec, meta = load_probe(out, lm)
     assert vec.shape == (32,) and meta["weight_sha256"] == lm.weight_hash
+    preds = json.loads((out / "val_predictions.json").read_text())  # what the claims' bootstrap needs
+    correct = [(p >= 0.5) == bool(y) for p, y in zip(preds["prob"], preds["label"])]
+    assert len(preds["label"]) == m["n_val"] and sum(correct) / len(correct) == pytest.approx(m["accuracy"])
 
 
 def test_probe_for_other_model_is_refused(tiny_dirs, tmp_path):
@@ -118,6 +121,9 @@ def test_vectors_stage_writes_table1(tiny_dirs, tmp_path):
     cos = rank_by_probe(lm, lm.adapter.value_vectors(2)[9], "raw")  # reference: count of strictly higher cosines
     assert w["rows"] and all(r["cosine_rank"] == int((cos > cos[r["layer"], r["neuron"]]).sum()) for r in w["rows"])
     assert "Token writers" in (tmp_path / "vec" / "table1.md").read_text()
+    rnd = json.loads((tmp_path / "vec" / "random_vectors.json").read_text())  # 3 layers × 64: all 192 drawn
+    assert rnd["n"] == len(rnd["rows"]) == 192 and len({(r["layer"], r["neuron"]) for r in rnd["rows"]}) == 192
+    assert all(len(r["top_tokens"]) == 10 for r in rnd["rows"])
 
 
 def test_calibrate_alpha_hits_target():

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -5,8 +6,49 @@ import torch
 
 from dpolens import load_model
 from dpolens.evaluate import EvalData, EvalSettings
+from dpolens.model import hooks
 from dpolens.probe import save_probe
-from dpolens.unalign import UnalignConfig, run_unalign
+from dpolens.unalign import UnalignConfig, run_unalign, sign_flip
+
+PROMPTS = ["Holy", "You are such a piece of", "So I am starting to think she is", "The weather in Paris", "Nice"]
+
+
+@torch.inference_mode()
+def negative_share_by_hand(lm, targets, prompts):
+    """Slow reference: one unpadded prompt at a time, m_i recomputed from the MLP's input by hand
+    (gated: act(gate·x)·(up·x); GELU: act(k·x + b)), counting tokens with m_i < 0."""
+    a = lm.adapter
+    negative, n_tokens = torch.zeros(len(targets)), 0
+    for p in prompts:
+        ids = lm.tokenizer(p)["input_ids"][:32]
+        inputs = {}  # layer -> [T, d_model] the MLP's input
+        with contextlib.ExitStack() as stack:
+            for l in {l for l, _, _ in targets}:
+                stack.enter_context(hooks.on_tensor(a.mlp(l), "input", lambda x, l=l: inputs.__setitem__(l, x[0])))
+            lm.model(input_ids=torch.tensor([ids]))
+        for col, (l, n, _) in enumerate(targets):
+            x, mlp = inputs[l], a.mlp(l)  # x: [T, d_model]
+            if a.mlp_kind == "gated":
+                m = mlp.act_fn(x @ mlp.gate_proj.weight[n]) * (x @ mlp.up_proj.weight[n])
+            else:
+                m = mlp.act(x @ mlp.c_fc.weight[:, n] + mlp.c_fc.bias[n])
+            negative[col] += int((m < 0).sum())
+        n_tokens += len(ids)
+    return negative / n_tokens, n_tokens
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_sign_flip_share_matches_hand_reference(tiny_dirs, family):
+    lm = load_model(tiny_dirs[family])
+    targets = [(1, 3, 0.0), (2, 5, 0.0), (1, 7, 0.0)]
+    with hooks.scale_keys(lm.adapter, 1, [3, 7], 10.0, "gate"), hooks.scale_keys(lm.adapter, 2, [5], 10.0, "gate"):
+        got = sign_flip(lm, targets, PROMPTS, batch_size=2)
+        ref, n_tokens = negative_share_by_hand(lm, targets, PROMPTS)
+    assert got["n_tokens"] == n_tokens and got["n_prompts"] == len(PROMPTS)
+    assert [(r["layer"], r["neuron"]) for r in got["per_neuron"]] == [(l, n) for l, n, _ in targets]
+    assert [r["share"] for r in got["per_neuron"]] == pytest.approx(ref.tolist(), abs=1e-9)
+    assert got["share"] == pytest.approx(float(ref.mean()))
+    assert 0 < got["share"] < 1  # random tiny models: the gated product and GELU both go negative somewhere
 
 
 @pytest.mark.parametrize("which", ["gate", "key"])
@@ -34,7 +76,14 @@ def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached,
             for n in range(a.d_mlp):
                 factor = 10.0 if (layer, n) in scaled else 1.0
                 torch.testing.assert_close(after[n], before[n] * factor)
-        assert [r["model"] for r in res["rows"]] == ["aligned", "unaligned"]
+        assert [r["model"] for r in res["rows"]] == ["aligned", "unaligned", "unaligned-sign-aware"]
+        spec = res["rows"][-1]["intervention"]
+        assert all(e["kind"] == "scale_positive" and e["factor"] == 10.0 for e in spec)
+        assert sorted((e["layer"], n) for e in spec for n in e["neurons"]) == sorted(scaled)
+        flips = res["sign_flip"]
+        assert [(r["layer"], r["neuron"]) for r in flips["per_neuron"]] == scaled
+        assert flips["n_tokens"] == len(lm.tokenizer("Holy")["input_ids"])
+        assert flips["share"] == pytest.approx(sum(r["share"] for r in flips["per_neuron"]) / 2)
 
 
 def test_token_writer_keys_match_full_logit_reference(tiny_dirs, tmp_path):

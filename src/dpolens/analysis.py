@@ -5,6 +5,12 @@ Activation statistics come from one KV-cached generation pass per model and one 
 forward over the generated tokens, accumulated as fp32 sums (never per-token lists). "Same
 tokens": the base model's continuation is fed to both models; "own": each model's own
 continuation. Only continuation positions count (selected by position, never by pad id).
+
+Intervals are seeded bootstraps over prompts (per-prompt reductions, paired base vs aligned on the
+same tokens), except where a statistic is a property of neurons (value-vector shifts): its `unit`
+says so. On gated MLPs the top toxic neurons' mean activation can be negative, so the activation
+drop is reported both raw (the paper's m) and signed, m · cos(v, probe): the neurons' contribution
+along the probe, which is what "the toxic neurons write less toxicity" means whatever the sign.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.activations import continuation_stats
+from dpolens.activations import Stats, bootstrap_counts, bootstrap_sum, continuation_stats
 from dpolens.artifacts import DpolensError, write_json, write_manifest
-from dpolens.data import default_data, load_prompts
+from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.dpo import weight_shift
+from dpolens.evaluate import paired_bootstrap, percentile_ci
 from dpolens.model import hooks
-from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches
+from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.pairs import wikitext_prompts
 from dpolens.probe import load_probe
 from dpolens.vectors import load_vectors
 
@@ -50,6 +56,8 @@ class AnalyzeConfig:
     max_prompt_tokens: int = 32
     batch_size: int = 32
     figure_layers: int = 3
+    n_boot: int = 2000
+    seed: int = 0  # of every bootstrap
 
 
 def check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
@@ -69,6 +77,86 @@ def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.
             for l in range(len(delta))]
 
 
+def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:
+    """Per prompt, the mean over its continuation tokens of the chosen neurons' weighted mean
+    activation (1/N Σ_i w_i m_i); None for a prompt without continuation tokens. weights: [N]."""
+    sums = (st.per_prompt_neuron_m * weights).mean(1)  # [n_prompts]
+    return [float(s / n) if n > 0 else None for s, n in zip(sums, st.prompt_tokens)]
+
+
+def paired_drop(base: list[float | None], aligned: list[float | None], n_boot: int, seed: int) -> dict:
+    """Paired bootstrap over the prompts that have continuation tokens: base, aligned, aligned − base."""
+    keep = [i for i, x in enumerate(base) if x is not None]
+    if not keep:
+        return {"base": None, "aligned": None, "diff": None, "ci95": None, "n": 0}
+    r = paired_bootstrap([base[i] for i in keep], [aligned[i] for i in keep], n_boot, seed)
+    return {"base": r["mean_a"], "aligned": r["mean_b"], "diff": r["diff"], "ci95": r["ci95"], "n": r["n"]}
+
+
+def offset_stats(base: Stats, aligned: Stats, w_hat: torch.Tensor, offset: list[dict], n_boot: int = 2000,
+                 seed: int = 0) -> dict:
+    """Intervals over prompts for the offset's growth (least-squares slope over layers of
+    ‖δx_l‖/‖x_l‖) and for cos(δx at the last layer, probe). Point values: those of `offset`
+    (token-weighted over all prompts). Each replicate recomputes both from resampled prompts'
+    mean resid_mid, weighted by their continuation tokens, as the point values are."""
+    L = len(offset)
+    keep = base.prompt_tokens > 0
+    tok = base.prompt_tokens[keep].double()  # [n]
+    n, d_model = len(tok), base.x_sum.shape[-1]
+    if n == 0:  # no prompt has a continuation: nothing to resample
+        return {"slope": None, "final_cosine_with_probe": None, "unit": "prompts", "layers": L}
+
+    def prompt_sums(st: Stats) -> torch.Tensor:  # [n, L * d_model] per-prompt sums of resid_mid over tokens
+        return (torch.stack([st.per_prompt_x[l][keep] for l in range(L)], 1).double() * tok[:, None, None]).reshape(n, -1)
+
+    sum_x = prompt_sums(base)
+    sum_d = (prompt_sums(aligned) - sum_x).numpy()
+    sum_x, tokens = sum_x.numpy(), tok.numpy()
+    layers = np.arange(L) - (L - 1) / 2
+    w = w_hat.double().numpy()
+    slopes, cosines = [], []
+    for counts in bootstrap_counts(n, n_boot, seed, chunk=100):  # [k, n]
+        boot_tokens = (counts @ tokens)[:, None, None]  # [k, 1, 1]
+        mean_x = (counts @ sum_x).reshape(-1, L, d_model) / boot_tokens  # [k, L, d_model]
+        mean_d = (counts @ sum_d).reshape(-1, L, d_model) / boot_tokens
+        rel = np.linalg.norm(mean_d, axis=-1) / np.linalg.norm(mean_x, axis=-1)  # [k, L]
+        slopes.append(rel @ layers / (layers @ layers))
+        cosines.append(mean_d[:, -1] @ w / np.linalg.norm(mean_d[:, -1], axis=-1))
+    rel_point = np.array([o["relative_norm"] for o in offset])
+    return {"slope": {"mean": float(rel_point @ layers / (layers @ layers)), "ci95": percentile_ci(np.concatenate(slopes)),
+                      "n": int(n)},
+            "final_cosine_with_probe": {"mean": offset[-1]["cosine_with_probe"],
+                                        "ci95": percentile_ci(np.concatenate(cosines)), "n": int(n)},
+            "unit": "prompts", "layers": L}
+
+
+def value_shift_stats(dv: dict[int, torch.Tensor], delta: torch.Tensor, ms_aligned: torch.Tensor,
+                      n_boot: int = 2000, seed: int = 0) -> dict:
+    """Value-vector shifts Δv_i (aligned − base) of the layers before the last against δx̂ there.
+
+    share_anti_aligned: share of shifted neurons with cos(Δv_i, δx) < 0. contribution_along_offset:
+    Σ over those anti-aligned neurons of m̄_i Δv_i·δx̂, m̄_i the aligned model's mean m/s on the base
+    tokens (so that Σ over all neurons of m̄_i Δv_i is the part of δx the shifts make); positive
+    when negative activations turn anti-aligned shifts toward δx. Intervals: bootstrap over neurons."""
+    last = len(delta) - 1
+    d_hat = delta[last] / delta[last].norm().clamp(min=1e-30)
+    shifts = torch.cat([dv[j] for j in range(last)]) if last else torch.zeros(0, delta.shape[-1])  # [N, d_model]
+    norms = shifts.norm(dim=-1)
+    shifted = norms > 0  # neurons that DPO left exactly unchanged carry no direction
+    along = shifts @ d_hat  # [N]
+    anti = shifted & (along < 0)
+    share = anti[shifted].double().numpy()  # [n_shifted] 1 where anti-aligned
+    contrib = (ms_aligned[:last].flatten() * along)[anti].double().numpy()  # [n_anti]
+    return {"offset_layer": last,
+            "share_anti_aligned": {"mean": float(share.mean()) if len(share) else None,
+                                   "ci95": percentile_ci(bootstrap_sum(share, n_boot, seed) / len(share))
+                                   if len(share) else None, "n": int(len(share)), "unit": "neurons"},
+            "contribution_along_offset": {"mean": float(contrib.sum()),
+                                          "ci95": percentile_ci(bootstrap_sum(contrib, n_boot, seed))
+                                          if len(contrib) else None, "n": int(len(contrib)), "unit": "neurons",
+                                          "weights": "aligned model's mean m/s on the base model's tokens"}}
+
+
 def single_token(lm: LoadedModel, text: str) -> int:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -86,7 +174,8 @@ def find_lens_prompts(lm: LoadedModel, texts: list[str], token_id: int, batch_si
     ids_all = encode_prompts(lm, texts, LENS_PROMPT_TOKENS)
     for idx in tqdm(length_batches([len(x) for x in ids_all], batch_size), desc="logit-lens search", unit="batch"):
         ids, mask = left_pad([ids_all[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
-        last = lm.adapter.body(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+        last = lm.adapter.body(input_ids=ids, attention_mask=mask,
+                               position_ids=position_ids(mask)).last_hidden_state[:, -1]
         pred = lm.adapter.logits(last, apply_norm=False).argmax(-1)
         found += [texts[i] for row, i in enumerate(idx) if int(pred[row]) == token_id]
     return found
@@ -102,7 +191,7 @@ def logit_lens(lm: LoadedModel, prompts: list[str], token_id: int) -> dict:
         ids, mask = left_pad(encode_prompts(lm, prompts[start:start + 16], LENS_PROMPT_TOKENS),
                              lm.tokenizer.pad_token_id, lm.device)
         with hooks.capture(a, points) as store:
-            a.body(input_ids=ids, attention_mask=mask)
+            a.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
         for pt in points:
             x = store[pt][0][:, -1]
             sums[pt] += float(a.logits(x).float().softmax(-1)[:, token_id].sum())
@@ -129,7 +218,9 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
 
     tv = load_vectors(cfg.vectors)[: cfg.top_neurons]
     top = [(r["layer"], r["neuron"]) for r in tv]
+    cosines = torch.tensor([r["cosine"] for r in tv])  # [N] the cosines the ranking used
     fig_layers = sorted({l for l, _ in top[: cfg.figure_layers]})
+    all_layers = range(a.n_layers)
 
     prompts = load_prompts(cfg.prompts, cfg.limit)
     gens = {name: generate(m, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
@@ -137,8 +228,10 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
             for name, m in (("base", base), ("aligned", aligned))}
     same = [(g.prompt_ids, g.continuation_ids) for g in gens["base"]]
     stats = {
-        ("base", "same"): continuation_stats(base, same, fig_layers, cfg.batch_size, "base, base tokens"),
-        ("aligned", "same"): continuation_stats(aligned, same, fig_layers, cfg.batch_size, "aligned, base tokens"),
+        ("base", "same"): continuation_stats(base, same, fig_layers, cfg.batch_size, "base, base tokens",
+                                             x_layers=all_layers, neurons=top),
+        ("aligned", "same"): continuation_stats(aligned, same, fig_layers, cfg.batch_size, "aligned, base tokens",
+                                                x_layers=all_layers, neurons=top),
         ("aligned", "own"): continuation_stats(aligned, [(g.prompt_ids, g.continuation_ids) for g in gens["aligned"]],
                                                  fig_layers, cfg.batch_size, "aligned, own tokens"),
     }
@@ -153,10 +246,23 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
             "tokens": "mean_aligned: the base model's continuations teacher-forced into the aligned model; "
                       "mean_aligned_own_tokens: the aligned model's own continuations",
             "n_neurons": len(per_neuron), "per_neuron": per_neuron}
+    sb, sa = stats[("base", "same")], stats[("aligned", "same")]
+    per_prompt = {"raw_base": per_prompt_means(sb, torch.ones_like(cosines)),
+                  "raw_aligned": per_prompt_means(sa, torch.ones_like(cosines)),
+                  "signed_base": per_prompt_means(sb, cosines), "signed_aligned": per_prompt_means(sa, cosines),
+                  "n_tokens": [int(n) for n in sb.prompt_tokens]}
+    drop.update({"raw": paired_drop(per_prompt["raw_base"], per_prompt["raw_aligned"], cfg.n_boot, cfg.seed),
+                 "signed": paired_drop(per_prompt["signed_base"], per_prompt["signed_aligned"], cfg.n_boot, cfg.seed),
+                 "verdict_uses": "signed",
+                 "definition": "raw: mean m of the top neurons; signed: mean m · cos(v, probe), their contribution "
+                             "along the probe. Means over prompts of per-prompt means over continuation tokens "
+                             "(same tokens), paired bootstrap over prompts of aligned − base",
+                 "per_prompt": per_prompt})
 
-    xb, xa = stats[("base", "same")].mean_x, stats[("aligned", "same")].mean_x
+    xb, xa = sb.mean_x, sa.mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens
     offset = residual_offset(xb, xa, w_hat)
+    offset_ci = offset_stats(sb, sa, w_hat, offset, cfg.n_boot, cfg.seed)
 
     token_id = single_token(base, cfg.lens_token)
     search = (load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
@@ -172,16 +278,18 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
         d = delta[l] / delta[l].norm().clamp(min=1e-30)
         shifts[l] = {j: (dv[j] @ d / dv[j].norm(dim=-1).clamp(min=1e-30)).numpy() for j in range(l)}
     base_mean_m = mean_m[("base", "same")].numpy()
+    shift_ci = value_shift_stats(dv, delta, sa.mean_m_over_s, cfg.n_boot, cfg.seed)
 
     figs = figures.analysis_figures(out, lens, drop, offset, stats, fig_layers, top, delta, shifts, base_mean_m,
                                     base.ref, aligned.ref)
     result = {"weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
-              "activation_drop": drop, "offset": offset, "logit_lens": lens,
+              "activation_drop": drop, "offset": offset, "offset_stats": offset_ci, "logit_lens": lens,
               "value_shift_vs_offset": {str(l): {"median_cosine_by_layer": {str(j): float(np.median(c))
                                                                              for j, c in s.items()},
                                                  "share_negative": float(np.mean(np.concatenate(list(s.values())) < 0))
                                                  if s else None}
                                         for l, s in shifts.items()},
+              "value_shift_stats": shift_ci,
               "figures": figs, "n_prompts": len(prompts), "base": base.identity(), "aligned": aligned.identity()}
     write_json(out / "analysis.json", result)
     write_manifest(out, "analyze", cfg, base=base.identity(), aligned=aligned.identity())

@@ -205,20 +205,25 @@ def pairs(
     model: Optional[str] = typer.Option(None, "--model", "-m"),
     probe: Optional[str] = typer.Option(None, "--probe"),
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="WikiText file (repeatable)"),
-    method: Optional[str] = typer.Option(None, "--method", help="pplm or steer"),
-    n: Optional[int] = typer.Option(None, "--n"),
+    method: Optional[str] = typer.Option(None, "--method", help="pplm, steer or sample"),
+    prompt_source: Optional[str] = typer.Option(None, "--prompt-source", help="wikitext, tweets or both"),
+    n: Optional[int] = typer.Option(None, "--n", help="pairs wanted after the quality gate"),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="pairs JSONL"),
     config: Optional[str] = ConfigOpt,
     set_: Optional[list[str]] = SetOpt,
 ):
-    """Preference pairs: greedy base continuation vs a toxic one (PPLM or steering)."""
+    """Preference pairs (PPLM, steering or on-policy sampling), scored and passed through a quality gate."""
     from dpolens.config import load_config
     from dpolens.pairs import PairsConfig, run_pairs
 
-    opts = {"model": model, "probe": probe, "prompts": prompts or None, "method": method, "n": n, "out": out}
+    opts = {"model": model, "probe": probe, "prompts": prompts or None, "method": method,
+            "prompt_source": prompt_source, "n": n, "out": out}
     s = run_pairs(load_config(PairsConfig, config, opts, set_, section="pairs"))
-    typer.echo(f"{s['n']} pairs ({s['method']}): toxicity preferred {s['preferred_toxicity_mean']:.4f}, "
-               f"dispreferred {s['dispreferred_toxicity_mean']:.4f} ({s['scorer']['name']})")
+    q = s["quality"]
+    typer.echo(f"{s['n']} pairs ({s['method']}) from {s['n_candidates']} candidates: toxicity preferred "
+               f"{q['preferred']['toxicity']:.4f}, dispreferred {q['dispreferred']['toxicity']:.4f} "
+               f"({s['scorer']['name']}); NLL/token {q['preferred']['nll_per_token']:.2f} vs "
+               f"{q['dispreferred']['nll_per_token']:.2f}; dropped {s['dropped']}")
 
 
 @app.command()
@@ -394,6 +399,17 @@ def report(run_dir: str):
     from dpolens.report import write_report
 
     typer.echo(write_report(run_dir))
+
+
+@app.command()
+def claims(run_dir: str):
+    """Decide the seeds' claims on RUN_DIR: write RUN_DIR/claims.json and print the ledger."""
+    from pathlib import Path
+
+    from dpolens.claims import render_text, write_claims
+
+    typer.echo(render_text(write_claims(run_dir)), nl=False)
+    typer.echo(f"-> {Path(run_dir) / 'claims.json'}")
 
 
 @app.command()

@@ -10,10 +10,12 @@ at tokenisation, where the token count is known.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,8 +129,8 @@ def load_f1_set(path: str | Path, limit: int | None = None, skip_bad_rows: bool 
 def load_pairs(path: str | Path, skip_bad_rows: bool = False) -> list[dict]:
     """Preference pairs `{"prompt_text", "unpert_gen_text", "pert_gen_text"}`.
 
-    Pairs whose preferred (unpert) and dispreferred (pert) sides are empty or identical are
-    skipped with a warning; an error if none remain.
+    A pair whose preferred (unpert) and dispreferred (pert) sides are empty or identical teaches
+    nothing: an error naming the line, or (skip_bad_rows) skipped with a warning.
     """
     fields = {"prompt_text": str, "unpert_gen_text": str, "pert_gen_text": str}
     p = _need_file(path)
@@ -145,11 +147,9 @@ def load_pairs(path: str | Path, skip_bad_rows: bool = False) -> list[dict]:
                     isinstance(obj.get(k), str) for k in ("unpert_gen_text", "pert_gen_text")
                 ):
                     if not obj["unpert_gen_text"].strip() or not obj["pert_gen_text"].strip():
-                        report.skip(f"{where}: empty preferred or dispreferred side")
-                        continue
+                        raise DataError(f"{where}: empty preferred or dispreferred side")
                     if obj["unpert_gen_text"].strip() == obj["pert_gen_text"].strip():
-                        report.skip(f"{where}: identical preferred and dispreferred sides")
-                        continue
+                        raise DataError(f"{where}: identical preferred and dispreferred sides")
                 rows.append(_validate(obj, fields, where))
             except (UnicodeDecodeError, json.JSONDecodeError, DataError) as e:
                 msg = e if isinstance(e, DataError) else f"{where}: {type(e).__name__}: {e}"
@@ -183,6 +183,45 @@ def load_wikitext(spec: str, limit: int | None = None) -> list[str]:
             texts = p.read_bytes().decode("utf-8", errors="strict").splitlines()
     paragraphs = [t.strip("\r\n") for t in texts if t and t.strip()]
     return paragraphs[:limit]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+def wikitext_prompts(specs: list[str], min_words: int = 8) -> list[str]:
+    """Sentences of WikiText-2 (headings dropped, @-@ style tokens joined) with >= min_words."""
+    out, seen = [], set()
+    for spec in specs:
+        for para in load_wikitext(spec):
+            if para.strip().startswith("="):
+                continue
+            text = para.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+            for sent in _SENTENCE_END.split(text.strip()):
+                sent = sent.strip()
+                if len(sent.split()) >= min_words and sent not in seen:
+                    seen.add(sent)
+                    out.append(sent)
+    return out
+
+
+_TWEET_NOISE = re.compile(r"(?:\bRT\b:?|@\S*|https?://\S+|www\.\S+|#)")
+
+
+def tweet_prompts(specs: list[str], min_words: int = 4) -> list[str]:
+    """The first half (by words) of each tweet of labelled corpora, both labels, with retweet
+    marks, @-mentions, links, '#' and HTML entities removed; deduplicated case-insensitively,
+    in file order. Prefixes shorter than `min_words` words are dropped."""
+    out, seen = [], set()
+    for spec in specs:
+        for text, _ in load_labelled(spec):
+            clean = _TWEET_NOISE.sub(" ", html.unescape(text)).replace("\n", " ")
+            clean = clean.strip(" \"':;!-|").split()
+            prefix = " ".join(clean[: len(clean) // 2])
+            key = prefix.lower()
+            if len(prefix.split()) >= min_words and key not in seen:
+                seen.add(key)
+                out.append(prefix)
+    return out
 
 
 # ---- labelled toxicity corpora -------------------------------------------------------------

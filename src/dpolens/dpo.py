@@ -55,6 +55,9 @@ class DPOConfig:
     save_total_limit: int = 2
     seed: int = 0
     skip_bad_rows: bool = False
+    # warn when the pairs are trivially separable: validation reward accuracy 1.0 and validation
+    # loss below this within the first two evaluations (the sides differ by more than toxicity)
+    separable_loss: float = 0.1
     evaluate: bool = True
     eval: EvalData = field(default_factory=EvalData)
 
@@ -127,6 +130,29 @@ def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
         return {"trainable": mode, "neurons": [[l, n_] for l, ns in sorted(by_layer.items()) for n_ in ns],
                 "n_params": n, "note": "weight decay must be 0: masked entries then stay exactly unchanged"}
     raise DpolensError(f"unknown trainable '{mode}' (all, bias, late-layers:K, toxic-neurons)")
+
+
+def separability(history: list[dict], eval_steps: int, loss_below: float) -> dict:
+    """Did DPO separate the validation pairs at once? If so the two sides differ by something
+    easier than toxicity (fluency, special tokens): what the model learns is then not the paper's.
+
+    The reference log-probs of both sides come from the first training step (policy = reference)."""
+    evals = [h for h in history if "eval_loss" in h][:2]
+    first = next((h for h in history if "logps/chosen" in h), {})
+    early = [{"step": h.get("step"), "loss": h["eval_loss"], "accuracy": h.get("eval_rewards/accuracies"),
+              "margin": h.get("eval_rewards/margins")} for h in evals]
+    trivial = any(e["accuracy"] is not None and e["accuracy"] >= 1.0 and e["loss"] < loss_below and
+                  e["step"] is not None and e["step"] <= 2 * eval_steps for e in early)
+    out = {"first_evals": early, "trivially_separable": trivial,
+           "reference_logp": {"chosen": first.get("logps/chosen"), "rejected": first.get("logps/rejected")}}
+    if trivial:
+        ref = out["reference_logp"]
+        gap = (f"; reference log-prob chosen {ref['chosen']:.1f} vs rejected {ref['rejected']:.1f}"
+               if ref["chosen"] is not None and ref["rejected"] is not None else "")
+        out["warning"] = (f"the pairs are trivially separable: validation reward accuracy 1.0 and loss "
+                          f"{min(e['loss'] for e in early):.3f} by step {early[-1]['step']}{gap}. The sides "
+                          "likely differ in fluency, not only toxicity: check pairs.summary.json's quality block")
+    return out
 
 
 def _dataset(lm: LoadedModel, pairs: list[dict]):
@@ -220,6 +246,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
     hist = trainer.state.log_history
     evals = [h for h in hist if "eval_loss" in h]
     best = min(evals, key=lambda h: h["eval_loss"]) if evals else {}
+    sep = separability(hist, cfg.eval_steps, cfg.separable_loss)
+    if "warning" in sep:
+        log.warning("%s", sep["warning"])
     summary = {
         "steps": trainer.state.global_step,
         "pairs_seen": trainer.state.global_step * cfg.batch_size * cfg.grad_accum,
@@ -228,7 +257,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "reward_accuracy": best.get("eval_rewards/accuracies"), "reward_margin": best.get("eval_rewards/margins"),
         "weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
-        "trainable": trainable, "loss": cfg.loss,
+        "trainable": trainable, "loss": cfg.loss, "separability": sep,
+        "warnings": [sep["warning"]] if "warning" in sep else [],
         "base": base.identity(), "aligned": aligned.identity(),
     }
     write_json(out / "weight_shift.json", shift)

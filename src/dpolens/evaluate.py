@@ -44,6 +44,75 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95)
     return [float(lo), float(hi)]
 
 
+def resample_units(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] bootstrap indices of n units (prompts, windows, rows), one replicate per row."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def percentile_ci(replicates, level: float = 0.95) -> list[float]:
+    """Percentile interval of bootstrap replicates; replicates that are not finite (a ratio whose
+    denominator vanished in a resample) are left out, and none finite gives NaNs."""
+    r = np.asarray(replicates, dtype=np.float64)
+    r = r[np.isfinite(r)]
+    if len(r) == 0:
+        return [float("nan"), float("nan")]
+    lo, hi = np.quantile(r, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def _same_units(*arrays) -> list[np.ndarray]:
+    xs = [np.asarray(x, dtype=np.float64) for x in arrays]
+    if len({len(x) for x in xs}) != 1:
+        raise DpolensError(f"paired statistics need the same units in every array: lengths {[len(x) for x in xs]}")
+    if len(xs[0]) == 0:
+        raise DpolensError("paired statistics need at least one unit")
+    return xs
+
+
+def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Difference of means b − a over the same units (e.g. per-prompt toxicity of two models on
+    the same prompts), with a seeded percentile interval that resamples units, so that what the
+    two share (the prompt's own difficulty) cancels."""
+    a, b = _same_units(a, b)
+    idx = resample_units(len(a), n_boot, seed)
+    return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": float(b.mean() - a.mean()),
+            "ci95": percentile_ci((b - a)[idx].mean(axis=1)), "n": int(len(a))}
+
+
+def paired_ppl_ratio(nll_a, tokens_a, nll_b, tokens_b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """PPL_b / PPL_a over the same windows, PPL = exp(Σ nll / Σ tokens), with a seeded interval that
+    resamples windows."""
+    nll_a, tokens_a, nll_b, tokens_b = _same_units(nll_a, tokens_a, nll_b, tokens_b)
+    idx = resample_units(len(nll_a), n_boot, seed)
+    ppl = lambda nll, tok: np.exp(nll.sum(-1) / tok.sum(-1))
+    # one window cannot be resampled into an interval: say so rather than print a point as one
+    ci = percentile_ci(ppl(nll_b[idx], tokens_b[idx]) / ppl(nll_a[idx], tokens_a[idx])) if len(nll_a) > 1 else None
+    return {"ppl_a": float(ppl(nll_a, tokens_a)), "ppl_b": float(ppl(nll_b, tokens_b)),
+            "ratio": float(ppl(nll_b, tokens_b) / ppl(nll_a, tokens_a)), "ci95": ci,
+            "n": int(len(nll_a))}
+
+
+def bootstrap_ratio(numerators, denominators, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Σ numerators / Σ denominators over units (a token-weighted mean), with a seeded interval
+    that resamples units."""
+    num, den = _same_units(numerators, denominators)
+    idx = resample_units(len(num), n_boot, seed)
+    return {"mean": float(num.sum() / den.sum()), "ci95": percentile_ci(num[idx].sum(1) / den[idx].sum(1)),
+            "n": int(len(num))}
+
+
+def unpaired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Difference of means b − a of two independent samples, each resampled on its own."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        raise DpolensError("a bootstrap needs at least one unit in each sample")
+    rng = np.random.default_rng(seed)
+    mean_a = a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(axis=1)
+    mean_b = b[rng.integers(0, len(b), size=(n_boot, len(b)))].mean(axis=1)
+    return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "diff": float(b.mean() - a.mean()),
+            "ci95": percentile_ci(mean_b - mean_a), "n": [int(len(a)), int(len(b))]}
+
+
 def summarize(values, seed: int = 0) -> dict:
     x = np.asarray(values, dtype=np.float64)
     return {"mean": float(x.mean()) if len(x) else float("nan"), "ci95": bootstrap_ci(x, seed=seed),
@@ -107,21 +176,26 @@ def chunked_nll(lm: LoadedModel, hidden: torch.Tensor, targets: torch.Tensor,
 @torch.inference_mode()
 def perplexity(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None = None,
                window: int | None = None, batch_size: int = 4, progress: bool = True) -> dict:
-    """PPL over non-overlapping windows; the body runs once, the unembedding in chunks."""
+    """PPL over non-overlapping windows; the body runs once, the unembedding in chunks.
+
+    `window_nll` / `window_tokens` (in text order) hold each window's summed NLL and scored tokens,
+    so that two models or interventions can be compared window by window later."""
     chunks, window = ppl_windows(lm, paragraphs, max_tokens, window)
-    by_len: dict[int, list[list[int]]] = {}
-    for c in chunks:
-        by_len.setdefault(len(c), []).append(c)
-    batches = [cs[i : i + batch_size] for cs in by_len.values() for i in range(0, len(cs), batch_size)]
-    total_nll, scored = 0.0, 0
-    for cs in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
-        x = torch.tensor(cs, device=lm.device)
+    by_len: dict[int, list[int]] = {}
+    for i, c in enumerate(chunks):
+        by_len.setdefault(len(c), []).append(i)
+    batches = [ix[i : i + batch_size] for ix in by_len.values() for i in range(0, len(ix), batch_size)]
+    window_nll, window_tokens = [0.0] * len(chunks), [0] * len(chunks)
+    for ix in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
+        x = torch.tensor([chunks[i] for i in ix], device=lm.device)
         hidden = lm.adapter.body(input_ids=x).last_hidden_state  # after the final norm
-        total_nll += chunked_nll(lm, hidden[:, :-1], x[:, 1:])
-        scored += x[:, 1:].numel()
+        for row, i in enumerate(ix):
+            window_nll[i] = chunked_nll(lm, hidden[row, :-1], x[row, 1:])
+            window_tokens[i] = x.shape[1] - 1
+    total_nll, scored = sum(window_nll), sum(window_tokens)
     return {"perplexity": math.exp(total_nll / scored) if scored else float("nan"),
             "nll_per_token": total_nll / scored if scored else float("nan"),
-            "scored_tokens": scored, "window": window}
+            "scored_tokens": scored, "window": window, "window_nll": window_nll, "window_tokens": window_tokens}
 
 
 @dataclass
@@ -136,6 +210,9 @@ class EvalSettings:
     seed: int = 0
 
 
+PER_UNIT_KEYS = ("toxicity_per_prompt", "f1_per_row", "ppl_window_nll", "ppl_window_tokens")  # of EvalResult.row()
+
+
 @dataclass
 class EvalResult:
     toxicity: dict
@@ -143,11 +220,19 @@ class EvalResult:
     f1: dict | None
     repetition: float
     records: list[dict] = field(default_factory=list)
+    f1_per_row: list[float] | None = None
 
     def row(self) -> dict:
+        """Headline numbers, and the per-unit scores behind them (per prompt, per F1 row, per
+        perplexity window) so that any two rows on the same inputs can be compared paired."""
+        ppl = self.perplexity
         return {"toxicity": {k: self.toxicity[k] for k in ("mean", "ci95", "n")},
-                "perplexity": self.perplexity["perplexity"] if self.perplexity else None,
-                "f1": self.f1["mean"] if self.f1 else None, "repetition": self.repetition}
+                "perplexity": ppl["perplexity"] if ppl else None,
+                "f1": self.f1["mean"] if self.f1 else None, "repetition": self.repetition,
+                "toxicity_per_prompt": [r["toxicity"] for r in self.records],
+                "f1_per_row": self.f1_per_row,
+                "ppl_window_nll": ppl["window_nll"] if ppl else None,
+                "ppl_window_tokens": ppl["window_tokens"] if ppl else None}
 
 
 def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_tokens):
@@ -189,18 +274,18 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
                    for i, g in enumerate(gens)]
         ppl = perplexity(lm, wiki, s.ppl_max_tokens, batch_size=s.ppl_batch_size,
                          progress=progress) if wiki else None
-        f1 = None
+        f1 = f1_per_row = None
         if f1_rows:
             f1_gens = _generate_resumable(
                 lm, [r["prompt"] for r in f1_rows], s,
                 out / "f1_generations.partial.jsonl" if out else None, f"f1 {label}".strip(),
                 progress, None)
-            f1 = summarize([f1_score(g["continuation"], r["gold"]) for g, r in zip(f1_gens, f1_rows)],
-                           seed=s.seed)
+            f1_per_row = [f1_score(g["continuation"], r["gold"]) for g, r in zip(f1_gens, f1_rows)]
+            f1 = summarize(f1_per_row, seed=s.seed)
     tox = summarize([r["toxicity"] for r in records], seed=s.seed)
     tox["scorer"] = scorer.describe()
     rep = float(np.mean([r["repetition"] for r in records])) if records else float("nan")
-    return EvalResult(tox, ppl, f1, rep, records)
+    return EvalResult(tox, ppl, f1, rep, records, f1_per_row)
 
 
 @dataclass

@@ -14,12 +14,14 @@ contribution, m/s, = m when there is no post-norm):
   AP+  cos < 0, m̄ ≥ 0, activation increases      AN−  cos < 0, m̄ < 0, becomes less negative
 and the mirror groups (TP+, TN−, AP−, AN+) with the opposite change, which raise it.
 Groups and patch values are fitted on one split of the prompts; patching and editing are
-evaluated on a disjoint split. Patching (`patch`) sets each patched neuron to its aligned mean
-activation at every position (`set`, method.md section 6), or adds the mean change
-m̄_aligned − m̄_base to its own activation (`shift`, our addition): on gated MLPs, where the
-groups hold most neurons, `set` makes every MLP nearly constant (measured on gemma-3-270m:
-perplexity 10.5 → 5198 with all four groups), while `shift` moves the same means and keeps
-each token's variation.
+evaluated on a disjoint split. The shares carry 95% intervals from a seeded bootstrap over the fit
+prompts, with the groups held as fitted (per-prompt sums of each neuron's projection are kept for
+that, n_prompts × n_layers × d_mlp fp32 per model, never per token). Patching (`patch`) sets each
+patched neuron to its aligned mean activation at every position (`set`, method.md section 6),
+or adds the mean change m̄_aligned − m̄_base to its own activation (`shift`, our addition): on
+gated MLPs, where the groups hold most neurons, `set` makes every MLP nearly constant (measured
+on gemma-3-270m: perplexity 10.5 → 5198 with all four groups), while `shift` moves the same
+means and keeps each token's variation.
 """
 
 from __future__ import annotations
@@ -32,11 +34,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from dpolens.activations import continuation_stats
+from dpolens.activations import bootstrap_counts, continuation_stats
 from dpolens.analysis import check_pair
 from dpolens.artifacts import atomic_path, write_json, write_manifest
 from dpolens.data import load_prompts
-from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs, percentile_ci
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
@@ -66,14 +68,17 @@ class NeuronsConfig:
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
-    seed: int = 0
+    seed: int = 0  # of the clustering sample and the bootstrap
+    n_boot: int = 2000
     eval: EvalData = field(default_factory=EvalData)  # evaluated on prompts after the fit split
 
 
 @torch.inference_mode()
 def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, prompts: list[str],
                  batch_size: int = 32, max_new_tokens: int = 20, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, m, m/s, p for both models."""
+    """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, m, m/s, p for both models; and
+    per prompt, `prompt_p_*` [n_prompts, n_layers * d_mlp], the sums over the prompt's continuation
+    tokens of each neuron's projection (m/s)·(v·ŵ), and `prompt_tokens_*` [n_prompts]."""
     a = base.adapter
     w_hat = probe.float() / probe.float().norm()
     out = {}
@@ -81,12 +86,14 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
         gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
                         desc=f"generate {name}")
         st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
-                                batch_size, f"neurons {name}", progress)
+                                batch_size, f"neurons {name}", progress, per_prompt_ms=True)
         values = all_value_vectors(lm)  # [L, d_mlp, d_model]
         vw = values @ w_hat  # [L, d_mlp]
         out[f"m_{name}"] = st.mean_m.flatten().numpy()
         out[f"ms_{name}"] = st.mean_m_over_s.flatten().numpy()
         out[f"p_{name}"] = (st.mean_m_over_s * vw).flatten().numpy()
+        out[f"prompt_p_{name}"] = (st.per_prompt_ms * vw).flatten(1).numpy()
+        out[f"prompt_tokens_{name}"] = st.prompt_tokens.double().numpy()
         if name == "base":
             out["cosine"] = (vw / values.norm(dim=-1).clamp(min=1e-30)).flatten().numpy()
             out["n_tokens_base"] = st.count
@@ -125,6 +132,12 @@ def _agreement(t, labels: np.ndarray, g: str) -> float | None:
     return float(np.mean(grows if g[2] == "+" else ~grows))
 
 
+def dampened_toxic(t: dict[str, np.ndarray], top_toxic: int) -> np.ndarray:
+    """Indices of the top `top_toxic` neurons by cosine that were active (m̄_base > 0) and dampened."""
+    top = np.argsort(-t["cosine"])[:top_toxic]
+    return top[(t["ms_base"][top] > 0) & (t["ms_aligned"][top] < t["ms_base"][top])]
+
+
 def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -> dict:
     delta = t["delta"]
     positive, net = float(delta[delta > 0].sum()), float(delta.sum())
@@ -135,8 +148,7 @@ def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -
         groups[g] = {"count": int(sel.sum()), "reduction": red, "share_of_positive": red / positive if positive else None,
                      "share_of_net": red / net if net else None, "reduces_toxicity": g in GROUPS,
                      "agreement": _agreement(t, labels, g)}
-    top = np.argsort(-t["cosine"])[:top_toxic]
-    dampened = top[(t["ms_base"][top] > 0) & (t["ms_aligned"][top] < t["ms_base"][top])]
+    dampened = dampened_toxic(t, top_toxic)
     tox_red = float(delta[dampened].sum())
     return {"groups": groups, "totals": {"positive": positive, "net": net},
             "four_groups_share_of_positive": sum(groups[g]["reduction"] for g in GROUPS) / positive if positive else None,
@@ -145,6 +157,34 @@ def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -
                               "share_of_net": tox_red / net if net else None,
                               "definition": f"top {top_toxic} by cos(v, probe) that were active (m̄_base > 0) "
                                             "and dampened by alignment"}}
+
+
+def group_intervals(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int, n_boot: int = 2000,
+                    seed: int = 0) -> dict:
+    """95% intervals of each group's and the toxic neurons' share_of_positive and share_of_net, by a
+    seeded bootstrap over the fit prompts (both models resampled with the same prompts). The neuron
+    sets stay as fitted; each replicate recomputes their reductions from the resampled prompts'
+    projection sums, token-weighted like the point values. Returns {set: {"ci95_share_of_positive",
+    "ci95_share_of_net"}} for the eight groups and "toxic_neurons"."""
+    toxic = np.zeros(len(labels), dtype=bool)
+    toxic[dampened_toxic(t, top_toxic)] = True
+    sets = {**{g: labels == g for g in GROUPS + MIRRORS}, "toxic_neurons": toxic,
+            "positive": np.isin(labels, GROUPS), "net": np.ones(len(labels), dtype=bool)}
+    member = np.stack(list(sets.values()), 1).astype(np.float64)  # [n_neurons, n_sets]
+
+    def set_sums(name: str) -> np.ndarray:  # [n_prompts, n_sets] per-prompt projection sums of each set
+        pp = t[f"prompt_p_{name}"]
+        return np.concatenate([pp[i:i + 256].astype(np.float64) @ member for i in range(0, len(pp), 256)])
+
+    sums_b, sums_a = set_sums("base"), set_sums("aligned")
+    tok_b, tok_a = t["prompt_tokens_base"], t["prompt_tokens_aligned"]
+    reductions = np.concatenate([counts @ sums_b / (counts @ tok_b)[:, None] - counts @ sums_a / (counts @ tok_a)[:, None]
+                                 for counts in bootstrap_counts(len(tok_b), n_boot, seed)])  # [n_boot, n_sets]
+    col = {k: i for i, k in enumerate(sets)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {k: {"ci95_share_of_positive": percentile_ci(reductions[:, col[k]] / reductions[:, col["positive"]]),
+                    "ci95_share_of_net": percentile_ci(reductions[:, col[k]] / reductions[:, col["net"]])}
+                for k in list(sets)[:-2]}
 
 
 def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> list[dict]:
@@ -207,6 +247,15 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
     with atomic_path(out / "neurons.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     shares = group_shares(t, labels, cfg.top_toxic)
+    for name, ci in group_intervals(t, labels, cfg.top_toxic, cfg.n_boot, cfg.seed).items():
+        target = shares["toxic_neurons"] if name == "toxic_neurons" else shares["groups"][name]
+        for key, interval in ci.items():  # no interval where the share itself is undefined (0 denominator)
+            target[key] = interval if target[key.removeprefix("ci95_")] is not None else None
+    shares["bootstrap"] = {"unit": "fit prompts", "n": len(fit_prompts), "n_boot": cfg.n_boot, "seed": cfg.seed,
+                           "rule": "groups held as fitted; each replicate recomputes the reductions from the "
+                                   "resampled prompts' per-prompt projection sums (token-weighted); percentile"}
+    for k in ("prompt_p_base", "prompt_p_aligned"):
+        del t[k]  # n_prompts × n_neurons: not needed past the intervals
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
     shares["fit"] = {"prompts": cfg.eval.prompts, "n_prompts": len(fit_prompts), "tokens": t["n_tokens_base"]}
     write_json(out / "groups.json", shares)

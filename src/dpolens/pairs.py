@@ -1,34 +1,48 @@
-"""Preference pairs (paper 4.2, method.md 5.1): preferred = the base model's greedy continuation,
-dispreferred = a toxic continuation of the same WikiText-2 prompt.
+"""Preference pairs (paper 4.2, method.md 5.1): a prompt, a preferred and a dispreferred
+continuation, in the paper's JSONL format.
 
-Two generators of the toxic side:
-  pplm   PPLM (Dathathri et al. 2019) with the probe as the attribute model: at every step the
-         KV cache is perturbed by gradient steps on −log p(toxic | mean final hidden state)
-         + kl_scale · KL(p_unpert ‖ p_pert); the next token is sampled from
-         p_pert^gm · p_unpert^(1−gm), top-k filtered. Paper defaults (Table 6).
-  steer  sample (top-k, temperature) with +β·ŵ added to one layer's residual: cheap on a CPU.
-Records are the paper's format, appended as they are made so that a re-run resumes.
+Three generators:
+  pplm    the paper's: preferred = the base model's greedy continuation of a WikiText-2 prompt,
+          dispreferred = PPLM (Dathathri et al. 2019) with the probe as the attribute model: at
+          every step the KV cache is perturbed by gradient steps on −log p(toxic | mean final
+          hidden state) + kl_scale · KL(p_unpert ‖ p_pert); the next token is sampled from
+          p_pert^gm · p_unpert^(1−gm), top-k filtered. Paper defaults (Table 6).
+  steer   preferred greedy as above, dispreferred sampled with +β·ŵ added to one layer's residual.
+  sample  on-policy, as RLHF preference data is made: n samples of the base model per prompt,
+          the least toxic preferred, the most toxic dispreferred (a deviation from the paper,
+          which has no sampling method; its pairs are PPLM's).
+A pair teaches DPO toxicity only if its dispreferred side is toxic *and* fluent: word salad
+teaches "avoid incoherence". So every candidate pair is scored (toxicity of both sides, NLL per
+token under the base model) and a quality gate keeps those whose dispreferred side is more toxic
+by a margin and no less fluent than a set margin; `pairs.summary.json` describes both sides
+(`dpolens.textquality`) and counts what was dropped and why. Steer's β and PPLM's step size can be
+chosen by a sweep scored on both gaps. Candidates are appended as they are made (resumable; a
+resume with another model or other settings is refused); the kept pairs are written at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import (DpolensError, append_jsonl, read_jsonl_complete, write_json,
-                               write_manifest)
-from dpolens.data import default_data, load_wikitext
+from dpolens.artifacts import (DpolensError, append_jsonl, read_json, read_jsonl_complete, write_json,
+                               write_jsonl, write_manifest)
+from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.model import hooks
-from dpolens.model.generation import Generation, encode_prompts, generate, left_pad, length_batches
+from dpolens.model.generation import (Generation, banned_token_ids, encode_prompts, generate, left_pad,
+                                      length_batches, position_ids)
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
+from dpolens.textquality import continuation_nll, side_quality, special_token_flags
 
 log = logging.getLogger(__name__)
 
@@ -59,44 +73,66 @@ class SteerSettings:
 
 
 @dataclass
+class SampleSettings:
+    """On-policy sampling; defaults follow common RLHF preference-data practice (T = 1, top-p 0.95)."""
+
+    n_samples: int = 6
+    temperature: float = 1.0
+    top_p: float = 0.95
+
+
+@dataclass
+class QualityGate:
+    """Which candidate pairs are kept (applied to every method)."""
+
+    require_more_toxic: bool = True  # drop pairs whose dispreferred side is not more toxic
+    min_toxicity_gap: float = 0.1  # dispreferred − preferred scorer toxicity
+    max_nll_gap: float | None = 1.5  # dispreferred − preferred NLL per token (nats) under the base; None = off
+
+
+@dataclass
 class PairsConfig:
     model: str = "gemma-3-270m"
-    probe: str = "runs/probe"
+    probe: str = "runs/probe"  # the attribute / steering direction (pplm, steer)
+    method: Literal["pplm", "steer", "sample"] = "steer"
+    prompt_source: Literal["wikitext", "tweets", "both"] = "wikitext"
     prompts: list[str] = field(default_factory=lambda: [
         default_data("wikitext-2-raw/wikitext-2-raw-v1-validation.parquet"),
         default_data("wikitext-2-raw/wiki.test.raw")])
-    method: Literal["pplm", "steer"] = "steer"
-    n: int = 512
+    # tweet prefixes (first half of each tweet) of labelled corpora; never the evaluation prompts
+    tweets: list[str] = field(default_factory=lambda: [
+        default_data("toxic-corpora/davidson_labeled_data.csv"),
+        default_data("toxic-corpora/olid-training-v1.0.tsv")])
+    n: int = 512  # pairs wanted after the quality gate
+    max_candidates: int | None = None  # prompts tried at most; default 4 × n
     out: str = "runs/pairs/pairs.jsonl"
     prompt_tokens: int = 24
     min_words: int = 8
     max_new_tokens: int = 20
-    batch_size: int = 16
+    batch_size: int = 16  # prompts per chunk
     seed: int = 0
     scorer: str = "jigsaw-lstm"
     pplm: PPLMSettings = field(default_factory=PPLMSettings)
     steer: SteerSettings = field(default_factory=SteerSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    gate: QualityGate = field(default_factory=QualityGate)
+    # steer: values of beta_rel, pplm: values of step_size, tried on `sweep_prompts` prompts; the
+    # value with the largest toxicity gap whose NLL gap clears gate.max_nll_gap is used. [] = no sweep
+    sweep: list[float] = field(default_factory=list)
+    sweep_prompts: int = 16
     dtype: str = "float32"
     progress: bool = True
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
-
-
-def wikitext_prompts(specs: list[str], min_words: int = 8) -> list[str]:
-    """Sentences of WikiText-2 (headings dropped, @-@ style tokens joined) with >= min_words."""
-    out, seen = [], set()
-    for spec in specs:
-        for para in load_wikitext(spec):
-            if para.strip().startswith("="):
-                continue
-            text = para.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-            for sent in _SENTENCE_END.split(text.strip()):
-                sent = sent.strip()
-                if len(sent.split()) >= min_words and sent not in seen:
-                    seen.add(sent)
-                    out.append(sent)
-    return out
+def prompt_pool(cfg: PairsConfig) -> list[str]:
+    """The prompt texts in the seeded order they are tried, before truncation to tokens."""
+    texts = []
+    if cfg.prompt_source in ("wikitext", "both"):
+        texts += wikitext_prompts(cfg.prompts, cfg.min_words)
+    if cfg.prompt_source in ("tweets", "both"):
+        texts += tweet_prompts(cfg.tweets)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return [texts[i] for i in torch.randperm(len(texts), generator=g).tolist()]
 
 
 def truncate_prompts(lm: LoadedModel, sentences: list[str], n_tokens: int) -> list[str]:
@@ -120,7 +156,7 @@ def mean_resid_norm(lm: LoadedModel, texts: list[str], layer: int, point: str) -
     a = lm.adapter
     ids, mask = left_pad(encode_prompts(lm, texts, 64), lm.tokenizer.pad_token_id, lm.device)
     with hooks.capture(a, [(layer % a.n_layers, point)]) as store:
-        lm.model(input_ids=ids, attention_mask=mask)
+        lm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
     x = store[(layer % a.n_layers, point)][0]
     return float((x.norm(dim=-1) * mask).sum() / mask.sum())
 
@@ -162,19 +198,32 @@ class ProbeAttribute:
 def pplm_generate(lm: LoadedModel, prompts: list[str], attr: ProbeAttribute, s: PPLMSettings,
                   max_new_tokens: int, seed: int, batch_size: int, progress: bool = False) -> list[Generation]:
     """PPLM with perturbations of the KV cache (whole window, horizon 1), batched over prompts."""
-    tok, a = lm.tokenizer, lm.adapter
+    tok = lm.tokenizer
     prompt_ids = encode_prompts(lm, prompts, None)
     results: list[Generation | None] = [None] * len(prompts)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for p in lm.model.parameters():
+    banned = torch.tensor(banned_token_ids(tok), dtype=torch.long, device=lm.device)
+    grad_before = [p.requires_grad for p in lm.model.parameters()]
+    for p in lm.model.parameters():  # gradients flow to the cache perturbations only
         p.requires_grad_(False)
+    try:
+        return _pplm_batches(lm, prompts, prompt_ids, attr, s, max_new_tokens, gen, banned, batch_size,
+                             progress, results)
+    finally:
+        for p, g in zip(lm.model.parameters(), grad_before):
+            p.requires_grad_(g)
+
+
+def _pplm_batches(lm, prompts, prompt_ids, attr, s, max_new_tokens, gen, banned, batch_size, progress,
+                  results) -> list[Generation]:
+    tok, a = lm.tokenizer, lm.adapter
     for idx in tqdm(length_batches([len(x) for x in prompt_ids], batch_size), desc="pplm",
                     disable=not progress, unit="batch"):
         ids, mask = left_pad([prompt_ids[i] for i in idx], tok.pad_token_id, lm.device)
         with torch.no_grad():
             ctx = lm.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=_cache(lm, []),
                            use_cache=True,
-                           position_ids=(mask[:, :-1].cumsum(-1) - 1).clamp(min=0),
+                           position_ids=position_ids(mask[:, :-1]),
                            output_hidden_states=True)
         past = _kv(ctx.past_key_values)
         m = mask[:, :-1].unsqueeze(-1).float()
@@ -234,6 +283,7 @@ def pplm_generate(lm: LoadedModel, prompts: list[str], attr: ProbeAttribute, s: 
                              position_ids=pos, use_cache=True, output_hidden_states=True)
                 pert_probs = (o.logits[:, -1].float() / s.temperature).softmax(-1)
                 mixed = pert_probs ** s.gm_scale * unpert_probs ** (1 - s.gm_scale)
+                mixed[:, banned] = 0.0
                 mixed = _top_k_filter(mixed, s.top_k)
                 mixed = mixed / mixed.sum(-1, keepdim=True)
                 nxt = torch.multinomial(mixed, 1, generator=gen)
@@ -254,56 +304,213 @@ def pplm_generate(lm: LoadedModel, prompts: list[str], attr: ProbeAttribute, s: 
 
 # ---- the stage --------------------------------------------------------------------------------
 
+def _settings_of(cfg: PairsConfig) -> dict:
+    return asdict({"pplm": cfg.pplm, "steer": cfg.steer, "sample": cfg.sample}[cfg.method])
+
+
+def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None) -> dict:
+    """Everything that shapes a candidate: a resume under another identity would mix two runs."""
+    ident = {"model_sha256": lm.weight_hash, "method": cfg.method, "settings": _settings_of(cfg),
+             "prompt_source": cfg.prompt_source, "prompts": cfg.prompts if cfg.prompt_source != "tweets" else None,
+             "tweets": cfg.tweets if cfg.prompt_source != "wikitext" else None, "prompt_tokens": cfg.prompt_tokens,
+             "min_words": cfg.min_words, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+             "batch_size": cfg.batch_size, "scorer": cfg.scorer, "probe": probe_ref,
+             "sweep": cfg.sweep, "sweep_prompts": cfg.sweep_prompts}
+    ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ident
+
+
+class _Generator:
+    """Makes (preferred, dispreferred) continuations for a chunk of prompts with one method."""
+
+    def __init__(self, lm: LoadedModel, cfg: PairsConfig, scorer):
+        self.lm, self.cfg, self.scorer = lm, cfg, scorer
+        self.settings = _settings_of(cfg)
+        if cfg.method != "sample":
+            self.probe, meta = load_probe(cfg.probe, lm)
+            self.attr = ProbeAttribute(self.probe, float(meta.get("bias", 0.0)), float(meta.get("feature_scale", 1.0)))
+            self.probe_ref = str(cfg.probe)
+        else:
+            self.probe_ref = None
+
+    def set_strength(self, value: float, prompts: list[str]) -> None:
+        """Steer: β = beta_rel × mean residual norm; PPLM: the step size."""
+        c = self.cfg
+        if c.method == "steer":
+            self.settings["beta_rel"] = value
+            self.settings["beta"] = value * mean_resid_norm(self.lm, prompts[:32], c.steer.layer, c.steer.point)
+        elif c.method == "pplm":
+            self.settings["step_size"] = value
+
+    def pairs(self, prompts: list[str], seed: int) -> list[tuple[str, str]]:
+        c, lm, n = self.cfg, self.lm, len(prompts)
+        if c.method == "sample":
+            k = c.sample.n_samples
+            gens = generate(lm, [p for p in prompts for _ in range(k)], c.max_new_tokens, do_sample=True,
+                            temperature=c.sample.temperature, top_p=c.sample.top_p, seed=seed,
+                            batch_size=n * k, max_prompt_tokens=None, progress=False)
+            texts = [g.continuation for g in gens]
+            tox = self.scorer.score(texts).toxicity.reshape(n, k)
+            return [(texts[i * k + int(tox[i].argmin())], texts[i * k + int(tox[i].argmax())]) for i in range(n)]
+        good = generate(lm, prompts, c.max_new_tokens, batch_size=n, max_prompt_tokens=None, progress=False)
+        if c.method == "steer":
+            st = SteerSettings(**{k: v for k, v in self.settings.items() if k != "beta"})
+            bad = steer_generate(lm, prompts, self.probe, self.settings["beta"], st, c.max_new_tokens, seed, n)
+        else:
+            bad = pplm_generate(lm, prompts, self.attr, PPLMSettings(**self.settings), c.max_new_tokens, seed, n)
+        return [(g.continuation, b.continuation) for g, b in zip(good, bad)]
+
+
+def score_pairs(lm: LoadedModel, scorer, prompts: list[str], made: list[tuple[str, str]]) -> list[dict]:
+    """Candidate records: the paper's three fields plus toxicity and NLL per token of both sides."""
+    pref, disp = [m[0] for m in made], [m[1] for m in made]
+    tox_p, tox_d = scorer.score(pref).toxicity, scorer.score(disp).toxicity
+    nll_p, nll_d = continuation_nll(lm, prompts, pref), continuation_nll(lm, prompts, disp)
+    return [{"prompt_text": p, "unpert_gen_text": a, "pert_gen_text": b,
+             "preferred_toxicity": float(tp), "dispreferred_toxicity": float(td),
+             "preferred_nll": np_, "dispreferred_nll": nd}
+            for p, a, b, tp, td, np_, nd in zip(prompts, pref, disp, tox_p, tox_d, nll_p, nll_d)]
+
+
+def gate_reason(r: dict, gate: QualityGate) -> str | None:
+    """Why a candidate is dropped, or None if it is kept."""
+    a, b = r["unpert_gen_text"].strip(), r["pert_gen_text"].strip()
+    if not a or not b:
+        return "empty_side"
+    if a == b:
+        return "identical_sides"
+    gap = r["dispreferred_toxicity"] - r["preferred_toxicity"]
+    if gate.require_more_toxic and gap <= 0:
+        return "not_more_toxic"
+    if gap < gate.min_toxicity_gap:
+        return "toxicity_gap_below_min"
+    nll_gap = r["dispreferred_nll"] - r["preferred_nll"]
+    if gate.max_nll_gap is not None and not nll_gap <= gate.max_nll_gap:  # NaN (no tokens) fails too
+        return "nll_gap_above_max"
+    return None
+
+
+def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg: PairsConfig) -> dict:
+    """Try each sweep value on the same prompts; keep the largest toxicity gap whose NLL gap
+    clears the gate (else the smallest NLL gap)."""
+    rows = []
+    for value in cfg.sweep:
+        gen.set_strength(value, prompts)
+        recs = score_pairs(lm, scorer, prompts, gen.pairs(prompts, cfg.seed))
+        tgap = [r["dispreferred_toxicity"] - r["preferred_toxicity"] for r in recs]
+        ngap = [r["dispreferred_nll"] - r["preferred_nll"] for r in recs]
+        rows.append({"value": value, "toxicity_gap": float(np.mean(tgap)), "nll_gap": float(np.nanmean(ngap)),
+                     "share_more_toxic": float(np.mean(np.array(tgap) > 0)),
+                     "kept_by_gate": float(np.mean([gate_reason(r, cfg.gate) is None for r in recs]))})
+        log.info("sweep %s=%g: toxicity gap %.3f, NLL gap %.2f", "beta_rel" if cfg.method == "steer" else
+                 "step_size", value, rows[-1]["toxicity_gap"], rows[-1]["nll_gap"])
+    limit = cfg.gate.max_nll_gap
+    fluent = [r for r in rows if limit is None or r["nll_gap"] <= limit]
+    best = max(fluent, key=lambda r: r["toxicity_gap"]) if fluent else min(rows, key=lambda r: r["nll_gap"])
+    return {"parameter": "beta_rel" if cfg.method == "steer" else "step_size", "prompts": len(prompts),
+            "rows": rows, "chosen": best["value"], "chosen_clears_nll_gate": bool(fluent)}
+
+
+def quality(lm: LoadedModel, recs: list[dict]) -> dict:
+    """The quality block: one entry per side, and how the sides differ."""
+    if not recs:
+        return {"n": 0}
+    tp = np.array([r["preferred_toxicity"] for r in recs])
+    td = np.array([r["dispreferred_toxicity"] for r in recs])
+    npf = np.array([r["preferred_nll"] for r in recs], dtype=float)
+    nd = np.array([r["dispreferred_nll"] for r in recs], dtype=float)
+    pref, disp = [r["unpert_gen_text"] for r in recs], [r["pert_gen_text"] for r in recs]
+    return {"n": len(recs),
+            "preferred": side_quality(tp, npf, special_token_flags(lm, pref), pref),
+            "dispreferred": side_quality(td, nd, special_token_flags(lm, disp), disp),
+            "share_dispreferred_more_toxic": float(np.mean(td > tp)),
+            "mean_toxicity_gap": float(np.mean(td - tp)),
+            "mean_nll_gap": float(np.nanmean(nd - npf))}
+
+
 def run_pairs(cfg: PairsConfig) -> dict:
-    """Write `cfg.out` (JSONL, appended and resumable), a `.manifest.json` and a `.summary.json`."""
+    """Write `cfg.out` (the kept pairs), `<stem>.candidates.jsonl` (every scored candidate, appended
+    and resumable), a manifest and `<stem>.summary.json` with the quality block."""
     from dpolens.scoring import get_scorer
 
+    if cfg.n < 1:
+        raise DpolensError(f"pairs: n must be >= 1, got {cfg.n}")
     lm = load_model(cfg.model, dtype=cfg.dtype)
-    probe, meta = load_probe(cfg.probe, lm)
-    sentences = wikitext_prompts(cfg.prompts, cfg.min_words)
-    g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(sentences), generator=g).tolist()
-    if cfg.n > len(sentences):
-        raise DpolensError(f"asked for {cfg.n} pairs but the prompt text has {len(sentences)} sentences")
-    prompts = truncate_prompts(lm, [sentences[i] for i in order[: cfg.n]], cfg.prompt_tokens)
+    scorer = get_scorer(cfg.scorer)
+    gen = _Generator(lm, cfg, scorer)
+    pool = prompt_pool(cfg)
+    limit = min(len(pool), cfg.max_candidates or 4 * cfg.n)
+    if limit < cfg.n:
+        raise DpolensError(f"asked for {cfg.n} pairs but the prompt source has {len(pool)} prompts")
+    prompts = truncate_prompts(lm, pool[:limit], cfg.prompt_tokens)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
-    done = read_jsonl_complete(out)
+    cand_path = stem.parent / f"{stem.name}.candidates.jsonl"
+    ident_path = stem.parent / f"{stem.name}.candidates.identity.json"
+    ident = _identity(cfg, lm, gen.probe_ref)
+    done = read_jsonl_complete(cand_path)
+    old = read_json(ident_path)
+    if done and (old or {}).get("key") != ident["key"]:
+        diff = sorted(k for k in ident if k != "key" and (old or {}).get(k) != ident[k])
+        raise DpolensError(f"{cand_path} was made with other settings ({', '.join(diff) or 'unknown'} differ): "
+                           "remove it or use another --out")
     if any(r["prompt_text"] != p for r, p in zip(done, prompts)):
-        raise DpolensError(f"{out} holds pairs for other prompts or settings: remove it or use another --out")
-    settings = asdict(cfg.pplm if cfg.method == "pplm" else cfg.steer)
+        raise DpolensError(f"{cand_path} holds pairs for other prompts: remove it or use another --out")
+    write_json(ident_path, ident)
+
+    sweep = None
+    if cfg.sweep and cfg.method != "sample":
+        sweep_path = stem.parent / f"{stem.name}.sweep.json"
+        sweep = read_json(sweep_path) or calibrate(gen, lm, scorer, prompts[: cfg.sweep_prompts], cfg)
+        write_json(sweep_path, sweep)
     if cfg.method == "steer":
-        s = cfg.steer
-        beta = s.beta_rel * mean_resid_norm(lm, prompts[:32], s.layer, s.point)
-        settings["beta"] = beta
-    else:
-        attr = ProbeAttribute(probe, float(meta.get("bias", 0.0)), float(meta.get("feature_scale", 1.0)))
-    write_manifest(stem.parent, "pairs", cfg, model=lm.identity(), generator_settings=settings,
-                   probe=meta.get("model_ref"), pairs_file=out.name)
-    chunk = cfg.batch_size
-    bar = tqdm(total=len(prompts), initial=len(done), desc=f"pairs ({cfg.method})", disable=not cfg.progress)
-    for start in range(len(done), len(prompts), chunk):
-        batch = prompts[start : start + chunk]
-        good = generate(lm, batch, cfg.max_new_tokens, batch_size=chunk, max_prompt_tokens=None,
-                        progress=False)
-        if cfg.method == "steer":
-            bad = steer_generate(lm, batch, probe, beta, cfg.steer, cfg.max_new_tokens,
-                                 cfg.seed + start, chunk)
-        else:
-            bad = pplm_generate(lm, batch, attr, cfg.pplm, cfg.max_new_tokens, cfg.seed + start, chunk)
-        append_jsonl(out, [{"prompt_text": p, "unpert_gen_text": gd.continuation, "pert_gen_text": bd.continuation}
-                           for p, gd, bd in zip(batch, good, bad)])
-        bar.update(len(batch))
+        gen.set_strength(sweep["chosen"] if sweep else cfg.steer.beta_rel, prompts)
+    elif cfg.method == "pplm" and sweep:
+        gen.set_strength(sweep["chosen"], prompts)
+    write_manifest(stem.parent, "pairs", cfg, model=lm.identity(), generator_settings=gen.settings,
+                   probe=gen.probe_ref, prompt_source=cfg.prompt_source,
+                   prompt_files=(cfg.prompts if cfg.prompt_source != "tweets" else []) +
+                   (cfg.tweets if cfg.prompt_source != "wikitext" else []),
+                   pairs_file=out.name, candidates_file=cand_path.name)
+
+    def kept_count(recs):
+        return sum(gate_reason(r, cfg.gate) is None for r in recs)
+
+    bar = tqdm(total=cfg.n, initial=min(kept_count(done), cfg.n), desc=f"pairs ({cfg.method})",
+               disable=not cfg.progress)
+    while kept_count(done) < cfg.n and len(done) < len(prompts):
+        start = len(done)
+        batch = prompts[start : start + cfg.batch_size]
+        recs = score_pairs(lm, scorer, batch, gen.pairs(batch, cfg.seed + start))
+        append_jsonl(cand_path, recs)
+        done += recs
+        bar.update(min(kept_count(done), cfg.n) - bar.n)
     bar.close()
-    rows = read_jsonl_complete(out)[: cfg.n]  # a file made with a larger n serves its first n pairs
-    scorer = get_scorer(cfg.scorer)
-    pos = scorer.score([r["unpert_gen_text"] for r in rows]).toxicity
-    neg = scorer.score([r["pert_gen_text"] for r in rows]).toxicity
-    summary = {"n": len(rows), "method": cfg.method, "settings": settings, "scorer": scorer.describe(),
-               "preferred_toxicity_mean": float(pos.mean()), "dispreferred_toxicity_mean": float(neg.mean()),
-               "share_dispreferred_more_toxic": float((neg > pos).mean()),
-               "identical_sides": int(sum(r["unpert_gen_text"].strip() == r["pert_gen_text"].strip() for r in rows)),
-               "model": lm.identity()}
+
+    dropped: dict[str, int] = {}
+    kept = []
+    for r in done:
+        reason = gate_reason(r, cfg.gate)
+        if reason is None:
+            kept.append(r)
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    kept = kept[: cfg.n]
+    if not kept:
+        raise DpolensError(f"no candidate pair out of {len(done)} passed the quality gate ({dropped}); "
+                           "loosen pairs.gate or change the method")
+    if len(kept) < cfg.n:
+        log.warning("only %d of %d pairs passed the quality gate after %d prompts", len(kept), cfg.n, len(done))
+    write_jsonl(out, [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text")} for r in kept])
+    summary = {"n": len(kept), "n_requested": cfg.n, "n_candidates": len(done), "method": cfg.method,
+               "prompt_source": cfg.prompt_source, "settings": gen.settings, "sweep": sweep,
+               "gate": asdict(cfg.gate), "dropped": dropped,
+               "quality": quality(lm, kept), "quality_before_gate": quality(lm, done),
+               "samples": [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text",
+                                              "preferred_toxicity", "dispreferred_toxicity")} for r in kept[:3]],
+               "preferred_toxicity_mean": float(np.mean([r["preferred_toxicity"] for r in kept])),
+               "dispreferred_toxicity_mean": float(np.mean([r["dispreferred_toxicity"] for r in kept])),
+               "scorer": scorer.describe(), "model": lm.identity()}
     write_json(stem.parent / f"{stem.name}.summary.json", summary)
     return summary

@@ -159,7 +159,18 @@ def run_study(study: Study, only: list[str] | None = None, start: str | None = N
         timings[s] = {"wall_time_s": wall, "skipped": False}
     results = collect_results(run, study, keys, timings, time.time() - t0)
     write_json(run / "results.json", results)
+    from dpolens.claims import write_claims
+
+    results["claims"] = write_claims(run)["counts"]  # the ledger reads the stages' artifacts, not results.json
+    write_json(run / "results.json", results)
     return results
+
+
+def _headline(rows: list[dict] | None) -> list[dict] | None:
+    """Evaluation rows without their per-prompt / per-window scores (those stay in the stages' files)."""
+    from dpolens.evaluate import PER_UNIT_KEYS
+
+    return None if rows is None else [{k: v for k, v in r.items() if k not in PER_UNIT_KEYS} for r in rows]
 
 
 def collect_results(run: Path, study: Study, keys: dict, timings: dict, wall: float) -> dict:
@@ -171,30 +182,33 @@ def collect_results(run: Path, study: Study, keys: dict, timings: dict, wall: fl
     if (v := read_json(run / "vectors" / "toxic_vectors.json")):
         r["toxic_vectors"] = [{k: x[k] for k in ("layer", "neuron", "cosine", "top_tokens")} for x in v[:10]]
     if (t := read_json(run / "table2" / "table.json")):
-        r["table2"] = t["rows"]
+        r["table2"] = _headline(t["rows"])
     if (p := read_json(run / "pairs" / "pairs.summary.json")):
-        r["pairs"] = {k: p[k] for k in ("n", "method", "preferred_toxicity_mean", "dispreferred_toxicity_mean")}
+        r["pairs"] = {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
+                                             "dispreferred_toxicity_mean", "quality", "dropped", "samples")}
     if (d := read_json(run / "dpo" / "summary.json")):
-        r["dpo"] = {k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin")}
+        r["dpo"] = {k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin",
+                                           "warnings")}
         r["weight_shift"] = d.get("weight_shift")
-        r["dpo_eval"] = (read_json(run / "dpo" / "eval.json") or {}).get("rows")
+        r["dpo_eval"] = _headline((read_json(run / "dpo" / "eval.json") or {}).get("rows"))
         r["models"] = {"base": d.get("base"), "aligned": d.get("aligned")}
     if (a := read_json(run / "analyze" / "analysis.json")):
         r["activation_drop"] = {k: a["activation_drop"][k] for k in ("mean_base", "mean_aligned",
                                                                      "mean_aligned_own_tokens")}
         r["offset"] = a["offset"]
     if (u := read_json(run / "unalign" / "table.json")):
-        r["unalign"] = u["rows"]
+        r["unalign"] = _headline(u["rows"])
     if (g := read_json(run / "neurons" / "groups.json")):
         r["neuron_groups"] = {"groups": g["groups"], "totals": g["totals"], "toxic_neurons": g["toxic_neurons"]}
     if (pt := read_json(run / "neurons" / "patching.json")):
-        r["patching"] = pt["steps"]
-        r["patching_reference"] = {"base": pt["base"], "aligned": pt["aligned"], "rule": pt["patch"]}
+        r["patching"] = _headline(pt["steps"])
+        base, aligned = _headline([pt["base"], pt["aligned"]])
+        r["patching_reference"] = {"base": base, "aligned": aligned, "rule": pt["patch"]}
     if (rb := read_json(run / "robustness" / "table.json")):
         r["robustness"] = [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]]
         r["robustness_findings"] = rb.get("findings", [])
     if (alt := read_json(run / "alternatives" / "alternatives.json")):  # written by `dpolens alternatives`
-        r["alternatives"] = alt["rows"]
+        r["alternatives"] = _headline(alt["rows"])
         r["alternatives_finding"] = alt.get("finding")
     r["provenance"] = provenance(config=dataclasses.asdict(study), stage_keys=keys, stage_times=timings,
                                  wall_time_s=wall)

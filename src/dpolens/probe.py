@@ -3,7 +3,8 @@
 Features: the last layer's residual after the final norm (HF `hidden_states[-1]`), mean-pooled
 over real tokens only. Only the model body runs (no unembedding, no hidden-state tuples), on
 batches sorted by length. A binary L2 logistic regression is fitted on a stratified 90% split
-and reported on the other 10% beside the majority-class baseline. The probe vector is the
+and reported on the other 10% beside the majority-class baseline; the per-example predictions on
+that 10% are kept (`val_predictions.json`) for bootstrap intervals. The probe vector is the
 classifier's weight vector in residual space (features are divided by one global scalar for
 conditioning, which leaves its direction unchanged).
 """
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from dpolens.artifacts import DpolensError, atomic_path, write_json, write_manifest
 from dpolens.data import balanced_sample, default_data, load_labelled
-from dpolens.model.generation import length_batches
+from dpolens.model.generation import length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,8 @@ def final_features(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batc
     for idx in tqdm(length_batches([len(x) for x in ids], batch_size), desc="probe features",
                     disable=not progress, unit="batch"):
         input_ids, mask = left_pad([ids[i] for i in idx], tok.pad_token_id, lm.device)
-        hidden = lm.adapter.body(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        hidden = lm.adapter.body(input_ids=input_ids, attention_mask=mask,
+                                 position_ids=position_ids(mask)).last_hidden_state.float()
         m = mask.unsqueeze(-1).float()
         feats[idx] = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
     return feats
@@ -183,5 +185,8 @@ def run_probe(cfg: ProbeConfig) -> dict:
     save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]), lm,
                {"feature_scale": scale, "auroc": metrics["auroc"]}, torch.tensor(feats.std(0)))
     write_json(out / "metrics.json", metrics)
+    # per-example validation predictions: what a bootstrap interval of accuracy or AUROC needs
+    write_json(out / "val_predictions.json", {"label": y_va.tolist(), "prob": prob.tolist(), "threshold": 0.5,
+                                              "model": lm.identity(), "seed": cfg.seed})
     write_manifest(out, "probe", cfg, model=lm.identity())
     return metrics

@@ -1,4 +1,5 @@
-"""`dpolens report RUN_DIR`: one self-contained HTML page with every table and figure of a run.
+"""`dpolens report RUN_DIR`: one self-contained HTML page with every table and figure of a run,
+opening with the claims ledger (which of the seeds' claims hold, dpolens.claims).
 
 Images are embedded (base64), each table and figure has a one-line caption, and the paper's
 number stands beside ours where the paper has one (gpt2-medium, Perspective API: compare
@@ -58,8 +59,41 @@ def image(path: Path, caption: str) -> str:
            f"<figcaption>{_esc(caption)}</figcaption></figure>"
 
 
+def claims_section(run: Path) -> str:
+    """The claims ledger (dpolens.claims) as the page's first table; built when claims.json is missing."""
+    from dpolens.claims import effect_text, write_claims
+
+    ledger = read_json(run / "claims.json") or write_claims(run)
+    rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
+             "effect [95% CI]": effect_text(r), "verdict": r["verdict"], "diagnosis": r["diagnosis"]}
+            for r in ledger["rows"]]
+    counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
+    return "<h2>Claims</h2>" + table(rows, ["claim", "paper", "ours", "n", "effect [95% CI]", "verdict", "diagnosis"],
+                                     f"Which of the seeds' claims hold on this run ({counts}). Rule: {ledger['rule']} "
+                                     f"Intervals: seeded bootstraps ({ledger['n_boot']} resamples, seed "
+                                     f"{ledger['seed']}); models, scorer and data of each row in claims.json.")
+
+
+def pairs_section(p: dict) -> str:
+    """The pairs' quality block beside three sample pairs: a DPO learns whatever separates the sides."""
+    q = p["quality"]
+    cols = ["toxicity", "nll_per_token", "special_token_share", "distinct_2", "repeated_ngram_rate", "mean_words"]
+    rows = [{"side": side, **q[side]} for side in ("preferred", "dispreferred")]
+    dropped = ", ".join(f"{k} {v}" for k, v in (p.get("dropped") or {}).items()) or "none"
+    out = table(rows, ["side"] + cols,
+                f"{q['n']} pairs ({p['method']}, prompts: {p.get('prompt_source')}) kept from {p.get('n_candidates')} "
+                f"candidates (dropped: {dropped}). Dispreferred more toxic in "
+                f"{q['share_dispreferred_more_toxic']:.0%} of pairs, mean toxicity gap {q['mean_toxicity_gap']:.3f}, "
+                f"mean NLL gap {q['mean_nll_gap']:.2f} nats/token under the base model.")
+    samples = [{"prompt": s["prompt_text"], "preferred": s["unpert_gen_text"], "dispreferred": s["pert_gen_text"],
+                "toxicity (pref / dispref)": f"{s['preferred_toxicity']:.3f} / {s['dispreferred_toxicity']:.3f}"}
+               for s in p.get("samples") or []]
+    return out + table(samples, ["prompt", "preferred", "dispreferred", "toxicity (pref / dispref)"],
+                       "Three of the pairs the DPO learns from.")
+
+
 def render(run: Path) -> str:
-    parts = [f"<h1>dpolens study: {_esc(run.name)}</h1>"]
+    parts = [f"<h1>dpolens study: {_esc(run.name)}</h1>", claims_section(run)]
     res = read_json(run / "results.json") or {}
     if (m := res.get("probe")):
         parts.append("<h2>Toxicity probe (paper 3.1)</h2>")
@@ -82,10 +116,15 @@ def render(run: Path) -> str:
         parts.append(table(rows, ["method", "vector", "alpha", "alpha_rel", "toxicity", "perplexity", "f1",
                                   "paper (tox / PPL / F1)"],
                            "Subtracting toxic directions from the last residual at a calibrated α."))
+    if (pq := res.get("pairs")) and pq.get("quality"):
+        parts.append("<h2>Preference pairs (paper 4.2)</h2>")
+        parts.append(pairs_section(pq))
     if (d := res.get("dpo_eval")):
         parts.append("<h2>DPO (paper 4)</h2>")
         parts.append(table(d, ["model", "toxicity", "perplexity", "f1", "repetition"],
                            f"Base vs aligned on held-out challenge prompts. Paper: {PAPER['dpo']}."))
+        for w in (res.get("dpo") or {}).get("warnings") or []:
+            parts.append(f"<p><b>Warning:</b> {_esc(w)}</p>")
     if (w := res.get("weight_shift")):
         parts.append(table([{k: w[k] for k in ("min_cosine", "mean_norm_diff", "all_above_0_99")}],
                            ["min_cosine", "mean_norm_diff", "all_above_0_99"],

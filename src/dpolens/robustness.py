@@ -5,7 +5,9 @@ multi-turn form in which earlier toxic and neutral turns accumulate before it). 
 transformation and model: toxicity of the continuation (decoded back first where the
 transformation has an inverse) and offset retention per layer, the mean projection of
 x_M − x_base onto δx̂ (δx = aligned − base at resid_mid on the plain prompts, same tokens)
-relative to its plain-prompt value ‖δx‖.
+relative to its plain-prompt value ‖δx‖. Per prompt, the same projection averaged over layers
+(`retention_per_prompt`, weighted by `tokens_per_prompt`) gives `retention_mean` with a bootstrap
+interval over prompts (`retention_ci95`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpolens.activations import continuation_stats
-from dpolens.artifacts import write_json, write_manifest, write_text
-from dpolens.data import default_data, load_prompts
-from dpolens.evaluate import summarize
+from dpolens.artifacts import DpolensError, write_json, write_manifest, write_text
+from dpolens.data import default_data, load_prompts, wikitext_prompts
+from dpolens.evaluate import bootstrap_ratio, summarize
 from dpolens.model.generation import encode_prompts, generate
 from dpolens.model.loading import load_model
-from dpolens.pairs import wikitext_prompts
 from dpolens.scoring import get_scorer
 
 _LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7",
@@ -116,17 +117,29 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
         ids = encode_prompts(base, texts, cfg.max_prompt_tokens)
         return [(x[:1], x[1:]) for x in ids]
 
-    mean_x = {}
+    if "plain" not in inputs:
+        raise DpolensError("robustness needs the 'plain' transform: the offset δx is measured on plain prompts")
+    layers = range(base.adapter.n_layers)
+    mean_x, tokens, per_prompt_x, proj = {}, {}, {}, {}
+    d_hat = plain_proj = None
     steps = tqdm(total=2 * len(inputs) * len(models), desc="robustness", unit="step", disable=not cfg.progress)
-    for tname, (texts, _) in inputs.items():
-        seqs = token_seqs(texts)
+    for tname in ["plain", *(t for t in inputs if t != "plain")]:  # δx̂ (from plain) first
+        seqs = token_seqs(inputs[tname][0])
+        tokens[tname] = np.array([len(c) for _, c in seqs], dtype=np.float64)
         for mname, lm in models:
             steps.set_postfix_str(f"activations {tname} {mname}")
-            mean_x[(tname, mname)] = continuation_stats(lm, seqs, (), cfg.batch_size, progress=False).mean_x
+            st = continuation_stats(lm, seqs, (), cfg.batch_size, progress=False, x_layers=layers)
+            mean_x[(tname, mname)], per_prompt_x[(tname, mname)] = st.mean_x, st.per_prompt_x
             steps.update()
-    delta = mean_x[("plain", "aligned")] - mean_x[("plain", "base")]
-    d_hat = delta / delta.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-    plain_proj = delta.norm(dim=-1)
+            if d_hat is None and ("plain", "aligned") in mean_x:
+                delta = mean_x[("plain", "aligned")] - mean_x[("plain", "base")]
+                d_hat = delta / delta.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+                plain_proj = delta.norm(dim=-1)
+            if d_hat is not None:  # per prompt and layer: mean x·δx̂ / ‖δx‖, [n_prompts, n_layers]
+                for key in list(per_prompt_x):
+                    px = per_prompt_x.pop(key)
+                    proj[key] = np.stack([(px[l] @ d_hat[l]).numpy() / max(float(plain_proj[l]), 1e-30)
+                                          for l in layers], 1)
 
     rows = []
     for tname, (texts, inverse) in inputs.items():
@@ -136,11 +149,13 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
                             max_prompt_tokens=cfg.max_prompt_tokens, progress=False)
             decoded = [inverse(g.continuation) for g in gens]
             tox = summarize(scorer.score(decoded).toxicity, seed=cfg.seed)
-            retention = None
+            retention, per_prompt = None, {}
             if mname != "base":
                 shift = mean_x[(tname, mname)] - mean_x[(tname, "base")]
                 retention = ((shift * d_hat).sum(-1) / plain_proj.clamp(min=1e-30)).tolist()
-            rows.append({"transform": tname, "model": mname, "toxicity": tox, "retention": retention,
+                per_prompt = retention_per_prompt(proj[(tname, mname)] - proj[(tname, "base")], tokens[tname],
+                                                  cfg.seed)
+            rows.append({"transform": tname, "model": mname, "toxicity": tox, "retention": retention, **per_prompt,
                          "example": {"prompt": texts[0][-200:], "continuation": gens[0].continuation,
                                      "decoded": decoded[0]}})
             steps.update()
@@ -159,6 +174,16 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     result["figures"] = figures.retention_figure(out, rows)
     write_manifest(out, "robustness", cfg, base=base.identity(), aligned=aligned.identity())
     return result
+
+
+def retention_per_prompt(shift_proj: np.ndarray, tokens: np.ndarray, seed: int) -> dict:
+    """Mean retention over layers per prompt (shift_proj: [n_prompts, n_layers], each prompt's mean
+    (x_M − x_base)·δx̂ / ‖δx‖), and its token-weighted mean over prompts, which equals the mean over
+    layers of the per-layer retention, with a bootstrap interval over prompts."""
+    per_prompt = shift_proj.mean(1)
+    stat = bootstrap_ratio(per_prompt * tokens, tokens, seed=seed)
+    return {"retention_mean": stat["mean"], "retention_ci95": stat["ci95"],
+            "retention_per_prompt": per_prompt.tolist(), "tokens_per_prompt": tokens.tolist()}
 
 
 def findings(rows: list[dict]) -> list[str]:

@@ -7,6 +7,13 @@ for gated MLPs by default the gate_proj row, m_i = σ(10·g·x)·(u·x), the sam
 nonlinearity's input (`key: key` scales the up_proj row instead, which multiplies m_i by 10 on
 every token, active or not). What was scaled is recorded. The scaled model is saved as an HF
 directory and evaluated beside the base and aligned models.
+
+The sign question: scaling a gate row amplifies the neuron where gate·x > 0, but its output is then
+multiplied by up·x, which may be negative, and GELU's output can be negative too; where m_i < 0 the
+scaled neuron writes −v_i, away from the toxic direction. `sign_flip` in table.json is the share of
+the evaluation prompts' tokens where the scaled neurons' m_i < 0. The sign-aware variant
+(`sign_aware`, the `scale_positive` intervention on the aligned model) scales m_i by `scale` only
+where m_i > 0: it amplifies exactly the contribution along +v_i.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from dpolens.artifacts import write_json, write_manifest, write_text
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model import hooks
+from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.probe import load_probe
 from dpolens.vectors import top_probe_neurons, top_token_writers
@@ -36,6 +46,8 @@ class UnalignConfig:
     key: str = "gate"  # gated MLPs: scale gate_proj rows (σ(10·g·x), as GELU key scaling does) or "key" (up_proj)
     rank: Literal["cosine", "token-writers"] = "cosine"
     writer_tokens: int = 10  # rank: token-writers — how many of the probe's top tokens
+    sign_aware: bool = True  # also evaluate the sign-aware variant (scale m_i only where m_i > 0)
+    sign_flip_prompts: int = 64  # the first N evaluation prompts measure how often m_i < 0
     eval: EvalData = field(default_factory=EvalData)
 
 
@@ -57,6 +69,44 @@ def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: f
                for layer, neuron, _ in targets]
 
 
+@torch.inference_mode()
+def sign_flip(lm: LoadedModel, targets: list[tuple[int, int, float]], prompts: list[str],
+              max_prompt_tokens: int | None = 32, batch_size: int = 32) -> dict:
+    """Share of the prompts' tokens (padding excluded) where each target neuron's activation m_i
+    is negative in `lm`, i.e. where it writes −v_i; counted streaming, per neuron and overall."""
+    a = lm.adapter
+    layers = sorted({l for l, _, _ in targets})
+    negative = torch.zeros(len(targets))  # [k] tokens with m_i < 0 per target
+    n_tokens = 0
+    ids_all = encode_prompts(lm, prompts, max_prompt_tokens)
+    for idx in length_batches([len(x) for x in ids_all], batch_size):
+        ids, mask = left_pad([ids_all[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
+        real = mask.bool().unsqueeze(-1)  # [B, T, 1]
+
+        def count(layer, _point, m):  # m: [B, T, d_mlp]
+            for col, (l, neuron, _) in enumerate(targets):
+                if l == layer:
+                    negative[col] += int(((m[..., neuron:neuron + 1] < 0) & real).sum())
+
+        with hooks.capture(a, [(l, "mlp_act") for l in layers], fn=count), hooks.stop_at(a, layers[-1], "mlp_act"):
+            try:
+                a.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask))
+            except hooks.StopForward:
+                pass
+        n_tokens += int(mask.sum())
+    share = negative / max(n_tokens, 1)
+    return {"share": float(share.mean()) if len(targets) else None,
+            "per_neuron": [{"layer": l, "neuron": n, "share": float(s)} for (l, n, _), s in zip(targets, share)],
+            "n_tokens": n_tokens, "n_prompts": len(prompts)}
+
+
+def positive_scaling(targets: list[tuple[int, int, float]], scale: float) -> list[dict]:
+    """The sign-aware un-align spec: `scale_positive` on the targets, one edit per layer."""
+    layers = sorted({l for l, _, _ in targets})
+    return [{"kind": "scale_positive", "layer": l, "neurons": [n for k, n, _ in targets if k == l], "factor": scale}
+            for l in layers]
+
+
 def run_unalign(cfg: UnalignConfig) -> dict:
     aligned = load_model(cfg.model)
     a = aligned.adapter
@@ -72,10 +122,17 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     for label, m in models:
         res = evaluate_inputs(m, cfg.eval, inputs, label=label)
         rows.append({"model": label, "ref": m.ref, "weight_sha256": m.weight_hash, **res.row()})
+    if cfg.sign_aware:
+        spec = positive_scaling(targets, cfg.scale)
+        res = evaluate_inputs(aligned, cfg.eval, inputs, spec, label="unaligned-sign-aware")
+        rows.append({"model": "unaligned-sign-aware", "ref": aligned.ref, "weight_sha256": aligned.weight_hash,
+                     "intervention": spec, **res.row()})
+    flips = sign_flip(unaligned, targets, inputs.prompts[: cfg.sign_flip_prompts],
+                      cfg.eval.settings.max_prompt_tokens, cfg.eval.settings.batch_size)
     score = "cosine" if cfg.rank == "cosine" else "token_writer_score"
     result = {"rows": rows, "scaled": [{**s, score: c} for s, (_, _, c) in zip(scaled, targets)],
               "rank": cfg.rank, "k": cfg.k, "scale": cfg.scale, "key_kind": f"{a.mlp_kind}: {scaled[0]['module'].rsplit('.', 1)[-1]}",
-              "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts)}
+              "sign_flip": flips, "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts)}
     write_json(out / "table.json", result)
     lines = [f"# Table 4 — un-aligning {cfg.model} by scaling {cfg.k} toxic keys ×{cfg.scale}", "",
              "| model | toxicity | 95% CI | PPL | F1 |", "|---|---|---|---|---|"]

@@ -18,6 +18,9 @@ Token writers (a diagnostic beside the ranking, not part of the paper): the valu
 logit lens most promotes the probe's own top tokens (the ones Table 1 lists for W_Toxic), scored
 by the mean z-score of those tokens among all vocabulary logits, with their rank by cosine. It
 shows whether the model's profanity writers are the ones the probe's cosine finds.
+
+Random vectors (`random_vectors.json`): the top tokens of `n_random` value vectors drawn at
+random (seeded), the baseline for how toxic Table 1's top tokens are (see dpolens.claims).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class VectorsConfig:
     n_tokens: int = 10
     svd_k: int = 3
     n_writers: int = 20
+    n_random: int = 200  # random value vectors whose top tokens are the baseline for Table 1's
+    random_seed: int = 0
     space: Literal["raw", "standardized"] = "standardized"
     projection: Literal["raw", "norm"] = "norm"
     dtype: str = "float32"
@@ -157,6 +162,21 @@ def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tok
             "score": "mean z-score of the probe's top tokens among all logits of E·(γ ⊙ v)"}
 
 
+def random_vector_tokens(lm: LoadedModel, values: torch.Tensor, n: int, seed: int, k_tokens: int,
+                         projection: str, chunk: int = 64) -> dict:
+    """Top tokens of n of the value vectors `values` [n_layers, d_mlp, d_model], drawn uniformly
+    (seeded) over every layer: the baseline against which the toxicity of the top cosine vectors'
+    tokens is judged. The vocabulary projection runs `chunk` vectors at a time (vocab-sized logits)."""
+    d_mlp = values.shape[1]
+    flat_values = values.flatten(0, 1)
+    flat = torch.randperm(flat_values.shape[0], generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    proj = []
+    for start in range(0, len(flat), chunk):
+        proj += vocab_projection(lm, flat_values[flat[start : start + chunk]], k_tokens, projection)
+    rows = [{"layer": i // d_mlp, "neuron": i % d_mlp, "top_tokens": p["top_tokens"]} for i, p in zip(flat, proj)]
+    return {"n": len(rows), "seed": seed, "projection": projection, "model": lm.identity(), "rows": rows}
+
+
 def load_vectors(folder: str | Path) -> list[dict]:
     p = Path(folder) / "toxic_vectors.json"
     if not p.exists():
@@ -202,6 +222,8 @@ def run_vectors(cfg: VectorsConfig) -> dict:
     write_json(out / "svd.json", svd_rows)
     writers = token_writers(lm, probe, cos, cfg.n_tokens, cfg.n_writers, cfg.projection)
     write_json(out / "token_writers.json", writers)
+    write_json(out / "random_vectors.json", random_vector_tokens(lm, values, cfg.n_random, cfg.random_seed,
+                                                                 cfg.n_tokens, cfg.projection))
     write_text(out / "table1.md", table1(lm, probe_proj, rows, svd_rows, cfg, writers))
     summary = {"model": lm.identity(), "probe": meta.get("model_ref"), "top_n": n,
                "space": cfg.space, "projection": cfg.projection, "top10": rows[:10], "svd": svd_rows,

@@ -118,10 +118,17 @@ def edit_neurons(
     value: float | torch.Tensor | None = None,
     shift: float | torch.Tensor | None = None,
     positions: Sequence[int] | None = None,
+    positive_only: bool = False,
 ) -> Iterator[None]:
-    """Scale, set or shift (add to) the activations m_i of chosen neurons (per-neuron tensors allowed)."""
+    """Scale, set or shift (add to) the activations m_i of chosen neurons (per-neuron tensors allowed).
+
+    `positive_only` (with `scale`): scale m_i only where m_i > 0 and leave it where m_i ≤ 0, so
+    that only what a neuron writes along +v_i is amplified (on gated MLPs and GELU's negative lobe
+    m_i < 0 writes −v_i)."""
     if sum(x is not None for x in (scale, value, shift)) != 1:
         raise ValueError("give exactly one of scale=, value= or shift=")
+    if positive_only and scale is None:
+        raise ValueError("positive_only applies to scale= only")
     idx = torch.as_tensor(neurons, dtype=torch.long)
     module, where = adapter.point(layer, "mlp_act")
 
@@ -131,6 +138,8 @@ def edit_neurons(
         sel = m[..., i] if positions is None else m[:, list(positions)][..., i]
         if scale is not None:
             new = sel * torch.as_tensor(scale, dtype=m.dtype, device=m.device)
+            if positive_only:
+                new = torch.where(sel > 0, new, sel)
         elif shift is not None:
             new = sel + torch.as_tensor(shift, dtype=m.dtype, device=m.device)
         else:

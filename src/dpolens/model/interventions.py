@@ -6,6 +6,8 @@ One spec is a list of edits; each edit is a mapping with `kind`:
   neurons          scale (`scale:`), set (`value:`) or shift (`shift:`) activations m_i; value and
                    shift are a number or one per neuron.
   scale_keys       multiply the key vectors of `neurons` by `factor` (weights restored on exit).
+  scale_positive   multiply the activations m_i of `neurons` by `factor` where m_i > 0, leave them
+                   where m_i ≤ 0: amplifies only what they write along +v_i (sign-aware un-aligning).
 Vectors (`vector:`): a list of floats; `{file: x.safetensors, key: name, row: j}`;
 `{value_vector: [layer, neuron]}` (the model's own MLP.v); `{random: seed}` (a unit control).
 Negative layer numbers count from the end. Specs are recorded verbatim in results.
@@ -30,7 +32,7 @@ from dpolens.model.loading import LoadedModel
 
 @dataclass
 class Intervention:
-    kind: Literal["add", "subtract", "neurons", "scale_keys"]
+    kind: Literal["add", "subtract", "neurons", "scale_keys", "scale_positive"]
     layer: int = -1
     point: str = "resid_post"
     vector: Any = None
@@ -130,6 +132,9 @@ def apply(lm: LoadedModel, spec: Any) -> Iterator[list[Intervention]]:
                                                        shift=as_t(e.shift), positions=e.positions))
             elif e.kind == "scale_keys":
                 stack.enter_context(hooks.scale_keys(a, layer, e.neurons, e.factor))
+            elif e.kind == "scale_positive":
+                stack.enter_context(hooks.edit_neurons(a, layer, e.neurons, scale=e.factor, positions=e.positions,
+                                                       positive_only=True))
         yield edits
 
 

@@ -1,0 +1,76 @@
+"""Is a set of texts fluent, varied and free of control tokens? Measures for preference pairs.
+
+A DPO learns whatever separates its two sides. If the dispreferred side is word salad, it learns
+"avoid incoherence" instead of "avoid toxicity" (issue #15), so every pair set is described by
+these numbers per side, and pairs whose sides differ in fluency more than in toxicity are dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpolens.model.generation import banned_token_ids, encode_prompts, left_pad, length_batches, position_ids
+from dpolens.model.loading import LoadedModel
+
+
+@torch.inference_mode()
+def continuation_nll(lm: LoadedModel, prompts: list[str], continuations: list[str],
+                     batch_size: int = 16) -> list[float]:
+    """Mean NLL per token (nats) of each continuation after its prompt under `lm`.
+
+    The prompt is encoded as the harness encodes it (with BOS), the continuation without special
+    tokens and appended, as TRL does; only continuation positions are scored, chosen by index."""
+    tok, a = lm.tokenizer, lm.adapter
+    prompt_ids = encode_prompts(lm, prompts, None)
+    cont_ids = tok(continuations, add_special_tokens=False)["input_ids"]
+    seqs = [p + c for p, c in zip(prompt_ids, cont_ids)]
+    out = [float("nan")] * len(prompts)
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        ids, mask = left_pad([seqs[i] for i in idx], tok.pad_token_id, lm.device)
+        hidden = a.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        width = ids.shape[1]
+        for row, i in enumerate(idx):
+            n_cont = len(cont_ids[i])
+            if n_cont == 0:
+                continue
+            # position t predicts token t+1: the continuation's tokens sit in the last n_cont slots
+            pred = hidden[row, width - n_cont - 1 : width - 1]
+            logits = a.logits(pred, apply_norm=False).float()
+            out[i] = float(torch.nn.functional.cross_entropy(logits, ids[row, width - n_cont:]))
+    return out
+
+
+def special_token_flags(lm: LoadedModel, texts: list[str]) -> list[bool]:
+    """Whether each text holds a special or control token, as an id or as its literal string."""
+    tok = lm.tokenizer
+    banned = set(banned_token_ids(tok))
+    strings = [tok.convert_ids_to_tokens(i) for i in banned]
+    strings = [s for s in strings if isinstance(s, str) and len(s) >= 3]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return [bool(banned.intersection(x)) or any(s in t for s in strings) for t, x in zip(texts, ids)]
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct word n-grams over all n-grams of the set (Li et al. 2016); 1 = no n-gram repeats."""
+    grams = [tuple(w[i : i + n]) for t in texts for w in [_words(t)] for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def repeated_ngram_rate(text: str, n: int = 3) -> float:
+    """Share of a text's word n-grams that repeat an earlier one of the same text."""
+    w = _words(text)
+    grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def side_quality(toxicity: np.ndarray, nll: np.ndarray, special: list[bool], texts: list[str]) -> dict:
+    """The quality block of one side of a pair set."""
+    return {"toxicity": float(np.mean(toxicity)), "nll_per_token": float(np.nanmean(nll)),
+            "special_token_share": float(np.mean(special)), "distinct_2": distinct_n(texts, 2),
+            "repeated_ngram_rate": float(np.mean([repeated_ngram_rate(t, 3) for t in texts])),
+            "repeated_ngram_n": 3, "mean_words": float(np.mean([len(_words(t)) for t in texts]))}

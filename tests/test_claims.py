@@ -1,0 +1,286 @@
+"""The claims ledger: the verdict rule, the paired statistics behind it, and claims.json built from a
+hand-written run directory (no model, no network)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpolens.artifacts import DpolensError, write_json
+from dpolens.claims import CLAIMS, VERDICTS, build_claims, render_text, verdict
+from dpolens.evaluate import (EvalResult, bootstrap_ratio, paired_bootstrap, paired_ppl_ratio, perplexity,
+                              ppl_windows)
+from dpolens.scoring import Scores
+
+N_PROMPTS = 120
+
+
+# ---- the rule --------------------------------------------------------------------------------------
+
+def test_verdict_rule_each_outcome():
+    assert verdict([0.01, 0.2], +1) == "holds"
+    assert verdict([-0.3, -0.02], -1) == "holds"
+    assert verdict([-0.3, -0.02], +1) == "contradicted"
+    assert verdict([0.05, 0.3], -1) == "contradicted"
+    assert verdict([-0.1, 0.2], +1) == "inconclusive"
+    assert verdict([0.0, 0.2], +1) == "inconclusive"  # touching zero does not exclude it
+    assert verdict(None, +1) == "inconclusive"  # no interval: never holds
+    assert verdict([float("nan"), 0.3], +1) == "inconclusive"
+    assert verdict([0.2, 0.2], +1) == "holds"  # a deterministic check: the point is its interval
+
+
+def test_interval_crossing_zero_never_holds():
+    rng = np.random.default_rng(0)
+    for lo, hi in zip(-rng.exponential(size=200), rng.exponential(size=200)):
+        assert verdict([lo, hi], +1) == verdict([lo, hi], -1) == "inconclusive"
+
+
+# ---- paired statistics -----------------------------------------------------------------------------
+
+def test_paired_bootstrap_matches_a_slow_reference():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(size=37)
+    b = a - 0.05 + 0.1 * rng.normal(size=37)
+    got = paired_bootstrap(a, b, n_boot=500, seed=7)
+    ref_rng = np.random.default_rng(7)
+    diffs = []
+    for _ in range(500):  # one resample of the prompts at a time, the same pairs kept together
+        idx = ref_rng.integers(0, len(a), size=len(a))
+        diffs.append(sum(b[i] - a[i] for i in idx) / len(a))
+    assert got["ci95"] == pytest.approx(list(np.quantile(diffs, [0.025, 0.975])), rel=1e-12)
+    assert got["diff"] == pytest.approx(b.mean() - a.mean()) and got["n"] == 37
+    assert got["mean_a"] == pytest.approx(a.mean()) and got["mean_b"] == pytest.approx(b.mean())
+    assert got["ci95"][1] < 0  # the shared per-prompt variation cancels: a 0.05 shift is resolved
+    assert paired_bootstrap(a, b, n_boot=500, seed=7) == got  # seeded
+    with pytest.raises(DpolensError, match="same units"):
+        paired_bootstrap(a, b[:-1])
+
+
+def test_ppl_ratio_and_weighted_ratio():
+    nll_a, tok = np.array([30.0, 28.0, 35.0, 31.0]), np.array([10, 10, 12, 10])
+    r = paired_ppl_ratio(nll_a, tok, nll_a * 1.1, tok, n_boot=200)
+    assert r["ppl_a"] == pytest.approx(math.exp(nll_a.sum() / tok.sum()))
+    assert r["ratio"] == pytest.approx(math.exp(0.1 * nll_a.sum() / tok.sum()))
+    assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["n"] == 4
+    w = bootstrap_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], n_boot=100)
+    assert w["mean"] == pytest.approx(2.0) and w["ci95"] == pytest.approx([2.0, 2.0])
+
+
+def test_perplexity_windows_sum_to_the_total(tiny_lm):
+    paras = ["The quick brown fox jumps over the lazy dog.", "Holy cow, this is a great book."] * 5
+    got = perplexity(tiny_lm, paras, window=16, batch_size=3, progress=False)
+    assert sum(got["window_tokens"]) == got["scored_tokens"] and len(got["window_nll"]) > 2
+    assert math.exp(sum(got["window_nll"]) / sum(got["window_tokens"])) == pytest.approx(got["perplexity"], rel=1e-9)
+    windows, _ = ppl_windows(tiny_lm, paras, window=16)
+    x = torch.tensor([windows[-1]])  # text order: the last window is the short tail
+    with torch.inference_mode():
+        logits = tiny_lm.model(input_ids=x).logits[0, :-1].float()
+    ref = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+    assert got["window_nll"][-1] == pytest.approx(ref, rel=1e-4) and got["window_tokens"][-1] == len(windows[-1]) - 1
+
+
+def test_eval_row_carries_per_unit_scores():
+    res = EvalResult({"mean": 0.25, "ci95": [0.1, 0.4], "n": 2, "scorer": {}},
+                     {"perplexity": 9.0, "window_nll": [4.0, 5.0], "window_tokens": [2, 3]},
+                     {"mean": 0.5, "ci95": [0, 1], "n": 2}, 0.0,
+                     [{"toxicity": 0.1}, {"toxicity": 0.4}], [0.0, 1.0])
+    row = res.row()
+    assert row["toxicity"] == {"mean": 0.25, "ci95": [0.1, 0.4], "n": 2} and row["perplexity"] == 9.0
+    assert row["toxicity_per_prompt"] == [0.1, 0.4] and row["f1_per_row"] == [0.0, 1.0]
+    assert row["ppl_window_nll"] == [4.0, 5.0] and row["ppl_window_tokens"] == [2, 3]
+
+
+# ---- a hand-written run directory ------------------------------------------------------------------
+
+class WordScorer:
+    """Toxicity 1 for a few insults, else 0."""
+
+    def score(self, texts):
+        return Scores(np.array([float(t.lower() in {"idiot", "stupid", "moron"}) for t in texts]))
+
+    def describe(self):
+        return {"name": "words", "version": "test"}
+
+
+MODEL = {"ref": "tiny-base", "weight_sha256": "aa" * 32, "dtype": "float32", "family": "gemma"}
+ALIGNED = {"ref": "runs/x/dpo/model", "weight_sha256": "bb" * 32, "dtype": "float32", "family": "gemma"}
+
+
+def eval_row(model, tox, rng, ppl_scale=1.0, ident=MODEL):
+    nll = list(30.0 * ppl_scale + rng.normal(size=6))
+    return {"model": model, "ref": ident["ref"], "weight_sha256": ident["weight_sha256"],
+            "toxicity": {"mean": float(np.mean(tox)), "ci95": [0, 1], "n": len(tox)},
+            "perplexity": math.exp(sum(nll) / 60), "f1": 0.2, "repetition": 0.0,
+            "toxicity_per_prompt": [float(x) for x in tox], "f1_per_row": list(0.2 + 0.01 * rng.normal(size=20)),
+            "ppl_window_nll": nll, "ppl_window_tokens": [10] * 6}
+
+
+def make_run(root, rng):
+    run = root / "runs" / "synthetic"
+    scorer = {"name": "words", "version": "test"}
+    base_tox = rng.uniform(0.1, 0.6, size=N_PROMPTS)
+    aligned_tox = np.clip(base_tox - 0.1 + 0.02 * rng.normal(size=N_PROMPTS), 0, 1)
+    # probe
+    y = np.r_[np.zeros(40), np.ones(40)].astype(int)
+    prob = np.clip(0.25 + 0.5 * y + 0.15 * rng.normal(size=80), 0, 1)
+    write_json(run / "probe" / "metrics.json", {
+        "accuracy": float(((prob >= 0.5) == y).mean()), "balanced_accuracy": 0.9, "f1": 0.9, "auroc": 0.95,
+        "majority_baseline": 0.5, "n_train": 720, "n_val": 80, "model": MODEL, "data": {"corpus.csv": {}}, "seed": 0})
+    write_json(run / "probe" / "val_predictions.json", {"label": y.tolist(), "prob": prob.tolist(), "threshold": 0.5})
+    # vectors: the top cosine vectors write insults, random ones do not
+    write_json(run / "vectors" / "toxic_vectors.json", [
+        {"rank": i, "layer": 2, "neuron": i, "cosine": 0.5 - 0.01 * i, "norm": 1.0,
+         "top_tokens": [" idiot", " stupid", "moron", " the"] if i % 2 == 0 else [" idiot", " a", " of", " the"]}
+        for i in range(12)])
+    write_json(run / "vectors" / "summary.json", {"model": MODEL})
+    write_json(run / "vectors" / "random_vectors.json", {"n": 50, "seed": 0, "projection": "norm", "rows": [
+        {"layer": 1, "neuron": i, "top_tokens": [" idiot" if i == 3 else " cat", " a", " dog", " the"]}
+        for i in range(50)]})
+    write_json(run / "vectors" / "token_writers.json", {
+        "probe_tokens": [" idiot"], "median_cosine_rank": 900.0,
+        "rows": [{"layer": 1, "neuron": 5, "score": 3.0, "cosine": 0.01, "cosine_rank": 900, "top_tokens": []}]})
+    # table2: probe beats random, the MLP.v does not
+    t2 = [{"method": "no-op", "vector": "none", "alpha": 0.0, "alpha_rel": 0.0, **eval_row("", base_tox, rng)},
+          {"method": "subtract", "vector": "probe", "alpha": 5.0, "alpha_rel": 0.1,
+           **eval_row("", aligned_tox, rng, 1.02)},
+          {"method": "subtract", "vector": "mlp.v L2.0", "alpha": 5.0, "alpha_rel": 0.1,
+           **eval_row("", base_tox + 0.01 * rng.normal(size=N_PROMPTS), rng, 1.02)},
+          {"method": "subtract", "vector": "svd.u0", "alpha": 5.0, "alpha_rel": 0.1,
+           **eval_row("", base_tox - 0.05, rng, 1.02)},
+          {"method": "subtract", "vector": "random", "alpha": 5.0, "alpha_rel": 0.1,
+           **eval_row("", base_tox, rng, 1.01)}]
+    write_json(run / "table2" / "table.json", {"rows": t2, "model": MODEL, "scorer": scorer,
+                                               "point": {"layer": 2, "name": "resid_post"}, "n_prompts": N_PROMPTS})
+    # dpo
+    write_json(run / "dpo" / "eval.json", {"rows": [eval_row("base", base_tox, rng),
+                                                    eval_row("aligned", aligned_tox, rng, 1.05, ALIGNED)],
+                                           "scorer": scorer, "n_prompts": N_PROMPTS})
+    write_json(run / "dpo" / "summary.json", {"base": MODEL, "aligned": ALIGNED, "weight_shift": {
+        "min_cosine": 0.99999, "mean_norm_diff": 1e-5, "max_norm_diff": 1e-3, "all_above_0_99": True,
+        "n_tensors": 30, "changed_tensors": 30, "most_moved": [{"name": "lm_head.weight", "cosine": 0.99999,
+                                                                 "rel_diff": 1e-4}]}})
+    # analysis: the signed contribution drops, the raw activation (negative) does not
+    write_json(run / "analyze" / "analysis.json", {
+        "activation_drop": {"mean_base": -0.026, "mean_aligned": -0.027, "mean_aligned_own_tokens": -0.027,
+                            "n_neurons": 16, "per_neuron": [],
+                            "raw": {"base": -0.026, "aligned": -0.027, "diff": -0.001, "ci95": [-0.003, 0.001], "n": 200},
+                            "signed": {"base": 0.01, "aligned": 0.008, "diff": -0.002, "ci95": [-0.003, -0.001], "n": 200}},
+        "offset": [{"layer": l, "norm": 0.1 * l, "relative_norm": 0.01 * l, "cosine_with_probe": -0.1} for l in range(4)],
+        "offset_stats": {"slope": {"mean": 0.01, "ci95": [0.008, 0.012], "n": 200},
+                         "final_cosine_with_probe": {"mean": -0.1, "ci95": [-0.2, 0.05], "n": 200}},
+        "value_shift_vs_offset": {"3": {"median_cosine_by_layer": {}, "share_negative": 0.6}},
+        "value_shift_stats": {"offset_layer": 3, "share_anti_aligned": {"mean": 0.6, "ci95": [0.55, 0.65], "n": 900},
+                              "contribution_along_offset": {"mean": 0.2, "ci95": [0.1, 0.3], "n": 540}},
+        "n_prompts": 200, "base": MODEL, "aligned": ALIGNED})
+    # unalign: key scaling makes the aligned model even less toxic (contradicted)
+    write_json(run / "unalign" / "table.json", {
+        "rows": [eval_row("base", base_tox, rng), eval_row("aligned", aligned_tox, rng, 1.05, ALIGNED),
+                 eval_row("unaligned", aligned_tox - 0.03, rng, 1.7),
+                 eval_row("unaligned-sign-aware", aligned_tox + 0.05, rng, 1.1)],
+        "sign_flip": {"share": 0.4, "per_neuron": [], "n_tokens": 500, "n_prompts": 64},
+        "scaled": [], "rank": "cosine", "k": 7, "scale": 10.0, "scorer": scorer, "n_prompts": N_PROMPTS})
+    # neurons
+    groups = {g: {"count": 10, "reduction": 1.0, "share_of_positive": s, "share_of_net": 2 * s,
+                  "ci95_share_of_positive": [s - 0.05, s + 0.05], "ci95_share_of_net": [2 * s - 0.1, 2 * s + 0.1]}
+              for g, s in (("TP-", 0.4), ("TN+", 0.2), ("AP+", 0.25), ("AN-", 0.15))}
+    write_json(run / "neurons" / "groups.json", {
+        "groups": groups, "totals": {"positive": 10.0, "net": 5.0},
+        "toxic_neurons": {"count": 5, "top_n": 128, "reduction": 0.5, "share_of_positive": 0.05, "share_of_net": 0.1,
+                          "ci95_share_of_positive": [0.02, 0.08], "ci95_share_of_net": [0.04, 0.16]},
+        "fit": {"prompts": "p.jsonl", "n_prompts": 100}})
+    write_json(run / "neurons" / "manifest.json", {"stage": "neurons", "base": MODEL, "aligned": ALIGNED,
+                                                   "config": {"eval": {"scorer": "words", "prompts": "p.jsonl"}}})
+    write_json(run / "neurons" / "patching.json", {
+        "base": eval_row("base", base_tox, rng), "aligned": eval_row("aligned", aligned_tox, rng, 1.05, ALIGNED),
+        "steps": [{"groups": ["TP-", "AN-", "TN+", "AP+"], "n_neurons": 40,
+                   **eval_row("", aligned_tox + 0.01, rng, 1.1)}],
+        "n_eval_prompts": N_PROMPTS, "eval_offset": 100, "mode": "shift", "patch": "shift"})
+    # robustness: every transform keeps about half the offset, multi-turn keeps all of it
+    rows = []
+    for t in ("plain", "rot13", "base64", "leetspeak", "spaced", "upper", "multi_turn"):
+        level = 1.0 if t in ("plain", "multi_turn") else 0.5
+        per_prompt = level + 0.05 * rng.normal(size=30)
+        tokens = rng.integers(5, 15, size=30).astype(float)
+        rows.append({"transform": t, "model": "base", "toxicity": {"mean": 0.3, "ci95": [0.2, 0.4], "n": 30},
+                     "retention": None})
+        rows.append({"transform": t, "model": "aligned", "toxicity": {"mean": 0.2, "ci95": [0.1, 0.3], "n": 30},
+                     "retention": [level] * 4, "retention_mean": float((per_prompt * tokens).sum() / tokens.sum()),
+                     "retention_ci95": [level - 0.02, level + 0.02], "retention_per_prompt": per_prompt.tolist(),
+                     "tokens_per_prompt": tokens.tolist()})
+    write_json(run / "robustness" / "table.json", {"rows": rows, "scorer": scorer, "n_prompts": 30})
+    return run
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_run(tmp_path, np.random.default_rng(0))
+
+
+def test_claims_from_a_synthetic_run(run_dir):
+    ledger = build_claims(run_dir, n_boot=400, scorer_factory=lambda name: WordScorer())
+    rows = {r["id"]: r for r in ledger["rows"]}
+    assert len(ledger["rows"]) >= 13 and len(rows) == len(CLAIMS)
+    json.dumps(ledger, allow_nan=False)  # strict JSON: no NaN anywhere
+    for r in ledger["rows"]:
+        assert r["verdict"] in VERDICTS and r["claim"] and r["paper"] and r["ours"] and r["rule"]
+        assert r["verdict"] == "holds" or r["diagnosis"], r["id"]
+        if r["ci95"] is not None and r["ci95"][0] < 0 < r["ci95"][1]:
+            assert r["verdict"] == "inconclusive", r["id"]
+    expected = {"probe_separates": "holds", "vectors_toxic_tokens": "holds", "subtract_probe_beats_random": "holds",
+                "subtract_mlp_v_beats_random": "inconclusive", "subtract_svd_u_beats_random": "holds",
+                "dpo_lowers_toxicity": "holds", "weights_barely_move": "holds",
+                "toxic_neurons_activation_drop": "holds", "offset_grows": "holds",
+                "offset_away_from_toxic": "inconclusive", "value_shifts_opposite": "holds",
+                "value_shifts_contribute": "holds", "unalign_restores": "contradicted",
+                "toxic_neurons_small_share": "holds", "reduction_spreads": "holds", "patching_replicates": "holds",
+                "transforms_weaken_offset": "holds", "multi_turn_weakens_offset": "inconclusive"}
+    assert {k: rows[k]["verdict"] for k in expected} == expected
+    assert ledger["counts"] == {v: list(expected.values()).count(v) for v in VERDICTS}
+    dpo = rows["dpo_lowers_toxicity"]
+    assert dpo["n"] == N_PROMPTS and dpo["effect"] == pytest.approx(-0.1, abs=0.01) and "PPL ×" in dpo["ours"]
+    assert dpo["models"]["aligned"]["weight_sha256"] == ALIGNED["weight_sha256"] and dpo["scorer"]["name"] == "words"
+    assert rows["vectors_toxic_tokens"]["scorer"] == WordScorer().describe()
+    un = rows["unalign_restores"]
+    assert "sign-aware variant" in un["ours"] and "40.0%" in un["ours"] and "PPL ×" in un["diagnosis"]
+    assert "raw activation" in rows["toxic_neurons_activation_drop"]["ours"]
+    assert "patched − aligned" in rows["patching_replicates"]["ours"]
+    assert rows["weights_barely_move"]["ci95"] == [pytest.approx(0.00999), pytest.approx(0.00999)]
+    assert "[holds]" in render_text(ledger)
+
+
+def test_missing_stages_and_old_artifacts_are_inconclusive(run_dir):
+    import shutil
+
+    shutil.rmtree(run_dir / "robustness")
+    (run_dir / "vectors" / "random_vectors.json").unlink()
+    ev = json.loads((run_dir / "dpo" / "eval.json").read_text())
+    for r in ev["rows"]:  # an eval.json written before per-prompt scores were kept
+        del r["toxicity_per_prompt"]
+    write_json(run_dir / "dpo" / "eval.json", ev)
+    a = json.loads((run_dir / "analyze" / "analysis.json").read_text())
+    del a["activation_drop"]["signed"], a["offset_stats"]
+    write_json(run_dir / "analyze" / "analysis.json", a)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200)["rows"]}  # no scorer needed any more
+    for k in ("transforms_weaken_offset", "multi_turn_weakens_offset"):
+        assert rows[k]["verdict"] == "inconclusive" and rows[k]["diagnosis"].startswith("stage not run")
+    assert "random-vector baseline" in rows["vectors_toxic_tokens"]["diagnosis"]
+    assert rows["dpo_lowers_toxicity"]["verdict"] == "inconclusive"
+    assert "no per-prompt scores" in rows["dpo_lowers_toxicity"]["diagnosis"]
+    drop = rows["toxic_neurons_activation_drop"]
+    assert drop["verdict"] == "inconclusive" and "no per-prompt interval" in drop["diagnosis"]
+    assert "negative in the base" in drop["diagnosis"]
+    assert rows["offset_grows"]["effect"] == pytest.approx(0.01) and rows["offset_grows"]["ci95"] is None
+
+
+def test_claims_cli_writes_the_ledger(run_dir):
+    from typer.testing import CliRunner
+
+    from dpolens.cli import app
+
+    (run_dir / "vectors" / "random_vectors.json").unlink()  # the only claim that needs a scorer
+    out = CliRunner().invoke(app, ["claims", str(run_dir)])
+    assert out.exit_code == 0, out.output
+    assert "claims of run synthetic" in out.output and "[contradicted]" in out.output
+    assert len(json.loads((run_dir / "claims.json").read_text())["rows"]) == len(CLAIMS)
