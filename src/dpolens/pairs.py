@@ -5,7 +5,7 @@ Three generators:
   pplm    the paper's: preferred = the base model's greedy continuation of a WikiText-2 prompt,
           dispreferred = PPLM (Dathathri et al. 2019) with the probe as the attribute model: at
           every step the KV cache is perturbed by gradient steps on −log p(toxic | mean final
-          hidden state) + kl_scale · KL(p_unpert ‖ p_pert); the next token is sampled from
+          hidden state) + kl_scale · KL(p_pert ‖ p_unpert); the next token is sampled from
           p_pert^gm · p_unpert^(1−gm), top-k filtered. Paper defaults (Table 6).
   steer   preferred greedy as above, dispreferred sampled with +β·ŵ added to one layer's residual.
   sample  on-policy, as RLHF preference data is made: n samples of the base model per prompt,
@@ -96,9 +96,9 @@ class PairsConfig:
     probe: str = "runs/probe"  # the attribute / steering direction (pplm, steer)
     method: Literal["pplm", "steer", "sample"] = "steer"
     prompt_source: Literal["wikitext", "tweets", "both"] = "wikitext"
+    # WikiText-2 validation only: the test split is the perplexity text
     prompts: list[str] = field(default_factory=lambda: [
-        default_data("wikitext-2-raw/wikitext-2-raw-v1-validation.parquet"),
-        default_data("wikitext-2-raw/wiki.test.raw")])
+        default_data("wikitext-2-raw/wikitext-2-raw-v1-validation.parquet")])
     # tweet prefixes (first half of each tweet) of labelled corpora; never the evaluation prompts
     tweets: list[str] = field(default_factory=lambda: [
         default_data("toxic-corpora/davidson_labeled_data.csv"),
@@ -260,7 +260,7 @@ def _pplm_batches(lm, prompts, prompt_ids, attr, s, max_new_tokens, gen, banned,
                     if s.kl_scale > 0:
                         p_safe = probs + (probs <= 1e-10).float() * 1e-10
                         u_safe = unpert_probs + (unpert_probs <= 1e-10).float() * 1e-10
-                        loss = loss + s.kl_scale * (u_safe * (u_safe / p_safe).log()).sum()
+                        loss = loss + s.kl_scale * (p_safe * (p_safe / u_safe).log()).sum()
                     grads = torch.autograd.grad(loss, [t for pair in leaves for t in pair], allow_unused=True)
                 new = []
                 for j, (dk, dv) in enumerate(leaves):

@@ -97,7 +97,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
                  banned: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Sampled decoding with the KV cache; returns [batch, max_new_tokens] ids (pad after EOS)."""
+    """Sampled decoding with the KV cache; returns [batch, steps <= max_new_tokens] ids (pad after
+    EOS). Greedy decoding stays with transformers' generate, which measured faster here
+    (benchmarks/bench_generation.py)."""
     tok = lm.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
     seen = input_ids  # repetition penalty: every token of the prompt and the continuation so far
