@@ -109,7 +109,7 @@ ALIGNED = {"ref": "runs/x/dpo/model", "weight_sha256": "bb" * 32, "dtype": "floa
 
 
 def eval_row(model, tox, rng, ppl_scale=1.0, ident=MODEL):
-    nll = list(30.0 * ppl_scale + rng.normal(size=6))
+    nll = list(30.0 * ppl_scale + 0.05 * rng.normal(size=6))
     return {"model": model, "ref": ident["ref"], "weight_sha256": ident["weight_sha256"],
             "toxicity": {"mean": float(np.mean(tox)), "ci95": [0, 1], "n": len(tox)},
             "perplexity": math.exp(sum(nll) / 60), "f1": 0.2, "repetition": 0.0,
@@ -155,7 +155,7 @@ def make_run(root, rng):
                                                "point": {"layer": 2, "name": "resid_post"}, "n_prompts": N_PROMPTS})
     # dpo
     write_json(run / "dpo" / "eval.json", {"rows": [eval_row("base", base_tox, rng),
-                                                    eval_row("aligned", aligned_tox, rng, 1.05, ALIGNED)],
+                                                    eval_row("aligned", aligned_tox, rng, 1.02, ALIGNED)],
                                            "scorer": scorer, "n_prompts": N_PROMPTS})
     write_json(run / "dpo" / "summary.json", {"base": MODEL, "aligned": ALIGNED, "weight_shift": {
         "min_cosine": 0.99999, "mean_norm_diff": 1e-5, "max_norm_diff": 1e-3, "all_above_0_99": True,
@@ -284,3 +284,16 @@ def test_claims_cli_writes_the_ledger(run_dir):
     assert out.exit_code == 0, out.output
     assert "claims of run synthetic" in out.output and "[contradicted]" in out.output
     assert len(json.loads((run_dir / "claims.json").read_text())["rows"]) == len(CLAIMS)
+
+
+def test_perplexity_cost_blocks_holds(tmp_path):
+    """A toxicity reduction bought with perplexity ×1.5 is not the paper's "small cost": never `holds`."""
+    rng = np.random.default_rng(1)
+    run = tmp_path / "run"
+    base_tox = rng.uniform(0.1, 0.6, size=N_PROMPTS)
+    write_json(run / "dpo" / "eval.json", {"rows": [eval_row("base", base_tox, rng),
+                                                    eval_row("aligned", base_tox - 0.1, rng, 1.5, ALIGNED)],
+                                           "scorer": {"name": "words"}, "n_prompts": N_PROMPTS})
+    rows = {r["id"]: r for r in build_claims(run, n_boot=200)["rows"]}
+    row = rows["dpo_lowers_toxicity"]
+    assert row["ci95"][1] < 0 and row["verdict"] == "inconclusive" and "perplexity" in row["diagnosis"]

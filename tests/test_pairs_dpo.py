@@ -80,10 +80,11 @@ def test_pairs_stage_resumes(tiny_dirs, tmp_path, probe_and_text, method, jigsaw
         cands = [json.loads(l) for l in (tmp_path / method / "pairs.candidates.jsonl").read_text().splitlines()]
         assert all(c["dispreferred_toxicity"] >= c["preferred_toxicity"] for c in cands)
     assert json.loads((tmp_path / method / "manifest.json").read_text())["config"]["method"] == method
-    # interrupted after 4 candidates (and a torn line): the re-run keeps them and gives the same pairs
+    # interrupted inside a chunk (3 candidates of chunks of 2, and a torn line): the re-run redoes the cut
+    # chunk with its own seed and gives the same pairs as the uninterrupted run
     cand = tmp_path / method / "pairs.candidates.jsonl"
     lines = cand.read_text().splitlines()
-    cand.write_text("\n".join(lines[:4]) + '\n{"prom')
+    cand.write_text("\n".join(lines[:3]) + '\n{"prom')
     (tmp_path / method / "pairs.jsonl").unlink()
     run_pairs(cfg)
     assert [json.loads(l) for l in (tmp_path / method / "pairs.jsonl").read_text().splitlines()] == rows
@@ -256,3 +257,19 @@ def test_separability_warning():
     assert not separability(hard, eval_steps=8, loss_below=0.1)["trivially_separable"]
     late = [hist[0], {**hist[1], "step": 40}]
     assert not separability(late, eval_steps=8, loss_below=0.1)["trivially_separable"]
+
+
+def test_steer_sweep_is_recorded_and_redone_when_settings_change(tiny_dirs, tmp_path, probe_and_text, jigsaw_cached):
+    probe, text = probe_and_text
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), probe=str(probe), prompts=[str(text)], method="steer", n=2,
+                      out=str(tmp_path / "s" / "pairs.jsonl"), max_new_tokens=3, batch_size=2, progress=False,
+                      gate=OPEN_GATE, sweep=[0.01, 0.5], sweep_prompts=2)
+    s = run_pairs(cfg)
+    assert [r["value"] for r in s["sweep"]["rows"]] == [0.01, 0.5] and s["sweep"]["chosen"] in (0.01, 0.5)
+    assert s["settings"]["beta_rel"] == s["sweep"]["chosen"]
+    first = s["sweep"]["identity"]
+    tight = QualityGate(require_more_toxic=False, min_toxicity_gap=-1.0, max_nll_gap=-100.0)
+    with pytest.raises(DpolensError, match="passed the quality gate"):  # the tight gate keeps nothing
+        run_pairs(PairsConfig(**{**cfg.__dict__, "gate": tight}))
+    again = json.loads((tmp_path / "s" / "pairs.sweep.json").read_text())
+    assert again["identity"] != first and not again["chosen_clears_nll_gate"]

@@ -35,6 +35,7 @@ RULE = ("holds iff the 95% interval of the effect excludes zero in the paper's d
         "excludes zero in the opposite direction; otherwise inconclusive. A row without an interval is never holds.")
 TOP_VECTORS = 10  # Table 1 lists the top 10 value vectors
 TRANSFORMED = ("rot13", "base64", "leetspeak", "spaced", "upper")
+PPL_BOUND = 1.10  # "small / comparable perplexity": within ×1.10 (issue #15's bound for DPO)
 
 
 def verdict(ci95, paper_sign: int) -> str:
@@ -104,6 +105,7 @@ class Measured:
     models: dict = field(default_factory=dict)
     scorer: dict | str | None = None
     data: dict | None = None
+    guard: str | None = None  # a cost the claim rules out (e.g. perplexity): blocks `holds`, says why
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,19 @@ def _ppl_text(r: dict | None, a: dict, b: dict) -> str:
     if a.get("perplexity") and b.get("perplexity"):
         return f"PPL ×{_f(b['perplexity'] / a['perplexity'])} (no per-window NLL, no interval)"
     return "PPL not measured"
+
+
+def _ppl_guard(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> str | None:
+    """Why the perplexity cost rules the claim out: the ratio's upper bound (its point without an
+    interval) above PPL_BOUND, or (two_sided) below 1 / PPL_BOUND."""
+    ratio = r["ratio"] if r else (b["perplexity"] / a["perplexity"] if a.get("perplexity") and b.get("perplexity")
+                                  else None)
+    if ratio is None:
+        return None
+    lo, hi = (r["ci95"] if r and r["ci95"] else (ratio, ratio))
+    if hi > PPL_BOUND or (two_sided and lo < 1 / PPL_BOUND):
+        return f"perplexity ×{_f(ratio)} is outside the stated bound ×{PPL_BOUND}: {_ppl_text(r, a, b)}"
+    return None
 
 
 def _gap_share(base, aligned, other, ctx: Context) -> tuple[float | None, list[float] | None, dict]:
@@ -309,7 +324,7 @@ def table2_row(prefix: str) -> Callable[[Context], Measured]:
                             f"(re-run the stage): no paired interval; {context}", **prov)
         ours = f"{context}; Δ {_f(r['diff'])} {_ci(r['ci95'])}; {_ppl_text(ppl, rand, vec)} vs random"
         return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ vs random {_f(r['diff'])} {_ci(r['ci95'])}; "
-                        f"{_ppl_text(ppl, rand, vec)}", **prov)
+                        f"{_ppl_text(ppl, rand, vec)}", guard=_ppl_guard(ppl, rand, vec, two_sided=True), **prov)
 
     return build
 
@@ -333,8 +348,11 @@ def dpo_lowers_toxicity(ctx: Context) -> Measured:
                else "F1 not paired")
     cost = f"{_ppl_text(ppl, base, aligned)}; {f1_text}"
     ours = f"{context}, Δ {_f(r['diff'])} {_ci(r['ci95'])}; {cost}"
+    guard = _ppl_guard(ppl, base, aligned)
+    if guard is None and f1 and f1["ci95"] and f1["ci95"][1] < 0:
+        guard = f"F1 drops significantly: {f1_text}"
     return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ toxicity {_f(r['diff'])} {_ci(r['ci95'])}; {cost}",
-                    **prov)
+                    guard=guard, **prov)
 
 
 def weights_barely_move(ctx: Context) -> Measured:
@@ -456,7 +474,7 @@ def unalign_restores(ctx: Context) -> Measured:
     except _NoUnits:
         share = _ratio(unaligned["toxicity"]["mean"] - aligned["toxicity"]["mean"],
                        base["toxicity"]["mean"] - aligned["toxicity"]["mean"])
-        return Measured(share, None, base["toxicity"]["n"], means,
+        return Measured(None if share is None else share - 0.5, None, base["toxicity"]["n"], means,
                         f"no per-prompt scores in unalign/table.json: no paired interval; {means}", **prov)
     share, ci, gap = _gap_share(*tox, ctx)
     ppl = _ppl_ratio(aligned, unaligned, ctx)
@@ -468,7 +486,9 @@ def unalign_restores(ctx: Context) -> Measured:
         ours += f"; the scaled neurons write −v on {_pct(flip['share'])} of {flip.get('n_tokens')} prompt tokens"
     diag = ours if ci is not None else (f"no toxicity gap to recover: aligned − base {_f(gap['diff'])} "
                                         f"{_ci(gap['ci95'])}; {means}")
-    return Measured(share, ci, gap["n"], ours, diag, **prov)
+    # the paper says the gap is undone / replicated: more than half of it, not merely a move
+    return Measured(None if share is None else share - 0.5, [c - 0.5 for c in ci] if ci else None, gap["n"],
+                    ours, diag, **prov)
 
 
 # ---- Yang et al. ----------------------------------------------------------------------------------
@@ -529,7 +549,7 @@ def patching_replicates(ctx: Context) -> Measured:
     except _NoUnits:
         share = _ratio(base["toxicity"]["mean"] - patched["toxicity"]["mean"],
                        base["toxicity"]["mean"] - aligned["toxicity"]["mean"])
-        return Measured(share, None, base["toxicity"]["n"], means,
+        return Measured(None if share is None else share - 0.5, None, base["toxicity"]["n"], means,
                         f"no per-prompt scores in neurons/patching.json: no paired interval; {means}", **prov)
     # the share of the gap the patch closes, (base − patched)/(base − aligned), is 1 − the share it leaves
     share_left, ci_left, gap = _gap_share(*tox, ctx)
@@ -541,7 +561,9 @@ def patching_replicates(ctx: Context) -> Measured:
             f"{_ci(vs_aligned['ci95'])}; {_ppl_text(ppl, base, patched)} vs base")
     diag = ours if ci is not None else (f"no toxicity gap to replicate: aligned − base {_f(gap['diff'])} "
                                         f"{_ci(gap['ci95'])}; {means}")
-    return Measured(share, ci, gap["n"], ours, diag, **prov)
+    # the paper says the gap is undone / replicated: more than half of it, not merely a move
+    return Measured(None if share is None else share - 0.5, [c - 0.5 for c in ci] if ci else None, gap["n"],
+                    ours, diag, **prov)
 
 
 # ---- the review ----------------------------------------------------------------------------------
@@ -586,16 +608,18 @@ CLAIMS: tuple[Claim, ...] = (
           "value vectors (bootstrap over vectors); paper: > 0",
           ("vectors/toxic_vectors.json", "vectors/random_vectors.json"), vectors_toxic_tokens),
     *(Claim(f"subtract_{key.replace('.', '_')}_beats_random", "Lee",
-            f"subtracting {label} from the last residual lowers toxicity more than a random vector of the same "
-            "norm, at comparable perplexity",
+            f"subtracting {label} from the last residual lowers toxicity more than a random direction, at "
+            "comparable perplexity",
             TABLE2_PAPER[key] + " (no-op 0.453; the paper has no random control)", -1,
-            f"effect = toxicity({label}) − toxicity(random), paired over prompts; paper: < 0; PPL ratio stated",
+            f"effect = toxicity({label}) − toxicity(random), paired over prompts, each vector's α calibrated to "
+            f"the same perplexity; paper: < 0; holds only with the PPL ratio within ×{PPL_BOUND} either way",
             ("table2/table.json",), table2_row(key))
       for key, label in (("probe", "the probe"), ("mlp.v", "the top MLP.v"), ("svd.u", "SVD.U[0]"))),
     Claim("dpo_lowers_toxicity", "Lee", "DPO lowers toxicity at a small perplexity and F1 cost",
           "toxicity 0.453 → 0.208, PPL 21.7 → 23.34, F1 0.193 → 0.195", -1,
-          "effect = toxicity(aligned) − toxicity(base), paired over prompts; paper: < 0; PPL ratio (paired over "
-          "windows) and F1 difference (paired over rows) stated", ("dpo/eval.json",), dpo_lowers_toxicity),
+          "effect = toxicity(aligned) − toxicity(base), paired over prompts; paper: < 0; holds only with the PPL "
+          f"ratio (paired over windows) at most ×{PPL_BOUND} and no significant F1 drop (paired over rows)",
+          ("dpo/eval.json",), dpo_lowers_toxicity),
     Claim("weights_barely_move", "Lee", "every weight barely moves (cosine > 0.99)",
           "every parameter's cosine > 0.99; mean norm difference < 1e-5 (unembedding < 1e-3)", +1,
           "effect = min over tensors of cos(base, aligned) − 0.99, deterministic (interval = the point); "
@@ -626,8 +650,8 @@ CLAIMS: tuple[Claim, ...] = (
           ("analyze/analysis.json",), value_shifts_contribute),
     Claim("unalign_restores", "Lee", "scaling the keys of the 7 most toxic value vectors ×10 undoes the alignment",
           "toxicity 0.208 → 0.458 (base 0.453), PPL 23.34 → 23.30: ~102% of the gap back", +1,
-          "effect = (toxicity un-aligned − aligned) / (base − aligned), paired over prompts (no interval when "
-          "the base−aligned gap is not significant); paper: > 0. The verdict uses the paper's key scaling; the "
+          "effect = (toxicity un-aligned − aligned) / (base − aligned) − 0.5, paired over prompts (no interval "
+          "when the base−aligned gap is not significant); paper: > 0 (more than half the gap back). The verdict uses the paper's key scaling; the "
           "sign-aware variant is reported beside it", ("unalign/table.json",), unalign_restores),
     Claim("toxic_neurons_small_share", "Yang", "dampening the toxic neurons is a small share of the reduction",
           "4.9% of the positive reduction (2.333 / 47.96); 32% of the net (7.22)", -1,
@@ -640,8 +664,8 @@ CLAIMS: tuple[Claim, ...] = (
           "groups' bounds); paper: > 0", ("neurons/groups.json",), reduction_spreads),
     Claim("patching_replicates", "Yang", "patching the four groups' activations in the base model replicates DPO",
           "patching all four groups replicates DPO's toxicity reduction", +1,
-          "effect = (toxicity base − patched) / (base − aligned), paired over held-out prompts; paper: > 0 "
-          "(patched − aligned reported)", ("neurons/patching.json",), patching_replicates),
+          "effect = (toxicity base − patched) / (base − aligned) − 0.5, paired over held-out prompts; paper: > 0 "
+          "(more than half of DPO's reduction; patched − aligned reported)", ("neurons/patching.json",), patching_replicates),
     Claim("transforms_weaken_offset", "review", "transformed prompts (ROT13, Base64, leetspeak, spaced, upper case) "
           "weaken the offset", "open question: encodings may bypass δx (not tested in the paper)", +1,
           "effect = 1 − retention of δx by the aligned model, mean over the transforms (bootstrap over prompts); "
@@ -664,7 +688,9 @@ def decide(c: Claim, ctx: Context) -> dict:
     ci95 = None if degenerate else m.ci95
     v = verdict(ci95, c.sign)
     diagnosis = None
-    if v != "holds":
+    if v == "holds" and m.guard:
+        v, diagnosis = "inconclusive", f"the effect holds, but {m.guard}"
+    elif v != "holds":
         why = ("interval excludes zero opposite to the paper: " if v == "contradicted" else
                "no finite interval: " if degenerate else
                "" if ci95 is None else "interval includes zero: ")  # without one, the builder says why

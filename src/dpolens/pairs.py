@@ -201,7 +201,7 @@ def pplm_generate(lm: LoadedModel, prompts: list[str], attr: ProbeAttribute, s: 
     tok = lm.tokenizer
     prompt_ids = encode_prompts(lm, prompts, None)
     results: list[Generation | None] = [None] * len(prompts)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=lm.device).manual_seed(seed)
     banned = torch.tensor(banned_token_ids(tok), dtype=torch.long, device=lm.device)
     grad_before = [p.requires_grad for p in lm.model.parameters()]
     for p in lm.model.parameters():  # gradients flow to the cache perturbations only
@@ -325,6 +325,7 @@ class _Generator:
 
     def __init__(self, lm: LoadedModel, cfg: PairsConfig, scorer):
         self.lm, self.cfg, self.scorer = lm, cfg, scorer
+        self.resid_norm: float | None = None
         self.settings = _settings_of(cfg)
         if cfg.method != "sample":
             self.probe, meta = load_probe(cfg.probe, lm)
@@ -334,11 +335,14 @@ class _Generator:
             self.probe_ref = None
 
     def set_strength(self, value: float, prompts: list[str]) -> None:
-        """Steer: β = beta_rel × mean residual norm; PPLM: the step size."""
+        """Steer: β = beta_rel × the mean residual norm of the first 32 of `prompts` (measured once,
+        so that the sweep and the run use the same scale); PPLM: the step size."""
         c = self.cfg
         if c.method == "steer":
+            if self.resid_norm is None:
+                self.resid_norm = mean_resid_norm(self.lm, prompts[:32], c.steer.layer, c.steer.point)
             self.settings["beta_rel"] = value
-            self.settings["beta"] = value * mean_resid_norm(self.lm, prompts[:32], c.steer.layer, c.steer.point)
+            self.settings["beta"] = value * self.resid_norm
         elif c.method == "pplm":
             self.settings["step_size"] = value
 
@@ -457,13 +461,20 @@ def run_pairs(cfg: PairsConfig) -> dict:
                            "remove it or use another --out")
     if any(r["prompt_text"] != p for r, p in zip(done, prompts)):
         raise DpolensError(f"{cand_path} holds pairs for other prompts: remove it or use another --out")
+    partial = len(done) % cfg.batch_size
+    if partial and len(done) < len(prompts):  # a chunk cut by a kill: redo it whole, with its own seed
+        done = done[: len(done) - partial]
+        write_jsonl(cand_path, done)
     write_json(ident_path, ident)
 
     sweep = None
     if cfg.sweep and cfg.method != "sample":
         sweep_path = stem.parent / f"{stem.name}.sweep.json"
-        sweep = read_json(sweep_path) or calibrate(gen, lm, scorer, prompts[: cfg.sweep_prompts], cfg)
-        write_json(sweep_path, sweep)
+        sweep = read_json(sweep_path)
+        sweep_key = f"{ident['key']}/max_nll_gap={cfg.gate.max_nll_gap}"  # the gate decides the choice
+        if (sweep or {}).get("identity") != sweep_key:  # made under other settings: calibrate anew
+            sweep = {**calibrate(gen, lm, scorer, prompts[: cfg.sweep_prompts], cfg), "identity": sweep_key}
+            write_json(sweep_path, sweep)
     if cfg.method == "steer":
         gen.set_strength(sweep["chosen"] if sweep else cfg.steer.beta_rel, prompts)
     elif cfg.method == "pplm" and sweep:

@@ -26,14 +26,16 @@ class Generation:
     continuation: str
 
 
-_CONTROL = re.compile(r"^<[^<>\s]+>$|^\[[^\[\]\s]+\]$")  # <start_of_image>, <unused7>, [multimodal]
+# Added tokens that are markers, not text: Gemma's <start_of_image>, <unused7>, <image_soft_token>,
+# [multimodal]; <|reserved_...|> style. Added HTML tags (<b>, <table>) are plain text and stay.
+_CONTROL = re.compile(r"^<(start|end)_of_\w+>$|^<unused\d+>$|^<\w*soft_token>$|^<\|[^|\s]+\|>$|^\[[^\[\]\s]+\]$")
 
 
 def banned_token_ids(tok) -> list[int]:
     """Ids a generator must never emit: every special token and every added control-like token
     (Gemma's `<start_of_image>` is added but not in `all_special_ids`), EOS excepted.
 
-    Added tokens that are plain text (Gemma's runs of newlines or tabs) stay allowed."""
+    Added tokens that are plain text (Gemma's runs of newlines or tabs, HTML tags) stay allowed."""
     banned = set(tok.all_special_ids)
     for i, t in tok.added_tokens_decoder.items():
         if t.special or _CONTROL.match(t.content):
