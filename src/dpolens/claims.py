@@ -209,6 +209,14 @@ def _gap_share(base, aligned, other, ctx: Context) -> tuple[float | None, list[f
     return share, percentile_ci((o - al) / (b - al)), gap
 
 
+def _more_than_half(share: float | None, ci: list[float] | None, n: int | None, ours: str, diag: str,
+                    prov: dict) -> Measured:
+    """The paper says the gap is undone / replicated: the effect is the share of the gap minus one half
+    (more than half of it, not merely a move in its direction)."""
+    return Measured(None if share is None else share - 0.5, [c - 0.5 for c in ci] if ci else None, n, ours, diag,
+                    **prov)
+
+
 def _stat_block(block: dict | None, key: str) -> tuple[float | None, list[float] | None]:
     """(value, ci95) of `key` in a block, with its interval in the form the stages write:
     {key: {"mean", "ci95"}} (analysis) or {key, "ci95_" + key} (neurons)."""
@@ -474,8 +482,8 @@ def unalign_restores(ctx: Context) -> Measured:
     except _NoUnits:
         share = _ratio(unaligned["toxicity"]["mean"] - aligned["toxicity"]["mean"],
                        base["toxicity"]["mean"] - aligned["toxicity"]["mean"])
-        return Measured(None if share is None else share - 0.5, None, base["toxicity"]["n"], means,
-                        f"no per-prompt scores in unalign/table.json: no paired interval; {means}", **prov)
+        return _more_than_half(share, None, base["toxicity"]["n"], means,
+                               f"no per-prompt scores in unalign/table.json: no paired interval; {means}", prov)
     share, ci, gap = _gap_share(*tox, ctx)
     ppl = _ppl_ratio(aligned, unaligned, ctx)
     ours = f"{means}: {_pct(share)} of the gap back {_pct_ci(ci)}; {_ppl_text(ppl, aligned, unaligned)} vs aligned"
@@ -486,9 +494,7 @@ def unalign_restores(ctx: Context) -> Measured:
         ours += f"; the scaled neurons write −v on {_pct(flip['share'])} of {flip.get('n_tokens')} prompt tokens"
     diag = ours if ci is not None else (f"no toxicity gap to recover: aligned − base {_f(gap['diff'])} "
                                         f"{_ci(gap['ci95'])}; {means}")
-    # the paper says the gap is undone / replicated: more than half of it, not merely a move
-    return Measured(None if share is None else share - 0.5, [c - 0.5 for c in ci] if ci else None, gap["n"],
-                    ours, diag, **prov)
+    return _more_than_half(share, ci, gap["n"], ours, diag, prov)
 
 
 # ---- Yang et al. ----------------------------------------------------------------------------------
@@ -549,8 +555,8 @@ def patching_replicates(ctx: Context) -> Measured:
     except _NoUnits:
         share = _ratio(base["toxicity"]["mean"] - patched["toxicity"]["mean"],
                        base["toxicity"]["mean"] - aligned["toxicity"]["mean"])
-        return Measured(None if share is None else share - 0.5, None, base["toxicity"]["n"], means,
-                        f"no per-prompt scores in neurons/patching.json: no paired interval; {means}", **prov)
+        return _more_than_half(share, None, base["toxicity"]["n"], means,
+                               f"no per-prompt scores in neurons/patching.json: no paired interval; {means}", prov)
     # the share of the gap the patch closes, (base − patched)/(base − aligned), is 1 − the share it leaves
     share_left, ci_left, gap = _gap_share(*tox, ctx)
     share = None if share_left is None else 1 - share_left
@@ -561,9 +567,7 @@ def patching_replicates(ctx: Context) -> Measured:
             f"{_ci(vs_aligned['ci95'])}; {_ppl_text(ppl, base, patched)} vs base")
     diag = ours if ci is not None else (f"no toxicity gap to replicate: aligned − base {_f(gap['diff'])} "
                                         f"{_ci(gap['ci95'])}; {means}")
-    # the paper says the gap is undone / replicated: more than half of it, not merely a move
-    return Measured(None if share is None else share - 0.5, [c - 0.5 for c in ci] if ci else None, gap["n"],
-                    ours, diag, **prov)
+    return _more_than_half(share, ci, gap["n"], ours, diag, prov)
 
 
 # ---- the review ----------------------------------------------------------------------------------
