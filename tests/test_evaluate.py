@@ -84,3 +84,27 @@ def test_run_eval_writes_metrics_and_resumes(tiny_dirs, tmp_path, jigsaw_cached)
     gens2 = [json.loads(l) for l in (tmp_path / "out2" / "generations.jsonl").read_text().splitlines()]
     assert [g["continuation"] for g in gens2[:2]] == ["MARK", "MARK"]
     assert [g["continuation"] for g in gens2[2:]] == [g["continuation"] for g in gens[2:]]
+
+
+def test_evaluations_are_shared_through_the_cache(tiny_dirs, tmp_path, jigsaw_cached):
+    from dpolens import load_model
+    from dpolens.evaluate import EvalData, eval_key, evaluate_inputs, load_inputs
+
+    write_data(tmp_path)
+    d = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=str(tmp_path / "w.raw"), progress=False,
+                 cache=str(tmp_path / "evals"), settings=EvalSettings(max_new_tokens=3, batch_size=2))
+    lm = load_model(tiny_dirs["llama"])
+    inputs = load_inputs(d)
+    first = evaluate_inputs(lm, d, inputs, label="base")
+    key = eval_key(lm, d, inputs)
+    stored = tmp_path / "evals" / f"{key}.json"
+    entry = json.loads(stored.read_text())
+    entry["result"]["toxicity"]["mean"] = -1.0  # a mark: a second call must read the file, not re-run
+    stored.write_text(json.dumps(entry))
+    assert evaluate_inputs(lm, d, inputs, label="base").toxicity["mean"] == -1.0
+    assert first.row()["toxicity_per_prompt"] == [r["toxicity"] for r in entry["result"]["records"]]
+    spec = {"kind": "add", "layer": 0, "vector": [1.0] * lm.adapter.d_model, "alpha": 2.0}
+    other = [eval_key(lm, d, inputs, spec), eval_key(lm, d, inputs, {**spec, "alpha": 3.0}),
+             eval_key(lm, EvalData(**{**d.__dict__, "settings": EvalSettings(max_new_tokens=4)}), inputs),
+             eval_key(load_model(tiny_dirs["gemma3"]), d, inputs)]
+    assert len({key, *other}) == 5  # intervention, its strength, settings and weights all change the key

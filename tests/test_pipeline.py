@@ -57,6 +57,13 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
                 "unalign", "neuron_groups", "patching", "robustness", "provenance"):
         assert r[key], key
     assert r["wall_time_s"] > 0 and set(r["provenance"]["stage_times"]) == set(STAGES)
+    # one evaluation per (model, intervention, inputs): table2's base row is dpo's and unalign's base row
+    cached = [json.loads(p.read_text()) for p in (run / "evals").glob("*.json")]
+    base_rows = [c for c in cached if c["model"]["ref"] == str(study.model) and not c["intervention"]
+                 and len(c["result"]["records"]) == 6]
+    assert len(base_rows) == 1  # neurons' reference rows are on the prompts after its fit split
+    dpo_base = json.loads((run / "dpo" / "eval.json").read_text())["rows"][0]
+    assert dpo_base["toxicity_per_prompt"] == [x["toxicity"] for x in base_rows[0]["result"]["records"]]
     ledger = json.loads((run / "claims.json").read_text())
     assert len(ledger["rows"]) >= 13 and sum(r["claims"].values()) == len(ledger["rows"])
     assert all(r["verdict"] == "holds" or r["diagnosis"] for r in ledger["rows"])
@@ -76,6 +83,7 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
 
     again = run_study(load_study(study_file))  # nothing changed: every stage is skipped
     assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())
+    assert again["stage_time_s"] == pytest.approx(r["stage_time_s"])  # the earlier run's cost, counted once
     changed = run_study(load_study(study_file, ["robustness.limit=2"]), only=["robustness"])
     assert changed["provenance"]["stage_times"]["robustness"]["skipped"] is False
 
@@ -87,3 +95,26 @@ def test_unknown_stage_key_is_named(study_file):
         from dpolens.pipeline import stage_configs
 
         stage_configs(load_study(study_file, ["probe.max_exemples=3"]))
+
+
+def test_stage_key_names_settings_not_defaults():
+    """A setting added with a default that keeps what was computed leaves finished stages valid;
+    any setting that differs from its default changes the key."""
+    from dataclasses import dataclass, field, make_dataclass
+
+    from dpolens.pipeline import _key
+
+    @dataclass
+    class Inner:
+        limit: int | None = None
+
+    @dataclass
+    class Old:
+        out: str = "x"
+        inner: Inner = field(default_factory=Inner)
+
+    New = make_dataclass("New", [("device", str, field(default="auto"))], bases=(Old,))
+    assert _key(Old(out="runs/a"), []) == _key(New(out="runs/a"), [])
+    assert _key(Old(out="runs/a"), []) != _key(New(out="runs/a", device="cuda"), [])
+    assert _key(Old(inner=Inner(limit=3)), []) != _key(Old(), [])
+    assert _key(Old(), ["k1"]) != _key(Old(), ["k2"])

@@ -11,6 +11,8 @@ a continuation, averaged. Interventions act on every forward pass of every metri
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import re
 from collections import Counter
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import (DpolensError, append_jsonl, read_jsonl_complete, write_json,
+from dpolens.artifacts import (DpolensError, append_jsonl, read_json, read_jsonl_complete, write_json,
                                write_jsonl, write_manifest)
 from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
 from dpolens.model import interventions
@@ -31,6 +33,7 @@ from dpolens.model.loading import LoadedModel
 from dpolens.scoring import Scorer
 
 MAX_WINDOW = 1024
+log = logging.getLogger(__name__)
 
 
 def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
@@ -300,6 +303,10 @@ class EvalData:
     scorer: str = "jigsaw-lstm"
     skip_bad_rows: bool = False
     progress: bool = True
+    # a folder of finished evaluations, keyed by what decides them (model weights, intervention,
+    # inputs, scorer, settings): stages that evaluate the same model on the same inputs share one
+    # run (`dpolens run` sets runs/<name>/evals)
+    cache: str | None = None
     settings: EvalSettings = field(default_factory=EvalSettings)
 
 
@@ -322,10 +329,49 @@ def load_inputs(d: EvalData, offset: int = 0) -> EvalInputs:
     return EvalInputs(prompts, f1_rows, wiki, get_scorer(d.scorer))
 
 
+def _fingerprint(obj: Any, h) -> None:
+    """Feed `obj` to hash `h` by value: tensors by their bytes, containers item by item."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            _fingerprint(str(k), h)
+            _fingerprint(obj[k], h)
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for x in obj:
+            _fingerprint(x, h)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def eval_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None) -> str:
+    """What decides an evaluation's numbers; equal keys give equal results."""
+    h = hashlib.sha256()
+    _fingerprint([lm.weight_hash, str(lm.model.dtype), [asdict(e) for e in interventions.parse_spec(intervention)],
+                  inputs.prompts, inputs.f1_rows, inputs.wiki, inputs.scorer.describe(), asdict(d.settings)], h)
+    return h.hexdigest()[:24]
+
+
 def evaluate_inputs(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None,
                     label: str = "", out_dir: str | Path | None = None) -> EvalResult:
-    return evaluate(lm, inputs.prompts, inputs.scorer, d.settings, inputs.wiki, inputs.f1_rows,
-                    intervention, d.progress, label, out_dir)
+    """`evaluate` on loaded inputs; with `d.cache`, a finished evaluation with the same key is
+    read back instead of re-run, and a new one is stored."""
+    path = Path(d.cache) / f"{eval_key(lm, d, inputs, intervention)}.json" if d.cache else None
+    if path and (hit := read_json(path)):
+        log.info("evaluation %s: read from %s", label, path)
+        return EvalResult(**hit["result"])
+    res = evaluate(lm, inputs.prompts, inputs.scorer, d.settings, inputs.wiki, inputs.f1_rows,
+                   intervention, d.progress, label, out_dir)
+    if path:
+        write_json(path, {"model": lm.identity(), "intervention": [asdict(e) for e in interventions.parse_spec(intervention)],
+                          "label": label, "result": asdict(res)})
+    return res
 
 
 @dataclass

@@ -64,16 +64,17 @@ def wiring(study: Study, run: Path) -> dict[str, dict]:
     """How stages feed each other: the paths each stage's config gets from the graph."""
     d = {s: str(run / s) for s in STAGES}
     m = study.model
+    shared = {"eval": {"cache": str(run / "evals")}}  # one evaluation per model, intervention and inputs
     return {
         "probe": {"model": m, "out": d["probe"]},
         "vectors": {"model": m, "probe": d["probe"], "out": d["vectors"]},
-        "table2": {"model": m, "probe": d["probe"], "vectors": d["vectors"], "out": d["table2"]},
+        "table2": {"model": m, "probe": d["probe"], "vectors": d["vectors"], "out": d["table2"], **shared},
         "pairs": {"model": m, "probe": d["probe"], "out": f"{d['pairs']}/pairs.jsonl"},
-        "dpo": {"model": m, "pairs": f"{d['pairs']}/pairs.jsonl", "out": d["dpo"]},
+        "dpo": {"model": m, "pairs": f"{d['pairs']}/pairs.jsonl", "out": d["dpo"], **shared},
         "analyze": {"base": m, "aligned": f"{d['dpo']}/model", "probe": d["probe"], "vectors": d["vectors"],
                     "out": d["analyze"]},
-        "unalign": {"model": f"{d['dpo']}/model", "base": m, "probe": d["probe"], "out": d["unalign"]},
-        "neurons": {"base": m, "aligned": f"{d['dpo']}/model", "probe": d["probe"], "out": d["neurons"]},
+        "unalign": {"model": f"{d['dpo']}/model", "base": m, "probe": d["probe"], "out": d["unalign"], **shared},
+        "neurons": {"base": m, "aligned": f"{d['dpo']}/model", "probe": d["probe"], "out": d["neurons"], **shared},
         "robustness": {"base": m, "aligned": f"{d['dpo']}/model", "unaligned": f"{d['unalign']}/model",
                        "out": d["robustness"]},
     }
@@ -110,8 +111,25 @@ def stage_configs(study: Study) -> dict[str, Any]:
     return out
 
 
+def _explicit(cfg: Any) -> dict:
+    """The fields of a config dataclass that differ from their defaults, nested ones included."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if (inner := _explicit(value)):
+                out[f.name] = inner
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if value != default:
+            out[f.name] = value
+    return out
+
+
 def _key(cfg: Any, upstream: list[str]) -> str:
-    blob = json.dumps([dataclasses.asdict(cfg), upstream], sort_keys=True, default=str)
+    """A stage's identity: its settings that differ from the defaults, and its inputs' keys. A
+    setting added later with a default that keeps what was computed leaves finished stages valid."""
+    blob = json.dumps([_explicit(cfg), upstream], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -213,4 +231,7 @@ def collect_results(run: Path, study: Study, keys: dict, timings: dict, wall: fl
     r["provenance"] = provenance(config=dataclasses.asdict(study), stage_keys=keys, stage_times=timings,
                                  wall_time_s=wall)
     r["wall_time_s"] = wall
+    # the study's cost over all invocations: each finished stage's own time (a resumed run's earlier
+    # stages included; time spent in an attempt that was interrupted is not counted)
+    r["stage_time_s"] = sum(t["wall_time_s"] or 0.0 for t in timings.values())
     return r
