@@ -6,8 +6,8 @@ import torch
 from dpolens import load_model
 from dpolens.alternatives import AlternativesConfig, run_alternatives
 from dpolens.artifacts import DpolensError
+from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
-from dpolens.probe import save_probe
 
 
 def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_cached):

@@ -3,17 +3,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import save_perturbed
 
 from dpolens import load_model
 from dpolens.activations import Stats, bootstrap_counts, continuation_stats
-from dpolens.analysis import AnalyzeConfig, offset_stats, residual_offset, run_analyze, single_token
+from dpolens.analysis import AnalyzeConfig, offset_stats, run_analyze, single_token
 from dpolens.artifacts import DpolensError
+from dpolens.compare import residual_offset
+from dpolens.directions import save_probe
 from dpolens.evaluate import resample_units
 from dpolens.model import hooks
-from dpolens.probe import save_probe
 from dpolens.vectors import VectorsConfig, run_vectors
-
-from conftest import save_perturbed
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_bad_inputs(tiny_dirs, tmp_path):
     lm = load_model(tiny_dirs["gemma3"])
     with pytest.raises(DpolensError, match="not a single token: it splits into"):
         single_token(lm, " antidisestablishmentarianism")
-    from dpolens.analysis import check_pair
+    from dpolens.compare import check_pair
 
     with pytest.raises(DpolensError, match="differ in architecture"):
         check_pair(lm, load_model(tiny_dirs["gpt2"]))

@@ -4,14 +4,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import save_perturbed
 
 from dpolens import load_model
+from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
-from dpolens.neurons import (GROUPS, MIRRORS, NeuronsConfig, assign_groups, group_intervals, group_shares, neuron_table,
-                             run_neurons)
-from dpolens.probe import save_probe
-
-from conftest import save_perturbed
+from dpolens.neurons import (
+    GROUPS,
+    MIRRORS,
+    NeuronsConfig,
+    assign_groups,
+    group_intervals,
+    group_shares,
+    neuron_table,
+    run_neurons,
+)
 
 
 def naive_table(base, aligned, probe, prompts, n_new):

@@ -8,12 +8,19 @@ import torch
 
 from dpolens import load_model
 from dpolens.artifacts import DpolensError
-from dpolens.model.generation import generate
 from dpolens.data import tweet_prompts, wikitext_prompts
-from dpolens.model.generation import banned_token_ids
-from dpolens.pairs import (PairsConfig, PPLMSettings, ProbeAttribute, QualityGate, SampleSettings, gate_reason,
-                           pplm_generate, run_pairs)
-from dpolens.probe import save_probe
+from dpolens.directions import save_probe
+from dpolens.model.generation import banned_token_ids, generate
+from dpolens.pairs import (
+    PairsConfig,
+    PPLMSettings,
+    ProbeAttribute,
+    QualityGate,
+    SampleSettings,
+    gate_reason,
+    pplm_generate,
+    run_pairs,
+)
 
 PROMPTS = ["Holy cow, this is", "You are such a piece of work", "The weather", "So I am starting to think"]
 

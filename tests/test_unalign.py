@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dpolens import load_model
+from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
 from dpolens.model import hooks
-from dpolens.probe import save_probe
 from dpolens.unalign import UnalignConfig, run_unalign, sign_flip
 
 PROMPTS = ["Holy", "You are such a piece of", "So I am starting to think she is", "The weather in Paris", "Nice"]
@@ -88,8 +88,7 @@ def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached,
 
 def test_token_writer_keys_match_full_logit_reference(tiny_dirs, tmp_path):
     """rank: token-writers picks the value vectors whose full logit lens z-scores the probe's top tokens highest."""
-    from dpolens.unalign import toxic_keys
-    from dpolens.vectors import all_value_vectors
+    from dpolens.directions import all_value_vectors, toxic_keys
 
     lm = load_model(tiny_dirs["gemma3"])
     a = lm.adapter

@@ -17,15 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from dpolens.activations import continuation_stats
-from dpolens.analysis import check_pair, residual_offset
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
+from dpolens.compare import check_pair, residual_offset, weight_shift
 from dpolens.data import default_data, load_prompts
-from dpolens.dpo import weight_shift
+from dpolens.directions import keys_scaled, load_probe, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
-from dpolens.probe import load_probe
-from dpolens.unalign import keys_scaled, toxic_keys
 
 log = logging.getLogger(__name__)
 

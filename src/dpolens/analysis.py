@@ -25,14 +25,13 @@ from tqdm.auto import tqdm
 
 from dpolens.activations import Stats, bootstrap_counts, bootstrap_sum, continuation_stats
 from dpolens.artifacts import DpolensError, write_json, write_manifest
+from dpolens.compare import check_pair, residual_offset, weight_shift
 from dpolens.data import default_data, load_prompts, wikitext_prompts
-from dpolens.dpo import weight_shift
+from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import paired_bootstrap, percentile_ci
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.probe import load_probe
-from dpolens.vectors import load_vectors
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +57,6 @@ class AnalyzeConfig:
     figure_layers: int = 3
     n_boot: int = 2000
     seed: int = 0  # of every bootstrap
-
-
-def check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
-    a, b = base.adapter.describe(), aligned.adapter.describe()
-    keys = ("model_type", "n_layers", "d_model", "d_mlp", "vocab_size")
-    if any(a[k] != b[k] for k in keys):
-        raise DpolensError("base and aligned models differ in architecture: "
-                           + ", ".join(f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]))
-
-
-def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.Tensor) -> list[dict]:
-    """Per layer, δx = mean resid_mid (aligned − base, same tokens): norm, norm relative to the base
-    residual, cosine with the probe direction. x_*: [n_layers, d_model]."""
-    delta = x_aligned - x_base
-    return [{"layer": l, "norm": float(delta[l].norm()), "relative_norm": float(delta[l].norm() / x_base[l].norm()),
-             "cosine_with_probe": float(delta[l] @ w_hat / delta[l].norm().clamp(min=1e-30))}
-            for l in range(len(delta))]
 
 
 def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dpolens.artifacts import DpolensError, append_jsonl, write_json, write_manifest
+from dpolens.compare import weight_shift
 from dpolens.data import load_pairs
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model.heads import completion_head
@@ -63,28 +64,6 @@ class DPOConfig:
     eval: EvalData = field(default_factory=EvalData)
 
 
-def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10) -> dict:
-    """Per parameter tensor: cosine(base, aligned) and ‖aligned − base‖, with a summary."""
-    b, a = dict(base.named_parameters()), dict(aligned.named_parameters())
-    if b.keys() != a.keys() or any(b[k].shape != a[k].shape for k in b):
-        raise DpolensError("base and aligned models have different parameters or shapes")
-    rows = []
-    for name in b:
-        x, y = b[name].detach().double().flatten(), a[name].detach().double().flatten()
-        diff = (y - x).norm().item()
-        denom = (x.norm() * y.norm()).item()
-        cos = (x @ y).item() / denom if denom > 0 else 1.0
-        rows.append({"name": name, "cosine": cos, "norm_diff": diff, "rel_diff": diff / max(x.norm().item(), 1e-30),
-                     "numel": x.numel()})
-    moved = sorted(rows, key=lambda r: -r["rel_diff"])[:top]
-    return {"min_cosine": min(r["cosine"] for r in rows),
-            "mean_norm_diff": sum(r["norm_diff"] for r in rows) / len(rows),
-            "max_norm_diff": max(r["norm_diff"] for r in rows),
-            "all_above_0_99": all(r["cosine"] > 0.99 for r in rows),
-            "n_tensors": len(rows), "changed_tensors": sum(r["norm_diff"] > 0 for r in rows),
-            "most_moved": moved, "per_tensor": rows}
-
-
 def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
     """Freeze everything outside `cfg.trainable`; row-level choices get gradient masks."""
     model, a = lm.model, lm.adapter
@@ -108,8 +87,7 @@ def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
         return {"trainable": mode, "layers": list(range(a.n_layers - k, a.n_layers)),
                 "n_params": sum(p.numel() for layer in a.layers[a.n_layers - k:] for p in layer.parameters())}
     if mode == "toxic-neurons":
-        from dpolens.probe import load_probe
-        from dpolens.vectors import top_probe_neurons
+        from dpolens.directions import load_probe, top_probe_neurons
 
         if not cfg.probe:
             raise DpolensError("trainable 'toxic-neurons' needs probe=...")

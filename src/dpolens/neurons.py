@@ -35,14 +35,13 @@ import numpy as np
 import torch
 
 from dpolens.activations import bootstrap_counts, continuation_stats
-from dpolens.analysis import check_pair
 from dpolens.artifacts import atomic_path, write_json, write_manifest
+from dpolens.compare import check_pair
 from dpolens.data import load_prompts
+from dpolens.directions import all_value_vectors, load_probe
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs, percentile_ci
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.probe import load_probe
-from dpolens.vectors import all_value_vectors
 
 log = logging.getLogger(__name__)
 

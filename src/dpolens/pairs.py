@@ -34,14 +34,28 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import (DpolensError, append_jsonl, read_json, read_jsonl_complete, write_json,
-                               write_jsonl, write_manifest)
+from dpolens.artifacts import (
+    DpolensError,
+    append_jsonl,
+    read_json,
+    read_jsonl_complete,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
+from dpolens.directions import load_probe
 from dpolens.model import hooks
-from dpolens.model.generation import (Generation, banned_token_ids, encode_prompts, generate, left_pad,
-                                      length_batches, position_ids)
+from dpolens.model.generation import (
+    Generation,
+    banned_token_ids,
+    encode_prompts,
+    generate,
+    left_pad,
+    length_batches,
+    position_ids,
+)
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.probe import load_probe
 from dpolens.textquality import continuation_nll, side_quality, special_token_flags
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import DpolensError, atomic_path, write_json, write_manifest
+from dpolens.artifacts import atomic_path, write_json, write_manifest
 from dpolens.data import balanced_sample, default_data, load_labelled
+from dpolens.directions import save_probe
 from dpolens.model.generation import length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
 
@@ -66,51 +67,6 @@ def final_features(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batc
         m = mask.unsqueeze(-1).float()
         feats[idx] = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).cpu()
     return feats
-
-
-def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedModel, extra: dict,
-               feature_std: torch.Tensor | None = None) -> None:
-    """The probe vector, the per-dimension std of its training features (for the standardised
-    cosine of `dpolens vectors`), and the model it belongs to."""
-    from safetensors.torch import save_file
-
-    meta = {"model_ref": lm.ref, "weight_sha256": lm.weight_hash, "model_type": lm.adapter.model_type,
-            "d_model": str(lm.adapter.d_model), "n_layers": str(lm.adapter.n_layers),
-            "bias": repr(bias), "feature": "final-norm residual, mean over real tokens",
-            **{k: str(v) for k, v in extra.items()}}
-    with atomic_path(path) as tmp:
-        tensors = {"probe": probe.float().contiguous()}
-        if feature_std is not None:
-            tensors["feature_std"] = feature_std.float().contiguous()
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
-    """The probe vector [d_model] and its metadata; checked against `lm` when given."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "probe.safetensors"
-    if not p.exists():
-        raise DpolensError(f"probe file not found: {p}")
-    with safe_open(str(p), "pt") as f:
-        meta = f.metadata() or {}
-        vec = f.get_tensor("probe")
-        if "feature_std" in f.keys():
-            meta["feature_std"] = f.get_tensor("feature_std")
-    if lm is not None:
-        a = lm.adapter
-        if vec.shape[-1] != a.d_model:
-            raise DpolensError(f"the probe {p} has width {vec.shape[-1]} but the model "
-                               f"{lm.ref} has d_model {a.d_model}")
-        if meta.get("model_type") and meta["model_type"] != a.model_type:
-            raise DpolensError(f"the probe {p} belongs to a {meta['model_type']} model "
-                               f"({meta.get('model_ref')}), not to {lm.ref} ({a.model_type})")
-        if meta.get("weight_sha256") and meta["weight_sha256"] != lm.weight_hash:
-            log.info("probe %s was fitted on %s (weights %s); applying it to %s", p,
-                     meta.get("model_ref"), meta["weight_sha256"][:12], lm.ref)
-    return vec, meta
 
 
 def _cached_features(lm: LoadedModel, texts: list[str], cfg: ProbeConfig, path: Path) -> torch.Tensor:

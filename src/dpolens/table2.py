@@ -20,12 +20,11 @@ from typing import Callable
 import torch
 
 from dpolens.artifacts import DpolensError, write_json, write_manifest, write_text
+from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import EvalData, chunked_nll, evaluate_inputs, load_inputs, perplexity, ppl_windows
 from dpolens.model import hooks, interventions
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.probe import load_probe
-from dpolens.vectors import load_vectors
 
 log = logging.getLogger(__name__)
 

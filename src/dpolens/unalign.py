@@ -18,7 +18,6 @@ where m_i > 0: it amplifies exactly the contribution along +v_i.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,12 +25,11 @@ from typing import Literal
 import torch
 
 from dpolens.artifacts import write_json, write_manifest, write_text
+from dpolens.directions import keys_scaled, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.probe import load_probe
-from dpolens.vectors import top_probe_neurons, top_token_writers
 
 
 @dataclass
@@ -49,24 +47,6 @@ class UnalignConfig:
     sign_aware: bool = True  # also evaluate the sign-aware variant (scale m_i only where m_i > 0)
     sign_flip_prompts: int = 64  # the first N evaluation prompts measure how often m_i < 0
     eval: EvalData = field(default_factory=EvalData)
-
-
-def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str, rank: str = "cosine",
-               writer_tokens: int = 10) -> list[tuple[int, int, float]]:
-    """(layer, neuron, score) of the k value vectors of `lm` (ranked in `lm` itself) most
-    cosine-similar to the probe, or (`rank: token-writers`) most promoting its top tokens."""
-    probe, meta = load_probe(probe_path, lm)
-    if rank == "cosine":
-        return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
-    return top_token_writers(lm, probe, k, writer_tokens)
-
-
-@contextlib.contextmanager
-def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: float, which: str = "gate"):
-    """Scale the keys of `targets` by `scale` for the duration; yields what was scaled."""
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale, which))
-               for layer, neuron, _ in targets]
 
 
 @torch.inference_mode()

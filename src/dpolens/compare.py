@@ -1,0 +1,49 @@
+"""Comparing a base model with its aligned version: how far each weight moved, whether two models
+can be compared at all, and the residual offset between their streams (paper 4-5, method.md 5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpolens.artifacts import DpolensError
+from dpolens.model.loading import LoadedModel
+
+
+def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10) -> dict:
+    """Per parameter tensor: cosine(base, aligned) and ‖aligned − base‖, with a summary."""
+    b, a = dict(base.named_parameters()), dict(aligned.named_parameters())
+    if b.keys() != a.keys() or any(b[k].shape != a[k].shape for k in b):
+        raise DpolensError("base and aligned models have different parameters or shapes")
+    rows = []
+    for name in b:
+        x, y = b[name].detach().double().flatten(), a[name].detach().double().flatten()
+        diff = (y - x).norm().item()
+        denom = (x.norm() * y.norm()).item()
+        cos = (x @ y).item() / denom if denom > 0 else 1.0
+        rows.append({"name": name, "cosine": cos, "norm_diff": diff, "rel_diff": diff / max(x.norm().item(), 1e-30),
+                     "numel": x.numel()})
+    moved = sorted(rows, key=lambda r: -r["rel_diff"])[:top]
+    return {"min_cosine": min(r["cosine"] for r in rows),
+            "mean_norm_diff": sum(r["norm_diff"] for r in rows) / len(rows),
+            "max_norm_diff": max(r["norm_diff"] for r in rows),
+            "all_above_0_99": all(r["cosine"] > 0.99 for r in rows),
+            "n_tensors": len(rows), "changed_tensors": sum(r["norm_diff"] > 0 for r in rows),
+            "most_moved": moved, "per_tensor": rows}
+
+
+def check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
+    a, b = base.adapter.describe(), aligned.adapter.describe()
+    keys = ("model_type", "n_layers", "d_model", "d_mlp", "vocab_size")
+    if any(a[k] != b[k] for k in keys):
+        raise DpolensError("base and aligned models differ in architecture: "
+                           + ", ".join(f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]))
+
+
+def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.Tensor) -> list[dict]:
+    """Per layer, δx = mean resid_mid (aligned − base, same tokens): norm, norm relative to the base
+    residual, cosine with the probe direction. x_*: [n_layers, d_model]."""
+    delta = x_aligned - x_base
+    return [{"layer": l, "norm": float(delta[l].norm()), "relative_norm": float(delta[l].norm() / x_base[l].norm()),
+             "cosine_with_probe": float(delta[l] @ w_hat / delta[l].norm().clamp(min=1e-30))}
+            for l in range(len(delta))]

@@ -1,0 +1,216 @@
+"""Directions in the residual stream that every stage may use: the probe's file, value vectors and
+their ranking against the probe, their vocabulary projections and SVD, token writers, and the keys
+of the top toxic neurons (paper 3.1-3.2, 5; method.md 1-2). The conventions (`space`,
+`projection`) are explained in `dpolens.vectors`, the stage that writes Table 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dpolens.artifacts import DpolensError, atomic_path
+from dpolens.model import hooks
+from dpolens.model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedModel, extra: dict,
+               feature_std: torch.Tensor | None = None) -> None:
+    """The probe vector, the per-dimension std of its training features (for the standardised
+    cosine of `dpolens vectors`), and the model it belongs to."""
+    from safetensors.torch import save_file
+
+    meta = {"model_ref": lm.ref, "weight_sha256": lm.weight_hash, "model_type": lm.adapter.model_type,
+            "d_model": str(lm.adapter.d_model), "n_layers": str(lm.adapter.n_layers),
+            "bias": repr(bias), "feature": "final-norm residual, mean over real tokens",
+            **{k: str(v) for k, v in extra.items()}}
+    with atomic_path(path) as tmp:
+        tensors = {"probe": probe.float().contiguous()}
+        if feature_std is not None:
+            tensors["feature_std"] = feature_std.float().contiguous()
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
+    """The probe vector [d_model] and its metadata; checked against `lm` when given."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "probe.safetensors"
+    if not p.exists():
+        raise DpolensError(f"probe file not found: {p}")
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+        vec = f.get_tensor("probe")
+        if "feature_std" in f.keys():
+            meta["feature_std"] = f.get_tensor("feature_std")
+    if lm is not None:
+        a = lm.adapter
+        if vec.shape[-1] != a.d_model:
+            raise DpolensError(f"the probe {p} has width {vec.shape[-1]} but the model "
+                               f"{lm.ref} has d_model {a.d_model}")
+        if meta.get("model_type") and meta["model_type"] != a.model_type:
+            raise DpolensError(f"the probe {p} belongs to a {meta['model_type']} model "
+                               f"({meta.get('model_ref')}), not to {lm.ref} ({a.model_type})")
+        if meta.get("weight_sha256") and meta["weight_sha256"] != lm.weight_hash:
+            log.info("probe %s was fitted on %s (weights %s); applying it to %s", p,
+                     meta.get("model_ref"), meta["weight_sha256"][:12], lm.ref)
+    return vec, meta
+
+
+def all_value_vectors(lm: LoadedModel) -> torch.Tensor:
+    """[n_layers, d_mlp, d_model] residual-space value vectors."""
+    a = lm.adapter
+    return torch.stack([a.value_vectors(l).float() for l in range(a.n_layers)])
+
+
+def probe_in_residual(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
+                      feature_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(map, direction): residual vectors v are compared as `v * map` with `direction`."""
+    if space == "raw":
+        return torch.ones_like(probe.float()), probe.float()
+    if feature_std is None:
+        raise DpolensError("space 'standardized' needs the probe's feature_std (refit the probe with this "
+                           "version of dpolens) or use space: raw")
+    sigma = feature_std.float().clamp(min=1e-12)
+    return lm.adapter.final_norm_gain() / sigma, probe.float() * sigma
+
+
+def rank_by_probe(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
+                  feature_std: torch.Tensor | None = None) -> torch.Tensor:
+    """[n_layers, d_mlp] cosine of every value vector with the probe, in `space`."""
+    values = all_value_vectors(lm)  # [n_layers, d_mlp, d_model]
+    return rank_cos(lm, values.flatten(0, 1), probe, space, feature_std).view(values.shape[:2])
+
+
+def top_probe_neurons(lm: LoadedModel, probe: torch.Tensor, k: int, space: str = "raw",
+                      feature_std: torch.Tensor | None = None) -> list[tuple[int, int, float]]:
+    """(layer, neuron, cosine) of the k value vectors most cosine-similar to the probe, best first."""
+    return top_neurons(rank_by_probe(lm, probe, space, feature_std).flatten(), k, lm.adapter.d_mlp)
+
+
+def top_neurons(scores: torch.Tensor, k: int, d_mlp: int) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k highest of `scores` [n_layers * d_mlp], best first."""
+    return [(i // d_mlp, i % d_mlp, float(scores[i])) for i in scores.topk(k).indices.tolist()]
+
+
+@torch.inference_mode()
+def vocab_projection(lm: LoadedModel, vectors: torch.Tensor, k: int = 10,
+                     projection: str = "raw") -> list[dict]:
+    """Top and bottom k tokens of each vector's projection onto the vocabulary."""
+    a, tok = lm.adapter, lm.tokenizer
+    x = vectors.to(a.unembed.dtype)
+    logits = a.logits(x, apply_norm=(projection == "norm")).float()
+    top = logits.topk(k, dim=-1).indices.tolist()
+    bottom = (-logits).topk(k, dim=-1).indices.tolist()
+    dec = lambda ids: [tok.decode([i]) for i in ids]
+    return [{"top_tokens": dec(t), "bottom_tokens": dec(b)} for t, b in zip(top, bottom)]
+
+
+def toxic_svd(unit_vectors: torch.Tensor, probe_grad: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right singular vectors U[0..k) (rows) and singular values; signs make U·probe_grad >= 0,
+    where probe_grad is the residual direction that raises the probe's logit."""
+    _, s, vh = torch.linalg.svd(unit_vectors.double(), full_matrices=False)
+    u = vh[:k].float()
+    signs = torch.sign(u @ probe_grad.float())
+    signs[signs == 0] = 1
+    return u * signs[:, None], s[:k].float()
+
+
+def rank_cos(lm: LoadedModel, vectors: torch.Tensor, probe: torch.Tensor, space: str,
+             feature_std: torch.Tensor | None) -> torch.Tensor:
+    """Cosine of residual-space `vectors` [n, d] with the probe, in `space`."""
+    scale, direction = probe_in_residual(lm, probe, space, feature_std)
+    v = vectors.float() * scale
+    return (v @ direction) / (v.norm(dim=-1).clamp(min=1e-30) * direction.norm())
+
+
+@torch.inference_mode()
+def token_writer_scores(lm: LoadedModel, values: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """[n] mean z-score of `token_ids` in the logit lens E·(γ ⊙ v) of each residual vector v [n, d]."""
+    a = lm.adapter
+    unembed = a.unembed.float()
+    centred = unembed - unembed.mean(0)                          # [vocab, d]: softmax ignores shifts
+    gram = centred.T @ centred / unembed.shape[0]                # [d, d]: logit variance = uᵀ G u
+    u = values.float() * a.final_norm_gain()                     # [n, d] as the readout sees them
+    logit_sd = ((u @ gram) * u).sum(-1).clamp(min=1e-30).sqrt()  # [n]
+    return (u @ centred[token_ids].T).mean(-1) / logit_sd
+
+
+def probe_top_tokens(lm: LoadedModel, probe: torch.Tensor, k_tokens: int) -> list[int]:
+    """Ids of the k_tokens tokens the probe direction promotes most (it lives after the final norm)."""
+    return (lm.adapter.unembed.float() @ probe.float()).topk(k_tokens).indices.tolist()
+
+
+def top_token_writers(lm: LoadedModel, probe: torch.Tensor, k: int, k_tokens: int) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k value vectors that most promote the probe's top k_tokens tokens."""
+    scores = token_writer_scores(lm, all_value_vectors(lm).flatten(0, 1), probe_top_tokens(lm, probe, k_tokens))
+    return top_neurons(scores, k, lm.adapter.d_mlp)
+
+
+def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tokens: int, n: int,
+                  projection: str) -> dict:
+    """The n value vectors that most promote the probe's top k_tokens tokens, with their cosine rank."""
+    d_mlp = lm.adapter.d_mlp
+    values = all_value_vectors(lm).flatten(0, 1)  # [n_layers * d_mlp, d_model]
+    token_ids = probe_top_tokens(lm, probe, k_tokens)
+    best = top_neurons(token_writer_scores(lm, values, token_ids), n, d_mlp)
+    cos = cos.flatten()
+    rank = torch.empty_like(cos, dtype=torch.long)
+    rank[cos.argsort(descending=True)] = torch.arange(cos.numel())
+    flat = [layer * d_mlp + neuron for layer, neuron, _ in best]
+    proj = vocab_projection(lm, values[flat], 10, projection)
+    rows = [{"layer": layer, "neuron": neuron, "score": score, "cosine": float(cos[i]), "cosine_rank": int(rank[i]),
+             **proj[r]} for r, ((layer, neuron, score), i) in enumerate(zip(best, flat))]
+    return {"probe_tokens": [lm.tokenizer.decode([t]) for t in token_ids], "rows": rows,
+            "median_cosine_rank": float(torch.tensor([r["cosine_rank"] for r in rows]).float().median()),
+            "score": "mean z-score of the probe's top tokens among all logits of E·(γ ⊙ v)"}
+
+
+def random_vector_tokens(lm: LoadedModel, values: torch.Tensor, n: int, seed: int, k_tokens: int,
+                         projection: str, chunk: int = 64) -> dict:
+    """Top tokens of n of the value vectors `values` [n_layers, d_mlp, d_model], drawn uniformly
+    (seeded) over every layer: the baseline against which the toxicity of the top cosine vectors'
+    tokens is judged. The vocabulary projection runs `chunk` vectors at a time (vocab-sized logits)."""
+    d_mlp = values.shape[1]
+    flat_values = values.flatten(0, 1)
+    flat = torch.randperm(flat_values.shape[0], generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    proj = []
+    for start in range(0, len(flat), chunk):
+        proj += vocab_projection(lm, flat_values[flat[start : start + chunk]], k_tokens, projection)
+    rows = [{"layer": i // d_mlp, "neuron": i % d_mlp, "top_tokens": p["top_tokens"]} for i, p in zip(flat, proj)]
+    return {"n": len(rows), "seed": seed, "projection": projection, "model": lm.identity(), "rows": rows}
+
+
+def load_vectors(folder: str | Path) -> list[dict]:
+    p = Path(folder) / "toxic_vectors.json"
+    if not p.exists():
+        raise DpolensError(f"no toxic_vectors.json in {folder}: run `dpolens vectors` first")
+    rows = json.loads(p.read_text())
+    if not rows:
+        raise DpolensError(f"{p} lists no vectors")
+    return rows
+
+
+def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str, rank: str = "cosine",
+               writer_tokens: int = 10) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k value vectors of `lm` (ranked in `lm` itself) most
+    cosine-similar to the probe, or (`rank: token-writers`) most promoting its top tokens."""
+    probe, meta = load_probe(probe_path, lm)
+    if rank == "cosine":
+        return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
+    return top_token_writers(lm, probe, k, writer_tokens)
+
+
+@contextlib.contextmanager
+def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: float, which: str = "gate"):
+    """Scale the keys of `targets` by `scale` for the duration; yields what was scaled."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale, which))
+               for layer, neuron, _ in targets]
