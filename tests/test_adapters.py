@@ -127,3 +127,21 @@ def test_unsupported_architecture_lists_families(tokenizer):
 def test_width_mismatch_names_both_widths(tiny_lm):
     with pytest.raises(DpolensError, match="width 7 but the model's d_model is 32"):
         tiny_lm.adapter.check_width(torch.zeros(7), "the probe")
+
+
+def test_an_adapter_changes_nothing_on_the_model(tokenizer):
+    """Only load_model prepares a model (model.loading.prepare); building an adapter reads it."""
+    model = make_model("llama", len(tokenizer))
+    head, training = model.get_output_embeddings(), model.training
+    Adapter(model)
+    assert model.get_output_embeddings() is head and type(head) is torch.nn.Linear and model.training == training
+
+
+def test_device_auto_resolves_and_bad_names_are_refused():
+    from dpolens.model.loading import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else (
+        "mps" if torch.backends.mps.is_available() else "cpu")
+    assert resolve_device("auto") == expected and resolve_device("cpu") == "cpu"
+    with pytest.raises(DpolensError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")

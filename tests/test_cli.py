@@ -58,10 +58,41 @@ def test_unknown_set_key_exit_2(tiny_dirs, tmp_path):
     assert "unknown config key 'settings.max_new_tokns'" in out.stderr
 
 
-def test_alternatives_variant_must_be_label_equals_dir():
-    out = dpolens("alternatives", "--variant", "runs/dpo-bias")
+def test_alternatives_variants_must_be_a_mapping():
+    out = dpolens("alternatives", "--variants", "runs/dpo-bias")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "--variant takes LABEL=DIR" in out.stderr
+    assert "config key 'variants': expected a mapping" in out.stderr
+
+
+def test_every_verb_lists_every_config_field_with_its_help():
+    """CLI options come from the config dataclasses: the same path means the same field in every verb."""
+    from typer.testing import CliRunner
+
+    from dpolens.cli import app
+    from dpolens.config import field_docs, flat_fields
+    from dpolens.evaluate import EvalConfig
+    from dpolens.stages import REGISTRY
+
+    runner = CliRunner()
+    for verb, cls in [("eval", EvalConfig), *[(s.name, s.config_class) for s in REGISTRY]]:
+        page = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output
+        for path, _, doc in flat_fields(cls):
+            assert "--" + path.replace("_", "-") in page, (verb, path)
+            assert not doc or doc.split()[0] in page, (verb, path, doc)
+    assert field_docs(EvalConfig)["limit"]  # documented once in EvalData, inherited
+
+
+def test_options_reach_the_config(tmp_path):
+    from dpolens.cli import config_command
+    from dpolens.dpo import DPOConfig
+
+    seen = []
+    cmd = config_command(DPOConfig, "dpo", seen.append, lambda cfg: "ok")
+    cmd(model="m", out=None, learning_rate=3e-6, eval__limit=5, precompute_ref=False, config=None,
+        set_=["eval.settings.batch_size=7"], **{k: None for k in ("pairs", "max_pairs")})
+    cfg = seen[0]
+    assert (cfg.model, cfg.learning_rate, cfg.eval.limit, cfg.precompute_ref) == ("m", 3e-6, 5, False)
+    assert cfg.eval.settings.batch_size == 7 and cfg.out == DPOConfig().out
 
 
 BAD_PAIRS = {

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from dpolens.config import load_config
-from dpolens.pipeline import STAGES, _stage_api, load_study, stage_configs
+from dpolens.pipeline import load_study, stage_configs
+from dpolens.stages import REGISTRY, stage
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -15,10 +16,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_shipped_config_resolves(path):
     data = yaml.safe_load(path.read_text())
     if "name" in data:  # a `dpolens run` study
-        cfgs = stage_configs(load_study(path))
-        assert set(cfgs) == set(STAGES)
+        study = load_study(path)
+        cfgs = stage_configs(study)
+        assert set(cfgs) == {s.name for s in REGISTRY if not s.optional or s.name in study.stages}
     else:
-        sections = [s for s in data if s in STAGES]
-        assert sections and set(data) <= set(STAGES), f"unknown sections in {path.name}"
+        names = {s.name for s in REGISTRY}
+        sections = [s for s in data if s in names]
+        assert sections and set(data) <= names, f"unknown sections in {path.name}"
         for s in sections:
-            load_config(_stage_api(s)[0], path, section=s)
+            load_config(stage(s).config_class, path, section=s)

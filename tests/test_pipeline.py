@@ -7,8 +7,11 @@ import yaml
 
 from browser import CHROMIUM, browser_check
 
-from dpolens.pipeline import STAGES, load_study, run_study
+from dpolens.pipeline import load_study, run_study
 from dpolens.report import write_report
+from dpolens.stages import REGISTRY
+
+STAGES = [s.name for s in REGISTRY if not s.optional]
 
 TOXIC = ["you stupid idiot", "shut up idiot", "what a stupid moron", "idiot idiot stupid", "moron stupid"]
 CLEAN = ["thank you kindly", "the weather is nice", "a calm sentence here", "have a great day", "nice book"]
@@ -48,9 +51,26 @@ def study_file(tmp_path, tiny_dirs):
     return p
 
 
-def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached):
-    study = load_study(study_file)
+def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached, monkeypatch):
+    import sys
+
+    from dpolens.model import loading
+
+    devices = []  # every model load of every stage, with the device it was asked for
+
+    def recording_load(ref, *args, **kwargs):
+        devices.append((str(ref), kwargs.get("device")))
+        return real_load(ref, *args, **kwargs)
+
+    real_load = loading.load_model
+    for st in REGISTRY:
+        st.api  # import every stage module before recording
+    for name, module in list(sys.modules.items()):
+        if name.startswith("dpolens") and getattr(module, "load_model", None) is real_load:
+            monkeypatch.setattr(module, "load_model", recording_load)
+    study = load_study(study_file, ["device=cpu"])
     r = run_study(study)
+    assert len(devices) >= len(STAGES) and all(d == "cpu" for _, d in devices), devices
     run = tmp_path / "runs" / "tiny"
     assert all((run / s / ".dpolens-stage.json").exists() for s in STAGES)
     for key in ("probe", "toxic_vectors", "table2", "pairs", "dpo", "weight_shift", "activation_drop",
@@ -81,10 +101,10 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     assert seen["images"] == page.count("<img") and seen["broken_images"] == 0, seen
     assert seen["tables"] >= 5 and seen["empty_tables"] == 0, seen
 
-    again = run_study(load_study(study_file))  # nothing changed: every stage is skipped
+    again = run_study(load_study(study_file, ["device=cpu"]))  # nothing changed: every stage is skipped
     assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())
     assert again["stage_time_s"] == pytest.approx(r["stage_time_s"])  # the earlier run's cost, counted once
-    changed = run_study(load_study(study_file, ["robustness.limit=2"]), only=["robustness"])
+    changed = run_study(load_study(study_file, ["device=cpu", "robustness.limit=2"]), only=["robustness"])
     assert changed["provenance"]["stage_times"]["robustness"]["skipped"] is False
 
 

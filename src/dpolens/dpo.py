@@ -9,6 +9,7 @@ a NaN/inf loss stops training, keeps the last good checkpoint and exits with a c
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,18 +18,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpolens.artifacts import DpolensError, append_jsonl, write_json, write_manifest
+from dpolens.artifacts import DpolensError, append_jsonl, read_json, write_json, write_manifest
 from dpolens.compare import weight_shift
+from dpolens.config import RunSettings
 from dpolens.data import load_pairs
-from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.heads import completion_head
-from dpolens.model.loading import LoadedModel, load_model
+from dpolens.model.loading import LoadedModel, load_model, resolve_device
+from dpolens.webpage import esc, table
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunSettings):
     model: str = "gemma-3-270m"
     pairs: str = "runs/pairs/pairs.jsonl"
     max_pairs: int | None = None  # use the first N pairs of the file (validation pairs included)
@@ -55,7 +58,6 @@ class DPOConfig:
     loss: str = "sigmoid"  # sigmoid = DPO; sft = fine-tuning on the preferred side only, no KL term
     max_length: int = 128
     save_total_limit: int = 2
-    seed: int = 0
     skip_bad_rows: bool = False
     # warn when the pairs are trivially separable: validation reward accuracy 1.0 and validation
     # loss below this within the first two evaluations (the sides differ by more than toxicity)
@@ -185,7 +187,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(cfg.model, dtype="float32")
+    cfg.require_float32("DPO's weight changes (~1e-5) are below bf16 resolution")
+    lm = load_model(cfg.model, dtype="float32", device=cfg.device)
     trainable = restrict_training(lm, cfg)
     if cfg.freeze_embeddings:
         lm.model.get_input_embeddings().weight.requires_grad_(False)
@@ -212,7 +215,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
         logging_steps=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=False, fp16=False,
-        use_cpu=not torch.cuda.is_available(), precompute_ref_log_probs=cfg.precompute_ref,
+        use_cpu=resolve_device(cfg.device) == "cpu", precompute_ref_log_probs=cfg.precompute_ref,
         max_length=cfg.max_length, disable_tqdm=not cfg.eval.progress, save_only_model=False,
         dataloader_num_workers=0, loss_type=[cfg.loss], weight_decay=0.0,
     )
@@ -242,8 +245,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     model_dir = out / "model"
     trainer.model.save_pretrained(model_dir)
     lm.tokenizer.save_pretrained(model_dir)
-    aligned = load_model(model_dir)
-    base = load_model(cfg.model)
+    aligned = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
+    base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     shift = weight_shift(base.model, aligned.model)
     hist = trainer.state.log_history
     evals = [h for h in hist if "eval_loss" in h]
@@ -277,3 +280,41 @@ def run_dpo(cfg: DPOConfig) -> dict:
         summary["eval"] = rows
     write_manifest(out, "dpo", cfg, base=base.identity(), aligned=aligned.identity())
     return summary
+
+
+PAPER = {"dpo": "toxicity 0.453 → 0.208, PPL 21.70 → 23.34, F1 0.193 → 0.195",
+         "weight_shift": "every cosine > 0.99; mean norm difference < 1e-5 (unembedding up to 1e-3)"}
+
+
+def headline(folder: Path) -> dict:
+    """Training, weight shift and the base vs aligned evaluation, for results.json."""
+    if not (d := read_json(folder / "summary.json")):
+        return {}
+    return {"dpo": {k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin",
+                                           "warnings")},
+            "weight_shift": d.get("weight_shift"),
+            "dpo_eval": headline_rows((read_json(folder / "eval.json") or {}).get("rows")),
+            "models": {"base": d.get("base"), "aligned": d.get("aligned")}}
+
+
+def section(folder: Path, results: dict) -> str:
+    parts = []
+    if (d := results.get("dpo_eval")):
+        parts += ["<h2>DPO (paper 4)</h2>",
+                  table(d, ["model", "toxicity", "perplexity", "f1", "repetition"],
+                        f"Base vs aligned on held-out challenge prompts. Paper: {PAPER['dpo']}.")]
+        parts += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in (results.get("dpo") or {}).get("warnings") or []]
+    if (w := results.get("weight_shift")):
+        parts.append(table([{k: w[k] for k in ("min_cosine", "mean_norm_diff", "all_above_0_99")}],
+                           ["min_cosine", "mean_norm_diff", "all_above_0_99"],
+                           f"How far DPO moved the weights. Paper: {PAPER['weight_shift']}."))
+    return "".join(parts)
+
+
+def describe(s: dict) -> str:
+    """The CLI's summary of a DPO run: training, weight shift, evaluation rows."""
+    lines = [json.dumps({k: s[k] for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy",
+                                           "weight_shift")}, indent=2, default=str)]
+    lines += [f"{r['model']:<8} toxicity {r['toxicity']['mean']:.4f} {r['toxicity']['ci95']}  PPL {r['perplexity']}  "
+              f"F1 {r['f1']}" for r in s.get("eval", [])]
+    return "\n".join(lines)

@@ -205,15 +205,20 @@ def perplexity(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None = 
 class EvalSettings:
     """How the harness measures; recorded in every result."""
 
-    max_new_tokens: int = 20
-    max_prompt_tokens: int = 32
-    batch_size: int = 64
-    ppl_max_tokens: int | None = 8192  # None = the whole text (about 300k tokens on Gemma)
-    ppl_batch_size: int = 2
-    seed: int = 0
+    max_new_tokens: int = 20  # greedy tokens generated per prompt
+    max_prompt_tokens: int = 32  # challenge prompts are cut to their first N tokens
+    batch_size: int = 64  # prompts per generation batch
+    ppl_max_tokens: int | None = 8192  # WikiText tokens scored for perplexity; None = the whole text (~300k on Gemma)
+    ppl_batch_size: int = 2  # perplexity windows per forward pass
+    seed: int = 0  # of the bootstrap intervals
 
 
 PER_UNIT_KEYS = ("toxicity_per_prompt", "f1_per_row", "ppl_window_nll", "ppl_window_tokens")  # of EvalResult.row()
+
+
+def headline_rows(rows: list[dict] | None) -> list[dict] | None:
+    """Evaluation rows without their per-prompt / per-window scores (those stay in the stages' files)."""
+    return None if rows is None else [{k: v for k, v in r.items() if k not in PER_UNIT_KEYS} for r in rows]
 
 
 @dataclass
@@ -295,14 +300,14 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
 class EvalData:
     """What the harness measures on: prompts, F1 rows, WikiText, scorer, sizes."""
 
-    prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
-    f1_data: str | None = field(default_factory=lambda: default_data("wiki/wiki_samples.jsonl"))
-    wikitext: str | None = field(default_factory=lambda: default_data("wikitext-2-raw/wiki.test.raw"))
-    limit: int | None = None
-    f1_limit: int | None = None
-    scorer: str = "jigsaw-lstm"
-    skip_bad_rows: bool = False
-    progress: bool = True
+    prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))  # JSONL, `prompt`
+    f1_data: str | None = field(default_factory=lambda: default_data("wiki/wiki_samples.jsonl"))  # None: no F1
+    wikitext: str | None = field(default_factory=lambda: default_data("wikitext-2-raw/wiki.test.raw"))  # PPL text
+    limit: int | None = None  # evaluate on the first N prompts (None: all)
+    f1_limit: int | None = None  # F1 rows used (None: as many as `limit`, or all)
+    scorer: str = "jigsaw-lstm"  # toxicity scorer (dpolens.scoring)
+    skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
+    progress: bool = True  # progress bars
     # a folder of finished evaluations, keyed by what decides them (model weights, intervention,
     # inputs, scorer, settings): stages that evaluate the same model on the same inputs share one
     # run (`dpolens run` sets runs/<name>/evals)
@@ -380,8 +385,9 @@ class EvalConfig(EvalData):
 
     model: str = "gemma-3-270m"
     out: str = "runs/eval"
-    intervention: Any = None
-    dtype: str = "float32"
+    intervention: Any = None  # an intervention spec (file, YAML or mapping) applied during every metric
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -389,7 +395,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from dpolens.model.loading import load_model
 
     inputs = load_inputs(cfg)
-    lm = load_model(cfg.model, dtype=cfg.dtype)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     res = evaluate_inputs(lm, cfg, inputs, cfg.intervention, out_dir=out)

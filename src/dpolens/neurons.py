@@ -35,13 +35,15 @@ import numpy as np
 import torch
 
 from dpolens.activations import bootstrap_counts, continuation_stats
-from dpolens.artifacts import atomic_path, write_json, write_manifest
+from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
 from dpolens.compare import check_pair
+from dpolens.config import RunSettings
 from dpolens.data import load_prompts
 from dpolens.directions import all_value_vectors, load_probe
-from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs, percentile_ci
+from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs, percentile_ci
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
+from dpolens.webpage import image, table
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ PATCH_RULES = {"set": "each group's neurons set to their aligned mean activation
 
 
 @dataclass
-class NeuronsConfig:
+class NeuronsConfig(RunSettings):
     base: str = "gemma-3-270m"
     aligned: str = "runs/dpo/model"
     probe: str = "runs/probe"
@@ -67,7 +69,6 @@ class NeuronsConfig:
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
-    seed: int = 0  # of the clustering sample and the bootstrap
     n_boot: int = 2000
     eval: EvalData = field(default_factory=EvalData)  # evaluated on prompts after the fit split
 
@@ -231,7 +232,9 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
 
     from dpolens import figures
 
-    base, aligned = load_model(cfg.base), load_model(cfg.aligned)
+    cfg.require_float32("base and aligned are compared")
+    base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
+    aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
     probe, _ = load_probe(cfg.probe, base)
     out = Path(cfg.out)
@@ -292,3 +295,52 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
     figs = figures.neuron_figures(out, t, labels, shares)
     write_manifest(out, "neurons", cfg, base=base.identity(), aligned=aligned.identity())
     return {"groups": shares, "patching": patching, "editing": editing, "figures": figs}
+
+
+PAPER = "4.9% of the positive reduction (2.333 / 47.96); 32% of the net (7.22)"
+
+
+def headline(folder: Path) -> dict:
+    """Group shares and the patching steps with their base/aligned references, for results.json."""
+    r = {}
+    if (g := read_json(folder / "groups.json")):
+        r["neuron_groups"] = {"groups": g["groups"], "totals": g["totals"], "toxic_neurons": g["toxic_neurons"]}
+    if (pt := read_json(folder / "patching.json")):
+        r["patching"] = headline_rows(pt["steps"])
+        base, aligned = headline_rows([pt["base"], pt["aligned"]])
+        r["patching_reference"] = {"base": base, "aligned": aligned, "rule": pt["patch"]}
+    return r
+
+
+def section(folder: Path, results: dict) -> str:
+    parts = []
+    if (g := results.get("neuron_groups")):
+        rows = [{"group": k, **v} for k, v in g["groups"].items()]
+        parts += ["<h2>Neuron groups (Yang et al.)</h2>",
+                  table(rows, ["group", "count", "reduction", "share_of_positive", "share_of_net"],
+                        "Share of the reduction of the probe projection per neuron group."),
+                  table([g["toxic_neurons"]], ["count", "share_of_positive", "share_of_net"],
+                        f"Top toxic neurons that were active and dampened. Paper: {PAPER}.")]
+        parts += [image(folder / f"{f}.png", f.replace("fig_", "").replace("_", " ") + ".")
+                  for f in ("fig_groups_by_layer", "fig_cumulative_share", "fig_neuron_scatter")]
+    if (pt := results.get("patching")):
+        ref = results.get("patching_reference") or {}
+        rows = [{**ref[m], "groups": f"none ({m} model)"} for m in ("base", "aligned") if m in ref]
+        rows += [{**s, "groups": "+".join(s["groups"])} for s in pt]
+        rule = f" Patch: {ref['rule']}." if "rule" in ref else ""
+        parts.append(table(rows, ["groups", "n_neurons", "toxicity", "perplexity", "f1"],
+                           "Cumulative activation patching of the base model on held-out prompts." + rule))
+    return "".join(parts)
+
+
+def describe(r: dict) -> str:
+    """The CLI's summary: each group's share, the toxic neurons' share, the patching steps."""
+    g = r["groups"]
+    lines = [f"{name:<4} {g['groups'][name]['count']:>6} neurons  "
+             f"{100 * (g['groups'][name]['share_of_positive'] or 0):6.2f}% of positive" for name in GROUPS]
+    tn = g["toxic_neurons"]
+    lines.append(f"toxic neurons: {100 * (tn['share_of_positive'] or 0):.2f}% of positive, "
+                 f"{100 * (tn['share_of_net'] or 0):.2f}% of net")
+    lines += [f"patch {'+'.join(s['groups']):<16} toxicity {s['toxicity']['mean']:.4f}  PPL {s['perplexity']}"
+              for s in r["patching"]["steps"]]
+    return "\n".join(lines)

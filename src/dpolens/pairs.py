@@ -43,6 +43,7 @@ from dpolens.artifacts import (
     write_jsonl,
     write_manifest,
 )
+from dpolens.config import RunSettings
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
 from dpolens.model import hooks
@@ -57,6 +58,7 @@ from dpolens.model.generation import (
 )
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.textquality import continuation_nll, side_quality, special_token_flags
+from dpolens.webpage import table
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class QualityGate:
 
 
 @dataclass
-class PairsConfig:
+class PairsConfig(RunSettings):
     model: str = "gemma-3-270m"
     probe: str = "runs/probe"  # the attribute / steering direction (pplm, steer)
     method: Literal["pplm", "steer", "sample"] = "steer"
@@ -124,7 +126,6 @@ class PairsConfig:
     min_words: int = 8
     max_new_tokens: int = 20
     batch_size: int = 16  # prompts per chunk
-    seed: int = 0
     scorer: str = "jigsaw-lstm"
     pplm: PPLMSettings = field(default_factory=PPLMSettings)
     steer: SteerSettings = field(default_factory=SteerSettings)
@@ -134,8 +135,6 @@ class PairsConfig:
     # value with the largest toxicity gap whose NLL gap clears gate.max_nll_gap is used. [] = no sweep
     sweep: list[float] = field(default_factory=list)
     sweep_prompts: int = 16
-    dtype: str = "float32"
-    progress: bool = True
 
 
 def prompt_pool(cfg: PairsConfig) -> list[str]:
@@ -453,7 +452,7 @@ def run_pairs(cfg: PairsConfig) -> dict:
 
     if cfg.n < 1:
         raise DpolensError(f"pairs: n must be >= 1, got {cfg.n}")
-    lm = load_model(cfg.model, dtype=cfg.dtype)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     scorer = get_scorer(cfg.scorer)
     gen = _Generator(lm, cfg, scorer)
     pool = prompt_pool(cfg)
@@ -539,3 +538,41 @@ def run_pairs(cfg: PairsConfig) -> dict:
                "scorer": scorer.describe(), "model": lm.identity()}
     write_json(stem.parent / f"{stem.name}.summary.json", summary)
     return summary
+
+
+def headline(folder: Path) -> dict:
+    """How many pairs, how they were made, and their quality block, for results.json."""
+    if not (p := read_json(folder / "pairs.summary.json")):
+        return {}
+    return {"pairs": {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
+                                             "dispreferred_toxicity_mean", "quality", "dropped", "samples")}}
+
+
+def section(folder: Path, results: dict) -> str:
+    """The pairs' quality block beside three sample pairs: a DPO learns whatever separates the sides."""
+    p = results.get("pairs") or {}
+    if not (q := p.get("quality")):
+        return ""
+    cols = ["toxicity", "nll_per_token", "special_token_share", "distinct_2", "repeated_ngram_rate", "mean_words"]
+    rows = [{"side": side, **q[side]} for side in ("preferred", "dispreferred")]
+    dropped = ", ".join(f"{k} {v}" for k, v in (p.get("dropped") or {}).items()) or "none"
+    out = table(rows, ["side"] + cols,
+                f"{q['n']} pairs ({p['method']}, prompts: {p.get('prompt_source')}) kept from {p.get('n_candidates')} "
+                f"candidates (dropped: {dropped}). Dispreferred more toxic in "
+                f"{q['share_dispreferred_more_toxic']:.0%} of pairs, mean toxicity gap {q['mean_toxicity_gap']:.3f}, "
+                f"mean NLL gap {q['mean_nll_gap']:.2f} nats/token under the base model.")
+    samples = [{"prompt": s["prompt_text"], "preferred": s["unpert_gen_text"], "dispreferred": s["pert_gen_text"],
+                "toxicity (pref / dispref)": f"{s['preferred_toxicity']:.3f} / {s['dispreferred_toxicity']:.3f}"}
+               for s in p.get("samples") or []]
+    return "<h2>Preference pairs (paper 4.2)</h2>" + out + table(
+        samples, ["prompt", "preferred", "dispreferred", "toxicity (pref / dispref)"],
+        "Three of the pairs the DPO learns from.")
+
+
+def describe(s: dict) -> str:
+    """The CLI's one line about the pairs and their quality."""
+    q = s["quality"]
+    return (f"{s['n']} pairs ({s['method']}) from {s['n_candidates']} candidates: toxicity preferred "
+            f"{q['preferred']['toxicity']:.4f}, dispreferred {q['dispreferred']['toxicity']:.4f} "
+            f"({s['scorer']['name']}); NLL/token {q['preferred']['nll_per_token']:.2f} vs "
+            f"{q['dispreferred']['nll_per_token']:.2f}; dropped {s['dropped']}")

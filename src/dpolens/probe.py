@@ -20,17 +20,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import atomic_path, write_json, write_manifest
+from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
+from dpolens.config import RunSettings
 from dpolens.data import balanced_sample, default_data, load_labelled
 from dpolens.directions import save_probe
 from dpolens.model.generation import length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
+from dpolens.webpage import table
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(RunSettings):
     model: str = "gemma-3-270m"
     data: list[str] = field(default_factory=lambda: [
         default_data("toxic-corpora/davidson_labeled_data.csv"),
@@ -44,10 +46,7 @@ class ProbeConfig:
     val_fraction: float = 0.1
     C: float | None = None  # None: chosen by 5-fold cross-validation on the training split
     Cs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
-    seed: int = 0
     skip_bad_rows: bool = False
-    dtype: str = "float32"
-    progress: bool = True
 
 
 @torch.inference_mode()
@@ -103,7 +102,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     examples = balanced_sample(examples, cfg.max_examples, cfg.balance, cfg.seed)
     texts = [t for t, _ in examples]
     labels = np.array([l for _, l in examples])
-    lm = load_model(cfg.model, dtype=cfg.dtype)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     feats = _cached_features(lm, texts, cfg, out / "features.safetensors").numpy()
@@ -146,3 +145,27 @@ def run_probe(cfg: ProbeConfig) -> dict:
                                               "model": lm.identity(), "seed": cfg.seed})
     write_manifest(out, "probe", cfg, model=lm.identity())
     return metrics
+
+
+PAPER = "94% (Jigsaw, gpt2-medium; majority baseline ~90%)"
+
+
+def headline(folder: Path) -> dict:
+    """The probe's validation metrics, for results.json."""
+    if not (m := read_json(folder / "metrics.json")):
+        return {}
+    return {"probe": {k: m[k] for k in ("accuracy", "balanced_accuracy", "f1", "auroc", "majority_baseline",
+                                        "n_train", "n_val")}}
+
+
+def section(folder: Path, results: dict) -> str:
+    if not (m := results.get("probe")):
+        return ""
+    return "<h2>Toxicity probe (paper 3.1)</h2>" + table([m], list(m), f"Validation metrics of the probe. Paper: {PAPER}.")
+
+
+def describe(m: dict) -> str:
+    """The CLI's one line about a fitted probe."""
+    return (f"probe: accuracy {m['accuracy']:.4f} (majority {m['majority_baseline']:.4f}), balanced "
+            f"{m['balanced_accuracy']:.4f}, F1 {m['f1']:.4f}, AUROC {m['auroc']:.4f}, n_train {m['n_train']}, "
+            f"n_val {m['n_val']}")

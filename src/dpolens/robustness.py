@@ -24,12 +24,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dpolens.activations import continuation_stats
-from dpolens.artifacts import DpolensError, write_json, write_manifest, write_text
+from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
+from dpolens.config import RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.evaluate import bootstrap_ratio, summarize
 from dpolens.model.generation import encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
+from dpolens.webpage import esc, image, table
 
 _LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7",
                        "A": "4", "E": "3", "I": "1", "O": "0", "S": "5", "T": "7"})
@@ -79,7 +81,7 @@ def multi_turn(prompts: list[str], neutral: list[str], turns: int, seed: int) ->
 
 
 @dataclass
-class RobustnessConfig:
+class RobustnessConfig(RunSettings):
     base: str = "gemma-3-270m"
     aligned: str = "runs/dpo/model"
     unaligned: str | None = None
@@ -93,15 +95,14 @@ class RobustnessConfig:
     max_prompt_tokens: int = 256
     batch_size: int = 16
     scorer: str = "jigsaw-lstm"
-    seed: int = 0
-    progress: bool = True
 
 
 def run_robustness(cfg: RobustnessConfig) -> dict:
-    base, aligned = load_model(cfg.base), load_model(cfg.aligned)
+    base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
+    aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     models = [("base", base), ("aligned", aligned)]
     if cfg.unaligned:
-        models.append(("unaligned", load_model(cfg.unaligned)))
+        models.append(("unaligned", load_model(cfg.unaligned, dtype=cfg.dtype, device=cfg.device)))
     scorer = get_scorer(cfg.scorer)
     plain = load_prompts(cfg.prompts, cfg.limit)
     neutral = wikitext_prompts(cfg.neutral)
@@ -225,3 +226,27 @@ def render(result: dict) -> str:
                      f"{t['ci95'][1]:.4f}] | {rr} |")
     lines += ["", "Findings:", *[f"- {f}" for f in result.get("findings", [])]]
     return "\n".join(lines) + "\n"
+
+
+def headline(folder: Path) -> dict:
+    """Toxicity and offset retention per transform and model, and the findings, for results.json."""
+    if not (rb := read_json(folder / "table.json")):
+        return {}
+    return {"robustness": [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]],
+            "robustness_findings": rb.get("findings", [])}
+
+
+def section(folder: Path, results: dict) -> str:
+    if not (rb := results.get("robustness")):
+        return ""
+    rows = [{**r, "retention": (sum(r["retention"]) / len(r["retention"])) if r["retention"] else None} for r in rb]
+    parts = ["<h2>Robustness of the offset (beyond the paper)</h2>",
+             table(rows, ["transform", "model", "toxicity", "retention"],
+                   "Toxicity and mean offset retention under transformed and multi-turn prompts."),
+             image(folder / "fig_retention.png", "Offset retention by layer.")]
+    if (fs := results.get("robustness_findings")):
+        parts.append("<p><b>Does the offset persist?</b></p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in fs) + "</ul>")
+    return "".join(parts)
+
+
+describe = render

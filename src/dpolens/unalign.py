@@ -24,16 +24,18 @@ from typing import Literal
 
 import torch
 
-from dpolens.artifacts import write_json, write_manifest, write_text
+from dpolens.artifacts import read_json, write_json, write_manifest, write_text
+from dpolens.config import RunSettings
 from dpolens.directions import keys_scaled, toxic_keys
-from dpolens.evaluate import EvalData, evaluate_inputs, load_inputs
+from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
+from dpolens.webpage import table
 
 
 @dataclass
-class UnalignConfig:
+class UnalignConfig(RunSettings):
     model: str = "runs/dpo/model"
     base: str | None = "gemma-3-270m"
     probe: str = "runs/probe"
@@ -88,16 +90,17 @@ def positive_scaling(targets: list[tuple[int, int, float]], scale: float) -> lis
 
 
 def run_unalign(cfg: UnalignConfig) -> dict:
-    aligned = load_model(cfg.model)
+    aligned = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     a = aligned.adapter
     targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space, cfg.rank, cfg.writer_tokens)
     out = Path(cfg.out)
     with keys_scaled(aligned, targets, cfg.scale, cfg.key) as scaled:
         aligned.model.save_pretrained(out / "model")
         aligned.tokenizer.save_pretrained(out / "model")
-    unaligned = load_model(out / "model")
+    unaligned = load_model(out / "model", dtype=cfg.dtype, device=cfg.device)
     inputs = load_inputs(cfg.eval)
-    models = ([("base", load_model(cfg.base))] if cfg.base else []) + [("aligned", aligned), ("unaligned", unaligned)]
+    models = ([("base", load_model(cfg.base, dtype=cfg.dtype, device=cfg.device))] if cfg.base else [])
+    models += [("aligned", aligned), ("unaligned", unaligned)]
     rows = []
     for label, m in models:
         res = evaluate_inputs(m, cfg.eval, inputs, label=label)
@@ -124,3 +127,25 @@ def run_unalign(cfg: UnalignConfig) -> dict:
     write_text(out / "table4.md", "\n".join(lines) + "\n")
     write_manifest(out, "unalign", cfg, aligned=aligned.identity(), unaligned=unaligned.identity())
     return result
+
+
+PAPER = "0.208 → 0.458 (base 0.453) with PPL 23.30"
+
+
+def headline(folder: Path) -> dict:
+    """The base, aligned and un-aligned rows without per-prompt scores, for results.json."""
+    u = read_json(folder / "table.json")
+    return {"unalign": headline_rows(u["rows"])} if u else {}
+
+
+def section(folder: Path, results: dict) -> str:
+    if not (u := results.get("unalign")):
+        return ""
+    return "<h2>Un-aligning by key scaling (Table 4)</h2>" + table(
+        u, ["model", "toxicity", "perplexity", "f1"], f"Scaling 7 toxic keys ×10 in the aligned model. Paper: {PAPER}.")
+
+
+def describe(r: dict) -> str:
+    """The CLI's Table 4: toxicity, perplexity and F1 of each row."""
+    return "\n".join(f"{row['model']:<10} toxicity {row['toxicity']['mean']:.4f} {row['toxicity']['ci95']}  "
+                     f"PPL {row['perplexity']}  F1 {row['f1']}" for row in r["rows"])

@@ -31,7 +31,8 @@ from typing import Literal
 
 import torch
 
-from dpolens.artifacts import atomic_path, write_json, write_manifest, write_text
+from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest, write_text
+from dpolens.config import RunSettings
 from dpolens.directions import (
     all_value_vectors,
     load_probe,
@@ -44,10 +45,11 @@ from dpolens.directions import (
     vocab_projection,
 )
 from dpolens.model.loading import load_model
+from dpolens.webpage import table
 
 
 @dataclass
-class VectorsConfig:
+class VectorsConfig(RunSettings):
     model: str = "gemma-3-270m"
     probe: str = "runs/probe"
     out: str = "runs/vectors"
@@ -59,11 +61,10 @@ class VectorsConfig:
     random_seed: int = 0
     space: Literal["raw", "standardized"] = "standardized"
     projection: Literal["raw", "norm"] = "norm"
-    dtype: str = "float32"
 
 
 def run_vectors(cfg: VectorsConfig) -> dict:
-    lm = load_model(cfg.model, dtype=cfg.dtype)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     probe, meta = load_probe(cfg.probe, lm)
     a = lm.adapter
     cos = rank_by_probe(lm, probe, cfg.space, meta.get("feature_std"))
@@ -131,3 +132,32 @@ def table1(lm, probe_proj, rows, svd_rows, cfg, writers) -> str:
         lines.append(f"| MLP.v L{r['layer']} n{r['neuron']} | {r['score']:.2f} | {r['cosine']:.3f} "
                      f"({r['cosine_rank']}) | {fmt(r['top_tokens'])} |")
     return "\n".join(lines) + "\n"
+
+
+def headline(folder: Path) -> dict:
+    """The 10 value vectors most similar to the probe, for results.json."""
+    if not (v := read_json(folder / "toxic_vectors.json")):
+        return {}
+    return {"toxic_vectors": [{k: x[k] for k in ("layer", "neuron", "cosine", "top_tokens")} for x in v[:10]]}
+
+
+def section(folder: Path, results: dict) -> str:
+    parts = []
+    if (t1 := read_json(folder / "toxic_vectors.json")):
+        rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in t1[:10]]
+        parts += ["<h2>Toxic value vectors (Table 1)</h2>",
+                  table(rows, ["layer", "neuron", "cosine", "top_tokens"],
+                        "The 10 value vectors most similar to the probe and their top tokens.")]
+    if (tw := read_json(folder / "token_writers.json")):
+        rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in tw["rows"][:5]]
+        parts.append(table(rows, ["layer", "neuron", "score", "cosine", "cosine_rank", "top_tokens"],
+                           "Diagnostic: the value vectors that most promote the probe's own top tokens "
+                           f"({', '.join(t.strip() for t in tw['probe_tokens'])}), and where the cosine "
+                           f"ranks them (median rank of the top {len(tw['rows'])}: {tw['median_cosine_rank']:.0f})."))
+    return "".join(parts)
+
+
+def describe(s: dict) -> str:
+    """The CLI's Table 1: the top 10 value vectors and their top tokens."""
+    return "\n".join(f"L{r['layer']:>2} n{r['neuron']:<5} cos {r['cosine']:.3f}  {r['top_tokens'][:8]}"
+                     for r in s["top10"])

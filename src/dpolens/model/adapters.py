@@ -97,11 +97,7 @@ class Adapter:
             self.body = model.model
             self.layers = model.model.layers
             self.final_norm = model.model.norm
-        head = model.get_output_embeddings()
-        if type(head) is nn.Linear:
-            head = WideUnembed.sharing(head)
-            model.set_output_embeddings(head)
-        self.unembed_module = head
+        self.unembed_module = model.get_output_embeddings()
 
     # ---- shape facts -------------------------------------------------------------------
     @property
