@@ -525,8 +525,9 @@ def toxic_neurons_small_share(ctx: Context) -> Measured:
 
 
 def reduction_spreads(ctx: Context) -> Measured:
+    from dpolens.compare import GROUPS
+
     g = ctx.json("neurons/groups.json")
-    GROUPS = [k for k, v in g["groups"].items() if v.get("reduces_toxicity")]  # Yang et al.'s four
     shares = {k: _stat_block(g["groups"][k], "share_of_positive") for k in GROUPS}
     text = "; ".join(f"{k} {_pct(v)} ({g['groups'][k]['count']} neurons)" for k, (v, _) in shares.items())
     prov = _neurons_prov(ctx, (g.get("fit") or {}).get("n_prompts"))

@@ -9,6 +9,10 @@ import torch
 from dpolens.artifacts import DpolensError
 from dpolens.model.loading import LoadedModel
 
+# Yang et al.'s four neuron groups whose activation change lowers the probe projection (the names are
+# explained in dpolens.neurons, the stage that assigns them)
+GROUPS = ("TP-", "TN+", "AP+", "AN-")
+
 
 def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10) -> dict:
     """Per parameter tensor: cosine(base, aligned) and ‖aligned − base‖, with a summary."""

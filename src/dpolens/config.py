@@ -25,6 +25,22 @@ class ConfigError(DpolensError):
     pass
 
 
+def at_least(obj: Any, minimum: float, *names: str) -> None:
+    """Refuse, before any compute, a numeric setting below `minimum` (None means "not set")."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(device: str) -> None:
+    if not _DEVICE.fullmatch(device):
+        raise ConfigError(f"unknown device '{device}' (auto, cpu, cuda, cuda:N, mps)")
+
+
 @dataclasses.dataclass
 class RunSettings:
     """What every stage config carries besides its own settings."""
@@ -33,6 +49,11 @@ class RunSettings:
     dtype: str = "float32"  # weights and compute: float32, bfloat16 or float16 (base/aligned comparisons stay float32)
     seed: int = 0  # every random choice of the stage (splits, sampling, bootstraps)
     progress: bool = True  # progress bars
+
+    def __post_init__(self):
+        check_device(self.device)
+        if self.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+            raise ConfigError(f"unknown dtype '{self.dtype}' (float32, bfloat16, float16)")
 
     def require_float32(self, why: str) -> None:
         if self.dtype != "float32":

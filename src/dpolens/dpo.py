@@ -20,7 +20,7 @@ from torch import nn
 
 from dpolens.artifacts import DpolensError, append_jsonl, read_json, write_json, write_manifest
 from dpolens.compare import weight_shift
-from dpolens.config import RunSettings
+from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.heads import completion_head
@@ -64,6 +64,10 @@ class DPOConfig(RunSettings):
     separable_loss: float = 0.1
     evaluate: bool = True
     eval: EvalData = field(default_factory=EvalData)
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "batch_size", "val_pairs", "eval_steps")
 
 
 def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
@@ -177,6 +181,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     from transformers import EarlyStoppingCallback, TrainerCallback
     from trl import DPOConfig as TRLConfig
 
+    cfg.require_float32("DPO's weight changes (~1e-5) are below bf16 resolution")
     pairs = load_pairs(cfg.pairs, cfg.skip_bad_rows)[: cfg.max_pairs]
     if len(pairs) <= cfg.val_pairs:
         raise DpolensError(f"{len(pairs)} pairs leave none for training after {cfg.val_pairs} validation pairs")
@@ -187,7 +192,6 @@ def run_dpo(cfg: DPOConfig) -> dict:
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
-    cfg.require_float32("DPO's weight changes (~1e-5) are below bf16 resolution")
     lm = load_model(cfg.model, dtype="float32", device=cfg.device)
     trainable = restrict_training(lm, cfg)
     if cfg.freeze_embeddings:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from dpolens.artifacts import (DpolensError, append_jsonl, read_json, read_jsonl_complete, write_json,
                                write_jsonl, write_manifest)
+from dpolens.config import at_least, check_device
 from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
 from dpolens.model import interventions
 from dpolens.model.generation import generate
@@ -212,6 +213,9 @@ class EvalSettings:
     ppl_batch_size: int = 2  # perplexity windows per forward pass
     seed: int = 0  # of the bootstrap intervals
 
+    def __post_init__(self):
+        at_least(self, 1, "max_new_tokens", "max_prompt_tokens", "batch_size", "ppl_max_tokens", "ppl_batch_size")
+
 
 PER_UNIT_KEYS = ("toxicity_per_prompt", "f1_per_row", "ppl_window_nll", "ppl_window_tokens")  # of EvalResult.row()
 
@@ -314,6 +318,9 @@ class EvalData:
     cache: str | None = None
     settings: EvalSettings = field(default_factory=EvalSettings)
 
+    def __post_init__(self):
+        at_least(self, 1, "limit", "f1_limit")
+
 
 @dataclass
 class EvalInputs:
@@ -388,6 +395,10 @@ class EvalConfig(EvalData):
     intervention: Any = None  # an intervention spec (file, YAML or mapping) applied during every metric
     dtype: str = "float32"  # float32, bfloat16 or float16
     device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_device(self.device)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

@@ -36,8 +36,8 @@ import torch
 
 from dpolens.activations import bootstrap_counts, continuation_stats
 from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
-from dpolens.compare import check_pair
-from dpolens.config import RunSettings
+from dpolens.compare import GROUPS, check_pair
+from dpolens.config import RunSettings, at_least
 from dpolens.data import load_prompts
 from dpolens.directions import all_value_vectors, load_probe
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs, percentile_ci
@@ -47,7 +47,6 @@ from dpolens.webpage import image, table
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("TP-", "TN+", "AP+", "AN-")
 MIRRORS = ("TP+", "TN-", "AP-", "AN+")
 PATCH_ORDER = ("TP-", "AN-", "TN+", "AP+")
 PATCH_RULES = {"set": "each group's neurons set to their aligned mean activation at every position",
@@ -71,6 +70,10 @@ class NeuronsConfig(RunSettings):
     max_new_tokens: int = 20
     n_boot: int = 2000
     eval: EvalData = field(default_factory=EvalData)  # evaluated on prompts after the fit split
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "fit_prompts")
 
 
 @torch.inference_mode()

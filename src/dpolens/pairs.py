@@ -43,7 +43,7 @@ from dpolens.artifacts import (
     write_jsonl,
     write_manifest,
 )
-from dpolens.config import RunSettings
+from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
 from dpolens.model import hooks
@@ -135,6 +135,10 @@ class PairsConfig(RunSettings):
     # value with the largest toxicity gap whose NLL gap clears gate.max_nll_gap is used. [] = no sweep
     sweep: list[float] = field(default_factory=list)
     sweep_prompts: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "n", "max_new_tokens", "batch_size")
 
 
 def prompt_pool(cfg: PairsConfig) -> list[str]:

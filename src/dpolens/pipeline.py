@@ -91,7 +91,6 @@ def _key(cfg: Any, upstream: list[str]) -> str:
 def run_study(study: Any, only: list[str] | None = None, start: str | None = None,
               force: list[str] | None = None) -> dict:
     run = Path(study.root) / study.name
-    run.mkdir(parents=True, exist_ok=True)
     cfgs = stage_configs(study)
     order = [st for st in REGISTRY if st.name in study.stages]
     selected = [st.name for st in order]
@@ -100,7 +99,14 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
         stage(start)
         selected = [s for s in selected if names.index(s) >= names.index(start)]
     if only:
+        for name in only:
+            if name not in selected:
+                stage(name)  # names the known stages when it is none
+                raise ConfigError(f"stage '{name}' is not in this study's stages ({', '.join(selected)})")
         selected = [s for s in selected if s in only]
+    for name in force or []:
+        stage(name)
+    run.mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
     timings = {}
     t0 = time.time()

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
-from dpolens.config import RunSettings
+from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import balanced_sample, default_data, load_labelled
 from dpolens.directions import save_probe
 from dpolens.model.generation import length_batches, position_ids
@@ -47,6 +47,12 @@ class ProbeConfig(RunSettings):
     C: float | None = None  # None: chosen by 5-fold cross-validation on the training split
     Cs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
     skip_bad_rows: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 20, "max_examples")  # a stratified split needs both classes on both sides
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpolens.artifacts import read_json, write_text
+from dpolens.artifacts import DpolensError, read_json, write_text
 from dpolens.stages import REGISTRY
 from dpolens.webpage import esc, table
 
@@ -49,6 +49,10 @@ def render(run: Path) -> str:
 
 def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
+    if not run.is_dir():
+        raise DpolensError(f"run folder not found: {run}")
+    if not (run / "results.json").exists() and not any((run / st.name).is_dir() for st in REGISTRY):
+        raise DpolensError(f"{run} holds no stage outputs and no results.json: not a `dpolens run` folder")
     out = run / "report.html"
     write_text(out, render(run))
     return out

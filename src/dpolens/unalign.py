@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from dpolens.artifacts import read_json, write_json, write_manifest, write_text
-from dpolens.config import RunSettings
+from dpolens.config import RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model import hooks
@@ -49,6 +49,10 @@ class UnalignConfig(RunSettings):
     sign_aware: bool = True  # also evaluate the sign-aware variant (scale m_i only where m_i > 0)
     sign_flip_prompts: int = 64  # the first N evaluation prompts measure how often m_i < 0
     eval: EvalData = field(default_factory=EvalData)
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "k")
 
 
 @torch.inference_mode()

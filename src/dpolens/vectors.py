@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest, write_text
-from dpolens.config import RunSettings
+from dpolens.config import RunSettings, at_least
 from dpolens.directions import (
     all_value_vectors,
     load_probe,
@@ -61,6 +61,10 @@ class VectorsConfig(RunSettings):
     random_seed: int = 0
     space: Literal["raw", "standardized"] = "standardized"
     projection: Literal["raw", "norm"] = "norm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "top_n")
 
 
 def run_vectors(cfg: VectorsConfig) -> dict:
