@@ -20,18 +20,14 @@ import json
 import tempfile
 
 import torch
-from common import SHARED, timed
+from common import SHARED, fp32_roofline, timed
 
 from dpolens import load_model
 from dpolens.data import load_prompts
 from dpolens.dpo import _dataset, _trainer_class
 from dpolens.model.heads import completion_head
 
-a = torch.randn(2048, 2048)
-b = torch.randn(2048, 2048)
-a @ b
-mm_s, _ = timed(lambda: a @ b, 10)
-roofline = 2 * 2048**3 / mm_s
+mm_s, roofline = fp32_roofline()
 
 lm = load_model("gemma-3-270m")
 model = lm.model

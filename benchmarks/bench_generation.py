@@ -8,18 +8,13 @@ A hand-written KV-cached greedy loop measured 0.905x of transformers' generate h
 so the harness keeps generate for greedy decoding.
 """
 
-import torch
-from common import SHARED, timed
+from common import SHARED, fp32_roofline, timed
 
 from dpolens import load_model
 from dpolens.data import load_prompts
 from dpolens.model.generation import encode_prompts, generate
 
-a = torch.randn(2048, 2048)
-b = torch.randn(2048, 2048)
-a @ b
-mm_s, _ = timed(lambda: a @ b, 10)
-roofline = 2 * 2048**3 / mm_s
+mm_s, roofline = fp32_roofline()
 
 lm = load_model("gemma-3-270m")
 n_params = sum(p.numel() for p in lm.model.parameters())

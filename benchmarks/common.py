@@ -19,6 +19,17 @@ def timed(fn, repeat: int = 1):
     return best, out
 
 
+def fp32_roofline() -> tuple[float, float]:
+    """Seconds for one 2048x2048 fp32 matmul (best of 10) and the FLOP/s it reaches (2·2048³ FLOP):
+    the roofline the benchmarks state their shares of."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    mm_s, _ = timed(lambda: a @ b, 10)
+    return mm_s, 2 * 2048**3 / mm_s
+
+
 def report(name: str, baseline_s: float, rows: list[tuple[str, float]], unit_count: float, unit: str):
     print(f"== {name}")
     print(f"{'variant':<34} {'seconds':>8} {unit + '/s':>12} {'vs baseline':>12}")
