@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dpolens.activations import Stats, bootstrap_counts, bootstrap_sum, continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest
 from dpolens.compare import check_pair, residual_offset, weight_shift
-from dpolens.config import RunSettings
+from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import paired_bootstrap, percentile_ci
@@ -58,6 +58,10 @@ class AnalyzeConfig(RunSettings):
     batch_size: int = 32
     figure_layers: int = 3
     n_boot: int = 2000
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "limit", "lens_search_limit", "top_neurons")
 
 
 def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
-from dpolens.config import RunSettings
+from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.evaluate import bootstrap_ratio, summarize
 from dpolens.model.generation import encode_prompts, generate
@@ -95,6 +95,10 @@ class RobustnessConfig(RunSettings):
     max_prompt_tokens: int = 256
     batch_size: int = 16
     scorer: str = "jigsaw-lstm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "limit", "batch_size", "max_prompt_tokens")
 
 
 def run_robustness(cfg: RobustnessConfig) -> dict:
