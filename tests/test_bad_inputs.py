@@ -1,12 +1,16 @@
 """Bad inputs, as a new user makes them: one `dpolens: error:` line, exit code 2, before any
 compute, and no files left behind (issue #19; the cases fixed so far)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from conftest import SHARED
 
@@ -48,17 +52,112 @@ CASES = {  # the arguments, and what the error line must say
                                           "stage 'dpo' is not in this study's stages (probe)"),
     "report missing folder": (["report", "nosuch"], "run folder not found: nosuch"),
     "report empty folder": (["report", "empty"], "holds no stage outputs and no results.json"),
+    # output locations
+    "eval out is a file": (["eval", "-m", "{tiny}", "-o", "afile"], "output afile is a file; a folder goes there"),
+    "probe out under a file": (["probe", "-m", "{tiny}", "-o", "afile/probe"], "afile is a file"),
+    "pairs out is a folder": (["pairs", "-m", "{tiny}", "-o", "empty"], "output empty is a folder; a file goes there"),
+    "score out is a folder": (["score", "-i", "texts.jsonl", "-o", "empty"], "a file goes there"),
+    "run folder is a file": (["run", "study.yaml", "--set", "name=afile", "--set", "root=."], "output afile is a file"),
+    # malformed YAML, studies that are not mappings, damaged markers
+    "config malformed YAML": (["vectors", "-c", "bad.yaml"], "config file bad.yaml is not valid YAML (line 2"),
+    "config is a folder": (["vectors", "-c", "empty"], "config file empty is a folder"),
+    "study malformed YAML": (["run", "bad.yaml"], "study file bad.yaml is not valid YAML"),
+    "study is a list": (["run", "list.yaml"], "must hold a mapping"),
+    "set malformed value": (["vectors", "-m", "{tiny}", "--set", "top_n=[1,", "-o", "out"], "--set top_n is not valid YAML"),
+    "intervention malformed YAML": (["eval", "-m", "{tiny}", "--intervention", "{kind: [", "-o", "out"],
+                                    "--intervention is not valid YAML"),
+    "truncated stage marker": (["run", "study.yaml"], "the stage marker runs/s/probe/.dpolens-stage.json is damaged"),
+    # artifacts of the wrong kind
+    "probe file not safetensors": (["vectors", "-m", "{tiny}", "--probe", "garbage.safetensors", "-o", "out"],
+                                   "probe file garbage.safetensors is not a readable safetensors file"),
+    "probe file empty": (["vectors", "-m", "{tiny}", "--probe", "empty.safetensors", "-o", "out"],
+                         "is not a readable safetensors file"),
+    "probe file lacks the probe": (["vectors", "-m", "{tiny}", "--probe", "noprobe.safetensors", "-o", "out"],
+                                   "has no 'probe' tensor (has: w)"),
+    "probe 2-D": (["vectors", "-m", "{tiny}", "--probe", "probe2d.safetensors", "-o", "out"], "must be one vector"),
+    "probe NaN": (["vectors", "-m", "{tiny}", "--probe", "nan.safetensors", "-o", "out"], "holds NaN"),
+    "toxic_vectors.json truncated": (["table2", "-m", "{tiny}", "--probe", "probe.safetensors", "--vectors", "vecs",
+                                      "-o", "out"], "vecs/toxic_vectors.json is not valid JSON"),
+    "model config.json malformed": (["vectors", "-m", "badconfig", "-o", "out"], "cannot load badconfig"),
+    "model folder without weights": (["vectors", "-m", "noweights", "-o", "out"], "cannot load noweights"),
+    "model folder without tokenizer": (["generate", "notok", "-p", "hi"], "notok has no usable tokenizer files"),
+    "garbage gguf": (["vectors", "-m", "garbage.gguf", "-o", "out"], "cannot load garbage.gguf"),
+    "random-bytes .pt": (["inspect", "garbage.pt", "--base", "{tiny}"], "garbage.pt was refused: it is not a plain tensor state dict"),
+    # names and indices against the model's shape
+    "intervention layer past the model": (["eval", "-m", "{tiny}", "--limit", "1", "--intervention",
+                                           "{kind: subtract, layer: 99, vector: {random: 0}}", "-o", "out"],
+                                          "intervention layer 99 out of range: the model has 3 layers"),
+    "intervention neuron past the layer": (["eval", "-m", "{tiny}", "--limit", "1", "--intervention",
+                                            "{kind: neurons, layer: 0, neurons: [100000], scale: 0}", "-o", "out"],
+                                           "intervention neuron 100000 out of range"),
+    "dpo unknown loss": (["dpo", "-m", "{tiny}", "--loss", "dpoo", "-o", "out"], "unknown loss 'dpoo' (TRL's DPO losses"),
+    "dpo unknown optimizer": (["dpo", "-m", "{tiny}", "--optimizer", "adamx", "-o", "out"], "unknown optimizer 'adamx'"),
+    "dpo late-layers:x": (["dpo", "-m", "{tiny}", "--trainable", "late-layers:x", "-o", "out"],
+                          "unknown trainable 'late-layers:x'"),
+    "robustness unknown transform": (["robustness", "--base", "{tiny}", "--aligned", "{tiny}", "--transforms", "rot14",
+                                      "-o", "out"], "unknown transform 'rot14'"),
+    "neurons fit_prompts above the prompts": (["neurons", "--base", "{tiny}", "--aligned", "{tiny}", "--fit-prompts",
+                                               "5000", "-o", "out"], "fit_prompts 5000 leaves no evaluation prompts"),
+    "unalign k above the neurons": (["unalign", "-m", "{tiny}", "--base", "{tiny}", "--k", "100000", "-o", "out"],
+                                    "k 100000 is above the model's 384 MLP neurons"),
+    "generate max_new_tokens 0": (["generate", "{tiny}", "-p", "hi", "--max-new-tokens", "0"],
+                                  "max_new_tokens must be at least 1, got 0"),
+    "eval prompt longer than the context": (["eval", "-m", "{tiny}", "--prompts", "long.jsonl", "--set",
+                                             "settings.max_prompt_tokens=1000", "-o", "out"],
+                                            "exceeds the model's context of 128 tokens"),
+    "eval F1 prompt longer than the context": (["eval", "-m", "{tiny}", "--limit", "1", "--f1-data", "long_f1.jsonl",
+                                                "-o", "out"], "exceeds the model's context of 128 tokens"),
+    "eval prompt with a lone surrogate": (["eval", "-m", "{tiny}", "--prompts", "surrogate.jsonl", "-o", "out"],
+                                          "holds a lone surrogate"),
+    # a resume under another model
+    "eval resume with another model": (["eval", "-m", "{tiny}", "--limit", "2", "-o", "partial"],
+                                       "was made with another model"),
 }
+
+
+def _bad_files(d, tiny):
+    """The files the cases point at: each wrong in one way."""
+    (d / "empty").mkdir()
+    (d / "afile").write_text("x")
+    (d / "texts.jsonl").write_text('{"text": "hello"}\n')
+    (d / "bad.yaml").write_text("a: [1,\n")
+    (d / "list.yaml").write_text("- probe\n- vectors\n")
+    (d / "runs/s/probe").mkdir(parents=True)
+    (d / "runs/s/probe/.dpolens-stage.json").write_text('{"stage": "pro')
+    (d / "garbage.safetensors").write_bytes(os.urandom(64))
+    (d / "empty.safetensors").write_bytes(b"")
+    save_file({"w": torch.ones(4)}, str(d / "noprobe.safetensors"))
+    save_file({"probe": torch.ones(2, 4)}, str(d / "probe2d.safetensors"))
+    save_file({"probe": torch.full((4,), float("nan"))}, str(d / "nan.safetensors"))
+    width = json.loads((tiny / "config.json").read_text())["n_embd"]
+    save_file({"probe": torch.ones(width)}, str(d / "probe.safetensors"))
+    (d / "vecs").mkdir()
+    (d / "vecs/toxic_vectors.json").write_text('[{"layer": 0, "neu')
+    (d / "badconfig").mkdir()
+    (d / "badconfig/config.json").write_text("{")
+    (d / "noweights").mkdir()
+    shutil.copy(tiny / "config.json", d / "noweights/config.json")
+    shutil.copytree(tiny, d / "notok", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
+    (d / "garbage.gguf").write_bytes(os.urandom(256))
+    (d / "garbage.pt").write_bytes(os.urandom(256))
+    (d / "long.jsonl").write_text(json.dumps({"prompt": "word " * 400}) + "\n")
+    (d / "long_f1.jsonl").write_text(json.dumps({"prompt": "word " * 400, "gold": "word"}) + "\n")
+    (d / "surrogate.jsonl").write_text('{"prompt": "bad \\ud800 text"}\n')
+    (d / "partial").mkdir()
+    (d / "partial/generations.partial.jsonl").write_text('{"prompt": "p", "continuation": "c", "continuation_ids": [1]}\n')
+    (d / "partial/generations.partial.identity.json").write_text(json.dumps(
+        {"model": "0" * 64, "dtype": "torch.float32", "intervention": [], "max_new_tokens": 20, "max_prompt_tokens": 32,
+         "batch_size": 64}))
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_dirs, tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "s", "model": str(tiny_dirs["gpt2"]),
                                                         "stages": ["probe"]}))
-    (tmp_path / "empty").mkdir()
+    _bad_files(tmp_path, tiny_dirs["gpt2"])
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     args, says = CASES[case]
-    out = run_cli(tmp_path, *[a.format(tiny=tiny_dirs["gpt2"]) for a in args])
+    out = run_cli(tmp_path, *[a.replace("{tiny}", str(tiny_dirs["gpt2"])) for a in args])
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, (case, out.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("dpolens: error: ") and says in lines[0], (case, out.stderr[-2000:])

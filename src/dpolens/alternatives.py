@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -48,13 +49,36 @@ class AlternativesConfig(RunSettings):
     eval: EvalData = field(default_factory=EvalData)
 
 
+class AlternativesResult(TypedDict):
+    """What `run_alternatives` returns and writes to alternatives.json."""
+
+    # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
+    # trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
+    # (compare.OffsetLayer per layer), offset_mean_relative_norm, unaligned (toxicity, perplexity, f1 and the
+    # scaled keys) and unalign_recovery (float, None below min_gap)
+    rows: list[dict[str, Any]]
+    k: int
+    scale: float
+    scorer: dict[str, str]  # Scorer.describe()
+    n_prompts: int  # evaluation prompts
+    n_offset_prompts: int
+    base: dict[str, Any]  # LoadedModel.identity()
+    unalign_recovery: str  # what the rows' unalign_recovery is
+    finding: str  # which variant key scaling undoes least
+
+
+class AlternativesHeadline(TypedDict, total=False):  # empty without alternatives.json
+    alternatives: list[dict[str, Any]]  # `rows` without per-unit scores
+    alternatives_finding: str | None
+
+
 def _training(folder: Path) -> dict:
     s = read_json(folder / "summary.json") or {}
     return {"trainable": s.get("trainable", {}).get("trainable", "all"), "loss": s.get("loss", "sigmoid"),
             "steps": s.get("steps")}
 
 
-def run_alternatives(cfg: AlternativesConfig) -> dict:
+def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     if not cfg.variants:
         raise DpolensError("no variants: pass label=DIR pairs, each a `dpolens dpo` output folder")
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
@@ -116,7 +140,7 @@ def _f(x, fmt=".4f"):
     return "-" if x is None else format(x, fmt)
 
 
-def render(result: dict) -> str:
+def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
              "| variant | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
@@ -130,7 +154,7 @@ def render(result: dict) -> str:
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> AlternativesHeadline:
     """Each variant's row and the finding, for results.json."""
     if not (alt := read_json(folder / "alternatives.json")):
         return {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dpolens.activations import Stats, bootstrap_counts, bootstrap_sum, continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest
-from dpolens.compare import check_pair, residual_offset, weight_shift
+from dpolens.compare import OffsetLayer, WeightShiftSummary, check_pair, residual_offset, weight_shift
 from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
@@ -64,6 +65,114 @@ class AnalyzeConfig(RunSettings):
         at_least(self, 1, "limit", "lens_search_limit", "top_neurons")
 
 
+class NeuronActivation(TypedDict):
+    """One top toxic neuron's mean activation m over continuation tokens."""
+
+    layer: int
+    neuron: int
+    cosine: float  # the cosine the vectors stage ranked it by
+    base: float
+    aligned_same_tokens: float  # the base model's continuations teacher-forced into the aligned model
+    aligned_own_tokens: float
+
+
+class PairedDrop(TypedDict):
+    """Means over prompts of per-prompt means, paired bootstrap of aligned − base; None: no prompt had tokens."""
+
+    base: float | None
+    aligned: float | None
+    diff: float | None
+    ci95: list[float] | None
+    n: int  # prompts
+
+
+class ActivationMeans(TypedDict):
+    """The top toxic neurons' mean raw activation m (what results.json shows)."""
+
+    mean_base: float
+    mean_aligned: float  # on the base model's tokens
+    mean_aligned_own_tokens: float
+
+
+class ActivationDrop(ActivationMeans):
+    tokens: str  # what mean_aligned and mean_aligned_own_tokens are measured on
+    n_neurons: int
+    per_neuron: list[NeuronActivation]
+    raw: PairedDrop  # mean m
+    signed: PairedDrop  # mean m · cos(v, probe): the contribution along the probe
+    verdict_uses: str  # "signed"
+    definition: str
+    per_prompt: dict[str, list[Any]]  # raw_/signed_ base/aligned per-prompt means (None: no tokens), n_tokens
+
+
+class Estimate(TypedDict):
+    mean: float
+    ci95: list[float]  # bootstrap over prompts
+    n: int  # prompts with continuation tokens
+
+
+class OffsetStats(TypedDict):
+    slope: Estimate | None  # least-squares slope of ‖δx_l‖/‖x_l‖ over layers; None: no prompt had tokens
+    final_cosine_with_probe: Estimate | None  # cos(δx at the last layer, probe)
+    unit: str  # "prompts"
+    layers: int
+
+
+class NeuronEstimate(TypedDict):
+    mean: float | None
+    ci95: list[float] | None  # bootstrap over neurons
+    n: int  # neurons
+    unit: str  # "neurons"
+
+
+class OffsetContribution(NeuronEstimate):
+    weights: str  # which mean activations weight the shifts
+
+
+class ValueShiftStats(TypedDict):
+    offset_layer: int  # the last layer, where δx̂ is taken
+    share_anti_aligned: NeuronEstimate  # share of shifted neurons before it with cos(Δv_i, δx) < 0
+    contribution_along_offset: OffsetContribution  # Σ over those of m̄_i Δv_i·δx̂
+
+
+class ValueShiftVsOffset(TypedDict):
+    median_cosine_by_layer: dict[str, float]  # earlier layer j -> median over its neurons of cos(Δv_j, δx̂_l)
+    share_negative: float | None  # share of those cosines below 0, all earlier layers
+
+
+class LensSearch(TypedDict):
+    token: str  # the lens token
+    n_prompts: int  # prompts after which the base model's greedy next token is `token`
+    prompts: list[str]  # the first 20 of them
+
+
+class LogitLens(LensSearch, total=False):  # only `LensSearch` when no prompt was found
+    labels: list[str]  # sub-layers: "<l>_mid" after attention, "<l>" after the MLP
+    base: list[float]  # mean probability of `token` read out there
+    aligned: list[float]
+
+
+class AnalysisResult(TypedDict):
+    """What `run_analyze` returns and writes to analysis.json."""
+
+    weight_shift: WeightShiftSummary
+    activation_drop: ActivationDrop
+    offset: list[OffsetLayer]  # per layer, on the base model's tokens, all prompts token-weighted
+    offset_stats: OffsetStats
+    logit_lens: LogitLens
+    value_shift_vs_offset: dict[str, ValueShiftVsOffset]  # per figure layer l
+    value_shift_stats: ValueShiftStats
+    figures: list[str]  # file names in the stage folder
+    n_prompts: int
+    base: dict[str, Any]  # LoadedModel.identity()
+    aligned: dict[str, Any]
+
+
+class AnalysisHeadline(TypedDict, total=False):  # empty without analysis.json
+    activation_drop: ActivationMeans
+    offset: list[OffsetLayer]
+
+
 def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:
     """Per prompt, the mean over its continuation tokens of the chosen neurons' weighted mean
     activation (1/N Σ_i w_i m_i); None for a prompt without continuation tokens. weights: [N]."""
@@ -71,7 +180,7 @@ def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:
     return [float(s / n) if n > 0 else None for s, n in zip(sums, st.prompt_tokens)]
 
 
-def paired_drop(base: list[float | None], aligned: list[float | None], n_boot: int, seed: int) -> dict:
+def paired_drop(base: list[float | None], aligned: list[float | None], n_boot: int, seed: int) -> PairedDrop:
     """Paired bootstrap over the prompts that have continuation tokens: base, aligned, aligned − base."""
     keep = [i for i, x in enumerate(base) if x is not None]
     if not keep:
@@ -80,8 +189,8 @@ def paired_drop(base: list[float | None], aligned: list[float | None], n_boot: i
     return {"base": r["mean_a"], "aligned": r["mean_b"], "diff": r["diff"], "ci95": r["ci95"], "n": r["n"]}
 
 
-def offset_stats(base: Stats, aligned: Stats, w_hat: torch.Tensor, offset: list[dict], n_boot: int = 2000,
-                 seed: int = 0) -> dict:
+def offset_stats(base: Stats, aligned: Stats, w_hat: torch.Tensor, offset: list[OffsetLayer], n_boot: int = 2000,
+                 seed: int = 0) -> OffsetStats:
     """Intervals over prompts for the offset's growth (least-squares slope over layers of
     ‖δx_l‖/‖x_l‖) and for cos(δx at the last layer, probe). Point values: those of `offset`
     (token-weighted over all prompts). Each replicate recomputes both from resampled prompts'
@@ -118,7 +227,7 @@ def offset_stats(base: Stats, aligned: Stats, w_hat: torch.Tensor, offset: list[
 
 
 def value_shift_stats(dv: dict[int, torch.Tensor], delta: torch.Tensor, ms_aligned: torch.Tensor,
-                      n_boot: int = 2000, seed: int = 0) -> dict:
+                      n_boot: int = 2000, seed: int = 0) -> ValueShiftStats:
     """Value-vector shifts Δv_i (aligned − base) of the layers before the last against δx̂ there.
 
     share_anti_aligned: share of shifted neurons with cos(Δv_i, δx) < 0. contribution_along_offset:
@@ -189,7 +298,7 @@ def logit_lens(lm: LoadedModel, prompts: list[str], token_id: int) -> dict:
 
 # ---- the stage -----------------------------------------------------------------------------------
 
-def run_analyze(cfg: AnalyzeConfig) -> dict:
+def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     from dpolens import figures
 
     cfg.require_float32("base and aligned are compared")
@@ -285,7 +394,7 @@ def run_analyze(cfg: AnalyzeConfig) -> dict:
     return result
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> AnalysisHeadline:
     """The toxic neurons' activations and the residual offset, for results.json."""
     if not (a := read_json(folder / "analysis.json")):
         return {}
@@ -311,7 +420,7 @@ def section(folder: Path, results: dict) -> str:
     return "".join(parts)
 
 
-def describe(r: dict) -> str:
+def describe(r: AnalysisResult) -> str:
     """The CLI's summary of the analysis: weight shift, toxic neurons' activations, figures."""
     w, d = r["weight_shift"], r["activation_drop"]
     return "\n".join([f"weight shift: min cosine {w['min_cosine']:.6f}, mean norm diff {w['mean_norm_diff']:.3e}",

@@ -25,6 +25,80 @@ class DpolensError(Exception):
     """An error caused by input or environment; the CLI prints it as one line and exits 2."""
 
 
+class InputFileError(DpolensError):
+    """An input file that is missing, unreadable or not what it should be (YAML, JSON, safetensors)."""
+
+
+class OutputLocationError(DpolensError):
+    """An output path that is in the way (a file where a folder goes, or the reverse) or not writable."""
+
+
+class ResumeMismatchError(DpolensError):
+    """Partial results in an output folder were made by another model or with other settings."""
+
+
+def check_output(path: str | Path, is_file: bool = False) -> None:
+    """Refuse, before any compute, an output that cannot be written: a folder where a file goes,
+    a file where a folder goes (or on its parent path), or a location that is not writable."""
+    p = Path(path)
+    if p.exists() and p.is_dir() == is_file:
+        kind = "a folder" if p.is_dir() else "a file"
+        raise OutputLocationError(f"output {p} is {kind}; a {'file' if is_file else 'folder'} goes there")
+    parent = p if p.exists() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputLocationError(f"output {p} cannot be made: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"output {p} cannot be written: {parent} is not writable")
+
+
+def check_resume(path: str | Path, identity: dict, what: str) -> None:
+    """Record `identity` (what shapes the partial results in `what`) at `path`, or refuse when a
+    recorded one differs: a resume under another model or other settings would mix two runs."""
+    old = read_json(path)
+    if old is not None and old != json.loads(json.dumps(identity, default=_json_default)):
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        raise ResumeMismatchError(f"{what} was made with another {' and '.join(diff) or 'identity'}: "
+                                  "remove it or use another --out to start over")
+    write_json(path, identity)
+
+
+def read_yaml(source: str | Path, what: str, is_text: bool = False) -> Any:
+    """Parse YAML from a file (or, with `is_text`, from a string); a syntax error names `what`."""
+    import yaml
+
+    if not is_text:
+        p = Path(source)
+        if not p.is_file():
+            raise InputFileError(f"{what} not found: {p}" if not p.exists() else f"{what} {p} is a folder")
+        try:
+            source = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputFileError(f"{what} {p} is not UTF-8 text") from None
+        what = f"{what} {p}"
+    try:
+        return yaml.safe_load(source)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise InputFileError(f"{what} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict, dict]:
+    """All tensors and the metadata of a safetensors file; any other file is refused in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"{what} not found: {p}")
+    try:
+        with safe_open(str(p), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputFileError(f"{what} {p} is not a readable safetensors file ({e})") from None
+
+
 def cache_dir() -> Path:
     """Where fetched assets live: `$DPOLENS_CACHE`, default `~/.cache/dpolens`."""
     return Path(os.environ.get("DPOLENS_CACHE", DEFAULT_CACHE)).expanduser()
@@ -58,7 +132,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     """The JSON at `path`, or None when there is no such file (an optional artifact)."""
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputFileError(f"{path} is not valid JSON (truncated or damaged?): {e}") from None
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

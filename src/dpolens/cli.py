@@ -1,22 +1,26 @@
 """`dpolens <verb> [--config x.yaml] [--set key=value ...]`: thin argument parsing only.
 
-Errors caused by input (a missing model, a malformed file, an unknown config key) print one
-line and exit with code 2; no traceback.
+Errors caused by input (a missing model, a malformed file, an unknown config key, an output in the
+way) print one line and exit with code 2, leaving no new files behind; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import inspect as pyinspect
 import json
 import logging
+import shutil
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import typer
 
-from dpolens.artifacts import DpolensError
+from dpolens.artifacts import DpolensError, check_output
 from dpolens.config import flat_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -28,8 +32,13 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file")
 SetOpt = typer.Option(None, "--set", help="override a config key: key=value (repeatable)")
 
 
+_DEBUG = {"on": False}
+
+
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")):
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+          debug: bool = typer.Option(False, "--debug", help="show the traceback of an input error")):
+    _DEBUG["on"] = debug
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
@@ -81,6 +90,7 @@ def generate_cmd(
     sample: bool = typer.Option(False, help="sample instead of greedy decoding"),
     seed: int = 0,
     intervention: Optional[str] = typer.Option(None, help="intervention spec (file or YAML)"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="cut each prompt to its first N tokens (default: whole)"),
 ):
     """Continue prompts (greedy by default), optionally under an intervention."""
     from dpolens import load_model
@@ -89,7 +99,8 @@ def generate_cmd(
 
     lm = load_model(model)
     with interventions.apply(lm, intervention):
-        gens = generate(lm, prompt, max_new_tokens, do_sample=sample, seed=seed, progress=False)
+        gens = generate(lm, prompt, max_new_tokens, do_sample=sample, seed=seed, progress=False,
+                        max_prompt_tokens=max_prompt_tokens)
     for g in gens:
         typer.echo(json.dumps({"prompt": g.prompt, "continuation": g.continuation}))
 
@@ -107,11 +118,29 @@ def score(
     from dpolens.data import read_jsonl
     from dpolens.scoring import get_scorer
 
+    check_output(out, is_file=True)
     rows = read_jsonl(input, {text_field: str}, skip_bad_rows)
     s = get_scorer(scorer)
     scores = s.score([r[text_field] for r in rows])
     write_jsonl(out, [{**r, **scores.row(i), "scorer": s.name} for i, r in enumerate(rows)])
     typer.echo(f"scored {len(rows)} texts with {s.name}: mean toxicity {scores.toxicity.mean():.4f}")
+
+
+@contextlib.contextmanager
+def _output(path: str | Path, is_file: bool = False):
+    """Check that output `path` can be written; if the block is refused (a DpolensError), remove
+    what it created there, so that a refused command leaves nothing partial."""
+    check_output(path, is_file)
+    new = Path(path)
+    while not new.parent.exists():
+        new = new.parent
+    created = not new.exists()
+    try:
+        yield
+    except DpolensError:
+        if created and new.exists():
+            shutil.rmtree(new) if new.is_dir() else new.unlink()
+        raise
 
 
 ALIASES = {"model": "-m", "out": "-o"}  # short forms; every other flag is the config field's path
@@ -157,7 +186,7 @@ def config_command(cls: type, section: str, run: Callable[[Any], Any], describe:
                                  default=SetOpt)]
 
     def command(**given):
-        from dpolens.config import load_config, parse_set
+        from dpolens.config import load_config, parse_value
 
         config, sets = given.pop("config"), given.pop("set_")
         opts: dict = {}
@@ -165,13 +194,16 @@ def config_command(cls: type, section: str, run: Callable[[Any], Any], describe:
             if value is None or value == []:
                 continue
             if parse[py]:
-                value = parse_set([f"v={value}"])["v"]
+                value = parse_value(value, "--" + py.replace("__", ".").replace("_", "-"))
             node = opts
             *parents, leaf = py.split("__")
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-        typer.echo(describe(run(load_config(cls, config, opts, sets, section=section))))
+        cfg = load_config(cls, config, opts, sets, section=section)
+        with _output(cfg.out, getattr(cls, "OUT_IS_FILE", False)):
+            result = run(cfg)
+        typer.echo(describe(result))
 
     command.__signature__ = pyinspect.Signature(params)
     return command
@@ -211,7 +243,8 @@ def run(
     from dpolens.pipeline import load_study, run_study
 
     s = load_study(study, set_)
-    r = run_study(s, only=only, start=start, force=force)
+    with _output(Path(s.root) / s.name):
+        r = run_study(s, only=only, start=start, force=force)
     for stage, t in r["provenance"]["stage_times"].items():
         typer.echo(f"{stage:<11} {'skipped' if t['skipped'] else 'ran':<8} {t['wall_time_s'] or 0:8.1f} s")
     typer.echo(f"total {r['wall_time_s']:.1f} s -> {s.root}/{s.name}/results.json")
@@ -261,11 +294,21 @@ _register_eval_verb()
 _register_stage_verbs()
 
 
+_ENVIRONMENT = {errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EDQUOT}
+
+
 def main() -> None:
     try:
         app()
     except DpolensError as e:
+        if _DEBUG["on"]:
+            raise
         typer.echo(f"dpolens: error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # the file system refused a write that the checks could not foresee
+        if _DEBUG["on"] or e.errno not in _ENVIRONMENT:
+            raise
+        typer.echo(f"dpolens: error: {e.strerror}: {e.filename}", err=True)
         sys.exit(2)
 
 

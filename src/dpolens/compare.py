@@ -4,6 +4,8 @@ can be compared at all, and the residual offset between their streams (paper 4-5
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 
 from dpolens.artifacts import DpolensError
@@ -14,7 +16,45 @@ from dpolens.model.loading import LoadedModel
 GROUPS = ("TP-", "TN+", "AP+", "AN-")
 
 
-def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10) -> dict:
+class TensorShift(TypedDict):
+    name: str  # parameter name
+    cosine: float  # cos(base, aligned), both flattened
+    norm_diff: float  # ‖aligned − base‖
+    rel_diff: float  # norm_diff / ‖base‖
+    numel: int
+
+
+class WeightShiftTotals(TypedDict):
+    """Over all parameter tensors (what alternatives keeps per variant)."""
+
+    min_cosine: float
+    mean_norm_diff: float
+    max_norm_diff: float
+    all_above_0_99: bool  # every tensor's cosine > 0.99
+    n_tensors: int
+    changed_tensors: int  # tensors with norm_diff > 0
+
+
+class WeightShiftSummary(WeightShiftTotals):
+    """`weight_shift` without `per_tensor`: what dpo's and analysis' summaries keep."""
+
+    most_moved: list[TensorShift]  # the `top` tensors with the largest rel_diff
+
+
+class WeightShift(WeightShiftSummary):
+    per_tensor: list[TensorShift]
+
+
+class OffsetLayer(TypedDict):
+    """One layer of the residual offset δx (mean resid_mid, aligned − base, same tokens)."""
+
+    layer: int
+    norm: float  # ‖δx_l‖
+    relative_norm: float  # ‖δx_l‖ / ‖mean x_base,l‖
+    cosine_with_probe: float  # cos(δx_l, probe)
+
+
+def weight_shift(base: torch.nn.Module, aligned: torch.nn.Module, top: int = 10) -> WeightShift:
     """Per parameter tensor: cosine(base, aligned) and ‖aligned − base‖, with a summary."""
     b, a = dict(base.named_parameters()), dict(aligned.named_parameters())
     if b.keys() != a.keys() or any(b[k].shape != a[k].shape for k in b):
@@ -44,7 +84,7 @@ def check_pair(base: LoadedModel, aligned: LoadedModel) -> None:
                            + ", ".join(f"{k} {a[k]} vs {b[k]}" for k in keys if a[k] != b[k]))
 
 
-def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.Tensor) -> list[dict]:
+def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.Tensor) -> list[OffsetLayer]:
     """Per layer, δx = mean resid_mid (aligned − base, same tokens): norm, norm relative to the base
     residual, cosine with the probe direction. x_*: [n_layers, d_model]."""
     delta = x_aligned - x_base

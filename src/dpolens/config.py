@@ -14,9 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from dpolens.artifacts import DpolensError
+from dpolens.artifacts import DpolensError, read_yaml
 
 T = TypeVar("T")
 
@@ -127,6 +125,14 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
 _EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
+def parse_value(raw: str, what: str) -> Any:
+    """A command-line value read as a YAML scalar, list or mapping; a syntax error names `what`."""
+    value = read_yaml(raw, what, is_text=True) if raw != "" else ""
+    if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "2e-5" as a string
+    return value
+
+
 def parse_set(items: list[str] | None) -> dict:
     """Turn `["a.b=1", "c=x"]` into a nested dict, values parsed as YAML scalars."""
     out: dict = {}
@@ -134,9 +140,7 @@ def parse_set(items: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads "2e-5" as a string
+        value = parse_value(raw, f"--set {key.strip()}")
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
@@ -170,9 +174,7 @@ def load_config(
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = read_yaml(p, "config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping")
         data = loaded

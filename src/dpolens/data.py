@@ -109,6 +109,11 @@ def _validate(obj, fields: dict[str, type], where: str) -> dict:
                 raise DataError(f"{where}: field '{name}' must be a string, got {type(value).__name__}")
             if not value.strip():
                 raise DataError(f"{where}: field '{name}' is empty")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise DataError(f"{where}: field '{name}' holds a lone surrogate (\\ud800-\\udfff): "
+                                "not text a tokenizer can read") from None
         elif not isinstance(value, tp) or isinstance(value, bool) and tp is not bool:
             raise DataError(f"{where}: field '{name}' must be {tp.__name__}, got {type(value).__name__}")
     return obj

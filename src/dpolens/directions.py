@@ -7,13 +7,12 @@ of the top toxic neurons (paper 3.1-3.2, 5; method.md 1-2). The conventions (`sp
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from dpolens.artifacts import DpolensError, atomic_path
+from dpolens.artifacts import DpolensError, atomic_path, read_json, read_safetensors
 from dpolens.model import hooks
 from dpolens.model.loading import LoadedModel
 
@@ -38,18 +37,19 @@ def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedMod
 
 def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.Tensor, dict]:
     """The probe vector [d_model] and its metadata; checked against `lm` when given."""
-    from safetensors import safe_open
-
     p = Path(path)
     if p.is_dir():
         p = p / "probe.safetensors"
-    if not p.exists():
-        raise DpolensError(f"probe file not found: {p}")
-    with safe_open(str(p), "pt") as f:
-        meta = f.metadata() or {}
-        vec = f.get_tensor("probe")
-        if "feature_std" in f.keys():
-            meta["feature_std"] = f.get_tensor("feature_std")
+    tensors, meta = read_safetensors(p, "probe file")
+    vec = tensors.get("probe")
+    if vec is None:
+        raise DpolensError(f"the probe file {p} has no 'probe' tensor (has: {', '.join(tensors) or 'none'})")
+    if vec.ndim != 1 or not vec.numel():
+        raise DpolensError(f"the probe in {p} must be one vector, got shape {tuple(vec.shape)}")
+    if not torch.isfinite(vec).all() or not vec.abs().sum():
+        raise DpolensError(f"the probe in {p} holds NaN, infinite or only zero values")
+    if "feature_std" in tensors:
+        meta["feature_std"] = tensors["feature_std"]
     if lm is not None:
         a = lm.adapter
         if vec.shape[-1] != a.d_model:
@@ -192,9 +192,9 @@ def load_vectors(folder: str | Path) -> list[dict]:
     p = Path(folder) / "toxic_vectors.json"
     if not p.exists():
         raise DpolensError(f"no toxic_vectors.json in {folder}: run `dpolens vectors` first")
-    rows = json.loads(p.read_text())
-    if not rows:
-        raise DpolensError(f"{p} lists no vectors")
+    rows = read_json(p)
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "layer" in r for r in rows):
+        raise DpolensError(f"{p} lists no vectors (a list of {{layer, index, ...}} rows)")
     return rows
 
 

@@ -14,13 +14,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
 from dpolens.artifacts import DpolensError, append_jsonl, read_json, write_json, write_manifest
-from dpolens.compare import weight_shift
-from dpolens.config import RunSettings, at_least
+from dpolens.compare import WeightShiftSummary, weight_shift
+from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import load_pairs
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.heads import completion_head
@@ -68,9 +69,85 @@ class DPOConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "batch_size", "val_pairs", "eval_steps")
+        from transformers.training_args import OptimizerNames
+
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss '{self.loss}' (TRL's DPO losses: {', '.join(LOSSES)})")
+        if self.optimizer not in (names := [o.value for o in OptimizerNames]):
+            raise ConfigError(f"unknown optimizer '{self.optimizer}' (transformers' names: {', '.join(names)})")
+        k = self.trainable.removeprefix("late-layers:")
+        late = k != self.trainable and k.isdigit() and int(k) >= 1
+        if self.trainable not in ("all", "bias", "toxic-neurons") and not late:
+            raise ConfigError(f"unknown trainable '{self.trainable}' (all, bias, late-layers:K with K >= 1, "
+                              "toxic-neurons)")
 
 
-def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
+# TRL's DPOConfig.loss_type values (TRL 1.x); `sft` trains on the preferred side only
+LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+          "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+class TrainableParams(TypedDict):
+    trainable: str  # the config's `trainable`
+    n_params: int  # trainable parameters (toxic-neurons: unmasked entries)
+
+
+class Trainable(TrainableParams, total=False):
+    layers: list[int]  # late-layers:K
+    neurons: list[list[int]]  # toxic-neurons: [layer, neuron] pairs
+    note: str  # toxic-neurons
+
+
+class SeparabilityCheck(TypedDict):
+    first_evals: list[dict[str, float | None]]  # step, loss, accuracy, margin of the first two evaluations
+    trivially_separable: bool
+    reference_logp: dict[str, float | None]  # chosen, rejected: TRL's logps at the first step (policy = reference)
+
+
+class Separability(SeparabilityCheck, total=False):
+    warning: str  # only when trivially_separable
+
+
+class DPOTraining(TypedDict):
+    """What results.json shows of the training."""
+
+    steps: int  # optimizer steps
+    pairs_seen: int  # steps × batch_size × grad_accum
+    best_val_loss: float | None  # None without an evaluation
+    reward_accuracy: float | None  # TRL's eval_rewards/accuracies at the best evaluation
+    reward_margin: float | None  # TRL's eval_rewards/margins there
+    warnings: list[str]
+
+
+class DPOSummary(DPOTraining):
+    """summary.json."""
+
+    n_train_pairs: int
+    n_val_pairs: int
+    best_step: int | None
+    best_checkpoint: str | None
+    weight_shift: WeightShiftSummary
+    trainable: Trainable
+    loss: str  # "sigmoid" (DPO) or "sft"
+    separability: Separability
+    base: dict[str, Any]  # LoadedModel.identity()
+    aligned: dict[str, Any]
+
+
+class DPOResult(DPOSummary, total=False):
+    """What `run_dpo` returns."""
+
+    eval: list[dict[str, Any]]  # with `evaluate`: eval.json's rows (model, ref, weight_sha256, EvalResult.row())
+
+
+class DPOHeadline(TypedDict, total=False):  # empty without summary.json
+    dpo: DPOTraining
+    weight_shift: WeightShiftSummary
+    dpo_eval: list[dict[str, Any]] | None  # eval.json's rows without per-unit scores; None without eval.json
+    models: dict[str, dict[str, Any] | None]  # base, aligned: LoadedModel.identity()
+
+
+def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> Trainable:
     """Freeze everything outside `cfg.trainable`; row-level choices get gradient masks."""
     model, a = lm.model, lm.adapter
     mode = cfg.trainable
@@ -87,6 +164,8 @@ def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
         return {"trainable": mode, "n_params": sum(p.numel() for p in params)}
     if mode.startswith("late-layers:"):
         k = int(mode.split(":", 1)[1])
+        if k > a.n_layers:
+            raise DpolensError(f"trainable '{mode}': the model has {a.n_layers} layers")
         for layer in a.layers[a.n_layers - k:]:
             for p in layer.parameters():
                 p.requires_grad_(True)
@@ -117,7 +196,7 @@ def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> dict:
     raise DpolensError(f"unknown trainable '{mode}' (all, bias, late-layers:K, toxic-neurons)")
 
 
-def separability(history: list[dict], eval_steps: int, loss_below: float) -> dict:
+def separability(history: list[dict], eval_steps: int, loss_below: float) -> Separability:
     """Did DPO separate the validation pairs at once? If so the two sides differ by something
     easier than toxicity (fluency, special tokens): what the model learns is then not the paper's.
 
@@ -177,7 +256,7 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def run_dpo(cfg: DPOConfig) -> dict:
+def run_dpo(cfg: DPOConfig) -> DPOResult:
     from transformers import EarlyStoppingCallback, TrainerCallback
     from trl import DPOConfig as TRLConfig
 
@@ -290,7 +369,7 @@ PAPER = {"dpo": "toxicity 0.453 → 0.208, PPL 21.70 → 23.34, F1 0.193 → 0.1
          "weight_shift": "every cosine > 0.99; mean norm difference < 1e-5 (unembedding up to 1e-3)"}
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> DPOHeadline:
     """Training, weight shift and the base vs aligned evaluation, for results.json."""
     if not (d := read_json(folder / "summary.json")):
         return {}
@@ -315,7 +394,7 @@ def section(folder: Path, results: dict) -> str:
     return "".join(parts)
 
 
-def describe(s: dict) -> str:
+def describe(s: DPOResult) -> str:
     """The CLI's summary of a DPO run: training, weight shift, evaluation rows."""
     lines = [json.dumps({k: s[k] for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy",
                                            "weight_shift")}, indent=2, default=str)]

@@ -18,18 +18,18 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import (DpolensError, append_jsonl, read_json, read_jsonl_complete, write_json,
+from dpolens.artifacts import (DpolensError, append_jsonl, check_resume, read_json, read_jsonl_complete, write_json,
                                write_jsonl, write_manifest)
 from dpolens.config import at_least, check_device
 from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
 from dpolens.model import interventions
-from dpolens.model.generation import generate
+from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import LoadedModel
 from dpolens.scoring import Scorer
 
@@ -117,7 +117,58 @@ def unpaired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
             "ci95": percentile_ci(mean_b - mean_a), "n": [int(len(a)), int(len(b))]}
 
 
-def summarize(values, seed: int = 0) -> dict:
+class Interval(TypedDict):
+    """A mean with its 95% percentile bootstrap interval (`summarize`)."""
+
+    mean: float  # NaN without values
+    ci95: list[float]
+    n: int
+
+
+class Perplexity(TypedDict):  # perplexity()
+    perplexity: float
+    nll_per_token: float  # nats
+    scored_tokens: int
+    window: int  # tokens per window
+    window_nll: list[float]  # summed NLL per window, in text order
+    window_tokens: list[int]  # scored tokens per window
+
+
+class HeadlineRow(TypedDict):
+    """`EvalResult.row()` without the per-unit scores: what results.json shows."""
+
+    toxicity: Interval  # scorer toxicity of the greedy continuations, over prompts
+    perplexity: float | None  # WikiText; None without wikitext
+    f1: float | None  # mean word-overlap F1; None without F1 data
+    repetition: float  # mean share of repeated bigrams per continuation
+
+
+class EvalRow(HeadlineRow):
+    """`EvalResult.row()`: with the per-unit scores that paired statistics need."""
+
+    toxicity_per_prompt: list[float]
+    f1_per_row: list[float] | None
+    ppl_window_nll: list[float] | None
+    ppl_window_tokens: list[int] | None
+
+
+class EvalMetrics(TypedDict):
+    """What `run_eval` returns and writes to metrics.json."""
+
+    model: dict[str, Any]  # LoadedModel.identity()
+    toxicity: dict[str, Any]  # Interval plus the scorer's description
+    perplexity: float | None
+    perplexity_detail: Perplexity | None
+    f1: float | None
+    f1_detail: Interval | None
+    repetition: float
+    n_prompts: int
+    intervention: list[dict[str, Any]]  # interventions.describe(spec)
+    data: dict[str, str | None]  # prompts, f1 and wikitext files
+    settings: dict[str, Any]  # EvalSettings
+
+
+def summarize(values, seed: int = 0) -> Interval:
     x = np.asarray(values, dtype=np.float64)
     return {"mean": float(x.mean()) if len(x) else float("nan"), "ci95": bootstrap_ci(x, seed=seed),
             "n": int(len(x))}
@@ -234,7 +285,7 @@ class EvalResult:
     records: list[dict] = field(default_factory=list)
     f1_per_row: list[float] | None = None
 
-    def row(self) -> dict:
+    def row(self) -> EvalRow:
         """Headline numbers, and the per-unit scores behind them (per prompt, per F1 row, per
         perplexity window) so that any two rows on the same inputs can be compared paired."""
         ppl = self.perplexity
@@ -277,7 +328,16 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
     `f1_generations.jsonl`) as they are made, and a re-run resumes from them.
     """
     s = settings
+    check_fits(lm, encode_prompts(lm, prompts, s.max_prompt_tokens), s.max_new_tokens)
+    if f1_rows:
+        check_fits(lm, encode_prompts(lm, [r["prompt"] for r in f1_rows], None), s.max_new_tokens)
     out = Path(out_dir) if out_dir else None
+    if out:  # what shapes the generations: a resume with another model or settings would mix two runs
+        out.mkdir(parents=True, exist_ok=True)
+        check_resume(out / "generations.partial.identity.json",
+                     {"model": lm.weight_hash, "dtype": str(lm.model.dtype),
+                      "intervention": interventions.describe(intervention), "max_new_tokens": s.max_new_tokens,
+                      "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}, f"{out}/generations.partial.jsonl")
     with interventions.apply(lm, intervention):
         gens = _generate_resumable(lm, prompts, s, out / "generations.partial.jsonl" if out else None,
                                    f"toxicity {label}".strip(), progress, s.max_prompt_tokens)
@@ -401,7 +461,7 @@ class EvalConfig(EvalData):
         check_device(self.device)
 
 
-def run_eval(cfg: EvalConfig) -> dict:
+def run_eval(cfg: EvalConfig) -> EvalMetrics:
     """Evaluate and write `out/metrics.json`, `out/generations.jsonl` and a manifest."""
     from dpolens.model.loading import load_model
 
@@ -427,6 +487,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     }
     write_json(out / "metrics.json", metrics)
     write_manifest(out, "eval", cfg, model=lm.identity(), scorer=scorer.describe())
-    for partial in ("generations.partial.jsonl", "f1_generations.partial.jsonl"):
+    for partial in ("generations.partial.jsonl", "f1_generations.partial.jsonl", "generations.partial.identity.json"):
         (out / partial).unlink(missing_ok=True)
     return metrics

@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
 
 from dpolens.activations import bootstrap_counts, continuation_stats
-from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
+from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
 from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_prompts
@@ -74,6 +74,89 @@ class NeuronsConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "fit_prompts")
+
+
+class Share(TypedDict):
+    """A neuron set's part of the reduction Δ = Σ_i (p_i(base) − p_i(aligned)) of the probe projection."""
+
+    count: int  # neurons
+    reduction: float  # Σ Δ_i over the set
+    share_of_positive: float | None  # reduction / Σ of the positive Δ_i; None when that is 0
+    share_of_net: float | None  # reduction / Σ of all Δ_i; None when that is 0
+    ci95_share_of_positive: list[float] | None  # bootstrap over fit prompts; None where the share is None
+    ci95_share_of_net: list[float] | None
+
+
+class GroupShare(Share):
+    reduces_toxicity: bool  # one of the four groups (Δ_i > 0), not a mirror
+    agreement: float | None  # share of the group's neurons whose activation moved as its name says
+
+
+class ToxicNeuronShare(Share):
+    top_n: int  # top_toxic
+    definition: str
+
+
+class NeuronGroups(TypedDict):
+    """What results.json shows of groups.json."""
+
+    groups: dict[str, GroupShare]  # the four groups and their mirrors, by name
+    totals: dict[str, float]  # positive, net: Σ of the positive Δ_i and of all Δ_i
+    toxic_neurons: ToxicNeuronShare  # the top_toxic neurons by cosine that were active and dampened
+
+
+class GroupShares(NeuronGroups):
+    """groups.json."""
+
+    four_groups_share_of_positive: float | None
+    bootstrap: dict[str, Any]  # how the intervals were made: unit, n, n_boot, seed, rule
+    clustering: dict[str, Any]  # clustering_check(): adjusted_rand_index of clusters vs groups, ...
+    fit: dict[str, Any]  # the fit split: prompts (file), n_prompts, tokens (base model's continuation tokens)
+
+
+class Patching(TypedDict):
+    """patching.json."""
+
+    base: dict[str, Any]  # `model` and evaluate.EvalResult.row() on the evaluation prompts
+    aligned: dict[str, Any]
+    steps: list[dict[str, Any]]  # cumulative over PATCH_ORDER: groups, n_neurons and the patched base's row
+    n_eval_prompts: int
+    eval_offset: int  # evaluation prompts start after the fit_prompts
+    mode: str  # "set" or "shift"
+    patch: str  # PATCH_RULES[mode]
+
+
+class Editing(TypedDict):
+    """editing.json: tuning-free editing of the base model."""
+
+    alpha: float
+    beta: float
+    n_neurons: int  # neurons scaled
+    rule: str
+    base: dict[str, Any]  # as in Patching
+    aligned: dict[str, Any]
+    edited: dict[str, Any]  # evaluate.EvalResult.row() of the edited base model
+
+
+class NeuronsResult(TypedDict):
+    """What `run_neurons` returns."""
+
+    groups: GroupShares
+    patching: Patching
+    editing: Editing
+    figures: list[str]  # file names in the stage folder
+
+
+class PatchingReference(TypedDict):
+    base: dict[str, Any]  # patching.json's base and aligned rows without per-unit scores
+    aligned: dict[str, Any]
+    rule: str  # PATCH_RULES[mode]
+
+
+class NeuronsHeadline(TypedDict, total=False):  # each part empty without its file
+    neuron_groups: NeuronGroups
+    patching: list[dict[str, Any]]  # patching.json's steps without per-unit scores
+    patching_reference: PatchingReference
 
 
 @torch.inference_mode()
@@ -230,12 +313,15 @@ def clustering_check(t, labels: np.ndarray, sample: int, seed: int) -> dict:
         "features": "cosine, activation change, projection change, base activation (standardised)"}
 
 
-def run_neurons(cfg: NeuronsConfig) -> dict:
+def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     import pandas as pd
 
     from dpolens import figures
 
     cfg.require_float32("base and aligned are compared")
+    n_all = len(load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows))
+    if n_all <= cfg.fit_prompts:
+        raise DpolensError(f"fit_prompts {cfg.fit_prompts} leaves no evaluation prompts: {cfg.eval.prompts} has {n_all}")
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
@@ -303,7 +389,7 @@ def run_neurons(cfg: NeuronsConfig) -> dict:
 PAPER = "4.9% of the positive reduction (2.333 / 47.96); 32% of the net (7.22)"
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> NeuronsHeadline:
     """Group shares and the patching steps with their base/aligned references, for results.json."""
     r = {}
     if (g := read_json(folder / "groups.json")):
@@ -336,7 +422,7 @@ def section(folder: Path, results: dict) -> str:
     return "".join(parts)
 
 
-def describe(r: dict) -> str:
+def describe(r: NeuronsResult) -> str:
     """The CLI's summary: each group's share, the toxic neurons' share, the patching steps."""
     g = r["groups"]
     lines = [f"{name:<4} {g['groups'][name]['count']:>6} neurons  "

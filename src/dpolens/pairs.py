@@ -27,7 +27,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ from dpolens.model.generation import (
     position_ids,
 )
 from dpolens.model.loading import LoadedModel, load_model
-from dpolens.textquality import continuation_nll, side_quality, special_token_flags
+from dpolens.textquality import SideQuality, continuation_nll, side_quality, special_token_flags
 from dpolens.webpage import table
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ class QualityGate:
 
 @dataclass
 class PairsConfig(RunSettings):
+    OUT_IS_FILE = True  # `out` names the pairs file; its folder holds candidates, sweep and manifest
+
     model: str = "gemma-3-270m"
     probe: str = "runs/probe"  # the attribute / steering direction (pplm, steer)
     method: Literal["pplm", "steer", "sample"] = "steer"
@@ -139,6 +141,83 @@ class PairsConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
+
+
+class PairSample(TypedDict):
+    prompt_text: str
+    unpert_gen_text: str  # the preferred continuation
+    pert_gen_text: str  # the dispreferred continuation
+    preferred_toxicity: float  # scorer toxicity of the continuation
+    dispreferred_toxicity: float
+
+
+class Candidate(PairSample):
+    """A row of the candidates file."""
+
+    preferred_nll: float  # mean NLL per continuation token (nats) under the base model; NaN without tokens
+    dispreferred_nll: float
+
+
+class SweepRow(TypedDict):
+    value: float  # beta_rel (steer) or step_size (pplm)
+    toxicity_gap: float  # mean dispreferred − preferred toxicity
+    nll_gap: float  # mean dispreferred − preferred NLL per token (nats)
+    share_more_toxic: float  # share of pairs whose dispreferred side is more toxic
+    kept_by_gate: float  # share of pairs the quality gate keeps
+
+
+class SweepChoice(TypedDict):
+    parameter: str  # "beta_rel" or "step_size"
+    prompts: int
+    rows: list[SweepRow]
+    chosen: float
+    chosen_clears_nll_gate: bool  # False: no value cleared gate.max_nll_gap, the smallest NLL gap was taken
+
+
+class Sweep(SweepChoice):
+    identity: str  # the candidates' identity key and the gate's max_nll_gap it was chosen under
+
+
+class PairCount(TypedDict):
+    n: int
+
+
+class PairsQuality(PairCount, total=False):  # only `n` when there are no pairs
+    preferred: SideQuality
+    dispreferred: SideQuality
+    share_dispreferred_more_toxic: float
+    mean_toxicity_gap: float  # mean dispreferred − preferred toxicity
+    mean_nll_gap: float  # mean dispreferred − preferred NLL per token (nats)
+
+
+class PairsOverview(TypedDict):
+    """What results.json shows of the pairs."""
+
+    n: int  # pairs kept (at most n_requested)
+    n_candidates: int  # candidates scored
+    method: str
+    prompt_source: str
+    preferred_toxicity_mean: float
+    dispreferred_toxicity_mean: float
+    quality: PairsQuality  # of the kept pairs
+    dropped: dict[str, int]  # gate_reason -> candidates dropped for it
+    samples: list[PairSample]  # the first three kept pairs
+
+
+class PairsSummary(PairsOverview):
+    """What `run_pairs` returns and writes to pairs.summary.json."""
+
+    n_requested: int
+    settings: dict[str, Any]  # the method's settings as used (steer: with the resolved beta)
+    sweep: Sweep | None  # None without a sweep
+    gate: dict[str, Any]  # the QualityGate
+    quality_before_gate: PairsQuality  # of every candidate
+    scorer: dict[str, str]  # Scorer.describe()
+    model: dict[str, Any]  # LoadedModel.identity()
+
+
+class PairsHeadline(TypedDict, total=False):  # empty without pairs.summary.json
+    pairs: PairsOverview
 
 
 def prompt_pool(cfg: PairsConfig) -> list[str]:
@@ -382,7 +461,7 @@ class _Generator:
         return [(g.continuation, b.continuation) for g, b in zip(good, bad)]
 
 
-def score_pairs(lm: LoadedModel, scorer, prompts: list[str], made: list[tuple[str, str]]) -> list[dict]:
+def score_pairs(lm: LoadedModel, scorer, prompts: list[str], made: list[tuple[str, str]]) -> list[Candidate]:
     """Candidate records: the paper's three fields plus toxicity and NLL per token of both sides."""
     pref, disp = [m[0] for m in made], [m[1] for m in made]
     tox_p, tox_d = scorer.score(pref).toxicity, scorer.score(disp).toxicity
@@ -411,7 +490,7 @@ def gate_reason(r: dict, gate: QualityGate) -> str | None:
     return None
 
 
-def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg: PairsConfig) -> dict:
+def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg: PairsConfig) -> SweepChoice:
     """Try each sweep value on the same prompts; keep the largest toxicity gap whose NLL gap
     clears the gate (else the smallest NLL gap)."""
     rows = []
@@ -432,7 +511,7 @@ def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg:
             "rows": rows, "chosen": best["value"], "chosen_clears_nll_gate": bool(fluent)}
 
 
-def quality(lm: LoadedModel, recs: list[dict]) -> dict:
+def quality(lm: LoadedModel, recs: list[dict]) -> PairsQuality:
     """The quality block: one entry per side, and how the sides differ."""
     if not recs:
         return {"n": 0}
@@ -449,7 +528,7 @@ def quality(lm: LoadedModel, recs: list[dict]) -> dict:
             "mean_nll_gap": float(np.nanmean(nd - npf))}
 
 
-def run_pairs(cfg: PairsConfig) -> dict:
+def run_pairs(cfg: PairsConfig) -> PairsSummary:
     """Write `cfg.out` (the kept pairs), `<stem>.candidates.jsonl` (every scored candidate, appended
     and resumable), a manifest and `<stem>.summary.json` with the quality block."""
     from dpolens.scoring import get_scorer
@@ -544,7 +623,7 @@ def run_pairs(cfg: PairsConfig) -> dict:
     return summary
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> PairsHeadline:
     """How many pairs, how they were made, and their quality block, for results.json."""
     if not (p := read_json(folder / "pairs.summary.json")):
         return {}
@@ -573,7 +652,7 @@ def section(folder: Path, results: dict) -> str:
         "Three of the pairs the DPO learns from.")
 
 
-def describe(s: dict) -> str:
+def describe(s: PairsSummary) -> str:
     """The CLI's one line about the pairs and their quality."""
     q = s["quality"]
     return (f"{s['n']} pairs ({s['method']}) from {s['n_candidates']} candidates: toxicity preferred "

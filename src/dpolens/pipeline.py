@@ -20,9 +20,7 @@ from dataclasses import field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dpolens.artifacts import provenance, read_json, write_json
+from dpolens.artifacts import DpolensError, InputFileError, check_output, provenance, read_json, read_yaml, write_json
 from dpolens.config import ConfigError, from_dict, merge
 from dpolens.stages import REGISTRY, stage
 
@@ -45,10 +43,10 @@ def study_class() -> type:
 def load_study(path: str | Path, sets: list[str] | None = None) -> Any:
     from dpolens.config import parse_set
 
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"study file not found: {p}")
-    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    data = read_yaml(path, "study file") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"study file {path} must hold a mapping (name, model, stages, one section per stage), "
+                          f"not a {type(data).__name__}")
     data = merge(data, parse_set(sets))
     study = from_dict(study_class(), data)
     names = [s.name for s in REGISTRY]
@@ -106,6 +104,7 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
         selected = [s for s in selected if s in only]
     for name in force or []:
         stage(name)
+    check_output(run)
     run.mkdir(parents=True, exist_ok=True)
     keys: dict[str, str] = {}
     timings = {}
@@ -115,9 +114,12 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
         keys[s] = _key(cfgs[s], [keys.get(u, "") for u in st.inputs])
         folder = run / s
         marker = folder / MARKER
-        done = read_json(marker)
         if s not in selected:
             continue
+        try:
+            done = None if s in (force or []) else read_json(marker)
+        except InputFileError:
+            raise InputFileError(f"the stage marker {marker} is damaged: redo the stage with --force {s}") from None
         if done and done.get("key") == keys[s] and done.get("finished") and s not in (force or []):
             log.info("stage %s: finished earlier (key %s), skipped", s, keys[s])
             timings[s] = {"wall_time_s": done.get("wall_time_s"), "skipped": True}
@@ -127,11 +129,17 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
             shutil.rmtree(folder)
         if s in (force or []) and folder.exists():
             shutil.rmtree(folder)
+        fresh = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         write_json(marker, {"stage": s, "key": keys[s], "finished": False})
         log.info("stage %s: running (key %s)", s, keys[s])
         began = time.time()
-        st.run_fn(cfgs[s])
+        try:
+            st.run_fn(cfgs[s])
+        except DpolensError:
+            if fresh:  # refused before it made anything worth resuming: leave no trace
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
         wall = time.time() - began
         write_json(marker, {"stage": s, "key": keys[s], "finished": True, "wall_time_s": wall})
         timings[s] = {"wall_time_s": wall, "skipped": False}

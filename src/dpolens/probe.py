@@ -15,6 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -55,6 +56,38 @@ class ProbeConfig(RunSettings):
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
 
 
+class ProbeValidation(TypedDict):
+    """Metrics on the held-out validation split (what results.json shows)."""
+
+    accuracy: float
+    balanced_accuracy: float
+    f1: float
+    auroc: float
+    majority_baseline: float  # accuracy of always predicting the split's majority class
+    n_train: int
+    n_val: int
+
+
+class DataCount(TypedDict):
+    rows: int  # labelled rows read from the file
+    toxic: int  # of which labelled toxic
+
+
+class ProbeMetrics(ProbeValidation):
+    """What `run_probe` returns and writes to metrics.json."""
+
+    train_accuracy: float
+    toxic_share: float  # share of toxic examples after balancing, both splits
+    C: float  # inverse L2 strength used (cross-validated when the config's C is None)
+    model: dict[str, Any]  # LoadedModel.identity()
+    data: dict[str, DataCount]  # per data file, before balancing
+    seed: int
+
+
+class ProbeHeadline(TypedDict, total=False):  # empty without metrics.json
+    probe: ProbeValidation
+
+
 @torch.inference_mode()
 def final_features(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batch_size: int = 32,
                    progress: bool = True) -> torch.Tensor:
@@ -93,7 +126,7 @@ def _cached_features(lm: LoadedModel, texts: list[str], cfg: ProbeConfig, path: 
     return feats
 
 
-def run_probe(cfg: ProbeConfig) -> dict:
+def run_probe(cfg: ProbeConfig) -> ProbeMetrics:
     """Fit the probe; write `probe.safetensors`, `metrics.json`, a manifest."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
@@ -156,7 +189,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
 PAPER = "94% (Jigsaw, gpt2-medium; majority baseline ~90%)"
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> ProbeHeadline:
     """The probe's validation metrics, for results.json."""
     if not (m := read_json(folder / "metrics.json")):
         return {}
@@ -170,7 +203,7 @@ def section(folder: Path, results: dict) -> str:
     return "<h2>Toxicity probe (paper 3.1)</h2>" + table([m], list(m), f"Validation metrics of the probe. Paper: {PAPER}.")
 
 
-def describe(m: dict) -> str:
+def describe(m: ProbeMetrics) -> str:
     """The CLI's one line about a fitted probe."""
     return (f"probe: accuracy {m['accuracy']:.4f} (majority {m['majority_baseline']:.4f}), balanced "
             f"{m['balanced_accuracy']:.4f}, F1 {m['f1']:.4f}, AUROC {m['auroc']:.4f}, n_train {m['n_train']}, "

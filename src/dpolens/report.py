@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpolens.artifacts import DpolensError, read_json, write_text
+from dpolens.artifacts import DpolensError, check_output, read_json, write_text
 from dpolens.stages import REGISTRY
 from dpolens.webpage import esc, table
 
@@ -54,5 +54,6 @@ def write_report(run_dir: str | Path) -> Path:
     if not (run / "results.json").exists() and not any((run / st.name).is_dir() for st in REGISTRY):
         raise DpolensError(f"{run} holds no stage outputs and no results.json: not a `dpolens run` folder")
     out = run / "report.html"
+    check_output(out, is_file=True)
     write_text(out, render(run))
     return out

@@ -18,14 +18,14 @@ import codecs
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypedDict
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
-from dpolens.config import RunSettings, at_least
+from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.evaluate import bootstrap_ratio, summarize
 from dpolens.model.generation import encode_prompts, generate
@@ -99,9 +99,49 @@ class RobustnessConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "limit", "batch_size", "max_prompt_tokens")
+        unknown = [t for t in self.transforms if t not in TRANSFORMS and t != "multi_turn"]
+        if unknown:
+            raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join([*TRANSFORMS, 'multi_turn'])})")
 
 
-def run_robustness(cfg: RobustnessConfig) -> dict:
+class TransformRow(TypedDict):
+    """One transformation and model, as results.json shows it."""
+
+    transform: str
+    model: str  # base, aligned or unaligned
+    toxicity: dict[str, Any]  # evaluate.summarize() of the decoded continuations: mean, ci95, n
+    retention: list[float] | None  # per layer: mean (x_M − x_base)·δx̂ / ‖δx‖ (plain prompts); None for the base
+
+
+class Retention(TypedDict, total=False):  # absent on the base model's rows
+    retention_mean: float  # token-weighted mean over prompts of the per-prompt mean over layers
+    retention_ci95: list[float]  # bootstrap over prompts
+    retention_per_prompt: list[float]
+    tokens_per_prompt: list[float]  # the weights of retention_mean
+
+
+class RobustnessRow(TransformRow, Retention):
+    example: dict[str, str]  # the first prompt (last 200 characters), its continuation and the decoded text
+
+
+class RobustnessResult(TypedDict):
+    """What `run_robustness` returns; table.json holds all but `figures`."""
+
+    rows: list[RobustnessRow]
+    scorer: dict[str, str]  # Scorer.describe()
+    n_prompts: int
+    offset_plain_norm: list[float]  # ‖δx_l‖ per layer on the plain prompts
+    retention_definition: str
+    findings: list[str]  # one sentence per transformation
+    figures: list[str]  # file names in the stage folder
+
+
+class RobustnessHeadline(TypedDict, total=False):  # empty without table.json
+    robustness: list[TransformRow]
+    robustness_findings: list[str]
+
+
+def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     models = [("base", base), ("aligned", aligned)]
@@ -181,7 +221,7 @@ def run_robustness(cfg: RobustnessConfig) -> dict:
     return result
 
 
-def retention_per_prompt(shift_proj: np.ndarray, tokens: np.ndarray, seed: int) -> dict:
+def retention_per_prompt(shift_proj: np.ndarray, tokens: np.ndarray, seed: int) -> Retention:
     """Mean retention over layers per prompt (shift_proj: [n_prompts, n_layers], each prompt's mean
     (x_M − x_base)·δx̂ / ‖δx‖), and its token-weighted mean over prompts, which equals the mean over
     layers of the per-layer retention, with a bootstrap interval over prompts."""
@@ -213,7 +253,7 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
-def render(result: dict) -> str:
+def render(result: RobustnessResult) -> str:
     lines = ["# Robustness of the alignment offset", "",
              f"{result['n_prompts']} challenge prompts; toxicity by {result['scorer']['name']} of the decoded "
              "continuation; retention = share of the plain-prompt offset δx still applied (mean over layers).", "",
@@ -232,7 +272,7 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> RobustnessHeadline:
     """Toxicity and offset retention per transform and model, and the findings, for results.json."""
     if not (rb := read_json(folder / "table.json")):
         return {}

@@ -15,14 +15,23 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypedDict
 
 import torch
 
-from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
+from dpolens.artifacts import DpolensError, read_json, read_safetensors, write_json, write_manifest, write_text
 from dpolens.config import RunSettings
 from dpolens.directions import load_probe, load_vectors
-from dpolens.evaluate import EvalData, chunked_nll, evaluate_inputs, headline_rows, load_inputs, perplexity, ppl_windows
+from dpolens.evaluate import (
+    EvalData,
+    EvalRow,
+    chunked_nll,
+    evaluate_inputs,
+    headline_rows,
+    load_inputs,
+    perplexity,
+    ppl_windows,
+)
 from dpolens.model import hooks, interventions
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
@@ -139,17 +148,42 @@ def calibrate_alpha(ppl_of: Callable[[float], float], target: float, scale: floa
     return alpha, p, trace
 
 
+class Table2Row(EvalRow):
+    method: str  # "no-op" or "subtract"
+    vector: str  # "none", "probe", "mlp.v L<l>.<i>", "svd.u<j>", "random"
+    alpha: float  # absolute α, residual units
+    alpha_rel: float  # alpha / mean residual norm at the edited point
+    f1_ci95: list[float] | None
+
+
+class Table2Result(TypedDict):
+    """What `run_table2` returns and writes to table.json."""
+
+    rows: list[Table2Row]
+    calibration: dict[str, Any]  # base/target subset PPL, calib_tokens, mean_resid_norm, per-vector α and trace
+    table3: list[dict[str, Any]]  # prompt, vector, continuation, top next tokens with probabilities
+    model: dict[str, Any]  # LoadedModel.identity()
+    scorer: dict[str, str]
+    point: dict[str, Any]  # layer (resolved) and hook point name
+    n_prompts: int
+
+
+class Table2Headline(TypedDict, total=False):  # empty without table.json
+    table2: list[dict[str, Any]]  # rows without per-unit scores
+
+
 def vector_rows(lm: LoadedModel, cfg: Table2Config) -> list[tuple[str, torch.Tensor]]:
     """The (label, unit vector) pairs of Table 2's subtract rows."""
-    from safetensors.torch import load_file
-
     probe, _ = load_probe(cfg.probe, lm)
     tv = load_vectors(cfg.vectors)
     svd_path = Path(cfg.vectors) / "svd.safetensors"
     if not svd_path.exists():
         raise DpolensError(f"no svd.safetensors in {cfg.vectors}: run `dpolens vectors` first")
-    u = load_file(str(svd_path))["U"]
+    u = read_safetensors(svd_path, "SVD file")[0].get("U")
+    if u is None or u.ndim != 2 or not 0 <= cfg.svd_j < len(u):
+        raise DpolensError(f"{svd_path} has no row {cfg.svd_j} of U (svd_j counts from 0 below vectors' svd_k)")
     layer, neuron = cfg.mlp_vector or (tv[0]["layer"], tv[0]["neuron"])
+    lm.adapter.check_neurons(layer, neuron, "mlp_vector neuron")
     mlp_v = lm.adapter.value_vectors(layer)[neuron].float()
     rand = torch.randn(lm.adapter.d_model, generator=torch.Generator().manual_seed(cfg.random_seed))
     rows = [("probe", probe), (f"mlp.v L{layer}.{neuron}", mlp_v), (f"svd.u{cfg.svd_j}", u[cfg.svd_j]),
@@ -159,7 +193,7 @@ def vector_rows(lm: LoadedModel, cfg: Table2Config) -> list[tuple[str, torch.Ten
     return [(label, (v / v.norm()).float()) for label, v in rows]
 
 
-def run_table2(cfg: Table2Config) -> dict:
+def run_table2(cfg: Table2Config) -> Table2Result:
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     a = lm.adapter
     layer = cfg.layer % a.n_layers
@@ -224,7 +258,7 @@ def qualitative(lm: LoadedModel, cfg: Table2Config, specs) -> list[dict]:
     return rows
 
 
-def render(result: dict) -> str:
+def render(result: Table2Result) -> str:
     m = result["model"]
     lines = [f"# Table 2 — residual interventions on {m['ref']}", "",
              f"Subtract α·u at layer {result['point']['layer']} {result['point']['name']}; toxicity by "
@@ -248,7 +282,7 @@ PAPER = {"none": "0.453 / 21.70 / 0.193", "probe": "0.329 / 21.54 / 0.190",
          "mlp.v": "0.352 / 21.63 / 0.189 (MLP.v 19.770)", "svd.u0": "0.334 / 21.54 / 0.190"}
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> Table2Headline:
     """Table 2's rows without their per-prompt scores, for results.json."""
     t = read_json(folder / "table.json")
     return {"table2": headline_rows(t["rows"])} if t else {}

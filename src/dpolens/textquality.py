@@ -7,6 +7,8 @@ these numbers per side, and pairs whose sides differ in fluency more than in tox
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import torch
 
@@ -68,7 +70,19 @@ def repeated_ngram_rate(text: str, n: int = 3) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def side_quality(toxicity: np.ndarray, nll: np.ndarray, special: list[bool], texts: list[str]) -> dict:
+class SideQuality(TypedDict):
+    """One side of a pair set, means over its texts."""
+
+    toxicity: float  # scorer toxicity
+    nll_per_token: float  # nats per continuation token under the base model (NaN-ignoring)
+    special_token_share: float  # share of texts holding a special or control token
+    distinct_2: float  # distinct word bigrams / all bigrams of the set
+    repeated_ngram_rate: float  # share of a text's word n-grams repeating an earlier one
+    repeated_ngram_n: int  # n of repeated_ngram_rate
+    mean_words: float
+
+
+def side_quality(toxicity: np.ndarray, nll: np.ndarray, special: list[bool], texts: list[str]) -> SideQuality:
     """The quality block of one side of a pair set."""
     return {"toxicity": float(np.mean(toxicity)), "nll_per_token": float(np.nanmean(nll)),
             "special_token_share": float(np.mean(special)), "distinct_2": distinct_n(texts, 2),

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 
-from dpolens.artifacts import read_json, write_json, write_manifest, write_text
+from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
+from dpolens.compare import check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
@@ -55,9 +56,40 @@ class UnalignConfig(RunSettings):
         at_least(self, 1, "k")
 
 
+class NeuronFlip(TypedDict):
+    layer: int
+    neuron: int
+    share: float  # share of prompt tokens where m_i < 0
+
+
+class SignFlip(TypedDict):
+    share: float | None  # mean over the scaled neurons; None without targets
+    per_neuron: list[NeuronFlip]
+    n_tokens: int  # prompt tokens counted (padding excluded)
+    n_prompts: int
+
+
+class UnalignResult(TypedDict):
+    """What `run_unalign` returns and writes to table.json."""
+
+    rows: list[dict[str, Any]]  # per model: model, ref, weight_sha256, (sign-aware) intervention, EvalResult.row()
+    scaled: list[dict[str, Any]]  # hooks.scale_keys' records (module, neurons, factor) and the rank's score
+    rank: str
+    k: int
+    scale: float
+    key_kind: str  # "<mlp kind>: <scaled module's last name>"
+    sign_flip: SignFlip  # in the un-aligned model, on the first sign_flip_prompts evaluation prompts
+    scorer: dict[str, str]  # Scorer.describe()
+    n_prompts: int
+
+
+class UnalignHeadline(TypedDict, total=False):  # empty without table.json
+    unalign: list[dict[str, Any]]  # `rows` without per-unit scores
+
+
 @torch.inference_mode()
 def sign_flip(lm: LoadedModel, targets: list[tuple[int, int, float]], prompts: list[str],
-              max_prompt_tokens: int | None = 32, batch_size: int = 32) -> dict:
+              max_prompt_tokens: int | None = 32, batch_size: int = 32) -> SignFlip:
     """Share of the prompts' tokens (padding excluded) where each target neuron's activation m_i
     is negative in `lm`, i.e. where it writes −v_i; counted streaming, per neuron and overall."""
     a = lm.adapter
@@ -93,17 +125,22 @@ def positive_scaling(targets: list[tuple[int, int, float]], scale: float) -> lis
             for l in layers]
 
 
-def run_unalign(cfg: UnalignConfig) -> dict:
+def run_unalign(cfg: UnalignConfig) -> UnalignResult:
     aligned = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     a = aligned.adapter
+    base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device) if cfg.base else None
+    if base:
+        check_pair(base, aligned)
+    if cfg.k > a.n_layers * a.d_mlp:
+        raise DpolensError(f"k {cfg.k} is above the model's {a.n_layers * a.d_mlp} MLP neurons")
+    inputs = load_inputs(cfg.eval)
     targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space, cfg.rank, cfg.writer_tokens)
     out = Path(cfg.out)
     with keys_scaled(aligned, targets, cfg.scale, cfg.key) as scaled:
         aligned.model.save_pretrained(out / "model")
         aligned.tokenizer.save_pretrained(out / "model")
     unaligned = load_model(out / "model", dtype=cfg.dtype, device=cfg.device)
-    inputs = load_inputs(cfg.eval)
-    models = ([("base", load_model(cfg.base, dtype=cfg.dtype, device=cfg.device))] if cfg.base else [])
+    models = [("base", base)] if base else []
     models += [("aligned", aligned), ("unaligned", unaligned)]
     rows = []
     for label, m in models:
@@ -136,7 +173,7 @@ def run_unalign(cfg: UnalignConfig) -> dict:
 PAPER = "0.208 → 0.458 (base 0.453) with PPL 23.30"
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> UnalignHeadline:
     """The base, aligned and un-aligned rows without per-prompt scores, for results.json."""
     u = read_json(folder / "table.json")
     return {"unalign": headline_rows(u["rows"])} if u else {}
@@ -149,7 +186,7 @@ def section(folder: Path, results: dict) -> str:
         u, ["model", "toxicity", "perplexity", "f1"], f"Scaling 7 toxic keys ×10 in the aligned model. Paper: {PAPER}.")
 
 
-def describe(r: dict) -> str:
+def describe(r: UnalignResult) -> str:
     """The CLI's Table 4: toxicity, perplexity and F1 of each row."""
     return "\n".join(f"{row['model']:<10} toxicity {row['toxicity']['mean']:.4f} {row['toxicity']['ci95']}  "
                      f"PPL {row['perplexity']}  F1 {row['f1']}" for row in r["rows"])

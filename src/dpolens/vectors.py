@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 
@@ -67,7 +67,56 @@ class VectorsConfig(RunSettings):
         at_least(self, 1, "top_n")
 
 
-def run_vectors(cfg: VectorsConfig) -> dict:
+class TokenProjection(TypedDict):
+    """A vector's vocabulary projection (`projection`; the probe's is always raw)."""
+
+    top_tokens: list[str]  # the n_tokens most promoted tokens, decoded
+    bottom_tokens: list[str]  # the n_tokens most suppressed
+
+
+class TopVector(TypedDict):
+    """A value vector ranked by cosine with the probe, as results.json shows it."""
+
+    layer: int
+    neuron: int
+    cosine: float  # with the probe, in `space`
+    top_tokens: list[str]
+
+
+class ToxicVector(TopVector):
+    """A row of toxic_vectors.json."""
+
+    rank: int  # 0 = most similar to the probe
+    norm: float  # ‖v‖ in residual space
+    bottom_tokens: list[str]
+
+
+class SVDRow(TokenProjection):
+    j: int  # SVD.U_Toxic[j]
+    singular_value: float
+    cosine_with_probe: float  # in `space`; U[j] is sign-fixed to raise the probe's logit
+
+
+class VectorsSummary(TypedDict):
+    """What `run_vectors` returns and writes to summary.json."""
+
+    model: dict[str, Any]  # LoadedModel.identity()
+    probe: str | None  # the probe file's model_ref
+    top_n: int  # vectors in MLP.v_Toxic
+    space: str
+    projection: str
+    top10: list[ToxicVector]
+    svd: list[SVDRow]
+    probe_tokens: TokenProjection
+    cosine_histogram: list[float]  # counts of all value vectors' cosines in 20 bins over [-1, 1]
+    token_writers_median_cosine_rank: float
+
+
+class VectorsHeadline(TypedDict, total=False):  # empty without toxic_vectors.json
+    toxic_vectors: list[TopVector]  # the top 10
+
+
+def run_vectors(cfg: VectorsConfig) -> VectorsSummary:
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     probe, meta = load_probe(cfg.probe, lm)
     a = lm.adapter
@@ -138,7 +187,7 @@ def table1(lm, probe_proj, rows, svd_rows, cfg, writers) -> str:
     return "\n".join(lines) + "\n"
 
 
-def headline(folder: Path) -> dict:
+def headline(folder: Path) -> VectorsHeadline:
     """The 10 value vectors most similar to the probe, for results.json."""
     if not (v := read_json(folder / "toxic_vectors.json")):
         return {}
@@ -161,7 +210,7 @@ def section(folder: Path, results: dict) -> str:
     return "".join(parts)
 
 
-def describe(s: dict) -> str:
+def describe(s: VectorsSummary) -> str:
     """The CLI's Table 1: the top 10 value vectors and their top tokens."""
     return "\n".join(f"L{r['layer']:>2} n{r['neuron']:<5} cos {r['cosine']:.3f}  {r['top_tokens'][:8]}"
                      for r in s["top10"])

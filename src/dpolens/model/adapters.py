@@ -288,6 +288,19 @@ class Adapter:
         scale = getattr(emb, "embed_scale", 1.0)
         return (probs.to(emb.weight.dtype) @ emb.weight) * scale
 
+    def layer_index(self, layer: int, what: str = "layer") -> int:
+        """`layer` counted from 0 (or from the end when negative), refused when the model has no such layer."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise DpolensError(f"{what} {layer} out of range: the model has {self.n_layers} layers")
+        return layer % self.n_layers
+
+    def check_neurons(self, layer: int, neurons, what: str = "neuron") -> None:
+        """Refuse an MLP neuron index (value vector, key) that the layer does not have."""
+        self.layer_index(layer, f"the layer of {what}")
+        bad = [n for n in ([neurons] if isinstance(neurons, int) else neurons or []) if not 0 <= n < self.d_mlp]
+        if bad:
+            raise DpolensError(f"{what} {bad[0]} out of range: layer {layer} has {self.d_mlp} MLP neurons")
+
     def check_width(self, vector: torch.Tensor, what: str) -> None:
         if vector.shape[-1] != self.d_model:
             raise DpolensError(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dpolens.artifacts import DpolensError
 from dpolens.model.loading import LoadedModel
 
 
@@ -136,6 +137,17 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int |
     return [ids[:limit] for ids in enc]
 
 
+def check_fits(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse, before generating, prompts that leave no room for `max_new_tokens` in the context."""
+    if max_new_tokens < 1:
+        raise DpolensError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    n_ctx = lm.adapter.context_length
+    longest = max((len(p) for p in prompt_ids), default=0)
+    if longest + max_new_tokens > n_ctx:
+        raise DpolensError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                           f"context of {n_ctx} tokens: set max_prompt_tokens to at most {n_ctx - max_new_tokens}")
+
+
 def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
@@ -182,6 +194,7 @@ def generate(
 
     tok = lm.tokenizer
     prompt_ids = encode_prompts(lm, prompts, max_prompt_tokens)
+    check_fits(lm, prompt_ids, max_new_tokens)
     eos = tok.eos_token_id
     banned = banned_token_ids(tok)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,

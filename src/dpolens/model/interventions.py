@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import torch
-import yaml
 
-from dpolens.artifacts import DpolensError
+from dpolens.artifacts import DpolensError, read_safetensors, read_yaml
 from dpolens.config import from_dict
 from dpolens.model import hooks
 from dpolens.model.loading import LoadedModel
@@ -59,11 +58,9 @@ def parse_spec(spec: Any) -> list[Intervention]:
     if isinstance(spec, (str, Path)):
         p = Path(spec)
         if p.suffix in (".yaml", ".yml", ".json"):
-            if not p.exists():
-                raise DpolensError(f"intervention spec file not found: {p}")
-            spec = yaml.safe_load(p.read_text(encoding="utf-8"))
+            spec = read_yaml(p, "intervention spec file")
         else:
-            spec = yaml.safe_load(str(spec))
+            spec = read_yaml(str(spec), "intervention spec", is_text=True)
     if isinstance(spec, dict) and "interventions" in spec:
         spec = spec["interventions"]
     if isinstance(spec, dict):
@@ -87,21 +84,21 @@ def resolve_vector(lm: LoadedModel, vector: Any) -> torch.Tensor:
     elif isinstance(vector, list):
         v = torch.tensor(vector, dtype=torch.float32)
     elif isinstance(vector, dict) and "file" in vector:
-        from safetensors.torch import load_file
-
         p = Path(vector["file"])
-        if not p.exists():
-            raise DpolensError(f"vector file not found: {p}")
-        tensors = load_file(str(p))
+        tensors, _ = read_safetensors(p, "vector file")
         key = vector.get("key") or next(iter(tensors))
         if key not in tensors:
             raise DpolensError(f"{p} has no tensor '{key}' (has: {', '.join(tensors)})")
         v = tensors[key]
         if v.ndim == 2:
-            v = v[int(vector.get("row", 0))]
+            row = int(vector.get("row", 0))
+            if not 0 <= row < len(v):
+                raise DpolensError(f"{p}: tensor '{key}' has {len(v)} rows, no row {row}")
+            v = v[row]
     elif isinstance(vector, dict) and "value_vector" in vector:
         layer, neuron = vector["value_vector"]
-        v = a.value_vectors(layer % a.n_layers)[int(neuron)]
+        a.check_neurons(layer, int(neuron), "value_vector neuron")
+        v = a.value_vectors(a.layer_index(layer))[int(neuron)]
     elif isinstance(vector, dict) and "random" in vector:
         g = torch.Generator().manual_seed(int(vector["random"]))
         v = torch.randn(a.d_model, generator=g)
@@ -119,7 +116,9 @@ def apply(lm: LoadedModel, spec: Any) -> Iterator[list[Intervention]]:
     a = lm.adapter
     with contextlib.ExitStack() as stack:
         for e in edits:
-            layer = e.layer % a.n_layers
+            layer = a.layer_index(e.layer, "intervention layer")
+            if e.kind not in ("add", "subtract"):
+                a.check_neurons(layer, e.neurons, "intervention neuron")
             if e.kind in ("add", "subtract"):
                 v = resolve_vector(lm, e.vector)
                 if e.normalize:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -101,8 +102,18 @@ def _hf_load(location, dtype, **kwargs):
     hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, **kwargs)
-    tok = AutoTokenizer.from_pretrained(str(location), **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(location), **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelNotFoundError(f"{location} has no usable tokenizer files ({_first_line(e)})") from e
+    if len(tok) < 10:  # transformers builds an empty tokenizer when the files are missing
+        raise ModelNotFoundError(f"{location} has no usable tokenizer files (the tokenizer built from it has "
+                                 f"{len(tok)} tokens)")
     return model, tok
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -154,7 +165,13 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
                 raise DpolensError(f"{ref} holds only a state dict: give its base model (base=...)")
             base_lm = load_model(base, dtype=dtype, device="cpu")
             model, tok = base_lm.model, base_lm.tokenizer
-            state = torch.load(location, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(location, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise DpolensError(f"{ref} was refused: it is not a plain tensor state dict (it is damaged, "
+                                   "or loading it would run code)") from e
+            except Exception as e:  # random bytes fail anywhere in the unpickler
+                raise DpolensError(f"{ref} is not a readable PyTorch checkpoint ({_first_line(e)})") from e
             if not isinstance(state, dict) or "state" not in state:
                 raise DpolensError(f"{ref} must hold {{'state': state_dict}}")
             missing, unexpected = model.load_state_dict(state["state"], strict=False)
@@ -175,10 +192,12 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
                 ) from None
         else:
             model, tok = _hf_load(location, torch_dtype)
-    except (ValueError, KeyError) as e:
-        if "does not recognize this architecture" in str(e) or "model_type" in str(e):
-            raise DpolensError(f"cannot load {ref}: {str(e).splitlines()[0]}") from None
+    except DpolensError:
         raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
+        if kind == "hub" and not isinstance(e, (ValueError, KeyError)):
+            raise
+        raise ModelNotFoundError(f"cannot load {ref}: {_first_line(e)}") from e
     model = model.to(device=device, dtype=torch_dtype)
     prepare(model, tok)
     return LoadedModel(model=model, tokenizer=tok, ref=ref, source=kind)
