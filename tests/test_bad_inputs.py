@@ -109,6 +109,14 @@ CASES = {  # the arguments, and what the error line must say
                                                 "-o", "out"], "exceeds the model's context of 128 tokens"),
     "eval prompt with a lone surrogate": (["eval", "-m", "{tiny}", "--prompts", "surrogate.jsonl", "-o", "out"],
                                           "holds a lone surrogate"),
+    "eval WikiText not UTF-8": (["eval", "-m", "{tiny}", "--wikitext", "latin1.raw", "-o", "out"], "is not UTF-8 text"),
+    "eval garbage parquet": (["eval", "-m", "{tiny}", "--wikitext", "garbage.parquet", "-o", "out"],
+                             "is not a parquet file with a 'text' column"),
+    "dpo eval prompts missing": (["dpo", "-m", "{tiny}", "--pairs", "pairs.jsonl", "--val-pairs", "1", "--eval.prompts",
+                                  "nosuch.jsonl", "-o", "out"], "nosuch.jsonl"),
+    "analyze lens token of two tokens": (["analyze", "--base", "{tiny}", "--aligned", "{tiny}", "--probe",
+                                          "probe.safetensors", "--vectors", "vecs_ok", "--lens-token", " zzqxv",
+                                          "-o", "out"], "is not a single token"),
     # a resume under another model
     "eval resume with another model": (["eval", "-m", "{tiny}", "--limit", "2", "-o", "partial"],
                                        "was made with another model"),
@@ -143,6 +151,12 @@ def _bad_files(d, tiny):
     (d / "long.jsonl").write_text(json.dumps({"prompt": "word " * 400}) + "\n")
     (d / "long_f1.jsonl").write_text(json.dumps({"prompt": "word " * 400, "gold": "word"}) + "\n")
     (d / "surrogate.jsonl").write_text('{"prompt": "bad \\ud800 text"}\n')
+    (d / "latin1.raw").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (d / "garbage.parquet").write_bytes(os.urandom(128))
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"prompt_text": f"p{i}", "unpert_gen_text": " kind words",
+                                                       "pert_gen_text": " rude words"}) + "\n" for i in range(3)))
+    (d / "vecs_ok").mkdir()
+    (d / "vecs_ok/toxic_vectors.json").write_text('[{"layer": 0, "neuron": 0, "cosine": 0.5}]')
     (d / "partial").mkdir()
     (d / "partial/generations.partial.jsonl").write_text('{"prompt": "p", "continuation": "c", "continuation_ids": [1]}\n')
     (d / "partial/generations.partial.identity.json").write_text(json.dumps(

@@ -44,6 +44,7 @@ def study_file(tmp_path, tiny_dirs):
         "unalign": {"k": 2, "eval": ev},
         "neurons": {"fit_prompts": 3, "top_toxic": 8, "cluster_sample": 100, "max_new_tokens": 3, "eval": ev},
         "robustness": {"prompts": str(d / "p.jsonl"), "neutral": [str(d / "w.raw")], "max_new_tokens": 3,
+                       "max_prompt_tokens": 120,
                        "limit": 3},
     }
     p = tmp_path / "study.yaml"

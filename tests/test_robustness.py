@@ -41,7 +41,7 @@ def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached)
     r = run_robustness(RobustnessConfig(base=str(tiny_dirs["llama"]), aligned=str(tmp_path / "aligned"),
                                         unaligned=str(tmp_path / "aligned"), out=str(tmp_path / "r"),
                                         prompts=str(tmp_path / "p.jsonl"), neutral=[str(tmp_path / "w.raw")],
-                                        max_new_tokens=3, batch_size=3))
+                                        max_new_tokens=3, batch_size=3, max_prompt_tokens=120))  # tiny context: 128
     rows = r["rows"]
     assert {(x["transform"], x["model"]) for x in rows} == {
         (t, m) for t in [*TRANSFORMS, "multi_turn"] for m in ("base", "aligned", "unaligned")}
@@ -54,3 +54,15 @@ def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached)
             assert len(x["retention_per_prompt"]) == len(x["tokens_per_prompt"]) == 3
             assert x["retention_ci95"][0] <= x["retention_ci95"][1]
     assert (tmp_path / "r" / "robustness.md").exists() and (tmp_path / "r" / "fig_retention.png").exists()
+
+
+def test_long_prompts_keep_bos_and_final_turn(tiny_dirs):
+    from dpolens import load_model
+    from dpolens.model.generation import encode_prompts
+
+    lm = load_model(tiny_dirs["llama"])
+    text = "User: " + "word " * 200 + "\nUser: the final turn"
+    full = lm.tokenizer(text)["input_ids"]
+    (ids,) = encode_prompts(lm, [text], 16, keep_last=True)
+    assert len(ids) == 16 and ids[0] == full[0] == lm.tokenizer.bos_token_id and ids[1:] == full[-15:]
+    assert encode_prompts(lm, [text], 16)[0] == full[:16]

@@ -302,10 +302,13 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     from dpolens import figures
 
     cfg.require_float32("base and aligned are compared")
+    prompts = load_prompts(cfg.prompts, cfg.limit)  # inputs read before any model or output
+    tv = load_vectors(cfg.vectors)[: cfg.top_neurons]
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
     probe, _ = load_probe(cfg.probe, base)
+    token_id = single_token(base, cfg.lens_token)
     a = base.adapter
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,13 +317,11 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     shift = weight_shift(base.model, aligned.model)
     write_json(out / "weight_shift.json", shift)
 
-    tv = load_vectors(cfg.vectors)[: cfg.top_neurons]
     top = [(r["layer"], r["neuron"]) for r in tv]
     cosines = torch.tensor([r["cosine"] for r in tv])  # [N] the cosines the ranking used
     fig_layers = sorted({l for l, _ in top[: cfg.figure_layers]})
     all_layers = range(a.n_layers)
 
-    prompts = load_prompts(cfg.prompts, cfg.limit)
     gens = {name: generate(m, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
                            max_prompt_tokens=cfg.max_prompt_tokens, desc=f"generate {name}")
             for name, m in (("base", base), ("aligned", aligned))}
@@ -362,7 +363,6 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     offset = residual_offset(xb, xa, w_hat)
     offset_ci = offset_stats(sb, sa, w_hat, offset, cfg.n_boot, cfg.seed)
 
-    token_id = single_token(base, cfg.lens_token)
     search = (load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
     lens_prompts = find_lens_prompts(base, search, token_id, cfg.batch_size)
     lens = {"token": cfg.lens_token, "n_prompts": len(lens_prompts), "prompts": lens_prompts[:20]}

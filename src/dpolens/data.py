@@ -183,9 +183,15 @@ def load_wikitext(spec: str, limit: int | None = None) -> list[str]:
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            texts = pq.read_table(p, columns=["text"]).column("text").to_pylist()
+            try:
+                texts = pq.read_table(p, columns=["text"]).column("text").to_pylist()
+            except (OSError, ValueError, KeyError) as e:  # pyarrow's errors derive from these
+                raise DataError(f"{p} is not a parquet file with a 'text' column ({e})") from None
         else:
-            texts = p.read_bytes().decode("utf-8", errors="strict").splitlines()
+            try:
+                texts = p.read_bytes().decode("utf-8", errors="strict").splitlines()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     paragraphs = [t.strip("\r\n") for t in texts if t and t.strip()]
     return paragraphs[:limit]
 

@@ -268,6 +268,7 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     order = torch.randperm(len(pairs), generator=g).tolist()
     val = [pairs[i] for i in order[: cfg.val_pairs]]
     train = [pairs[i] for i in order[cfg.val_pairs :]]
+    inputs = load_inputs(cfg.eval) if cfg.evaluate else None  # read before training: a bad file fails now
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
@@ -351,8 +352,7 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     }
     write_json(out / "weight_shift.json", shift)
     write_json(out / "summary.json", summary)
-    if cfg.evaluate:
-        inputs = load_inputs(cfg.eval)
+    if inputs:
         rows = []
         for label, m in (("base", base), ("aligned", aligned)):
             res = evaluate_inputs(m, cfg.eval, inputs, label=label)

@@ -92,7 +92,7 @@ class RobustnessConfig(RunSettings):
     transforms: list[str] = field(default_factory=lambda: [*TRANSFORMS, "multi_turn"])
     turns: int = 3
     max_new_tokens: int = 20
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 256  # a longer prompt keeps its BOS and last tokens (a multi-turn prompt its final turn)
     batch_size: int = 16
     scorer: str = "jigsaw-lstm"
 
@@ -159,7 +159,7 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
             inputs[name] = ([fwd(p) for p in plain], inv)
 
     def token_seqs(texts):  # every prompt token after the first counts
-        ids = encode_prompts(base, texts, cfg.max_prompt_tokens)
+        ids = encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True)
         return [(x[:1], x[1:]) for x in ids]
 
     if "plain" not in inputs:
@@ -191,7 +191,7 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         for mname, lm in models:
             steps.set_postfix_str(f"generate {tname} {mname}")
             gens = generate(lm, texts, cfg.max_new_tokens, batch_size=cfg.batch_size,
-                            max_prompt_tokens=cfg.max_prompt_tokens, progress=False)
+                            max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False)
             decoded = [inverse(g.continuation) for g in gens]
             tox = summarize(scorer.score(decoded).toxicity, seed=cfg.seed)
             retention, per_prompt = None, {}

@@ -130,11 +130,18 @@ def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, m
     return torch.cat(steps, 1)
 
 
-def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int | None) -> list[list[int]]:
-    """Token ids of each prompt (with the tokenizer's BOS), truncated to the first N tokens."""
-    enc = lm.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int | None,
+                   keep_last: bool = False) -> list[list[int]]:
+    """Token ids of each prompt (with the tokenizer's BOS), cut to their first N tokens, or with
+    `keep_last` to the BOS (when the tokenizer adds one) and the last tokens: a multi-turn prompt
+    must keep its final turn."""
+    tok = lm.tokenizer
+    enc = tok(prompts, add_special_tokens=True)["input_ids"]
     limit = max_prompt_tokens or lm.adapter.context_length
-    return [ids[:limit] for ids in enc]
+    if not keep_last:
+        return [ids[:limit] for ids in enc]
+    n_bos = int(tok.bos_token_id is not None and tok("a", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id)
+    return [ids if len(ids) <= limit else ids[:n_bos] + ids[len(ids) - limit + n_bos:] for ids in enc]
 
 
 def check_fits(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
@@ -185,6 +192,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 32,
     max_prompt_tokens: int | None = 32,
+    keep_last: bool = False,
     progress: bool = True,
     desc: str = "generate",
 ) -> list[Generation]:
@@ -193,7 +201,7 @@ def generate(
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
-    prompt_ids = encode_prompts(lm, prompts, max_prompt_tokens)
+    prompt_ids = encode_prompts(lm, prompts, max_prompt_tokens, keep_last)
     check_fits(lm, prompt_ids, max_new_tokens)
     eos = tok.eos_token_id
     banned = banned_token_ids(tok)
