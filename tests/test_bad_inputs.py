@@ -176,3 +176,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_dirs, tmp_path)
     assert out.returncode == 2, (case, out.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("dpolens: error: ") and says in lines[0], (case, out.stderr[-2000:])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, case
+
+
+def test_inspect_needs_no_tokenizer(tiny_dirs, tmp_path):
+    shutil.copytree(tiny_dirs["gpt2"], tmp_path / "notok", ignore=shutil.ignore_patterns("tokenizer*"))
+    out = run_cli(tmp_path, "inspect", "notok", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["n_layers"] == 3

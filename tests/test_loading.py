@@ -1,11 +1,12 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.artifacts import DpolensError
+from dpolens.artifacts import DpolensError, save_model_dir
 
 
 def test_paper_pt_checkpoint_loads_on_its_base(tiny_dirs, tmp_path):
@@ -48,3 +49,21 @@ def test_import_touches_no_network():
             "import dpolens, dpolens.cli, dpolens.evaluate, dpolens.scoring\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_model_folder_is_written_whole_or_not_at_all(tiny_dirs, tmp_path):
+    lm = load_model(tiny_dirs["llama"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "stale.txt").write_text("from an earlier run")
+    save_model_dir(tmp_path / "model", lm.model, lm.tokenizer)
+    assert load_model(tmp_path / "model").weight_hash == lm.weight_hash
+    assert not (tmp_path / "model" / "stale.txt").exists()
+
+    class Broken:
+        def save_pretrained(self, path):
+            (Path(path) / "half.safetensors").write_bytes(b"x")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(tmp_path / "other", Broken(), lm.tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -72,7 +72,7 @@ def inspect(model: str, as_json: bool = typer.Option(False, "--json"),
     """Print a model's architecture facts as the adapters see them."""
     from dpolens import load_model
 
-    lm = load_model(model, base=base)
+    lm = load_model(model, base=base, tokenizer=False)  # architecture facts need no tokenizer
     info = {"model": model, **lm.adapter.describe(),
             "n_params": sum(p.numel() for p in lm.model.parameters())}
     if as_json:

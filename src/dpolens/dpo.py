@@ -19,7 +19,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from dpolens.artifacts import DpolensError, append_jsonl, read_json, write_json, write_manifest
+from dpolens.artifacts import DpolensError, append_jsonl, read_json, save_model_dir, write_json, write_manifest
 from dpolens.compare import WeightShiftSummary, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import load_pairs
@@ -327,8 +327,7 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
         raise DpolensError(f"DPO loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "
                            f"{good[-1] if good else 'none'} (lower the learning rate and re-run)")
     model_dir = out / "model"
-    trainer.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
+    save_model_dir(model_dir, trainer.model, lm.tokenizer)
     aligned = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     shift = weight_shift(base.model, aligned.model)

@@ -24,7 +24,7 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
+from dpolens.artifacts import DpolensError, read_json, save_model_dir, write_json, write_manifest, write_text
 from dpolens.compare import check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
@@ -137,8 +137,7 @@ def run_unalign(cfg: UnalignConfig) -> UnalignResult:
     targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space, cfg.rank, cfg.writer_tokens)
     out = Path(cfg.out)
     with keys_scaled(aligned, targets, cfg.scale, cfg.key) as scaled:
-        aligned.model.save_pretrained(out / "model")
-        aligned.tokenizer.save_pretrained(out / "model")
+        save_model_dir(out / "model", aligned.model, aligned.tokenizer)
     unaligned = load_model(out / "model", dtype=cfg.dtype, device=cfg.device)
     models = [("base", base)] if base else []
     models += [("aligned", aligned), ("unaligned", unaligned)]

@@ -37,7 +37,7 @@ class LoadedModel:
     """A model, its tokenizer and architecture adapter, and where they came from."""
 
     model: torch.nn.Module
-    tokenizer: object
+    tokenizer: object  # None when loaded with tokenizer=False
     ref: str
     source: str  # asset, local, gguf, paper-pt, hub
     adapter: Adapter = field(init=False)
@@ -95,13 +95,15 @@ def resolve(ref: str) -> tuple[str, Path | str]:
     return "hub", ref
 
 
-def _hf_load(location, dtype, **kwargs):
+def _hf_load(location, dtype, tokenizer: bool = True, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, **kwargs)
+    if not tokenizer:
+        return model, None
     try:
         tok = AutoTokenizer.from_pretrained(str(location), **kwargs)
     except (OSError, ValueError, TypeError) as e:
@@ -148,9 +150,10 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
-               base: str | None = None) -> LoadedModel:
+               base: str | None = None, tokenizer: bool = True) -> LoadedModel:
     """Load `ref` (hub id, HF directory, cached asset name, .gguf file, or .pt with `base`) onto
-    `device` (`auto`: CUDA, then MPS, then CPU)."""
+    `device` (`auto`: CUDA, then MPS, then CPU); without `tokenizer` (architecture facts only) its
+    tokenizer files are not read."""
     ref = str(ref)
     device = resolve_device(device)
     if dtype not in _DTYPES:
@@ -159,11 +162,11 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
     kind, location = resolve(ref)
     try:
         if kind == "gguf":
-            model, tok = _hf_load(Path(location).parent, torch_dtype, gguf_file=Path(location).name)
+            model, tok = _hf_load(Path(location).parent, torch_dtype, tokenizer, gguf_file=Path(location).name)
         elif kind == "paper-pt":
             if base is None:
                 raise DpolensError(f"{ref} holds only a state dict: give its base model (base=...)")
-            base_lm = load_model(base, dtype=dtype, device="cpu")
+            base_lm = load_model(base, dtype=dtype, device="cpu", tokenizer=tokenizer)
             model, tok = base_lm.model, base_lm.tokenizer
             try:
                 state = torch.load(location, map_location="cpu", weights_only=True)
@@ -181,7 +184,7 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
                                    f"unexpected {unexpected[:3]}")
         elif kind == "hub":
             try:
-                model, tok = _hf_load(location, torch_dtype, local_files_only=not _hub_reachable())
+                model, tok = _hf_load(location, torch_dtype, tokenizer, local_files_only=not _hub_reachable())
             except OSError as e:
                 known = ", ".join(assets.ASSETS[a].name for a in assets.ASSETS
                                   if assets.ASSETS[a].kind == "model")
@@ -191,7 +194,7 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
                     f"({known}) with: dpolens assets fetch NAME"
                 ) from None
         else:
-            model, tok = _hf_load(location, torch_dtype)
+            model, tok = _hf_load(location, torch_dtype, tokenizer)
     except DpolensError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
@@ -209,9 +212,10 @@ def prepare(model: torch.nn.Module, tokenizer) -> None:
     read position -1); and the unembedding computed as W·xᵀ (`WideUnembed`, the same parameters:
     1.3-4x faster on CPU at decoding batch sizes)."""
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
+    if tokenizer is not None:
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
     head = model.get_output_embeddings()
     if type(head) is nn.Linear:
         model.set_output_embeddings(WideUnembed.sharing(head))
