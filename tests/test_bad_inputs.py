@@ -3,6 +3,7 @@ compute, and no files left behind (issue #19; the cases fixed so far)."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ def run_cli(cwd, *args):
     return subprocess.run([sys.executable, "-m", "dpolens.cli", *args], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "DPOLENS_DATA": str(SHARED / "data")})
 
+
+LOG_LINE = re.compile(r"\d\d:\d\d:\d\d INFO ")
 
 CASES = {  # the arguments, and what the error line must say
     "eval limit 0": (["eval", "-m", "{tiny}", "--limit", "0", "-o", "out"], "limit must be at least 1, got 0"),
@@ -117,6 +120,8 @@ CASES = {  # the arguments, and what the error line must say
     "analyze lens token of two tokens": (["analyze", "--base", "{tiny}", "--aligned", "{tiny}", "--probe",
                                           "probe.safetensors", "--vectors", "vecs_ok", "--lens-token", " zzqxv",
                                           "-o", "out"], "is not a single token"),
+    "run a stage refused on its input": (["run", "study.yaml", "--set", "name=t", "--set", "probe.data=[nosuch.csv]"],
+                                         "nosuch.csv"),
     # a resume under another model
     "eval resume with another model": (["eval", "-m", "{tiny}", "--limit", "2", "-o", "partial"],
                                        "was made with another model"),
@@ -172,7 +177,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_dirs, tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     args, says = CASES[case]
     out = run_cli(tmp_path, *[a.replace("{tiny}", str(tiny_dirs["gpt2"])) for a in args])
-    lines = out.stderr.strip().splitlines()
+    lines = [l for l in out.stderr.strip().splitlines() if not LOG_LINE.match(l)]  # INFO progress logs aside
     assert out.returncode == 2, (case, out.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("dpolens: error: ") and says in lines[0], (case, out.stderr[-2000:])
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, case
@@ -183,3 +188,8 @@ def test_inspect_needs_no_tokenizer(tiny_dirs, tmp_path):
     out = run_cli(tmp_path, "inspect", "notok", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)["n_layers"] == 3
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = run_cli(tmp_path, "--debug", "report", "nosuch")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "run folder not found: nosuch" in out.stderr
