@@ -193,3 +193,29 @@ def test_inspect_needs_no_tokenizer(tiny_dirs, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     out = run_cli(tmp_path, "--debug", "report", "nosuch")
     assert out.returncode != 0 and "Traceback" in out.stderr and "run folder not found: nosuch" in out.stderr
+
+
+def test_existing_outputs_may_be_overwritten_and_results_are_never_removed(tmp_path):
+    from dpolens.artifacts import MARKER, OutputLocationError, check_output, remove_if_no_files
+
+    (tmp_path / "scores.jsonl").write_text("{}\n")
+    check_output(tmp_path / "scores.jsonl", is_file=True)  # a re-run overwrites its own output
+    check_output(tmp_path, is_file=False)
+    with pytest.raises(OutputLocationError, match="is a file"):
+        check_output(tmp_path / "scores.jsonl" / "x", is_file=True)
+    (tmp_path / "stage" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "stage" / MARKER).write_text("{}")
+    remove_if_no_files(tmp_path / "stage", ignore=(MARKER,))
+    assert not (tmp_path / "stage").exists()
+    (tmp_path / "kept" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "kept" / "checkpoints" / "state.json").write_text("{}")
+    remove_if_no_files(tmp_path / "kept", ignore=(MARKER,))
+    assert (tmp_path / "kept" / "checkpoints" / "state.json").exists()
+
+
+def test_report_runs_twice(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    for _ in range(2):
+        out = run_cli(tmp_path, "report", "run")
+        assert out.returncode == 0, out.stderr[-2000:]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 DEFAULT_CACHE = Path.home() / ".cache" / "dpolens"
+MARKER = ".dpolens-stage.json"  # a pipeline stage's key and state, in its folder
 
 
 class DpolensError(Exception):
@@ -44,7 +45,7 @@ def check_output(path: str | Path, is_file: bool = False) -> None:
     if p.exists() and p.is_dir() == is_file:
         kind = "a folder" if p.is_dir() else "a file"
         raise OutputLocationError(f"output {p} is {kind}; a {'file' if is_file else 'folder'} goes there")
-    parent = p if p.exists() else p.parent
+    parent = p if p.is_dir() else p.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
@@ -53,11 +54,22 @@ def check_output(path: str | Path, is_file: bool = False) -> None:
         raise OutputLocationError(f"output {p} cannot be written: {parent} is not writable")
 
 
-def check_resume(path: str | Path, identity: dict, what: str) -> None:
-    """Record `identity` (what shapes the partial results in `what`) at `path`, or refuse when a
-    recorded one differs: a resume under another model or other settings would mix two runs."""
-    old = read_json(path)
-    if old is not None and old != json.loads(json.dumps(identity, default=_json_default)):
+def remove_if_no_files(path: str | Path, ignore: tuple[str, ...] = ()) -> None:
+    """Remove folder `path` if it holds no files (besides those named in `ignore`): what a refused
+    command created, never results that a resume could use."""
+    import shutil
+
+    p = Path(path)
+    if p.is_dir() and not any(f.is_file() and f.name not in ignore for f in p.rglob("*")):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def check_resume(path: str | Path, identity: dict, what: str, resuming: bool = True) -> None:
+    """Record `identity` (what shapes the partial results in `what`) at `path`; when `resuming` (there
+    are partial results), refuse if the recorded one differs: a resume under another model or other
+    settings would mix two runs."""
+    old = read_json(path) if resuming else None
+    if isinstance(old, dict) and old != json.loads(json.dumps(identity, default=_json_default)):
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         raise ResumeMismatchError(f"{what} was made with another {' and '.join(diff) or 'identity'}: "
                                   "remove it or use another --out to start over")
@@ -128,12 +140,18 @@ def save_model_dir(path: str | Path, model, tokenizer) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as a plain mkdir would (mkdtemp makes it private)
+    old = path.with_name(f".{path.name}.old")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)  # set aside, removed once the new folder is in place
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -11,7 +11,6 @@ import errno
 import inspect as pyinspect
 import json
 import logging
-import shutil
 import sys
 import types
 import typing
@@ -20,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from dpolens.artifacts import DpolensError, check_output
+from dpolens.artifacts import MARKER, DpolensError, check_output, remove_if_no_files
 from dpolens.config import flat_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -128,18 +127,17 @@ def score(
 
 @contextlib.contextmanager
 def _output(path: str | Path, is_file: bool = False):
-    """Check that output `path` can be written; if the block is refused (a DpolensError), remove
-    what it created there, so that a refused command leaves nothing partial."""
+    """Check that output `path` can be written; if the block is refused (a DpolensError), remove the
+    folders it created there as long as they hold no file: a refused command leaves nothing behind,
+    and a late refusal (a NaN loss, a quality gate) keeps what a resume can use."""
     check_output(path, is_file)
-    new = Path(path)
-    while not new.parent.exists():
-        new = new.parent
-    created = not new.exists()
+    out = Path(path).parent if is_file else Path(path)
+    new = [p for p in (out, *out.parents) if not p.exists()]
     try:
         yield
     except DpolensError:
-        if created and new.exists():
-            shutil.rmtree(new) if new.is_dir() else new.unlink()
+        for folder in new:  # innermost first
+            remove_if_no_files(folder, ignore=(MARKER,))
         raise
 
 
@@ -308,7 +306,7 @@ def main() -> None:
     except OSError as e:  # the file system refused a write that the checks could not foresee
         if _DEBUG["on"] or e.errno not in _ENVIRONMENT:
             raise
-        typer.echo(f"dpolens: error: {e.strerror}: {e.filename}", err=True)
+        typer.echo(f"dpolens: error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
         sys.exit(2)
 
 

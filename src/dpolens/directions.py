@@ -193,8 +193,9 @@ def load_vectors(folder: str | Path) -> list[dict]:
     if not p.exists():
         raise DpolensError(f"no toxic_vectors.json in {folder}: run `dpolens vectors` first")
     rows = read_json(p)
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "layer" in r for r in rows):
-        raise DpolensError(f"{p} lists no vectors (a list of {{layer, index, ...}} rows)")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"layer", "neuron", "cosine"} <= set(r)
+                                                         for r in rows):
+        raise DpolensError(f"{p} lists no vectors (a list of {{layer, neuron, cosine, ...}} rows)")
     return rows
 
 

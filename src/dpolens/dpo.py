@@ -69,12 +69,8 @@ class DPOConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "batch_size", "val_pairs", "eval_steps")
-        from transformers.training_args import OptimizerNames
-
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss '{self.loss}' (TRL's DPO losses: {', '.join(LOSSES)})")
-        if self.optimizer not in (names := [o.value for o in OptimizerNames]):
-            raise ConfigError(f"unknown optimizer '{self.optimizer}' (transformers' names: {', '.join(names)})")
         k = self.trainable.removeprefix("late-layers:")
         late = k != self.trainable and k.isdigit() and int(k) >= 1
         if self.trainable not in ("all", "bias", "toxic-neurons") and not late:
@@ -82,9 +78,17 @@ class DPOConfig(RunSettings):
                               "toxic-neurons)")
 
 
-# TRL's DPOConfig.loss_type values (TRL 1.x); `sft` trains on the preferred side only
-LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+# TRL's DPOConfig.loss_type values (TRL 1.x) that need no further setting (exo_pair needs label
+# smoothing > 0); `sft` trains on the preferred side only
+LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
           "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+def _check_optimizer(name: str) -> None:
+    from transformers.training_args import OptimizerNames  # slow to import: only when DPO runs
+
+    if name not in (names := [o.value for o in OptimizerNames]):
+        raise ConfigError(f"unknown optimizer '{name}' (transformers' names: {', '.join(names)})")
 
 
 class TrainableParams(TypedDict):
@@ -261,6 +265,7 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     from trl import DPOConfig as TRLConfig
 
     cfg.require_float32("DPO's weight changes (~1e-5) are below bf16 resolution")
+    _check_optimizer(cfg.optimizer)
     pairs = load_pairs(cfg.pairs, cfg.skip_bad_rows)[: cfg.max_pairs]
     if len(pairs) <= cfg.val_pairs:
         raise DpolensError(f"{len(pairs)} pairs leave none for training after {cfg.val_pairs} validation pairs")

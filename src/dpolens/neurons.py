@@ -322,6 +322,7 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     n_all = len(load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows))
     if n_all <= cfg.fit_prompts:
         raise DpolensError(f"fit_prompts {cfg.fit_prompts} leaves no evaluation prompts: {cfg.eval.prompts} has {n_all}")
+    inputs = load_inputs(cfg.eval, offset=cfg.fit_prompts)  # disjoint from the fit split; read before any compute
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
@@ -351,7 +352,6 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     shares["fit"] = {"prompts": cfg.eval.prompts, "n_prompts": len(fit_prompts), "tokens": t["n_tokens_base"]}
     write_json(out / "groups.json", shares)
 
-    inputs = load_inputs(cfg.eval, offset=cfg.fit_prompts)  # disjoint from the fit split
     rows = {}
     for label, m in (("base", base), ("aligned", aligned)):
         rows[label] = {"model": label, **evaluate_inputs(m, cfg.eval, inputs, label=label).row()}

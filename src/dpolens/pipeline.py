@@ -20,13 +20,13 @@ from dataclasses import field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-from dpolens.artifacts import DpolensError, InputFileError, check_output, provenance, read_json, read_yaml, write_json
+from dpolens.artifacts import (MARKER, DpolensError, InputFileError, check_output, provenance, read_json, read_yaml,
+                               remove_if_no_files, write_json)
 from dpolens.config import ConfigError, from_dict, merge
 from dpolens.stages import REGISTRY, stage
 
 log = logging.getLogger(__name__)
 
-MARKER = ".dpolens-stage.json"
 
 def study_class() -> type:
     """A study file's schema: the model, which stages to run, and a section per registered stage."""
@@ -137,8 +137,8 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
         try:
             st.run_fn(cfgs[s])
         except DpolensError:
-            if fresh:  # refused before it made anything worth resuming: leave no trace
-                shutil.rmtree(folder, ignore_errors=True)
+            if fresh:  # refused before it wrote anything a resume could use: leave no trace
+                remove_if_no_files(folder, ignore=(MARKER,))
             raise
         wall = time.time() - began
         write_json(marker, {"stage": s, "key": keys[s], "finished": True, "wall_time_s": wall})

@@ -28,7 +28,7 @@ from dpolens.artifacts import DpolensError, read_json, write_json, write_manifes
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.evaluate import bootstrap_ratio, summarize
-from dpolens.model.generation import encode_prompts, generate
+from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
 from dpolens.webpage import esc, image, table
@@ -162,6 +162,8 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         ids = encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True)
         return [(x[:1], x[1:]) for x in ids]
 
+    for texts, _ in inputs.values():  # before any compute: every prompt must leave room for the continuation
+        check_fits(base, encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True), cfg.max_new_tokens)
     if "plain" not in inputs:
         raise DpolensError("robustness needs the 'plain' transform: the offset δx is measured on plain prompts")
     layers = range(base.adapter.n_layers)

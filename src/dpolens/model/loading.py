@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from dpolens import assets
@@ -197,7 +198,7 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
             model, tok = _hf_load(location, torch_dtype, tokenizer)
     except DpolensError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, SafetensorError) as e:
         if kind == "hub" and not isinstance(e, (ValueError, KeyError)):
             raise
         raise ModelNotFoundError(f"cannot load {ref}: {_first_line(e)}") from e
