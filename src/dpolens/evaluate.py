@@ -332,15 +332,15 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
     if f1_rows:
         check_fits(lm, encode_prompts(lm, [r["prompt"] for r in f1_rows], None), s.max_new_tokens)
     out = Path(out_dir) if out_dir else None
-    if out:  # what shapes the generations: a resume with another model or settings would mix two runs
-        out.mkdir(parents=True, exist_ok=True)
-        partial = out / "generations.partial.jsonl"
-        check_resume(out / "generations.partial.identity.json",
-                     {"model": lm.weight_hash, "dtype": str(lm.model.dtype),
-                      "intervention": interventions.describe(intervention), "max_new_tokens": s.max_new_tokens,
-                      "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}, str(partial),
-                     resuming=bool(read_jsonl_complete(partial)))
-    with interventions.apply(lm, intervention):
+    with interventions.apply(lm, intervention):  # the spec is checked against the model on entry
+        if out:  # what shapes the generations: a resume with another model or settings would mix two runs
+            out.mkdir(parents=True, exist_ok=True)
+            partial = out / "generations.partial.jsonl"
+            check_resume(out / "generations.partial.identity.json",
+                         {"model": lm.weight_hash, "dtype": str(lm.model.dtype),
+                          "intervention": interventions.describe(intervention), "max_new_tokens": s.max_new_tokens,
+                          "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}, str(partial),
+                         resuming=bool(read_jsonl_complete(partial)))
         gens = _generate_resumable(lm, prompts, s, out / "generations.partial.jsonl" if out else None,
                                    f"toxicity {label}".strip(), progress, s.max_prompt_tokens)
         scores = scorer.score([g["continuation"] for g in gens])
