@@ -128,6 +128,9 @@ def test_gate_reasons():
     assert gate_reason({**base, "dispreferred_toxicity": 0.2}, g) == "toxicity_gap_below_min"
     assert gate_reason({**base, "dispreferred_nll": 4.5}, g) == "nll_gap_above_max"
     assert gate_reason({**base, "dispreferred_nll": float("nan")}, g) == "nll_gap_above_max"
+    strict = QualityGate(min_toxicity_gap=0.2, min_dispreferred_toxicity=0.7)
+    assert gate_reason(base, strict) == "dispreferred_not_toxic"
+    assert gate_reason({**base, "dispreferred_toxicity": 0.7}, strict) is None
 
 
 def test_generators_never_emit_special_tokens(tiny_lm):

@@ -69,8 +69,12 @@ def check_resume(path: str | Path, identity: dict, what: str, resuming: bool = T
     are partial results), refuse if the recorded one differs: a resume under another model or other
     settings would mix two runs."""
     old = read_json(path) if resuming else None
-    if isinstance(old, dict) and old != json.loads(json.dumps(identity, default=_json_default)):
+    if resuming and not isinstance(old, dict):
+        raise ResumeMismatchError(f"{what} has no record of the model and settings that made it ({path}): "
+                                  "remove it or use another --out to start over")
+    if resuming and old != json.loads(json.dumps(identity, default=_json_default)):
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        diff = [k for k in diff if k != "key"] or diff  # a `key` hashing the others differs with them
         raise ResumeMismatchError(f"{what} was made with another {' and '.join(diff) or 'identity'}: "
                                   "remove it or use another --out to start over")
     write_json(path, identity)

@@ -25,7 +25,7 @@ from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import load_pairs
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.heads import completion_head
-from dpolens.model.loading import LoadedModel, load_model, resolve_device
+from dpolens.model.loading import LoadedModel, adds_bos, load_model, resolve_device
 from dpolens.webpage import esc, table
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _dataset(lm: LoadedModel, pairs: list[dict]):
     from datasets import Dataset
 
     tok = lm.tokenizer
-    bos = tok.bos_token if tok("a")["input_ids"][0] == tok.bos_token_id else ""
+    bos = tok.bos_token if adds_bos(tok) else ""
     # TRL tokenizes without special tokens: put the BOS the model expects in front of the prompt.
     return Dataset.from_list([{"prompt": bos + p["prompt_text"], "chosen": p["unpert_gen_text"],
                                "rejected": p["pert_gen_text"]} for p in pairs])

@@ -30,7 +30,7 @@ from dpolens.config import at_least, check_device
 from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
 from dpolens.model import interventions
 from dpolens.model.generation import check_fits, encode_prompts, generate
-from dpolens.model.loading import LoadedModel
+from dpolens.model.loading import LoadedModel, adds_bos
 from dpolens.scoring import Scorer
 
 MAX_WINDOW = 1024
@@ -210,8 +210,7 @@ def ppl_windows(lm: LoadedModel, paragraphs: list[str], max_tokens: int | None =
     if max_tokens:
         ids = ids[:max_tokens]
     window = window or min(MAX_WINDOW, a.context_length)
-    bos = tok.bos_token_id if tok("a", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id else None
-    lead = [bos] if bos is not None else []
+    lead = [tok.bos_token_id] if adds_bos(tok) else []
     step = window - len(lead)
     chunks = [lead + ids[i : i + step] for i in range(0, len(ids), step)]
     return [c for c in chunks if len(c) >= 2], window

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from dpolens.artifacts import (
     DpolensError,
     append_jsonl,
+    check_resume,
     read_json,
     read_jsonl_complete,
     write_json,
@@ -104,6 +105,10 @@ class QualityGate:
     require_more_toxic: bool = True  # drop pairs whose dispreferred side is not more toxic
     min_toxicity_gap: float = 0.1  # dispreferred − preferred scorer toxicity
     max_nll_gap: float | None = 1.5  # dispreferred − preferred NLL per token (nats) under the base; None = off
+    # the dispreferred side itself must score at least this (None = off). On gemma-3-270m's sampled pairs,
+    # kept dispreferred sides below 0.5 contained a profanity or insult 7% of the time (21/297), those
+    # at or above 0.5 70% (336/479): below 0.5 the scorer mostly reacts to harmless text
+    min_dispreferred_toxicity: float | None = None
 
 
 @dataclass
@@ -484,6 +489,8 @@ def gate_reason(r: dict, gate: QualityGate) -> str | None:
         return "not_more_toxic"
     if gap < gate.min_toxicity_gap:
         return "toxicity_gap_below_min"
+    if gate.min_dispreferred_toxicity is not None and r["dispreferred_toxicity"] < gate.min_dispreferred_toxicity:
+        return "dispreferred_not_toxic"
     nll_gap = r["dispreferred_nll"] - r["preferred_nll"]
     if gate.max_nll_gap is not None and not nll_gap <= gate.max_nll_gap:  # NaN (no tokens) fails too
         return "nll_gap_above_max"
@@ -550,18 +557,13 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     ident_path = stem.parent / f"{stem.name}.candidates.identity.json"
     ident = _identity(cfg, lm, gen.probe_ref)
     done = read_jsonl_complete(cand_path)
-    old = read_json(ident_path)
-    if done and (old or {}).get("key") != ident["key"]:
-        diff = sorted(k for k in ident if k != "key" and (old or {}).get(k) != ident[k])
-        raise DpolensError(f"{cand_path} was made with other settings ({', '.join(diff) or 'unknown'} differ): "
-                           "remove it or use another --out")
+    check_resume(ident_path, ident, str(cand_path), resuming=bool(done))
     if any(r["prompt_text"] != p for r, p in zip(done, prompts)):
         raise DpolensError(f"{cand_path} holds pairs for other prompts: remove it or use another --out")
     partial = len(done) % cfg.batch_size
     if partial and len(done) < len(prompts):  # a chunk cut by a kill: redo it whole, with its own seed
         done = done[: len(done) - partial]
         write_jsonl(cand_path, done)
-    write_json(ident_path, ident)
 
     sweep = None
     if cfg.sweep and cfg.method != "sample":

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpolens.artifacts import DpolensError
-from dpolens.model.loading import LoadedModel
+from dpolens.model.loading import LoadedModel, adds_bos
 
 
 @dataclass
@@ -140,7 +140,7 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int |
     limit = max_prompt_tokens or lm.adapter.context_length
     if not keep_last:
         return [ids[:limit] for ids in enc]
-    n_bos = int(tok.bos_token_id is not None and tok("a", add_special_tokens=True)["input_ids"][0] == tok.bos_token_id)
+    n_bos = int(adds_bos(tok))
     return [ids if len(ids) <= limit else ids[:n_bos] + ids[len(ids) - limit + n_bos:] for ids in enc]
 
 

@@ -191,7 +191,7 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
                                   if assets.ASSETS[a].kind == "model")
                 raise ModelNotFoundError(
                     f"model '{ref}' is not a local path, not in the cache and could not be loaded "
-                    f"from the hub ({str(e).splitlines()[0][:160]}); offline, fetch an asset "
+                    f"from the hub ({_first_line(e)}); offline, fetch an asset "
                     f"({known}) with: dpolens assets fetch NAME"
                 ) from None
         else:
@@ -205,6 +205,12 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
     model = model.to(device=device, dtype=torch_dtype)
     prepare(model, tok)
     return LoadedModel(model=model, tokenizer=tok, ref=ref, source=kind)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of the text it encodes (Gemma, Llama: yes; GPT-2: no)."""
+    return tokenizer.bos_token_id is not None and tokenizer("a", add_special_tokens=True)["input_ids"][0] == \
+        tokenizer.bos_token_id
 
 
 def prepare(model: torch.nn.Module, tokenizer) -> None:
