@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from dpolens import load_model
 from dpolens.evaluate import (EvalConfig, EvalSettings, bigram_repetition, bootstrap_ci, f1_score,
-                              perplexity, run_eval)
+                              generation_identity, perplexity, run_eval)
 from dpolens.model import hooks
 
 
@@ -79,6 +80,8 @@ def test_run_eval_writes_metrics_and_resumes(tiny_dirs, tmp_path, jigsaw_cached)
     kept = [{**{k: g[k] for k in ("prompt", "continuation", "continuation_ids")}, "continuation": "MARK"}
             for g in gens[:2]]
     partial.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"torn')
+    (partial.parent / "generations.partial.identity.json").write_text(  # written when the killed run began
+        json.dumps(generation_identity(load_model(cfg.model), cfg.settings)))
     cfg.out = str(tmp_path / "out2")
     run_eval(cfg)
     gens2 = [json.loads(l) for l in (tmp_path / "out2" / "generations.jsonl").read_text().splitlines()]
@@ -87,7 +90,6 @@ def test_run_eval_writes_metrics_and_resumes(tiny_dirs, tmp_path, jigsaw_cached)
 
 
 def test_evaluations_are_shared_through_the_cache(tiny_dirs, tmp_path, jigsaw_cached):
-    from dpolens import load_model
     from dpolens.evaluate import EvalData, eval_key, evaluate_inputs, load_inputs
 
     write_data(tmp_path)

@@ -317,6 +317,12 @@ def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_
     return done
 
 
+def generation_identity(lm: LoadedModel, s: EvalSettings, intervention: Any = None) -> dict:
+    """What shapes an evaluation's generations: recorded beside partial ones, checked on resume."""
+    return {"model": lm.weight_hash, "dtype": str(lm.model.dtype), "intervention": interventions.describe(intervention),
+            "max_new_tokens": s.max_new_tokens, "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}
+
+
 def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: EvalSettings,
              wiki: list[str] | None = None, f1_rows: list[dict] | None = None,
              intervention: Any = None, progress: bool = True, label: str = "",
@@ -335,11 +341,8 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
         if out:  # what shapes the generations: a resume with another model or settings would mix two runs
             out.mkdir(parents=True, exist_ok=True)
             partial = out / "generations.partial.jsonl"
-            check_resume(out / "generations.partial.identity.json",
-                         {"model": lm.weight_hash, "dtype": str(lm.model.dtype),
-                          "intervention": interventions.describe(intervention), "max_new_tokens": s.max_new_tokens,
-                          "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}, str(partial),
-                         resuming=bool(read_jsonl_complete(partial)))
+            check_resume(out / "generations.partial.identity.json", generation_identity(lm, s, intervention),
+                         str(partial), resuming=bool(read_jsonl_complete(partial)))
         gens = _generate_resumable(lm, prompts, s, out / "generations.partial.jsonl" if out else None,
                                    f"toxicity {label}".strip(), progress, s.max_prompt_tokens)
         scores = scorer.score([g["continuation"] for g in gens])
