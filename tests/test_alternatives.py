@@ -39,7 +39,9 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
         if gap > 0 and gap >= 0.1 * b["toxicity"]["mean"] else None
     assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
     table = (tmp_path / "alt" / "alternatives.md").read_text()
-    assert "\n| base |" in table and "\n| bias | bias | sigmoid |" in table
+    assert "\n| base |" in table and "\n| bias | dpo | bias | sigmoid |" in table
+    assert res["figures"] == ["fig_offset_by_variant.png", "fig_offset_by_variant.pdf"]
+    assert (tmp_path / "alt" / "fig_offset_by_variant.png").stat().st_size > 0
     assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))

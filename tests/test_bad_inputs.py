@@ -94,6 +94,13 @@ CASES = {  # the arguments, and what the error line must say
                                             "{kind: neurons, layer: 0, neurons: [100000], scale: 0}", "-o", "out"],
                                            "intervention neuron 100000 out of range"),
     "dpo unknown loss": (["dpo", "-m", "{tiny}", "--loss", "dpoo", "-o", "out"], "unknown loss 'dpoo' (TRL's DPO losses"),
+    "dpo unknown method": (["dpo", "-m", "{tiny}", "--method", "ppo", "-o", "out"], "unknown method 'ppo'"),
+    "kto pairs lacking one side": (["dpo", "-m", "{tiny}", "--method", "kto", "--pairs", "oneside.jsonl", "-o", "out"],
+                                   "oneside.jsonl:1: missing field 'pert_gen_text'"),
+    "grpo batch of part of a group": (["dpo", "-m", "{tiny}", "--method", "grpo", "--batch-size", "3", "-o", "out"],
+                                      "batch_size 3 must be a multiple of rl_generations 4"),
+    "dpo loss with another method": (["dpo", "-m", "{tiny}", "--method", "orpo", "--loss", "ipo", "-o", "out"],
+                                     "loss 'ipo' applies to method dpo only"),
     "dpo unknown optimizer": (["dpo", "-m", "{tiny}", "--optimizer", "adamx", "-o", "out"], "unknown optimizer 'adamx'"),
     "dpo late-layers:x": (["dpo", "-m", "{tiny}", "--trainable", "late-layers:x", "-o", "out"],
                           "unknown trainable 'late-layers:x'"),
@@ -109,7 +116,16 @@ CASES = {  # the arguments, and what the error line must say
                                              "settings.max_prompt_tokens=1000", "-o", "out"],
                                             "exceeds the model's context of 128 tokens"),
     "eval F1 prompt longer than the context": (["eval", "-m", "{tiny}", "--limit", "1", "--f1-data", "long_f1.jsonl",
-                                                "-o", "out"], "exceeds the model's context of 128 tokens"),
+                                                "-o", "out"], "context of 128 tokens: use prompts of at most 108"),
+    "table2 prompt longer than the context": (["table2", "-m", "{tiny}", "--probe", "probe.safetensors", "--vectors",
+                                               "vecs_ok", "--eval.prompts", "long.jsonl", "--set",
+                                               "eval.settings.max_prompt_tokens=1000", "-o", "out"],
+                                              "context of 128 tokens: set max_prompt_tokens to at most 108"),
+    "table2 layer past the model": (["table2", "-m", "{tiny}", "--probe", "probe.safetensors", "--vectors", "vecs_ok",
+                                     "--layer", "99", "-o", "out"], "layer 99 out of range: the model has 3 layers"),
+    "pairs steer layer past the model": (["pairs", "-m", "{tiny}", "--method", "steer", "--probe", "probe.safetensors",
+                                          "--set", "steer.layer=-4", "-o", "out/pairs.jsonl"],
+                                         "steer layer -4 out of range: the model has 3 layers"),
     "eval prompt with a lone surrogate": (["eval", "-m", "{tiny}", "--prompts", "surrogate.jsonl", "-o", "out"],
                                           "holds a lone surrogate"),
     "eval WikiText not UTF-8": (["eval", "-m", "{tiny}", "--wikitext", "latin1.raw", "-o", "out"], "is not UTF-8 text"),
@@ -122,6 +138,10 @@ CASES = {  # the arguments, and what the error line must say
                                           "-o", "out"], "is not a single token"),
     "run a stage refused on its input": (["run", "study.yaml", "--set", "name=t", "--set", "probe.data=[nosuch.csv]"],
                                          "nosuch.csv"),
+    "dpo out replaces the input model": (["dpo", "-m", "m/model", "--pairs", "pairs.jsonl", "--val-pairs", "1",
+                                         "-o", "m"], "output m/model would replace the input model m/model"),
+    "unalign out replaces the input model": (["unalign", "-m", "m/model", "-o", "m"],
+                                             "output m/model would replace the input model m/model"),
     # a resume under another model
     "eval resume with another model": (["eval", "-m", "{tiny}", "--limit", "2", "-o", "partial"],
                                        "was made with another model"),
@@ -151,6 +171,7 @@ def _bad_files(d, tiny):
     (d / "noweights").mkdir()
     shutil.copy(tiny / "config.json", d / "noweights/config.json")
     shutil.copytree(tiny, d / "notok", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
+    shutil.copytree(tiny, d / "m/model")
     (d / "garbage.gguf").write_bytes(os.urandom(256))
     (d / "garbage.pt").write_bytes(os.urandom(256))
     (d / "long.jsonl").write_text(json.dumps({"prompt": "word " * 400}) + "\n")
@@ -160,8 +181,10 @@ def _bad_files(d, tiny):
     (d / "garbage.parquet").write_bytes(os.urandom(128))
     (d / "pairs.jsonl").write_text("".join(json.dumps({"prompt_text": f"p{i}", "unpert_gen_text": " kind words",
                                                        "pert_gen_text": " rude words"}) + "\n" for i in range(3)))
+    (d / "oneside.jsonl").write_text('{"prompt_text": "a", "unpert_gen_text": " kind words"}\n')
     (d / "vecs_ok").mkdir()
     (d / "vecs_ok/toxic_vectors.json").write_text('[{"layer": 0, "neuron": 0, "cosine": 0.5}]')
+    save_file({"U": torch.ones(2, width)}, str(d / "vecs_ok/svd.safetensors"))
     (d / "partial").mkdir()
     (d / "partial/generations.partial.jsonl").write_text('{"prompt": "p", "continuation": "c", "continuation_ids": [1]}\n')
     (d / "partial/generations.partial.identity.json").write_text(json.dumps(

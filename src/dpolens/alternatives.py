@@ -26,7 +26,7 @@ from dpolens.directions import keys_scaled, load_probe, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
-from dpolens.webpage import esc, table
+from dpolens.webpage import esc, image, table
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AlternativesResult(TypedDict):
     """What `run_alternatives` returns and writes to alternatives.json."""
 
     # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
-    # trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
+    # method, trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
     # (compare.OffsetLayer per layer), offset_mean_relative_norm, unaligned (toxicity, perplexity, f1 and the
     # scaled keys) and unalign_recovery (float, None below min_gap)
     rows: list[dict[str, Any]]
@@ -65,6 +65,7 @@ class AlternativesResult(TypedDict):
     base: dict[str, Any]  # LoadedModel.identity()
     unalign_recovery: str  # what the rows' unalign_recovery is
     finding: str  # which variant key scaling undoes least
+    figures: list[str]  # file names in the stage folder
 
 
 class AlternativesHeadline(TypedDict, total=False):  # empty without alternatives.json
@@ -74,8 +75,8 @@ class AlternativesHeadline(TypedDict, total=False):  # empty without alternative
 
 def _training(folder: Path) -> dict:
     s = read_json(folder / "summary.json") or {}
-    return {"trainable": s.get("trainable", {}).get("trainable", "all"), "loss": s.get("loss", "sigmoid"),
-            "steps": s.get("steps")}
+    return {"method": s.get("method", "dpo"), "trainable": s.get("trainable", {}).get("trainable", "all"),
+            "loss": s.get("loss", "sigmoid"), "steps": s.get("steps")}
 
 
 def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
@@ -119,6 +120,10 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
                                   f"null when the variant cut toxicity by less than {cfg.min_gap:.0%} of the base's"}
     result["finding"] = finding(rows)
     out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from dpolens import figures
+
+    result["figures"] = figures.variant_offset_figure(out, rows)
     write_json(out / "alternatives.json", result)
     write_text(out / "alternatives.md", render(result))
     write_manifest(out, "alternatives", cfg, base=base.identity())
@@ -143,11 +148,11 @@ def _f(x, fmt=".4f"):
 def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
-             "| variant | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
-             "toxicity un-aligned | recovery |", "|" + "---|" * 11]
+             "| variant | method | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
+             "toxicity un-aligned | recovery |", "|" + "---|" * 12]
     for r in result["rows"]:
         ws, un = r.get("weight_shift", {}), r.get("unaligned", {})
-        lines.append(f"| {r['variant']} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
+        lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
                      f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
@@ -167,10 +172,11 @@ def section(folder: Path, results: dict) -> str:
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
              "toxicity_unaligned": r.get("unaligned", {}).get("toxicity")} for r in alt]
     return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
-            table(rows, ["variant", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
+            table(rows, ["variant", "method", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
                          "offset_mean_relative_norm", "toxicity_unaligned", "unalign_recovery"],
-                  "Variants trained with the same DPO engine and pairs; recovery = share of the toxicity gap that "
-                  "key scaling brings back.") +
+                  "Variants and alignment methods trained from the same base and pairs; recovery = share of the "
+                  "toxicity gap that key scaling brings back.") +
+            image(folder / "fig_offset_by_variant.png", "Residual offset ‖δx‖/‖x‖ per layer, one line per variant.") +
             f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")
 
 

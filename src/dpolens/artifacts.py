@@ -54,6 +54,17 @@ def check_output(path: str | Path, is_file: bool = False) -> None:
         raise OutputLocationError(f"output {p} cannot be written: {parent} is not writable")
 
 
+def check_not_input(target: str | Path, *inputs: str | Path | None) -> None:
+    """Refuse an output folder that is, or holds, one of the inputs: replacing the model being
+    trained or edited would destroy it and leave later comparisons reading the new weights as the old."""
+    t = Path(target).resolve()
+    for inp in inputs:
+        if inp and Path(inp).exists():
+            i = Path(inp).resolve()
+            if i == t or t in i.parents:
+                raise OutputLocationError(f"output {target} would replace the input model {inp}; choose another --out")
+
+
 def remove_if_no_files(path: str | Path, ignore: tuple[str, ...] = ()) -> None:
     """Remove folder `path` if it holds no files (besides those named in `ignore`): what a refused
     command created, never results that a resume could use."""

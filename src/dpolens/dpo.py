@@ -5,10 +5,18 @@ continuation tokens only (TRL masks prompt and padding by position). Paper setti
 lr 1e-6, batch 4, max grad norm 10, 150 warm-up steps, 64 held-out validation pairs, early
 stopping on validation loss with patience 10, fp32. Checkpoints make a killed run resumable;
 a NaN/inf loss stops training, keeps the last good checkpoint and exits with a clear message.
+
+`method` trains the same base on the same pairs with another alignment algorithm (issue #18), each
+through its TRL trainer: ipo and robust (DPOTrainer losses), kto (KTOTrainer, each pair's sides as
+one desirable and one undesirable example), orpo (ORPOTrainer) and simpo (CPOTrainer, loss "simpo",
+no BC term), both reference-free, grpo and rloo (online RL on the pairs' prompts, reward
+1 − toxicity from the offline scorer, KL to the base), and sft on the preferred side as the
+no-preference control.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -19,7 +27,15 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from dpolens.artifacts import DpolensError, append_jsonl, read_json, save_model_dir, write_json, write_manifest
+from dpolens.artifacts import (
+    DpolensError,
+    append_jsonl,
+    check_not_input,
+    read_json,
+    save_model_dir,
+    write_json,
+    write_manifest,
+)
 from dpolens.compare import WeightShiftSummary, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import load_pairs
@@ -42,7 +58,6 @@ class DPOConfig(RunSettings):
     grad_accum: int = 1
     max_grad_norm: float = 10.0
     warmup_steps: int = 150
-    beta: float = 0.1
     val_pairs: int = 64
     eval_steps: int = 10
     patience: int = 10
@@ -56,7 +71,20 @@ class DPOConfig(RunSettings):
     trainable: str = "all"
     probe: str | None = None  # for trainable: toxic-neurons
     top_neurons: int = 128
-    loss: str = "sigmoid"  # sigmoid = DPO; sft = fine-tuning on the preferred side only, no KL term
+    # the alignment algorithm: dpo | ipo | robust | sft | kto | orpo | simpo | grpo | rloo (online RL,
+    # reward 1 - toxicity)
+    method: str = "dpo"
+    loss: str = "sigmoid"  # method dpo: TRL's DPO loss type (sigmoid = DPO; sft = the preferred side only)
+    # β of each method's loss (dpo/ipo/robust/kto: KL strength; orpo: λ of the odds-ratio term; simpo:
+    # reward scale; grpo/rloo: KL coefficient); None: the method's default (dpo 0.1, simpo 2.0, grpo 0.04,
+    # rloo 0.05, others 0.1)
+    beta: float | None = None
+    kto_desirable_weight: float = 1.0  # KTO λ_D, λ_U: 1.0 when both kinds are equally many (KTO paper 4.2)
+    kto_undesirable_weight: float = 1.0
+    simpo_gamma: float = 1.0  # SimPO's target margin γ (γ/β = 0.5 with β = 2, SimPO paper's setting)
+    rl_generations: int = 4  # grpo/rloo: completions sampled per prompt (the group)
+    rl_max_new_tokens: int = 20  # grpo/rloo: completion length, as in evaluation
+    rl_temperature: float = 1.0  # grpo/rloo: sampling temperature of the completions
     max_length: int = 128
     save_total_limit: int = 2
     skip_bad_rows: bool = False
@@ -69,8 +97,16 @@ class DPOConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "batch_size", "val_pairs", "eval_steps")
+        at_least(self, 1, "rl_generations", "rl_max_new_tokens")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss '{self.loss}' (TRL's DPO losses: {', '.join(LOSSES)})")
+        if self.method not in METHOD_BETA:
+            raise ConfigError(f"unknown method '{self.method}' ({', '.join(METHOD_BETA)})")
+        if self.method != "dpo" and self.loss != "sigmoid":
+            raise ConfigError(f"loss '{self.loss}' applies to method dpo only; method is '{self.method}'")
+        if self.method in ("grpo", "rloo") and self.batch_size % self.rl_generations:
+            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of rl_generations "
+                              f"{self.rl_generations} (each step trains on whole groups)")
         k = self.trainable.removeprefix("late-layers:")
         late = k != self.trainable and k.isdigit() and int(k) >= 1
         if self.trainable not in ("all", "bias", "toxic-neurons") and not late:
@@ -82,6 +118,15 @@ class DPOConfig(RunSettings):
 # smoothing > 0); `sft` trains on the preferred side only
 LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
           "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+# each method's default β, from its paper or TRL's documented default: DPO 0.1 (paper 4); IPO τ 0.1 and
+# robust DPO 0.1 (TRL DPOConfig); KTO 0.1 (TRL KTOConfig, KTO paper); ORPO λ 0.1 (ORPO paper, TRL);
+# SimPO 2.0 (SimPO paper, β 2.0-2.5); GRPO 0.04 (DeepSeekMath's KL coefficient; TRL's default 0 drops
+# the KL); RLOO 0.05 (TRL RLOOConfig)
+METHOD_BETA = {"dpo": 0.1, "ipo": 0.1, "robust": 0.1, "sft": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0,
+               "grpo": 0.04, "rloo": 0.05}
+ONLINE = ("grpo", "rloo")
 
 
 def _check_optimizer(name: str) -> None:
@@ -233,6 +278,24 @@ def _dataset(lm: LoadedModel, pairs: list[dict]):
                                "rejected": p["pert_gen_text"]} for p in pairs])
 
 
+def _unpaired(lm: LoadedModel, pairs: list[dict], seed: int):
+    """KTO's examples: each pair's preferred side desirable, its dispreferred side undesirable, in a
+    seeded order (KTO's KL term pairs each prompt with a neighbour's completion: they must differ)."""
+    from datasets import Dataset
+
+    rows = [{"prompt": p["prompt"], "completion": side, "label": good}
+            for p in _dataset(lm, pairs) for side, good in ((p["chosen"], True), (p["rejected"], False))]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_list([rows[i] for i in order])
+
+
+def _prompts(lm: LoadedModel, pairs: list[dict]):
+    """Online methods' prompts: the pairs' prompts, their sides unused."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p["prompt"]} for p in _dataset(lm, pairs)])
+
+
 def _trainer_class():
     """TRL's DPOTrainer with the unembedding at completion positions only, for the reference
     log-probs it precomputes as for the policy (`dpolens.model.heads.completion_head`): on CPU a step
@@ -256,13 +319,67 @@ def _trainer_class():
     return CompletionHeadDPOTrainer
 
 
+def _trainer(cfg: DPOConfig, lm: LoadedModel, common: dict, train: list[dict], val: list[dict], callbacks):
+    """The TRL trainer of `cfg.method`, with the shared Trainer settings `common`."""
+    kw = dict(model=lm.model, processing_class=lm.tokenizer, callbacks=callbacks)
+    if cfg.method in ("dpo", "ipo", "robust", "sft"):
+        from trl import DPOConfig as TRLConfig
+
+        args = TRLConfig(**common, precompute_ref_log_probs=cfg.precompute_ref, max_length=cfg.max_length,
+                         loss_type=[cfg.loss if cfg.method == "dpo" else cfg.method])
+        return _trainer_class()(args=args, train_dataset=_dataset(lm, train), eval_dataset=_dataset(lm, val),
+                                adapter=lm.adapter, **kw)
+    if cfg.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(**common, max_length=cfg.max_length, precompute_ref_log_probs=cfg.precompute_ref,
+                         desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight)
+        return KTOTrainer(args=args, train_dataset=_unpaired(lm, train, cfg.seed),
+                          eval_dataset=_unpaired(lm, val, cfg.seed), **kw)
+    if cfg.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, max_length=cfg.max_length)
+        return ORPOTrainer(args=args, train_dataset=_dataset(lm, train), eval_dataset=_dataset(lm, val), **kw)
+    if cfg.method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(**common, max_length=cfg.max_length, loss_type="simpo", cpo_alpha=0.0,
+                         simpo_gamma=cfg.simpo_gamma)
+        return CPOTrainer(args=args, train_dataset=_dataset(lm, train), eval_dataset=_dataset(lm, val), **kw)
+    import trl
+
+    RLConfig, RLTrainer = (trl.GRPOConfig, trl.GRPOTrainer) if cfg.method == "grpo" else (trl.RLOOConfig,
+                                                                                           trl.RLOOTrainer)
+    args = RLConfig(**common, num_generations=cfg.rl_generations, max_completion_length=cfg.rl_max_new_tokens,
+                    temperature=cfg.rl_temperature)
+    return RLTrainer(args=args, reward_funcs=ToxicityReward(cfg.eval.scorer), train_dataset=_prompts(lm, train),
+                     **kw)
+
+
+class ToxicityReward:
+    """GRPO/RLOO reward 1 − toxicity of each completion, by the offline scorer, cached by text
+    (a group often repeats a completion)."""
+
+    __name__ = "one_minus_toxicity"  # TRL names the reward's metrics after it
+
+    def __init__(self, scorer: str):
+        from dpolens.scoring import get_scorer
+
+        self.scorer, self.cache = get_scorer(scorer), {}
+
+    def __call__(self, prompts: list[str], completions: list[str], **kw) -> list[float]:
+        new = sorted({c for c in completions if c not in self.cache})
+        self.cache.update(zip(new, self.scorer.score(new).toxicity.tolist()))
+        return [1.0 - self.cache[c] for c in completions]
+
+
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def run_dpo(cfg: DPOConfig) -> DPOResult:
     from transformers import EarlyStoppingCallback, TrainerCallback
-    from trl import DPOConfig as TRLConfig
 
     cfg.require_float32("DPO's weight changes (~1e-5) are below bf16 resolution")
     _check_optimizer(cfg.optimizer)
@@ -275,6 +392,7 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     train = [pairs[i] for i in order[cfg.val_pairs :]]
     inputs = load_inputs(cfg.eval) if cfg.evaluate else None  # read before training: a bad file fails now
     out = Path(cfg.out)
+    check_not_input(out / "model", cfg.model)
     ckpt_dir = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     lm = load_model(cfg.model, dtype="float32", device=cfg.device)
@@ -296,24 +414,28 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
                 control.should_training_stop = True
                 control.should_save = False
 
-    args = TRLConfig(
+    online = cfg.method in ONLINE
+    common = dict(  # the Trainer settings every method shares
         output_dir=str(ckpt_dir), learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps, beta=cfg.beta, optim=cfg.optimizer,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, eval_strategy="steps", eval_steps=cfg.eval_steps,
-        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=cfg.save_total_limit,
-        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
-        logging_steps=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed, bf16=False, fp16=False,
-        use_cpu=resolve_device(cfg.device) == "cpu", precompute_ref_log_probs=cfg.precompute_ref,
-        max_length=cfg.max_length, disable_tqdm=not cfg.eval.progress, save_only_model=False,
-        dataloader_num_workers=0, loss_type=[cfg.loss], weight_decay=0.0,
+        max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps, optim=cfg.optimizer,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, save_strategy="steps", save_steps=cfg.eval_steps,
+        save_total_limit=cfg.save_total_limit, logging_steps=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        bf16=False, fp16=False, use_cpu=resolve_device(cfg.device) == "cpu", disable_tqdm=not cfg.eval.progress,
+        save_only_model=False, dataloader_num_workers=0, weight_decay=0.0, gradient_checkpointing=False,
+        beta=cfg.beta if cfg.beta is not None else METHOD_BETA[cfg.method],
+        # online methods have no validation loss to stop on: they train for their steps
+        eval_strategy="no" if online else "steps", eval_steps=None if online else cfg.eval_steps,
+        load_best_model_at_end=not online, metric_for_best_model=None if online else "eval_loss",
+        greater_is_better=None if online else False,
     )
-    trainer = _trainer_class()(model=lm.model, args=args, train_dataset=_dataset(lm, train),
-                               eval_dataset=_dataset(lm, val), processing_class=lm.tokenizer, adapter=lm.adapter,
-                               callbacks=[LogToJsonl(), EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+    callbacks = [LogToJsonl()] + ([] if online else [EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+    trainer = _trainer(cfg, lm, common, train, val, callbacks)
     resume = _checkpoints(ckpt_dir)
+    examples = {"kto": 2 * len(train), "grpo": len(train) * cfg.rl_generations,
+                "rloo": len(train) * cfg.rl_generations}.get(cfg.method, len(train))
     target = cfg.max_steps if cfg.max_steps > 0 else \
-        math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs)
+        math.ceil(examples / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs)
     if resume and int(resume[-1].name.split("-")[1]) >= target:
         # finished: HF's Trainer would take one more step past max_steps on resume; load the best instead
         from transformers import TrainerState
@@ -325,11 +447,12 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     else:
         if resume:
             log.info("resuming from %s", resume[-1])
-        with completion_head(lm.model, lm.adapter, trainer.head_outputs):
+        head = getattr(trainer, "head_outputs", None)  # the DPO trainers' completion-only unembedding
+        with completion_head(lm.model, lm.adapter, head) if head else contextlib.nullcontext():
             trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     if state["diverged"] is not None:
         good = _checkpoints(ckpt_dir)
-        raise DpolensError(f"DPO loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "
+        raise DpolensError(f"{cfg.method} loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "
                            f"{good[-1] if good else 'none'} (lower the learning rate and re-run)")
     model_dir = out / "model"
     save_model_dir(model_dir, trainer.model, lm.tokenizer)
@@ -350,7 +473,8 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "reward_accuracy": best.get("eval_rewards/accuracies"), "reward_margin": best.get("eval_rewards/margins"),
         "weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
-        "trainable": trainable, "loss": cfg.loss, "separability": sep,
+        "trainable": trainable, "method": cfg.method, "beta": common["beta"],
+        "loss": cfg.loss if cfg.method == "dpo" else cfg.method, "separability": sep,
         "warnings": [sep["warning"]] if "warning" in sep else [],
         "base": base.identity(), "aligned": aligned.identity(),
     }

@@ -24,8 +24,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.artifacts import (DpolensError, append_jsonl, check_resume, read_json, read_jsonl_complete, write_json,
-                               write_jsonl, write_manifest)
+from dpolens.artifacts import (
+    DpolensError,
+    append_jsonl,
+    check_resume,
+    read_json,
+    read_jsonl_complete,
+    write_json,
+    write_jsonl,
+    write_manifest,
+)
 from dpolens.config import at_least, check_device
 from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
 from dpolens.model import interventions
@@ -323,6 +331,13 @@ def generation_identity(lm: LoadedModel, s: EvalSettings, intervention: Any = No
             "max_new_tokens": s.max_new_tokens, "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}
 
 
+def check_prompts_fit(lm: LoadedModel, s: EvalSettings, prompts: list[str], f1_rows: list[dict] | None) -> None:
+    """Refuse challenge or F1 prompts that leave no room for the continuation (F1 prompts are never cut)."""
+    check_fits(lm, encode_prompts(lm, prompts, s.max_prompt_tokens), s.max_new_tokens)
+    if f1_rows:
+        check_fits(lm, encode_prompts(lm, [r["prompt"] for r in f1_rows], None), s.max_new_tokens, cut_by=None)
+
+
 def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: EvalSettings,
              wiki: list[str] | None = None, f1_rows: list[dict] | None = None,
              intervention: Any = None, progress: bool = True, label: str = "",
@@ -333,9 +348,7 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
     `f1_generations.jsonl`) as they are made, and a re-run resumes from them.
     """
     s = settings
-    check_fits(lm, encode_prompts(lm, prompts, s.max_prompt_tokens), s.max_new_tokens)
-    if f1_rows:
-        check_fits(lm, encode_prompts(lm, [r["prompt"] for r in f1_rows], None), s.max_new_tokens)
+    check_prompts_fit(lm, s, prompts, f1_rows)
     out = Path(out_dir) if out_dir else None
     with interventions.apply(lm, intervention):  # the spec is checked against the model on entry
         if out:  # what shapes the generations: a resume with another model or settings would mix two runs

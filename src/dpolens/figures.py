@@ -192,3 +192,17 @@ def retention_figure(out: Path, rows: list[dict]) -> list[str]:
     ax.set_title("Does the aligned model still apply its offset δx?")
     ax.legend(fontsize=8)
     return _save(fig, out, "fig_retention")
+
+
+def variant_offset_figure(out: Path, rows: list[dict]) -> list[str]:
+    """‖δx‖/‖x‖ by layer, one line per alignment variant or method (alternatives stage)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in rows:
+        if r.get("offset"):
+            ax.plot([o["layer"] for o in r["offset"]], [o["relative_norm"] for o in r["offset"]], "-o", ms=3,
+                    label=f"{r['variant']} ({r.get('method', '-')})")
+    ax.set_xlabel("layer l")
+    ax.set_ylabel("‖δx^l‖ / ‖mean x_base‖")
+    ax.set_title("Residual offset δx per layer, each alignment against the same base (same tokens)")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "fig_offset_by_variant")

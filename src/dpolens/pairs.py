@@ -428,6 +428,8 @@ class _Generator:
         self.lm, self.cfg, self.scorer = lm, cfg, scorer
         self.resid_norm: float | None = None
         self.settings = _settings_of(cfg)
+        if cfg.method == "steer":
+            lm.adapter.layer_index(cfg.steer.layer, "steer layer")
         if cfg.method != "sample":
             self.probe, meta = load_probe(cfg.probe, lm)
             self.attr = ProbeAttribute(self.probe, float(meta.get("bias", 0.0)), float(meta.get("feature_scale", 1.0)))

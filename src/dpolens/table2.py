@@ -25,6 +25,7 @@ from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import (
     EvalData,
     EvalRow,
+    check_prompts_fit,
     chunked_nll,
     evaluate_inputs,
     headline_rows,
@@ -196,11 +197,12 @@ def vector_rows(lm: LoadedModel, cfg: Table2Config) -> list[tuple[str, torch.Ten
 def run_table2(cfg: Table2Config) -> Table2Result:
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     a = lm.adapter
-    layer = cfg.layer % a.n_layers
+    layer = a.layer_index(cfg.layer)
     vecs = vector_rows(lm, cfg)
     inputs = load_inputs(cfg.eval)
     if not inputs.wiki:
         raise DpolensError("table2 needs WikiText text (eval.wikitext) for perplexity and calibration")
+    check_prompts_fit(lm, cfg.eval.settings, inputs.prompts, inputs.f1_rows)  # before calibrating
     c = cfg.calibration
     readout = ResidualReadout(lm, inputs.wiki, c.calib_tokens, layer, cfg.point)
     base_ppl = readout.ppl(torch.zeros(a.d_model))

@@ -24,7 +24,15 @@ from typing import Any, Literal, TypedDict
 
 import torch
 
-from dpolens.artifacts import DpolensError, read_json, save_model_dir, write_json, write_manifest, write_text
+from dpolens.artifacts import (
+    DpolensError,
+    check_not_input,
+    read_json,
+    save_model_dir,
+    write_json,
+    write_manifest,
+    write_text,
+)
 from dpolens.compare import check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
@@ -126,6 +134,7 @@ def positive_scaling(targets: list[tuple[int, int, float]], scale: float) -> lis
 
 
 def run_unalign(cfg: UnalignConfig) -> UnalignResult:
+    check_not_input(Path(cfg.out) / "model", cfg.model, cfg.base)
     aligned = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     a = aligned.adapter
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device) if cfg.base else None

@@ -144,15 +144,20 @@ def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int |
     return [ids if len(ids) <= limit else ids[:n_bos] + ids[len(ids) - limit + n_bos:] for ids in enc]
 
 
-def check_fits(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
-    """Refuse, before generating, prompts that leave no room for `max_new_tokens` in the context."""
+def check_fits(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens: int,
+               cut_by: str | None = "max_prompt_tokens") -> None:
+    """Refuse, before generating, prompts that leave no room for `max_new_tokens` in the context;
+    `cut_by` names the setting that shortens these prompts (None where none does)."""
     if max_new_tokens < 1:
         raise DpolensError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     n_ctx = lm.adapter.context_length
     longest = max((len(p) for p in prompt_ids), default=0)
     if longest + max_new_tokens > n_ctx:
+        room = n_ctx - max_new_tokens
+        fix = (f"lower max_new_tokens below {n_ctx}" if room < 1 else f"set {cut_by} to at most {room}" if cut_by
+               else f"use prompts of at most {room} tokens or lower max_new_tokens")
         raise DpolensError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                           f"context of {n_ctx} tokens: set max_prompt_tokens to at most {n_ctx - max_new_tokens}")
+                           f"context of {n_ctx} tokens: {fix}")
 
 
 def left_pad(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
