@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.alternatives import AlternativesConfig, run_alternatives
+from dpolens.alternatives import AlternativesConfig, headline, run_alternatives, section
 from dpolens.artifacts import DpolensError
 from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
@@ -31,6 +31,8 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     b, v = res["rows"]
     assert b["variant"] == "base" and v["variant"] == "bias" and v["trainable"] == "bias"
     assert v["weight_shift"]["changed_tensors"] == 1 and v["weight_shift"]["min_cosine"] < 1
+    anti = v["value_shift_stats"]["share_anti_aligned"]
+    assert anti["n"] == 0 and anti["mean"] is None  # a bias moved, no value vector
     norms = [o["norm"] for o in v["offset"]]
     assert norms[0] == 0 and norms[1] == 0 and norms[2] > 0  # resid_mid sees layer 1's MLP from layer 2 on
     assert len(v["unaligned"]["keys"]) == 2 and (v["unaligned"]["keys"][0]["layer"], v["unaligned"]["keys"][0]["neuron"]) == (1, 5)
@@ -43,5 +45,7 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert res["figures"] == ["fig_offset_by_variant.png", "fig_offset_by_variant.pdf"]
     assert (tmp_path / "alt" / "fig_offset_by_variant.png").stat().st_size > 0
     assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
+    html = section(tmp_path / "alt", headline(tmp_path / "alt"))  # the report's section
+    assert "dv_anti_aligned" in html and 'alt="fig_offset_by_variant"' in html
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))

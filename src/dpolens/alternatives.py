@@ -19,7 +19,7 @@ import numpy as np
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
-from dpolens.compare import check_pair, residual_offset, weight_shift
+from dpolens.compare import check_pair, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import RunSettings
 from dpolens.data import default_data, load_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
@@ -54,7 +54,8 @@ class AlternativesResult(TypedDict):
 
     # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
     # method, trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
-    # (compare.OffsetLayer per layer), offset_mean_relative_norm, unaligned (toxicity, perplexity, f1 and the
+    # (compare.OffsetLayer per layer), offset_mean_relative_norm, value_shift_stats (compare.ValueShiftStats:
+    # the share of value-vector shifts anti-aligned with the last layer's δx), unaligned (toxicity, perplexity, f1 and the
     # scaled keys) and unalign_recovery (float, None below min_gap)
     rows: list[dict[str, Any]]
     k: int
@@ -99,7 +100,11 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         check_pair(base, m)
         res = evaluate_inputs(m, cfg.eval, inputs, label=label).row()
         shift = weight_shift(base.model, m.model)
-        offset = residual_offset(x_base, continuation_stats(m, seqs, (), cfg.batch_size, label).mean_x, w_hat)
+        stats = continuation_stats(m, seqs, (), cfg.batch_size, label)
+        offset = residual_offset(x_base, stats.mean_x, w_hat)
+        dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float()
+              for j in range(base.adapter.n_layers)}
+        shift_stats = value_shift_stats(dv, stats.mean_x - x_base, stats.mean_m_over_s, seed=cfg.seed)
         targets = toxic_keys(m, cfg.probe, cfg.k, cfg.space)
         with keys_scaled(m, targets, cfg.scale, cfg.key):
             un = evaluate_inputs(m, cfg.eval, inputs, label=f"{label} un-aligned").row()
@@ -110,6 +115,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
             "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
+            "value_shift_stats": shift_stats,
             "unaligned": {"toxicity": un["toxicity"], "perplexity": un["perplexity"], "f1": un["f1"],
                           "keys": [{"layer": l, "neuron": n, "cosine": c} for l, n, c in targets]},
             "unalign_recovery": recovery,
@@ -149,12 +155,13 @@ def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
              "| variant | method | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
-             "toxicity un-aligned | recovery |", "|" + "---|" * 12]
+             "Δv anti-aligned with δx | toxicity un-aligned | recovery |", "|" + "---|" * 13]
     for r in result["rows"]:
         ws, un = r.get("weight_shift", {}), r.get("unaligned", {})
         lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
                      f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
+                     f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
 
@@ -170,12 +177,14 @@ def section(folder: Path, results: dict) -> str:
     if not (alt := results.get("alternatives")):
         return ""
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
-             "toxicity_unaligned": r.get("unaligned", {}).get("toxicity")} for r in alt]
+             "toxicity_unaligned": r.get("unaligned", {}).get("toxicity"),
+             "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned")} for r in alt]
     return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
             table(rows, ["variant", "method", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
-                         "offset_mean_relative_norm", "toxicity_unaligned", "unalign_recovery"],
-                  "Variants and alignment methods trained from the same base and pairs; recovery = share of the "
-                  "toxicity gap that key scaling brings back.") +
+                         "offset_mean_relative_norm", "dv_anti_aligned", "toxicity_unaligned", "unalign_recovery"],
+                  "Variants and alignment methods trained from the same base and pairs; dv_anti_aligned = share of "
+                  "value-vector shifts before the last layer anti-aligned with its δx (paper: most); recovery = share "
+                  "of the toxicity gap that key scaling brings back.") +
             image(folder / "fig_offset_by_variant.png", "Residual offset ‖δx‖/‖x‖ per layer, one line per variant.") +
             f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")
 

@@ -24,9 +24,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.activations import Stats, bootstrap_counts, bootstrap_sum, continuation_stats
+from dpolens.activations import Stats, bootstrap_counts, continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest
-from dpolens.compare import OffsetLayer, WeightShiftSummary, check_pair, residual_offset, weight_shift
+from dpolens.compare import (
+    OffsetLayer,
+    ValueShiftStats,
+    WeightShiftSummary,
+    check_pair,
+    residual_offset,
+    value_shift_stats,
+    weight_shift,
+)
 from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
@@ -118,23 +126,6 @@ class OffsetStats(TypedDict):
     layers: int
 
 
-class NeuronEstimate(TypedDict):
-    mean: float | None
-    ci95: list[float] | None  # bootstrap over neurons
-    n: int  # neurons
-    unit: str  # "neurons"
-
-
-class OffsetContribution(NeuronEstimate):
-    weights: str  # which mean activations weight the shifts
-
-
-class ValueShiftStats(TypedDict):
-    offset_layer: int  # the last layer, where δx̂ is taken
-    share_anti_aligned: NeuronEstimate  # share of shifted neurons before it with cos(Δv_i, δx) < 0
-    contribution_along_offset: OffsetContribution  # Σ over those of m̄_i Δv_i·δx̂
-
-
 class ValueShiftVsOffset(TypedDict):
     median_cosine_by_layer: dict[str, float]  # earlier layer j -> median over its neurons of cos(Δv_j, δx̂_l)
     share_negative: float | None  # share of those cosines below 0, all earlier layers
@@ -224,33 +215,6 @@ def offset_stats(base: Stats, aligned: Stats, w_hat: torch.Tensor, offset: list[
             "final_cosine_with_probe": {"mean": offset[-1]["cosine_with_probe"],
                                         "ci95": percentile_ci(np.concatenate(cosines)), "n": int(n)},
             "unit": "prompts", "layers": L}
-
-
-def value_shift_stats(dv: dict[int, torch.Tensor], delta: torch.Tensor, ms_aligned: torch.Tensor,
-                      n_boot: int = 2000, seed: int = 0) -> ValueShiftStats:
-    """Value-vector shifts Δv_i (aligned − base) of the layers before the last against δx̂ there.
-
-    share_anti_aligned: share of shifted neurons with cos(Δv_i, δx) < 0. contribution_along_offset:
-    Σ over those anti-aligned neurons of m̄_i Δv_i·δx̂, m̄_i the aligned model's mean m/s on the base
-    tokens (so that Σ over all neurons of m̄_i Δv_i is the part of δx the shifts make); positive
-    when negative activations turn anti-aligned shifts toward δx. Intervals: bootstrap over neurons."""
-    last = len(delta) - 1
-    d_hat = delta[last] / delta[last].norm().clamp(min=1e-30)
-    shifts = torch.cat([dv[j] for j in range(last)]) if last else torch.zeros(0, delta.shape[-1])  # [N, d_model]
-    norms = shifts.norm(dim=-1)
-    shifted = norms > 0  # neurons that DPO left exactly unchanged carry no direction
-    along = shifts @ d_hat  # [N]
-    anti = shifted & (along < 0)
-    share = anti[shifted].double().numpy()  # [n_shifted] 1 where anti-aligned
-    contrib = (ms_aligned[:last].flatten() * along)[anti].double().numpy()  # [n_anti]
-    return {"offset_layer": last,
-            "share_anti_aligned": {"mean": float(share.mean()) if len(share) else None,
-                                   "ci95": percentile_ci(bootstrap_sum(share, n_boot, seed) / len(share))
-                                   if len(share) else None, "n": int(len(share)), "unit": "neurons"},
-            "contribution_along_offset": {"mean": float(contrib.sum()),
-                                          "ci95": percentile_ci(bootstrap_sum(contrib, n_boot, seed))
-                                          if len(contrib) else None, "n": int(len(contrib)), "unit": "neurons",
-                                          "weights": "aligned model's mean m/s on the base model's tokens"}}
 
 
 def single_token(lm: LoadedModel, text: str) -> int:

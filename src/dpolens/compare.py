@@ -8,7 +8,9 @@ from typing import TypedDict
 
 import torch
 
+from dpolens.activations import bootstrap_sum
 from dpolens.artifacts import DpolensError
+from dpolens.evaluate import percentile_ci
 from dpolens.model.loading import LoadedModel
 
 # Yang et al.'s four neuron groups whose activation change lowers the probe projection (the names are
@@ -91,3 +93,47 @@ def residual_offset(x_base: torch.Tensor, x_aligned: torch.Tensor, w_hat: torch.
     return [{"layer": l, "norm": float(delta[l].norm()), "relative_norm": float(delta[l].norm() / x_base[l].norm()),
              "cosine_with_probe": float(delta[l] @ w_hat / delta[l].norm().clamp(min=1e-30))}
             for l in range(len(delta))]
+
+
+class NeuronEstimate(TypedDict):
+    mean: float | None
+    ci95: list[float] | None  # bootstrap over neurons
+    n: int  # neurons
+    unit: str  # "neurons"
+
+
+class OffsetContribution(NeuronEstimate):
+    weights: str  # which mean activations weight the shifts
+
+
+class ValueShiftStats(TypedDict):
+    offset_layer: int  # the last layer, where δx̂ is taken
+    share_anti_aligned: NeuronEstimate  # share of shifted neurons before it with cos(Δv_i, δx) < 0
+    contribution_along_offset: OffsetContribution  # Σ over those of m̄_i Δv_i·δx̂
+
+
+def value_shift_stats(dv: dict[int, torch.Tensor], delta: torch.Tensor, ms_aligned: torch.Tensor,
+                      n_boot: int = 2000, seed: int = 0) -> ValueShiftStats:
+    """Value-vector shifts Δv_i (aligned − base) of the layers before the last against δx̂ there.
+
+    share_anti_aligned: share of shifted neurons with cos(Δv_i, δx) < 0. contribution_along_offset:
+    Σ over those anti-aligned neurons of m̄_i Δv_i·δx̂, m̄_i the aligned model's mean m/s on the base
+    tokens (so that Σ over all neurons of m̄_i Δv_i is the part of δx the shifts make); positive
+    when negative activations turn anti-aligned shifts toward δx. Intervals: bootstrap over neurons."""
+    last = len(delta) - 1
+    d_hat = delta[last] / delta[last].norm().clamp(min=1e-30)
+    shifts = torch.cat([dv[j] for j in range(last)]) if last else torch.zeros(0, delta.shape[-1])  # [N, d_model]
+    norms = shifts.norm(dim=-1)
+    shifted = norms > 0  # neurons that DPO left exactly unchanged carry no direction
+    along = shifts @ d_hat  # [N]
+    anti = shifted & (along < 0)
+    share = anti[shifted].double().numpy()  # [n_shifted] 1 where anti-aligned
+    contrib = (ms_aligned[:last].flatten() * along)[anti].double().numpy()  # [n_anti]
+    return {"offset_layer": last,
+            "share_anti_aligned": {"mean": float(share.mean()) if len(share) else None,
+                                   "ci95": percentile_ci(bootstrap_sum(share, n_boot, seed) / len(share))
+                                   if len(share) else None, "n": int(len(share)), "unit": "neurons"},
+            "contribution_along_offset": {"mean": float(contrib.sum()),
+                                          "ci95": percentile_ci(bootstrap_sum(contrib, n_boot, seed))
+                                          if len(contrib) else None, "n": int(len(contrib)), "unit": "neurons",
+                                          "weights": "aligned model's mean m/s on the base model's tokens"}}

@@ -20,6 +20,8 @@ def fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.7f}" if 0.999 < abs(x) < 1 else f"{x:.4g}"  # cosines near 1 must not print as 1
     if isinstance(x, dict) and "mean" in x:
+        if x["mean"] is None:
+            return "–"
         ci = x.get("ci95")
         return f"{x['mean']:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
     if isinstance(x, list) and x and isinstance(x[0], float):
