@@ -31,6 +31,10 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     b, v = res["rows"]
     assert b["variant"] == "base" and v["variant"] == "bias" and v["trainable"] == "bias"
     assert v["weight_shift"]["changed_tensors"] == 1 and v["weight_shift"]["min_cosine"] < 1
+    groups = v["neuron_groups"]  # a bias moved: no value vector moved, so activations alone carry any reduction
+    assert set(groups["share_of_positive"]) == {"TP-", "TN+", "AP+", "AN-"}
+    four = groups["four_groups_share_of_positive"]
+    assert four is None or four == pytest.approx(sum(groups["share_of_positive"].values()))
     anti = v["value_shift_stats"]["share_anti_aligned"]
     assert anti["n"] == 0 and anti["mean"] is None  # a bias moved, no value vector
     norms = [o["norm"] for o in v["offset"]]
@@ -46,6 +50,6 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert (tmp_path / "alt" / "fig_offset_by_variant.png").stat().st_size > 0
     assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
     html = section(tmp_path / "alt", headline(tmp_path / "alt"))  # the report's section
-    assert "dv_anti_aligned" in html and 'alt="fig_offset_by_variant"' in html
+    assert "dv_anti_aligned" in html and "share TP-" in html and 'alt="fig_offset_by_variant"' in html
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))

@@ -19,7 +19,8 @@ import numpy as np
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
-from dpolens.compare import check_pair, residual_offset, value_shift_stats, weight_shift
+from dpolens.attribution import assign_groups, group_shares, neuron_table
+from dpolens.compare import GROUPS, check_pair, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import RunSettings
 from dpolens.data import default_data, load_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
@@ -41,6 +42,7 @@ class AlternativesConfig(RunSettings):
     scale: float = 10.0
     space: str = "standardized"
     key: str = "gate"  # as in dpolens.unalign
+    top_toxic: int = 128  # toxic neurons for the neuron-group accounting (as in dpolens.neurons)
     min_gap: float = 0.1  # recovery is reported only when the variant cut toxicity by >= this share of the base's
     offset_prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     offset_limit: int = 50
@@ -55,7 +57,8 @@ class AlternativesResult(TypedDict):
     # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
     # method, trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
     # (compare.OffsetLayer per layer), offset_mean_relative_norm, value_shift_stats (compare.ValueShiftStats:
-    # the share of value-vector shifts anti-aligned with the last layer's δx), unaligned (toxicity, perplexity, f1 and the
+    # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
+    # accounting on the offset prompts: each group's and the dampened toxic neurons' share of the reduction), unaligned (toxicity, perplexity, f1 and the
     # scaled keys) and unalign_recovery (float, None below min_gap)
     rows: list[dict[str, Any]]
     k: int
@@ -105,6 +108,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float()
               for j in range(base.adapter.n_layers)}
         shift_stats = value_shift_stats(dv, stats.mean_x - x_base, stats.mean_m_over_s, seed=cfg.seed)
+        t = neuron_table(base, m, probe, prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress)
+        shares = group_shares(t, assign_groups(t), cfg.top_toxic)
         targets = toxic_keys(m, cfg.probe, cfg.k, cfg.space)
         with keys_scaled(m, targets, cfg.scale, cfg.key):
             un = evaluate_inputs(m, cfg.eval, inputs, label=f"{label} un-aligned").row()
@@ -116,6 +121,10 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
             "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
             "value_shift_stats": shift_stats,
+            "neuron_groups": {"share_of_positive": {g: shares["groups"][g]["share_of_positive"] for g in GROUPS},
+                              "four_groups_share_of_positive": shares["four_groups_share_of_positive"],
+                              "toxic_neurons_share_of_positive": shares["toxic_neurons"]["share_of_positive"],
+                              "toxic_neurons_share_of_net": shares["toxic_neurons"]["share_of_net"]},
             "unaligned": {"toxicity": un["toxicity"], "perplexity": un["perplexity"], "f1": un["f1"],
                           "keys": [{"layer": l, "neuron": n, "cosine": c} for l, n, c in targets]},
             "unalign_recovery": recovery,
@@ -155,13 +164,16 @@ def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
              "| variant | method | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
-             "Δv anti-aligned with δx | toxicity un-aligned | recovery |", "|" + "---|" * 13]
+             "Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | toxic neurons' share | toxicity un-aligned | "
+             "recovery |", "|" + "---|" * 15]
     for r in result["rows"]:
-        ws, un = r.get("weight_shift", {}), r.get("unaligned", {})
+        ws, un, groups = r.get("weight_shift", {}), r.get("unaligned", {}), r.get("neuron_groups", {})
         lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
                      f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
                      f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
+                     f"{' / '.join(_f(x, '.2f') for x in groups.get('share_of_positive', {}).values()) or '-'} | "
+                     f"{_f(groups.get('toxic_neurons_share_of_positive'), '.3f')} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
 
@@ -178,13 +190,17 @@ def section(folder: Path, results: dict) -> str:
         return ""
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
              "toxicity_unaligned": r.get("unaligned", {}).get("toxicity"),
-             "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned")} for r in alt]
+             "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned"),
+             **{f"share {g}": r.get("neuron_groups", {}).get("share_of_positive", {}).get(g) for g in GROUPS},
+             "share toxic neurons": r.get("neuron_groups", {}).get("toxic_neurons_share_of_positive")} for r in alt]
     return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
             table(rows, ["variant", "method", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
-                         "offset_mean_relative_norm", "dv_anti_aligned", "toxicity_unaligned", "unalign_recovery"],
+                         "offset_mean_relative_norm", "dv_anti_aligned", *[f"share {g}" for g in GROUPS],
+                         "share toxic neurons", "toxicity_unaligned", "unalign_recovery"],
                   "Variants and alignment methods trained from the same base and pairs; dv_anti_aligned = share of "
-                  "value-vector shifts before the last layer anti-aligned with its δx (paper: most); recovery = share "
-                  "of the toxicity gap that key scaling brings back.") +
+                  "value-vector shifts before the last layer anti-aligned with its δx (paper: most); share G = group G's "
+                  "share of the positive reduction of the probe projection (Yang et al.), on the offset prompts; "
+                  "recovery = share of the toxicity gap that key scaling brings back.") +
             image(folder / "fig_offset_by_variant.png", "Residual offset ‖δx‖/‖x‖ per layer, one line per variant.") +
             f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")
 
