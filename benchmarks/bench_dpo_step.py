@@ -24,7 +24,7 @@ from common import SHARED, fp32_roofline, timed
 
 from dpolens import load_model
 from dpolens.data import load_prompts
-from dpolens.dpo import _dataset, _trainer_class
+from dpolens.training import _dataset, _trainer_class
 from dpolens.model.heads import completion_head
 
 mm_s, roofline = fp32_roofline()

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from dpolens.dpo import METHOD_BETA, DPOConfig, run_dpo
+from dpolens.dpo import DPOConfig, run_dpo
+from dpolens.training import METHOD_BETA
 from dpolens.model.loading import load_model
 from test_pairs_dpo import write_pairs
 

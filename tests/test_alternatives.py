@@ -53,3 +53,28 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert "dv_anti_aligned" in html and "share TP-" in html and 'alt="fig_offset_by_variant"' in html
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))
+
+
+def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, jigsaw_cached):
+    from dpolens.config import ConfigError
+    from dpolens.training import DPOConfig
+    from test_pairs_dpo import write_pairs
+
+    base = load_model(tiny_dirs["gpt2"])
+    save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[5].clone(), 0.0, base, {})
+    write_pairs(tmp_path / "pairs.jsonl", 12)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Holy", "You are", "So I"]))
+    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False,
+                  settings=EvalSettings(max_new_tokens=3))
+    train = DPOConfig(pairs=str(tmp_path / "pairs.jsonl"), learning_rate=1e-3, warmup_steps=0, val_pairs=4,
+                      eval_steps=2, max_steps=2)
+    cfg = AlternativesConfig(base=str(tiny_dirs["gpt2"]), methods=["dpo", "kto"], train=train,
+                             probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2, space="raw",
+                             offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev)
+    res = run_alternatives(cfg)
+    assert [(r["variant"], r.get("method"), r.get("steps")) for r in res["rows"]] == \
+        [("base", None, None), ("dpo", "dpo", 2), ("kto", "kto", 2)]
+    assert all(0 < r["weight_shift"]["min_cosine"] < 1 for r in res["rows"][1:])
+    assert (tmp_path / "alt" / "kto" / "model" / "config.json").exists()
+    with pytest.raises(ConfigError, match="unknown method 'ppo'"):
+        AlternativesConfig(methods=["ppo"])

@@ -256,7 +256,7 @@ def test_sft_loss_runs(tiny_dirs, tmp_path):
 
 
 def test_separability_warning():
-    from dpolens.dpo import separability
+    from dpolens.training import separability
 
     hist = [{"step": 1, "loss": 0.69, "logps/chosen": -39.6, "logps/rejected": -125.6},
             {"step": 8, "eval_loss": 0.024, "eval_rewards/accuracies": 1.0, "eval_rewards/margins": 4.1},

@@ -11,7 +11,7 @@ vectors most similar to the probe (ranked in the variant) get their keys scaled,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,12 +21,13 @@ from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
 from dpolens.attribution import assign_groups, group_shares, neuron_table
 from dpolens.compare import GROUPS, check_pair, residual_offset, value_shift_stats, weight_shift
-from dpolens.config import RunSettings
+from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
+from dpolens.training import METHOD_BETA, DPOConfig, train_aligned
 from dpolens.webpage import esc, image, table
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 class AlternativesConfig(RunSettings):
     base: str = "gemma-3-270m"
     variants: dict[str, str] = field(default_factory=dict)  # label -> `dpolens dpo` output folder
+    # alignment methods (dpo, ipo, kto, orpo, simpo, grpo, ...) trained here from the same base and
+    # pairs with the `train` settings, each into out/<method>, then compared as variant <method>
+    methods: list[str] = field(default_factory=list)
+    train: DPOConfig = field(default_factory=DPOConfig)  # pairs, learning rate, steps, ... (its model: `base`)
     probe: str = "runs/probe"
     out: str = "runs/alternatives"
     k: int = 7
@@ -49,6 +54,14 @@ class AlternativesConfig(RunSettings):
     max_new_tokens: int = 20
     batch_size: int = 32
     eval: EvalData = field(default_factory=EvalData)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for m in self.methods:
+            if m not in METHOD_BETA:
+                raise ConfigError(f"unknown method '{m}' ({', '.join(METHOD_BETA)})")
+        if clash := set(self.methods) & set(self.variants):
+            raise ConfigError(f"'{sorted(clash)[0]}' is both a method to train and a variant folder")
 
 
 class AlternativesResult(TypedDict):
@@ -83,9 +96,24 @@ def _training(folder: Path) -> dict:
             "loss": s.get("loss", "sigmoid"), "steps": s.get("steps")}
 
 
+def train_methods(cfg: AlternativesConfig) -> dict[str, str]:
+    """Train each of `cfg.methods` from the base (resuming a finished or killed one); label -> folder."""
+    folders = {}
+    for method in cfg.methods:
+        folder = Path(cfg.out) / method
+        log.info("training %s into %s", method, folder)
+        train_aligned(replace(cfg.train, model=cfg.base, method=method, out=str(folder), evaluate=False,
+                              device=cfg.device, seed=cfg.seed))
+        write_manifest(folder, "alternatives.train", cfg.train, method=method)
+        folders[method] = str(folder)
+    return folders
+
+
 def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
-    if not cfg.variants:
-        raise DpolensError("no variants: pass label=DIR pairs, each a `dpolens dpo` output folder")
+    if not cfg.variants and not cfg.methods:
+        raise DpolensError("no variants: pass label=DIR pairs, each a `dpolens dpo` output folder, or methods to train")
+    cfg.require_float32("base and variants are compared")
+    variants = {**cfg.variants, **train_methods(cfg)}
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     probe, _ = load_probe(cfg.probe, base)
     w_hat = probe.float() / probe.float().norm()
@@ -96,7 +124,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
     x_base = continuation_stats(base, seqs, (), cfg.batch_size, "base").mean_x
     rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
-    for label, folder in cfg.variants.items():
+    for label, folder in variants.items():
         folder = Path(folder)
         m = load_model(folder / "model" if (folder / "model").is_dir() else folder, dtype=cfg.dtype,
                        device=cfg.device)

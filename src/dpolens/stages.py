@@ -96,9 +96,11 @@ REGISTRY: list[Stage] = [
     Stage("robustness", "dpolens.robustness", "RobustnessConfig", "run_robustness", ("dpo", "unalign"),
           {"base": "{model}", "aligned": "{dpo}/model", "unaligned": "{unalign}/model", "out": "{robustness}"},
           help="Transformed and multi-turn prompts: toxicity and how much of the offset δx survives."),
-    Stage("alternatives", "dpolens.alternatives", "AlternativesConfig", "run_alternatives", ("probe",),
-          {"base": "{model}", "probe": "{probe}", "out": "{alternatives}", **EVAL_CACHE}, optional=True,
-          help="Compare alternative alignments (`dpo --trainable` / `--loss sft` folders listed as variants)."),
+    Stage("alternatives", "dpolens.alternatives", "AlternativesConfig", "run_alternatives", ("probe", "pairs"),
+          {"base": "{model}", "probe": "{probe}", "out": "{alternatives}", "train.pairs": "{pairs}/pairs.jsonl",
+           **EVAL_CACHE}, optional=True,
+          help="Compare alternative alignments and alignment methods (`dpo` folders as variants, or methods "
+               "trained here from the same pairs)."),
 ]
 
 

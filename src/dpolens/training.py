@@ -1,0 +1,468 @@
+"""Alignment training (paper 4, method.md 5.2) through TRL's DPOTrainer, configured to the paper.
+
+Loss −log σ(β(log π(y+|x)/π_ref(y+|x) − log π(y−|x)/π_ref(y−|x))), β = 0.1, log-probs summed over
+continuation tokens only (TRL masks prompt and padding by position). Paper settings: RMSprop,
+lr 1e-6, batch 4, max grad norm 10, 150 warm-up steps, 64 held-out validation pairs, early
+stopping on validation loss with patience 10, fp32. Checkpoints make a killed run resumable;
+a NaN/inf loss stops training, keeps the last good checkpoint and exits with a clear message.
+
+`method` trains the same base on the same pairs with another alignment algorithm (issue #18), each
+through its TRL trainer: ipo and robust (DPOTrainer losses), kto (KTOTrainer, each pair's sides as
+one desirable and one undesirable example), orpo (ORPOTrainer) and simpo (CPOTrainer, loss "simpo",
+no BC term), both reference-free, grpo and rloo (online RL on the pairs' prompts, reward
+1 − toxicity from the offline scorer, KL to the base), and sft on the preferred side as the
+no-preference control.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from torch import nn
+
+from dpolens.artifacts import (
+    DpolensError,
+    append_jsonl,
+    check_not_input,
+    save_model_dir,
+    write_json,
+)
+from dpolens.compare import WeightShiftSummary, weight_shift
+from dpolens.config import ConfigError, RunSettings, at_least
+from dpolens.data import load_pairs
+from dpolens.evaluate import EvalData
+from dpolens.model.heads import completion_head
+from dpolens.model.loading import LoadedModel, adds_bos, load_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOConfig(RunSettings):
+    model: str = "gemma-3-270m"
+    pairs: str = "runs/pairs/pairs.jsonl"
+    max_pairs: int | None = None  # use the first N pairs of the file (validation pairs included)
+    out: str = "runs/dpo"
+    learning_rate: float = 1e-6
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 10.0
+    warmup_steps: int = 150
+    val_pairs: int = 64
+    eval_steps: int = 10
+    patience: int = 10
+    max_steps: int = -1
+    epochs: float = 1.0
+    optimizer: str = "rmsprop"
+    precompute_ref: bool = True
+    freeze_embeddings: bool = False
+    # all | bias | late-layers:K | toxic-neurons (the top_neurons value vectors most similar to the
+    # probe: their key, gate and value weights) — the alternatives the paper conjectures (6.1)
+    trainable: str = "all"
+    probe: str | None = None  # for trainable: toxic-neurons
+    top_neurons: int = 128
+    # the alignment algorithm: dpo | ipo | robust | sft | kto | orpo | simpo | grpo | rloo (online RL,
+    # reward 1 - toxicity)
+    method: str = "dpo"
+    loss: str = "sigmoid"  # method dpo: TRL's DPO loss type (sigmoid = DPO; sft = the preferred side only)
+    # β of each method's loss (dpo/ipo/robust/kto: KL strength; orpo: λ of the odds-ratio term; simpo:
+    # reward scale; grpo/rloo: KL coefficient); None: the method's default (dpo 0.1, simpo 2.0, grpo 0.04,
+    # rloo 0.05, others 0.1)
+    beta: float | None = None
+    kto_desirable_weight: float = 1.0  # KTO λ_D, λ_U: 1.0 when both kinds are equally many (KTO paper 4.2)
+    kto_undesirable_weight: float = 1.0
+    simpo_gamma: float = 1.0  # SimPO's target margin γ (γ/β = 0.5 with β = 2, SimPO paper's setting)
+    rl_generations: int = 4  # grpo/rloo: completions sampled per prompt (the group)
+    rl_max_new_tokens: int = 20  # grpo/rloo: completion length, as in evaluation
+    rl_temperature: float = 1.0  # grpo/rloo: sampling temperature of the completions
+    max_length: int = 128
+    save_total_limit: int = 2
+    skip_bad_rows: bool = False
+    # warn when the pairs are trivially separable: validation reward accuracy 1.0 and validation
+    # loss below this within the first two evaluations (the sides differ by more than toxicity)
+    separable_loss: float = 0.1
+    evaluate: bool = True
+    eval: EvalData = field(default_factory=EvalData)
+
+    def __post_init__(self):
+        super().__post_init__()
+        at_least(self, 1, "batch_size", "val_pairs", "eval_steps")
+        at_least(self, 1, "rl_generations", "rl_max_new_tokens")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss '{self.loss}' (TRL's DPO losses: {', '.join(LOSSES)})")
+        if self.method not in METHOD_BETA:
+            raise ConfigError(f"unknown method '{self.method}' ({', '.join(METHOD_BETA)})")
+        if self.method != "dpo" and self.loss != "sigmoid":
+            raise ConfigError(f"loss '{self.loss}' applies to method dpo only; method is '{self.method}'")
+        if self.method in ("grpo", "rloo") and self.batch_size % self.rl_generations:
+            raise ConfigError(f"batch_size {self.batch_size} must be a multiple of rl_generations "
+                              f"{self.rl_generations} (each step trains on whole groups)")
+        k = self.trainable.removeprefix("late-layers:")
+        late = k != self.trainable and k.isdigit() and int(k) >= 1
+        if self.trainable not in ("all", "bias", "toxic-neurons") and not late:
+            raise ConfigError(f"unknown trainable '{self.trainable}' (all, bias, late-layers:K with K >= 1, "
+                              "toxic-neurons)")
+
+
+# TRL's DPOConfig.loss_type values (TRL 1.x) that need no further setting (exo_pair needs label
+# smoothing > 0); `sft` trains on the preferred side only
+LOSSES = ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+          "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+# each method's default β, from its paper or TRL's documented default: DPO 0.1 (paper 4); IPO τ 0.1 and
+# robust DPO 0.1 (TRL DPOConfig); KTO 0.1 (TRL KTOConfig, KTO paper); ORPO λ 0.1 (ORPO paper, TRL);
+# SimPO 2.0 (SimPO paper, β 2.0-2.5); GRPO 0.04 (DeepSeekMath's KL coefficient; TRL's default 0 drops
+# the KL); RLOO 0.05 (TRL RLOOConfig)
+METHOD_BETA = {"dpo": 0.1, "ipo": 0.1, "robust": 0.1, "sft": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0,
+               "grpo": 0.04, "rloo": 0.05}
+ONLINE = ("grpo", "rloo")
+
+
+def _check_optimizer(name: str) -> None:
+    from transformers.training_args import OptimizerNames  # slow to import: only when DPO runs
+
+    if name not in (names := [o.value for o in OptimizerNames]):
+        raise ConfigError(f"unknown optimizer '{name}' (transformers' names: {', '.join(names)})")
+
+
+class TrainableParams(TypedDict):
+    trainable: str  # the config's `trainable`
+    n_params: int  # trainable parameters (toxic-neurons: unmasked entries)
+
+
+class Trainable(TrainableParams, total=False):
+    layers: list[int]  # late-layers:K
+    neurons: list[list[int]]  # toxic-neurons: [layer, neuron] pairs
+    note: str  # toxic-neurons
+
+
+class SeparabilityCheck(TypedDict):
+    first_evals: list[dict[str, float | None]]  # step, loss, accuracy, margin of the first two evaluations
+    trivially_separable: bool
+    reference_logp: dict[str, float | None]  # chosen, rejected: TRL's logps at the first step (policy = reference)
+
+
+class Separability(SeparabilityCheck, total=False):
+    warning: str  # only when trivially_separable
+
+
+class DPOTraining(TypedDict):
+    """What results.json shows of the training."""
+
+    steps: int  # optimizer steps
+    pairs_seen: int  # steps × batch_size × grad_accum
+    best_val_loss: float | None  # None without an evaluation
+    reward_accuracy: float | None  # TRL's eval_rewards/accuracies at the best evaluation
+    reward_margin: float | None  # TRL's eval_rewards/margins there
+    warnings: list[str]
+
+
+class DPOSummary(DPOTraining):
+    """summary.json."""
+
+    n_train_pairs: int
+    n_val_pairs: int
+    best_step: int | None
+    best_checkpoint: str | None
+    weight_shift: WeightShiftSummary
+    trainable: Trainable
+    loss: str  # "sigmoid" (DPO) or "sft"
+    separability: Separability
+    base: dict[str, Any]  # LoadedModel.identity()
+    aligned: dict[str, Any]
+
+
+def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> Trainable:
+    """Freeze everything outside `cfg.trainable`; row-level choices get gradient masks."""
+    model, a = lm.model, lm.adapter
+    mode = cfg.trainable
+    if mode == "all":
+        return {"trainable": "all", "n_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if mode == "bias":
+        params = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+        if not params:
+            raise DpolensError(f"{lm.ref} has no bias terms: trainable 'bias' would train nothing")
+        for p in params:
+            p.requires_grad_(True)
+        return {"trainable": mode, "n_params": sum(p.numel() for p in params)}
+    if mode.startswith("late-layers:"):
+        k = int(mode.split(":", 1)[1])
+        if k > a.n_layers:
+            raise DpolensError(f"trainable '{mode}': the model has {a.n_layers} layers")
+        for layer in a.layers[a.n_layers - k:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        return {"trainable": mode, "layers": list(range(a.n_layers - k, a.n_layers)),
+                "n_params": sum(p.numel() for layer in a.layers[a.n_layers - k:] for p in layer.parameters())}
+    if mode == "toxic-neurons":
+        from dpolens.directions import load_probe, top_probe_neurons
+
+        if not cfg.probe:
+            raise DpolensError("trainable 'toxic-neurons' needs probe=...")
+        probe, meta = load_probe(cfg.probe, lm)
+        top = top_probe_neurons(lm, probe, cfg.top_neurons, "standardized" if "feature_std" in meta else "raw",
+                                meta.get("feature_std"))
+        by_layer: dict[int, list[int]] = {}
+        for layer, neuron, _ in top:
+            by_layer.setdefault(layer, []).append(neuron)
+        masks: dict[nn.Parameter, torch.Tensor] = {}
+        for layer, neurons in by_layer.items():
+            for p, dim in a.neuron_slices(layer):
+                m = masks.setdefault(p, torch.zeros_like(p))
+                m.index_fill_(dim, torch.tensor(neurons), 1.0)
+        for p, m in masks.items():
+            p.requires_grad_(True)
+            p.register_hook(lambda g, m=m: g * m)
+        n = int(sum(m.sum() for m in masks.values()))
+        return {"trainable": mode, "neurons": [[l, n_] for l, ns in sorted(by_layer.items()) for n_ in ns],
+                "n_params": n, "note": "weight decay must be 0: masked entries then stay exactly unchanged"}
+    raise DpolensError(f"unknown trainable '{mode}' (all, bias, late-layers:K, toxic-neurons)")
+
+
+def separability(history: list[dict], eval_steps: int, loss_below: float) -> Separability:
+    """Did DPO separate the validation pairs at once? If so the two sides differ by something
+    easier than toxicity (fluency, special tokens): what the model learns is then not the paper's.
+
+    The reference log-probs of both sides come from the first training step (policy = reference)."""
+    evals = [h for h in history if "eval_loss" in h][:2]
+    first = next((h for h in history if "logps/chosen" in h), {})
+    early = [{"step": h.get("step"), "loss": h["eval_loss"], "accuracy": h.get("eval_rewards/accuracies"),
+              "margin": h.get("eval_rewards/margins")} for h in evals]
+    trivial = any(e["accuracy"] is not None and e["accuracy"] >= 1.0 and e["loss"] < loss_below and
+                  e["step"] is not None and e["step"] <= 2 * eval_steps for e in early)
+    out = {"first_evals": early, "trivially_separable": trivial,
+           "reference_logp": {"chosen": first.get("logps/chosen"), "rejected": first.get("logps/rejected")}}
+    if trivial:
+        ref = out["reference_logp"]
+        gap = (f"; reference log-prob chosen {ref['chosen']:.1f} vs rejected {ref['rejected']:.1f}"
+               if ref["chosen"] is not None and ref["rejected"] is not None else "")
+        out["warning"] = (f"the pairs are trivially separable: validation reward accuracy 1.0 and loss "
+                          f"{min(e['loss'] for e in early):.3f} by step {early[-1]['step']}{gap}. The sides "
+                          "likely differ in fluency, not only toxicity: check pairs.summary.json's quality block")
+    return out
+
+
+def _dataset(lm: LoadedModel, pairs: list[dict]):
+    from datasets import Dataset
+
+    tok = lm.tokenizer
+    bos = tok.bos_token if adds_bos(tok) else ""
+    # TRL tokenizes without special tokens: put the BOS the model expects in front of the prompt.
+    return Dataset.from_list([{"prompt": bos + p["prompt_text"], "chosen": p["unpert_gen_text"],
+                               "rejected": p["pert_gen_text"]} for p in pairs])
+
+
+def _unpaired(lm: LoadedModel, pairs: list[dict], seed: int):
+    """KTO's examples: each pair's preferred side desirable, its dispreferred side undesirable, in a
+    seeded order (KTO's KL term pairs each prompt with a neighbour's completion: they must differ)."""
+    from datasets import Dataset
+
+    rows = [{"prompt": p["prompt"], "completion": side, "label": good}
+            for p in _dataset(lm, pairs) for side, good in ((p["chosen"], True), (p["rejected"], False))]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_list([rows[i] for i in order])
+
+
+def _prompts(lm: LoadedModel, pairs: list[dict]):
+    """Online methods' prompts: the pairs' prompts, their sides unused."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p["prompt"]} for p in _dataset(lm, pairs)])
+
+
+def _trainer_class():
+    """TRL's DPOTrainer with the unembedding at completion positions only, for the reference
+    log-probs it precomputes as for the policy (`dpolens.model.heads.completion_head`): on CPU a step
+    of TRL's own head took 2.3x a plain completion-only forward+backward (benchmarks/bench_dpo_step.py)."""
+    from trl import DPOTrainer
+
+    class CompletionHeadDPOTrainer(DPOTrainer):
+        def __init__(self, *args, adapter, **kwargs):
+            self.adapter = adapter
+            super().__init__(*args, **kwargs)
+
+        @property
+        def head_outputs(self) -> tuple[str, ...]:
+            extra = ("log_sum_sq_probs",) if self.use_weighting else ()
+            return ("log_probs", "entropy", "mean_logits", "is_top1", *extra)  # what TRL's own head is asked for
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            with completion_head(self.model, self.adapter, self.head_outputs):
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    return CompletionHeadDPOTrainer
+
+
+def _trainer(cfg: DPOConfig, lm: LoadedModel, common: dict, train: list[dict], val: list[dict], callbacks):
+    """The TRL trainer of `cfg.method`, with the shared Trainer settings `common`."""
+    kw = dict(model=lm.model, processing_class=lm.tokenizer, callbacks=callbacks)
+    if cfg.method in ("dpo", "ipo", "robust", "sft"):
+        from trl import DPOConfig as TRLConfig
+
+        args = TRLConfig(**common, precompute_ref_log_probs=cfg.precompute_ref, max_length=cfg.max_length,
+                         loss_type=[cfg.loss if cfg.method == "dpo" else cfg.method])
+        return _trainer_class()(args=args, train_dataset=_dataset(lm, train), eval_dataset=_dataset(lm, val),
+                                adapter=lm.adapter, **kw)
+    if cfg.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        args = KTOConfig(**common, max_length=cfg.max_length, precompute_ref_log_probs=cfg.precompute_ref,
+                         desirable_weight=cfg.kto_desirable_weight, undesirable_weight=cfg.kto_undesirable_weight)
+        return KTOTrainer(args=args, train_dataset=_unpaired(lm, train, cfg.seed),
+                          eval_dataset=_unpaired(lm, val, cfg.seed), **kw)
+    if cfg.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        args = ORPOConfig(**common, max_length=cfg.max_length)
+        return ORPOTrainer(args=args, train_dataset=_dataset(lm, train), eval_dataset=_dataset(lm, val), **kw)
+    if cfg.method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        args = CPOConfig(**common, max_length=cfg.max_length, loss_type="simpo", cpo_alpha=0.0,
+                         simpo_gamma=cfg.simpo_gamma)
+        return CPOTrainer(args=args, train_dataset=_dataset(lm, train), eval_dataset=_dataset(lm, val), **kw)
+    import trl
+
+    RLConfig, RLTrainer = (trl.GRPOConfig, trl.GRPOTrainer) if cfg.method == "grpo" else (trl.RLOOConfig,
+                                                                                           trl.RLOOTrainer)
+    args = RLConfig(**common, num_generations=cfg.rl_generations, max_completion_length=cfg.rl_max_new_tokens,
+                    temperature=cfg.rl_temperature)
+    return RLTrainer(args=args, reward_funcs=ToxicityReward(cfg.eval.scorer), train_dataset=_prompts(lm, train),
+                     **kw)
+
+
+class ToxicityReward:
+    """GRPO/RLOO reward 1 − toxicity of each completion, by the offline scorer, cached by text
+    (a group often repeats a completion)."""
+
+    __name__ = "one_minus_toxicity"  # TRL names the reward's metrics after it
+
+    def __init__(self, scorer: str):
+        from dpolens.scoring import get_scorer
+
+        self.scorer, self.cache = get_scorer(scorer), {}
+
+    def __call__(self, prompts: list[str], completions: list[str], **kw) -> list[float]:
+        new = sorted({c for c in completions if c not in self.cache})
+        self.cache.update(zip(new, self.scorer.score(new).toxicity.tolist()))
+        return [1.0 - self.cache[c] for c in completions]
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def train_aligned(cfg: DPOConfig) -> tuple[DPOSummary, LoadedModel, LoadedModel]:
+    """Train `cfg.model` on `cfg.pairs` with `cfg.method` into `cfg.out` (resuming from its checkpoints):
+    the model folder, train_log.jsonl, weight_shift.json and summary.json; returns the summary, the base
+    and the aligned model."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    cfg.require_float32("DPO's weight changes (~1e-5) are below bf16 resolution")
+    _check_optimizer(cfg.optimizer)
+    pairs = load_pairs(cfg.pairs, cfg.skip_bad_rows)[: cfg.max_pairs]
+    if len(pairs) <= cfg.val_pairs:
+        raise DpolensError(f"{len(pairs)} pairs leave none for training after {cfg.val_pairs} validation pairs")
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(pairs), generator=g).tolist()
+    val = [pairs[i] for i in order[: cfg.val_pairs]]
+    train = [pairs[i] for i in order[cfg.val_pairs :]]
+    out = Path(cfg.out)
+    check_not_input(out / "model", cfg.model)
+    ckpt_dir = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(cfg.model, dtype="float32", device=cfg.device)
+    trainable = restrict_training(lm, cfg)
+    if cfg.freeze_embeddings:
+        lm.model.get_input_embeddings().weight.requires_grad_(False)
+        lm.model.get_output_embeddings().weight.requires_grad_(False)
+    log_path = out / "train_log.jsonl"
+    state = {"diverged": None}
+
+    class LogToJsonl(TrainerCallback):
+        def on_log(self, args, st, control, logs=None, **kw):
+            if not logs:
+                return
+            append_jsonl(log_path, [{"step": st.global_step, **logs}])
+            loss = logs.get("loss", logs.get("eval_loss"))
+            if loss is not None and not math.isfinite(loss):
+                state["diverged"] = st.global_step
+                control.should_training_stop = True
+                control.should_save = False
+
+    online = cfg.method in ONLINE
+    common = dict(  # the Trainer settings every method shares
+        output_dir=str(ckpt_dir), learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps, optim=cfg.optimizer,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, save_strategy="steps", save_steps=cfg.eval_steps,
+        save_total_limit=cfg.save_total_limit, logging_steps=1, report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        bf16=False, fp16=False, use_cpu=resolve_device(cfg.device) == "cpu", disable_tqdm=not cfg.eval.progress,
+        save_only_model=False, dataloader_num_workers=0, weight_decay=0.0, gradient_checkpointing=False,
+        beta=cfg.beta if cfg.beta is not None else METHOD_BETA[cfg.method],
+        # online methods have no validation loss to stop on: they train for their steps
+        eval_strategy="no" if online else "steps", eval_steps=None if online else cfg.eval_steps,
+        load_best_model_at_end=not online, metric_for_best_model=None if online else "eval_loss",
+        greater_is_better=None if online else False,
+    )
+    callbacks = [LogToJsonl()] + ([] if online else [EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+    trainer = _trainer(cfg, lm, common, train, val, callbacks)
+    resume = _checkpoints(ckpt_dir)
+    examples = {"kto": 2 * len(train), "grpo": len(train) * cfg.rl_generations,
+                "rloo": len(train) * cfg.rl_generations}.get(cfg.method, len(train))
+    target = cfg.max_steps if cfg.max_steps > 0 else \
+        math.ceil(examples / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs)
+    if resume and int(resume[-1].name.split("-")[1]) >= target:
+        # finished: HF's Trainer would take one more step past max_steps on resume; load the best instead
+        from transformers import TrainerState
+
+        trainer.state = TrainerState.load_from_json(str(resume[-1] / "trainer_state.json"))
+        best = trainer.state.best_model_checkpoint
+        log.info("training already finished at %s; loading %s", resume[-1], best or resume[-1])
+        trainer._load_from_checkpoint(best if best and Path(best).is_dir() else str(resume[-1]))
+    else:
+        if resume:
+            log.info("resuming from %s", resume[-1])
+        head = getattr(trainer, "head_outputs", None)  # the DPO trainers' completion-only unembedding
+        with completion_head(lm.model, lm.adapter, head) if head else contextlib.nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    if state["diverged"] is not None:
+        good = _checkpoints(ckpt_dir)
+        raise DpolensError(f"{cfg.method} loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "
+                           f"{good[-1] if good else 'none'} (lower the learning rate and re-run)")
+    model_dir = out / "model"
+    save_model_dir(model_dir, trainer.model, lm.tokenizer)
+    aligned = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
+    base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    shift = weight_shift(base.model, aligned.model)
+    hist = trainer.state.log_history
+    evals = [h for h in hist if "eval_loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"]) if evals else {}
+    sep = separability(hist, cfg.eval_steps, cfg.separable_loss)
+    if "warning" in sep:
+        log.warning("%s", sep["warning"])
+    summary = {
+        "steps": trainer.state.global_step,
+        "pairs_seen": trainer.state.global_step * cfg.batch_size * cfg.grad_accum,
+        "n_train_pairs": len(train), "n_val_pairs": len(val),
+        "best_val_loss": best.get("eval_loss"), "best_step": best.get("step"),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "reward_accuracy": best.get("eval_rewards/accuracies"), "reward_margin": best.get("eval_rewards/margins"),
+        "weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
+        "trainable": trainable, "method": cfg.method, "beta": common["beta"],
+        "loss": cfg.loss if cfg.method == "dpo" else cfg.method, "separability": sep,
+        "warnings": [sep["warning"]] if "warning" in sep else [],
+        "base": base.identity(), "aligned": aligned.identity(),
+    }
+    write_json(out / "weight_shift.json", shift)
+    write_json(out / "summary.json", summary)
+    return summary, base, aligned
