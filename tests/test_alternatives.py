@@ -35,6 +35,7 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert set(groups["share_of_positive"]) == {"TP-", "TN+", "AP+", "AN-"}
     four = groups["four_groups_share_of_positive"]
     assert four is None or four == pytest.approx(sum(groups["share_of_positive"].values()))
+    assert v["patched"] is None and v["patch_replicates"] is None  # the evaluation used every prompt
     anti = v["value_shift_stats"]["share_anti_aligned"]
     assert anti["n"] == 0 and anti["mean"] is None  # a bias moved, no value vector
     norms = [o["norm"] for o in v["offset"]]
@@ -64,7 +65,7 @@ def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, ji
     save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[5].clone(), 0.0, base, {})
     write_pairs(tmp_path / "pairs.jsonl", 12)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Holy", "You are", "So I"]))
-    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False,
+    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False, limit=2,
                   settings=EvalSettings(max_new_tokens=3))
     train = DPOConfig(pairs=str(tmp_path / "pairs.jsonl"), learning_rate=1e-3, warmup_steps=0, val_pairs=4,
                       eval_steps=2, max_steps=2)
@@ -76,5 +77,9 @@ def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, ji
         [("base", None, None), ("dpo", "dpo", 2), ("kto", "kto", 2)]
     assert all(0 < r["weight_shift"]["min_cosine"] < 1 for r in res["rows"][1:])
     assert (tmp_path / "alt" / "kto" / "model" / "config.json").exists()
+    for r in res["rows"][1:]:  # groups fitted on the one prompt the evaluation leaves, patching evaluated on 2
+        assert r["patched"]["n_fit_prompts"] == 1 and r["patched"]["toxicity"]["n"] == 2
+        gap = res["rows"][0]["toxicity"]["mean"] - r["toxicity"]["mean"]
+        assert (r["patch_replicates"] is None) == (gap <= 0 or gap < 0.1 * res["rows"][0]["toxicity"]["mean"])
     with pytest.raises(ConfigError, match="unknown method 'ppo'"):
         AlternativesConfig(methods=["ppo"])

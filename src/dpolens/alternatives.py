@@ -19,7 +19,7 @@ import numpy as np
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
-from dpolens.attribution import assign_groups, group_shares, neuron_table
+from dpolens.attribution import assign_groups, group_shares, neuron_edits, neuron_table
 from dpolens.compare import GROUPS, check_pair, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts
@@ -47,6 +47,9 @@ class AlternativesConfig(RunSettings):
     scale: float = 10.0
     space: str = "standardized"
     key: str = "gate"  # as in dpolens.unalign
+    # also add the four groups' mean activation change (fitted on the challenge prompts after the
+    # evaluation's) to the base, and report the share of the variant's toxicity gap that replicates
+    patch: bool = True
     top_toxic: int = 128  # toxic neurons for the neuron-group accounting (as in dpolens.neurons)
     min_gap: float = 0.1  # recovery is reported only when the variant cut toxicity by >= this share of the base's
     offset_prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
@@ -71,7 +74,9 @@ class AlternativesResult(TypedDict):
     # method, trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
     # (compare.OffsetLayer per layer), offset_mean_relative_norm, value_shift_stats (compare.ValueShiftStats:
     # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
-    # accounting on the offset prompts: each group's and the dampened toxic neurons' share of the reduction), unaligned (toxicity, perplexity, f1 and the
+    # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
+    # patched (the base with the four groups' mean shift: toxicity, perplexity) and patch_replicates (the share
+    # of the base-to-variant gap that patching reproduces; None below min_gap or without fit prompts), unaligned (toxicity, perplexity, f1 and the
     # scaled keys) and unalign_recovery (float, None below min_gap)
     rows: list[dict[str, Any]]
     k: int
@@ -113,17 +118,23 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     if not cfg.variants and not cfg.methods:
         raise DpolensError("no variants: pass label=DIR pairs, each a `dpolens dpo` output folder, or methods to train")
     cfg.require_float32("base and variants are compared")
+    inputs = load_inputs(cfg.eval)  # read before training: a bad file fails now
+    # the neuron accounting is fitted on challenge prompts the evaluation does not use (patching is
+    # evaluated on those); with none left, the offset prompts serve and patching is skipped
+    fit_prompts = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows)[len(inputs.prompts):][: cfg.offset_limit]
     variants = {**cfg.variants, **train_methods(cfg)}
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     probe, _ = load_probe(cfg.probe, base)
     w_hat = probe.float() / probe.float().norm()
-    inputs = load_inputs(cfg.eval)
     base_eval = evaluate_inputs(base, cfg.eval, inputs, label="base").row()
     prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit)
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
     x_base = continuation_stats(base, seqs, (), cfg.batch_size, "base").mean_x
     rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
+    if not fit_prompts:
+        log.warning("no challenge prompts beyond the evaluation's: neuron groups fitted on the offset prompts, "
+                    "no patching (lower eval.limit)")
     for label, folder in variants.items():
         folder = Path(folder)
         m = load_model(folder / "model" if (folder / "model").is_dir() else folder, dtype=cfg.dtype,
@@ -136,14 +147,22 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float()
               for j in range(base.adapter.n_layers)}
         shift_stats = value_shift_stats(dv, stats.mean_x - x_base, stats.mean_m_over_s, seed=cfg.seed)
-        t = neuron_table(base, m, probe, prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress)
-        shares = group_shares(t, assign_groups(t), cfg.top_toxic)
+        t = neuron_table(base, m, probe, fit_prompts or prompts, cfg.batch_size, cfg.max_new_tokens,
+                         cfg.eval.progress)
+        labels = assign_groups(t)
+        shares = group_shares(t, labels, cfg.top_toxic)
+        patched = None
+        if cfg.patch and fit_prompts:  # the four groups' mean activation change added in the base
+            spec = neuron_edits(t, np.isin(labels, GROUPS), t["m_aligned"] - t["m_base"], "shift")
+            patched = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"{label} patched").row()
         targets = toxic_keys(m, cfg.probe, cfg.k, cfg.space)
         with keys_scaled(m, targets, cfg.scale, cfg.key):
             un = evaluate_inputs(m, cfg.eval, inputs, label=f"{label} un-aligned").row()
         gap = base_eval["toxicity"]["mean"] - res["toxicity"]["mean"]
         aligned_enough = gap >= cfg.min_gap * base_eval["toxicity"]["mean"] and gap > 0
         recovery = (un["toxicity"]["mean"] - res["toxicity"]["mean"]) / gap if aligned_enough else None
+        replicated = (base_eval["toxicity"]["mean"] - patched["toxicity"]["mean"]) / gap \
+            if patched and aligned_enough else None
         rows.append({
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
@@ -156,6 +175,9 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "unaligned": {"toxicity": un["toxicity"], "perplexity": un["perplexity"], "f1": un["f1"],
                           "keys": [{"layer": l, "neuron": n, "cosine": c} for l, n, c in targets]},
             "unalign_recovery": recovery,
+            "patched": {"toxicity": patched["toxicity"], "perplexity": patched["perplexity"],
+                        "n_fit_prompts": len(fit_prompts)} if patched else None,
+            "patch_replicates": replicated,
         })
     result = {"rows": rows, "k": cfg.k, "scale": cfg.scale, "scorer": inputs.scorer.describe(),
               "n_prompts": len(inputs.prompts), "n_offset_prompts": len(prompts), "base": base.identity(),
@@ -192,8 +214,8 @@ def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
              "| variant | method | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
-             "Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | toxic neurons' share | toxicity un-aligned | "
-             "recovery |", "|" + "---|" * 15]
+             "Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | toxic neurons' share | "
+             "patching replicates | toxicity un-aligned | recovery |", "|" + "---|" * 16]
     for r in result["rows"]:
         ws, un, groups = r.get("weight_shift", {}), r.get("unaligned", {}), r.get("neuron_groups", {})
         lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
@@ -202,6 +224,7 @@ def render(result: AlternativesResult) -> str:
                      f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
                      f"{' / '.join(_f(x, '.2f') for x in groups.get('share_of_positive', {}).values()) or '-'} | "
                      f"{_f(groups.get('toxic_neurons_share_of_positive'), '.3f')} | "
+                     f"{_f(r.get('patch_replicates'), '.2f')} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
 
@@ -224,10 +247,11 @@ def section(folder: Path, results: dict) -> str:
     return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
             table(rows, ["variant", "method", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
                          "offset_mean_relative_norm", "dv_anti_aligned", *[f"share {g}" for g in GROUPS],
-                         "share toxic neurons", "toxicity_unaligned", "unalign_recovery"],
+                         "share toxic neurons", "patch_replicates", "toxicity_unaligned", "unalign_recovery"],
                   "Variants and alignment methods trained from the same base and pairs; dv_anti_aligned = share of "
                   "value-vector shifts before the last layer anti-aligned with its δx (paper: most); share G = group G's "
-                  "share of the positive reduction of the probe projection (Yang et al.), on the offset prompts; "
+                  "share of the positive reduction of the probe projection (Yang et al.); patch_replicates = share of the "
+                  "toxicity gap that adding the four groups' mean activation change to the base reproduces; "
                   "recovery = share of the toxicity gap that key scaling brings back.") +
             image(folder / "fig_offset_by_variant.png", "Residual offset ‖δx‖/‖x‖ per layer, one line per variant.") +
             f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")

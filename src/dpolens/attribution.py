@@ -102,3 +102,14 @@ def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -
                               "share_of_net": tox_red / net if net else None,
                               "definition": f"top {top_toxic} by cos(v, probe) that were active (m̄_base > 0) "
                                             "and dampened by alignment"}}
+
+
+def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> list[dict]:
+    """Intervention spec setting (`value`) or shifting (`shift`) the selected neurons by `values`,
+    one edit per layer."""
+    edits = []
+    for layer in np.unique(t["layer"][sel]):
+        idx = np.where(sel & (t["layer"] == layer))[0]
+        edits.append({"kind": "neurons", "layer": int(layer), "neurons": t["neuron"][idx].tolist(),
+                      how: values[idx].tolist()})
+    return edits

@@ -35,7 +35,7 @@ import numpy as np
 
 from dpolens.activations import bootstrap_counts
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
-from dpolens.attribution import MIRRORS, assign_groups, dampened_toxic, group_shares, neuron_table
+from dpolens.attribution import MIRRORS, assign_groups, dampened_toxic, group_shares, neuron_edits, neuron_table
 from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_prompts
@@ -183,17 +183,6 @@ def group_intervals(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int
         return {k: {"ci95_share_of_positive": percentile_ci(reductions[:, col[k]] / reductions[:, col["positive"]]),
                     "ci95_share_of_net": percentile_ci(reductions[:, col[k]] / reductions[:, col["net"]])}
                 for k in list(sets)[:-2]}
-
-
-def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> list[dict]:
-    """Intervention spec setting (`value`) or shifting (`shift`) the selected neurons by `values`,
-    one edit per layer."""
-    edits = []
-    for layer in np.unique(t["layer"][sel]):
-        idx = np.where(sel & (t["layer"] == layer))[0]
-        edits.append({"kind": "neurons", "layer": int(layer), "neurons": t["neuron"][idx].tolist(),
-                      how: values[idx].tolist()})
-    return edits
 
 
 def scale_edits(t, sel: np.ndarray, factors: np.ndarray) -> list[dict]:
