@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +27,10 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
                   settings=EvalSettings(max_new_tokens=3))
     cfg = AlternativesConfig(base=str(tiny_dirs["gpt2"]), variants={"bias": str(tmp_path / "bias")},
                              probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2,
-                             space="raw", offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev)
+                             space="raw", offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev,
+                             transforms=["plain", "rot13", "multi_turn"], neutral=[str(tmp_path / "w.raw")],
+                             n_boot=200)
+    (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")
     res = run_alternatives(cfg)
     b, v = res["rows"]
     assert b["variant"] == "base" and v["variant"] == "bias" and v["trainable"] == "bias"
@@ -40,6 +44,13 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert anti["n"] == 0 and anti["mean"] is None  # a bias moved, no value vector
     norms = [o["norm"] for o in v["offset"]]
     assert norms[0] == 0 and norms[1] == 0 and norms[2] > 0  # resid_mid sees layer 1's MLP from layer 2 on
+    rel = np.array([o["relative_norm"] for o in v["offset"]])
+    assert v["offset_stats"]["slope"]["mean"] == pytest.approx(np.polyfit(np.arange(3), rel, 1)[0])
+    lo, hi = v["offset_stats"]["slope"]["ci95"]
+    assert lo <= hi and v["offset_stats"]["slope"]["n"] == 3
+    ret = v["retention"]  # the variant's own offset, by definition fully applied on plain prompts where it exists
+    assert set(ret) == {"plain", "rot13", "multi_turn"} and ret["plain"]["retention"] == pytest.approx([0, 0, 1])
+    assert all(r["retention_ci95"][0] <= r["retention_mean"] <= r["retention_ci95"][1] + 1e-9 for r in ret.values())
     assert len(v["unaligned"]["keys"]) == 2 and (v["unaligned"]["keys"][0]["layer"], v["unaligned"]["keys"][0]["neuron"]) == (1, 5)
     gap = b["toxicity"]["mean"] - v["toxicity"]["mean"]
     expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap \
@@ -52,6 +63,7 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
     html = section(tmp_path / "alt", headline(tmp_path / "alt"))  # the report's section
     assert "dv_anti_aligned" in html and "share TP-" in html and 'alt="fig_offset_by_variant"' in html
+    assert "offset_slope" in html and "retention rot13" in html and "| bias | " in table.split("Offset retention")[1]
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))
 
@@ -71,7 +83,8 @@ def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, ji
                       eval_steps=2, max_steps=2)
     cfg = AlternativesConfig(base=str(tiny_dirs["gpt2"]), methods=["dpo", "kto"], train=train,
                              probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2, space="raw",
-                             offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev)
+                             offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev,
+                             transforms=["plain", "upper"], n_boot=100)
     res = run_alternatives(cfg)
     assert [(r["variant"], r.get("method"), r.get("steps")) for r in res["rows"]] == \
         [("base", None, None), ("dpo", "dpo", 2), ("kto", "kto", 2)]
@@ -81,5 +94,10 @@ def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, ji
         assert r["patched"]["n_fit_prompts"] == 1 and r["patched"]["toxicity"]["n"] == 2
         gap = res["rows"][0]["toxicity"]["mean"] - r["toxicity"]["mean"]
         assert (r["patch_replicates"] is None) == (gap <= 0 or gap < 0.1 * res["rows"][0]["toxicity"]["mean"])
+    assert all(set(r["retention"]) == {"plain", "upper"} for r in res["rows"][1:])
     with pytest.raises(ConfigError, match="unknown method 'ppo'"):
         AlternativesConfig(methods=["ppo"])
+    with pytest.raises(ConfigError, match="unknown transform 'rot14'"):
+        AlternativesConfig(transforms=["plain", "rot14"])
+    with pytest.raises(ConfigError, match="must include 'plain'"):
+        AlternativesConfig(transforms=["rot13"])

@@ -7,9 +7,9 @@ from conftest import save_perturbed
 
 from dpolens import load_model
 from dpolens.activations import Stats, bootstrap_counts, continuation_stats
-from dpolens.analysis import AnalyzeConfig, offset_stats, run_analyze, single_token
+from dpolens.analysis import AnalyzeConfig, run_analyze, single_token
 from dpolens.artifacts import DpolensError
-from dpolens.compare import residual_offset
+from dpolens.compare import offset_stats, residual_offset
 from dpolens.directions import save_probe
 from dpolens.evaluate import resample_units
 from dpolens.model import hooks

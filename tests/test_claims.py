@@ -274,6 +274,46 @@ def test_missing_stages_and_old_artifacts_are_inconclusive(run_dir):
     assert rows["offset_grows"]["effect"] == pytest.approx(0.01) and rows["offset_grows"]["ci95"] is None
 
 
+def test_claims_per_alignment_method(run_dir):
+    """`alternatives` rows get the DPO claims again, one set per variant, by the same rule."""
+    rng = np.random.default_rng(3)
+    base_tox = rng.uniform(0.1, 0.6, size=N_PROMPTS)
+
+    def variant(label, tox, slope_ci, level):
+        ret = {}
+        for t in ("plain", "rot13", "base64", "leetspeak", "spaced", "upper", "multi_turn"):
+            per_prompt = (1.0 if t == "plain" else level) + 0.05 * rng.normal(size=30)
+            ret[t] = {"retention": [level] * 4, "retention_mean": float(per_prompt.mean()),
+                      "retention_ci95": [level - 0.02, level + 0.02], "retention_per_prompt": per_prompt.tolist(),
+                      "tokens_per_prompt": [10.0] * 30}
+        return {"variant": label, "method": label, **eval_row(label, tox, rng, 1.01, ALIGNED),
+                "weight_shift": {"min_cosine": 0.9999, "mean_norm_diff": 1e-5, "max_norm_diff": 1e-3,
+                                 "n_tensors": 30, "changed_tensors": 30},
+                "offset": [{"layer": l, "norm": 0.1, "relative_norm": 0.01, "cosine_with_probe": -0.1} for l in range(4)],
+                "offset_stats": {"slope": {"mean": sum(slope_ci) / 2, "ci95": slope_ci, "n": 30}}, "retention": ret}
+
+    write_json(run_dir / "alternatives" / "alternatives.json", {
+        "rows": [{"variant": "base", **eval_row("base", base_tox, rng)},
+                 variant("ipo", np.clip(base_tox - 0.1, 0, 1), [0.002, 0.004], 0.5),
+                 variant("orpo", base_tox + 0.01 * rng.normal(size=N_PROMPTS), [-0.001, 0.001], 1.0)],
+        "scorer": {"name": "words", "version": "test"}, "n_prompts": N_PROMPTS, "n_offset_prompts": 30})
+    ledger = build_claims(run_dir, n_boot=300, scorer_factory=lambda name: WordScorer())
+    assert len(ledger["rows"]) == len(CLAIMS)  # the paper's ledger is unchanged
+    got = {r["id"]: r["verdict"] for r in ledger["method_rows"]}
+    assert got == {"ipo:dpo_lowers_toxicity": "holds", "ipo:weights_barely_move": "holds", "ipo:offset_grows": "holds",
+                   "ipo:transforms_weaken_offset": "holds", "ipo:multi_turn_weakens_offset": "holds",
+                   "orpo:dpo_lowers_toxicity": "inconclusive", "orpo:weights_barely_move": "holds",
+                   "orpo:offset_grows": "inconclusive", "orpo:transforms_weaken_offset": "inconclusive",
+                   "orpo:multi_turn_weakens_offset": "inconclusive"}
+    assert ledger["method_counts"] == {"holds": 6, "contradicted": 0, "inconclusive": 4}
+    row = next(r for r in ledger["method_rows"] if r["id"] == "ipo:dpo_lowers_toxicity")
+    assert row["claim"].startswith("ipo: lowers toxicity") and row["paper"].startswith("DPO: ")
+    assert row["method"] == "ipo" and row["n"] == N_PROMPTS and row["models"]["ipo"]["weight_sha256"] == "bb" * 32
+    weak = next(r for r in ledger["method_rows"] if r["id"] == "ipo:transforms_weaken_offset")
+    assert weak["effect"] == pytest.approx(0.5, abs=0.03) and weak["n"] == 30
+    assert "per variant of `alternatives`" in render_text(ledger)
+
+
 def test_claims_cli_writes_the_ledger(run_dir):
     from typer.testing import CliRunner
 

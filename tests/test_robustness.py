@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from dpolens.robustness import TRANSFORMS, RobustnessConfig, findings, multi_turn, run_robustness
+from dpolens.robustness import RobustnessConfig, findings, run_robustness
+from dpolens.transforms import TRANSFORMS, multi_turn
 
 from conftest import save_perturbed
 

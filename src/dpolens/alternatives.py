@@ -20,14 +20,15 @@ import numpy as np
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
 from dpolens.attribution import assign_groups, group_shares, neuron_edits, neuron_table
-from dpolens.compare import GROUPS, check_pair, residual_offset, value_shift_stats, weight_shift
+from dpolens.compare import GROUPS, check_pair, offset_stats, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import ConfigError, RunSettings
-from dpolens.data import default_data, load_prompts
+from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
 from dpolens.training import METHOD_BETA, DPOConfig, train_aligned
+from dpolens.transforms import ALL_TRANSFORMS, offset_retention, prompt_stats, prompt_token_seqs, transformed_prompts
 from dpolens.webpage import esc, image, table
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ class AlternativesConfig(RunSettings):
     offset_limit: int = 50
     max_new_tokens: int = 20
     batch_size: int = 32
+    # offset retention under the robustness stage's transforms, on the offset prompts (as dpolens.robustness
+    # measures it); [] skips it
+    transforms: list[str] = field(default_factory=lambda: list(ALL_TRANSFORMS))
+    neutral: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
+    turns: int = 3
+    max_prompt_tokens: int = 256
+    n_boot: int = 2000
     eval: EvalData = field(default_factory=EvalData)
 
     def __post_init__(self):
@@ -65,6 +73,10 @@ class AlternativesConfig(RunSettings):
                 raise ConfigError(f"unknown method '{m}' ({', '.join(METHOD_BETA)})")
         if clash := set(self.methods) & set(self.variants):
             raise ConfigError(f"'{sorted(clash)[0]}' is both a method to train and a variant folder")
+        if unknown := [t for t in self.transforms if t not in ALL_TRANSFORMS]:
+            raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
+        if self.transforms and "plain" not in self.transforms:
+            raise ConfigError("transforms must include 'plain': the offset δx is measured on plain prompts")
 
 
 class AlternativesResult(TypedDict):
@@ -72,7 +84,9 @@ class AlternativesResult(TypedDict):
 
     # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
     # method, trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
-    # (compare.OffsetLayer per layer), offset_mean_relative_norm, value_shift_stats (compare.ValueShiftStats:
+    # (compare.OffsetLayer per layer), offset_mean_relative_norm, offset_stats (compare.OffsetStats: the slope of
+    # ‖δx‖/‖x‖ over layers and cos(δx, probe) at the last layer, intervals over prompts), retention (per transform:
+    # transforms.Retention; results.json drops its per-prompt lists), value_shift_stats (compare.ValueShiftStats:
     # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
     # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
     # patched (the base with the four groups' mean shift: toxicity, perplexity) and patch_replicates (the share
@@ -130,7 +144,12 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit)
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
-    x_base = continuation_stats(base, seqs, (), cfg.batch_size, "base").mean_x
+    layers = range(base.adapter.n_layers)
+    st_base = continuation_stats(base, seqs, (), cfg.batch_size, "base", x_layers=layers)
+    transformed = {name: prompt_token_seqs(base, texts, cfg.max_prompt_tokens) for name, (texts, _) in
+                   transformed_prompts(prompts, cfg.transforms, wikitext_prompts(cfg.neutral) if
+                                       "multi_turn" in cfg.transforms else [], cfg.turns, cfg.seed).items()}
+    tf_base = {name: prompt_stats(base, ts, cfg.batch_size) for name, ts in transformed.items()}
     rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
     if not fit_prompts:
         log.warning("no challenge prompts beyond the evaluation's: neuron groups fitted on the offset prompts, "
@@ -142,11 +161,12 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         check_pair(base, m)
         res = evaluate_inputs(m, cfg.eval, inputs, label=label).row()
         shift = weight_shift(base.model, m.model)
-        stats = continuation_stats(m, seqs, (), cfg.batch_size, label)
-        offset = residual_offset(x_base, stats.mean_x, w_hat)
-        dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float()
-              for j in range(base.adapter.n_layers)}
-        shift_stats = value_shift_stats(dv, stats.mean_x - x_base, stats.mean_m_over_s, seed=cfg.seed)
+        stats = continuation_stats(m, seqs, (), cfg.batch_size, label, x_layers=layers)
+        offset = residual_offset(st_base.mean_x, stats.mean_x, w_hat)
+        growth = offset_stats(st_base, stats, w_hat, offset, cfg.n_boot, cfg.seed)
+        dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float() for j in layers}
+        shift_stats = value_shift_stats(dv, stats.mean_x - st_base.mean_x, stats.mean_m_over_s, cfg.n_boot, cfg.seed)
+        retention = _retention(m, transformed, tf_base, cfg)
         t = neuron_table(base, m, probe, fit_prompts or prompts, cfg.batch_size, cfg.max_new_tokens,
                          cfg.eval.progress)
         labels = assign_groups(t)
@@ -167,6 +187,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
             "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
+            "offset_stats": growth, "retention": retention,
             "value_shift_stats": shift_stats,
             "neuron_groups": {"share_of_positive": {g: shares["groups"][g]["share_of_positive"] for g in GROUPS},
                               "four_groups_share_of_positive": shares["four_groups_share_of_positive"],
@@ -195,6 +216,15 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     return result
 
 
+def _retention(m, transformed: dict, tf_base: dict, cfg: AlternativesConfig) -> dict[str, dict]:
+    """Per transform: the variant's retention of its own plain-prompt offset (transforms.offset_retention)."""
+    if not transformed:
+        return {}
+    tf = {name: prompt_stats(m, ts, cfg.batch_size) for name, ts in transformed.items()}
+    delta = tf["plain"].mean_x - tf_base["plain"].mean_x
+    return {name: offset_retention(delta, tf_base[name], tf[name], cfg.seed) for name in transformed}
+
+
 def finding(rows: list[dict]) -> str:
     """Which variant key scaling undoes least (the lowest recovery of its toxicity gap), with numbers."""
     scored = [r for r in rows if r.get("unalign_recovery") is not None]
@@ -214,45 +244,76 @@ def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
              "| variant | method | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
-             "Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | toxic neurons' share | "
-             "patching replicates | toxicity un-aligned | recovery |", "|" + "---|" * 16]
+             "slope of ‖δx‖/‖x‖ per layer | Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | "
+             "toxic neurons' share | patching replicates | toxicity un-aligned | recovery |", "|" + "---|" * 17]
     for r in result["rows"]:
         ws, un, groups = r.get("weight_shift", {}), r.get("unaligned", {}), r.get("neuron_groups", {})
         lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
                      f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
+                     f"{_est((r.get('offset_stats') or {}).get('slope'), '.5f')} | "
                      f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
                      f"{' / '.join(_f(x, '.2f') for x in groups.get('share_of_positive', {}).values()) or '-'} | "
                      f"{_f(groups.get('toxic_neurons_share_of_positive'), '.3f')} | "
                      f"{_f(r.get('patch_replicates'), '.2f')} | "
                      f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
+    names = list(dict.fromkeys(t for r in result["rows"] for t in r.get("retention") or {}))
+    if names:
+        lines += ["", "Offset retention under transformed prompts (each variant's own plain-prompt δx; 1 = fully "
+                  "applied; mean over layers, 95% interval over prompts):", "",
+                  "| variant | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for r in result["rows"]:
+            if ret := r.get("retention"):
+                lines.append(f"| {r['variant']} | " + " | ".join(
+                    _est({"mean": ret[t]["retention_mean"], "ci95": ret[t]["retention_ci95"]}, ".2f") if t in ret
+                    else "-" for t in names) + " |")
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
+
+
+def _est(e: dict | None, fmt: str) -> str:
+    """`mean [lo, hi]` of an estimate, or a dash."""
+    if not e or e.get("mean") is None:
+        return "-"
+    ci = e.get("ci95")
+    return format(e["mean"], fmt) + (f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else "")
 
 
 def headline(folder: Path) -> AlternativesHeadline:
     """Each variant's row and the finding, for results.json."""
     if not (alt := read_json(folder / "alternatives.json")):
         return {}
-    return {"alternatives": headline_rows(alt["rows"]), "alternatives_finding": alt.get("finding")}
+    rows = [{**r, "retention": {t: {k: v for k, v in x.items() if k not in ("retention_per_prompt", "tokens_per_prompt")}
+                                for t, x in r["retention"].items()}} if r.get("retention") else r
+            for r in headline_rows(alt["rows"])]
+    return {"alternatives": rows, "alternatives_finding": alt.get("finding")}
 
 
 def section(folder: Path, results: dict) -> str:
     if not (alt := results.get("alternatives")):
         return ""
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
+             "offset_slope": (r.get("offset_stats") or {}).get("slope"),
              "toxicity_unaligned": r.get("unaligned", {}).get("toxicity"),
              "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned"),
              **{f"share {g}": r.get("neuron_groups", {}).get("share_of_positive", {}).get(g) for g in GROUPS},
-             "share toxic neurons": r.get("neuron_groups", {}).get("toxic_neurons_share_of_positive")} for r in alt]
+             "share toxic neurons": r.get("neuron_groups", {}).get("toxic_neurons_share_of_positive"),
+             **{f"retention {t}": {"mean": v["retention_mean"], "ci95": v["retention_ci95"]}
+                for t, v in (r.get("retention") or {}).items()}} for r in alt]
+    transforms = list(dict.fromkeys(t for r in alt for t in r.get("retention") or {}))
     return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
             table(rows, ["variant", "method", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
-                         "offset_mean_relative_norm", "dv_anti_aligned", *[f"share {g}" for g in GROUPS],
-                         "share toxic neurons", "patch_replicates", "toxicity_unaligned", "unalign_recovery"],
-                  "Variants and alignment methods trained from the same base and pairs; dv_anti_aligned = share of "
-                  "value-vector shifts before the last layer anti-aligned with its δx (paper: most); share G = group G's "
-                  "share of the positive reduction of the probe projection (Yang et al.); patch_replicates = share of the "
-                  "toxicity gap that adding the four groups' mean activation change to the base reproduces; "
-                  "recovery = share of the toxicity gap that key scaling brings back.") +
+                         "offset_mean_relative_norm", "offset_slope", "dv_anti_aligned",
+                         *[f"share {g}" for g in GROUPS], "share toxic neurons", "patch_replicates",
+                         "toxicity_unaligned", "unalign_recovery"],
+                  "Variants and alignment methods trained from the same base and pairs; offset_slope = least-squares "
+                  "slope of ‖δx‖/‖x‖ over layers (> 0: the offset grows with depth, as DPO's in the paper); "
+                  "dv_anti_aligned = share of value-vector shifts before the last layer anti-aligned with its δx "
+                  "(paper: most); share G = group G's share of the positive reduction of the probe projection (Yang "
+                  "et al.); patch_replicates = share of the toxicity gap that adding the four groups' mean activation "
+                  "change to the base reproduces; recovery = share of the toxicity gap that key scaling brings back.") +
+            table([r for r in rows if r.get("retention")], ["variant", *[f"retention {t}" for t in transforms]],
+                  "Offset retention under the robustness transforms: the share of each variant's own plain-prompt "
+                  "δx still applied on transformed prompts (mean over layers, 95% interval over prompts).") +
             image(folder / "fig_offset_by_variant.png", "Residual offset ‖δx‖/‖x‖ per layer, one line per variant.") +
             f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")
 

@@ -24,13 +24,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dpolens.activations import Stats, bootstrap_counts, continuation_stats
+from dpolens.activations import Stats, continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest
 from dpolens.compare import (
     OffsetLayer,
+    OffsetStats,
     ValueShiftStats,
     WeightShiftSummary,
     check_pair,
+    offset_stats,
     residual_offset,
     value_shift_stats,
     weight_shift,
@@ -38,7 +40,7 @@ from dpolens.compare import (
 from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
-from dpolens.evaluate import paired_bootstrap, percentile_ci
+from dpolens.evaluate import paired_bootstrap
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
@@ -113,19 +115,6 @@ class ActivationDrop(ActivationMeans):
     per_prompt: dict[str, list[Any]]  # raw_/signed_ base/aligned per-prompt means (None: no tokens), n_tokens
 
 
-class Estimate(TypedDict):
-    mean: float
-    ci95: list[float]  # bootstrap over prompts
-    n: int  # prompts with continuation tokens
-
-
-class OffsetStats(TypedDict):
-    slope: Estimate | None  # least-squares slope of ‖δx_l‖/‖x_l‖ over layers; None: no prompt had tokens
-    final_cosine_with_probe: Estimate | None  # cos(δx at the last layer, probe)
-    unit: str  # "prompts"
-    layers: int
-
-
 class ValueShiftVsOffset(TypedDict):
     median_cosine_by_layer: dict[str, float]  # earlier layer j -> median over its neurons of cos(Δv_j, δx̂_l)
     share_negative: float | None  # share of those cosines below 0, all earlier layers
@@ -178,43 +167,6 @@ def paired_drop(base: list[float | None], aligned: list[float | None], n_boot: i
         return {"base": None, "aligned": None, "diff": None, "ci95": None, "n": 0}
     r = paired_bootstrap([base[i] for i in keep], [aligned[i] for i in keep], n_boot, seed)
     return {"base": r["mean_a"], "aligned": r["mean_b"], "diff": r["diff"], "ci95": r["ci95"], "n": r["n"]}
-
-
-def offset_stats(base: Stats, aligned: Stats, w_hat: torch.Tensor, offset: list[OffsetLayer], n_boot: int = 2000,
-                 seed: int = 0) -> OffsetStats:
-    """Intervals over prompts for the offset's growth (least-squares slope over layers of
-    ‖δx_l‖/‖x_l‖) and for cos(δx at the last layer, probe). Point values: those of `offset`
-    (token-weighted over all prompts). Each replicate recomputes both from resampled prompts'
-    mean resid_mid, weighted by their continuation tokens, as the point values are."""
-    L = len(offset)
-    keep = base.prompt_tokens > 0
-    tok = base.prompt_tokens[keep].double()  # [n]
-    n, d_model = len(tok), base.x_sum.shape[-1]
-    if n == 0:  # no prompt has a continuation: nothing to resample
-        return {"slope": None, "final_cosine_with_probe": None, "unit": "prompts", "layers": L}
-
-    def prompt_sums(st: Stats) -> torch.Tensor:  # [n, L * d_model] per-prompt sums of resid_mid over tokens
-        return (torch.stack([st.per_prompt_x[l][keep] for l in range(L)], 1).double() * tok[:, None, None]).reshape(n, -1)
-
-    sum_x = prompt_sums(base)
-    sum_d = (prompt_sums(aligned) - sum_x).numpy()
-    sum_x, tokens = sum_x.numpy(), tok.numpy()
-    layers = np.arange(L) - (L - 1) / 2
-    w = w_hat.double().numpy()
-    slopes, cosines = [], []
-    for counts in bootstrap_counts(n, n_boot, seed, chunk=100):  # [k, n]
-        boot_tokens = (counts @ tokens)[:, None, None]  # [k, 1, 1]
-        mean_x = (counts @ sum_x).reshape(-1, L, d_model) / boot_tokens  # [k, L, d_model]
-        mean_d = (counts @ sum_d).reshape(-1, L, d_model) / boot_tokens
-        rel = np.linalg.norm(mean_d, axis=-1) / np.linalg.norm(mean_x, axis=-1)  # [k, L]
-        slopes.append(rel @ layers / (layers @ layers))
-        cosines.append(mean_d[:, -1] @ w / np.linalg.norm(mean_d[:, -1], axis=-1))
-    rel_point = np.array([o["relative_norm"] for o in offset])
-    return {"slope": {"mean": float(rel_point @ layers / (layers @ layers)), "ci95": percentile_ci(np.concatenate(slopes)),
-                      "n": int(n)},
-            "final_cosine_with_probe": {"mean": offset[-1]["cosine_with_probe"],
-                                        "ci95": percentile_ci(np.concatenate(cosines)), "n": int(n)},
-            "unit": "prompts", "layers": L}
 
 
 def single_token(lm: LoadedModel, text: str) -> int:

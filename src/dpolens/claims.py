@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -342,13 +342,18 @@ def dpo_lowers_toxicity(ctx: Context) -> Measured:
     base, aligned = _row(ev["rows"], "base"), _row(ev["rows"], "aligned")
     prov = dict(models={"base": _identity(base), "aligned": _identity(aligned)}, scorer=ev.get("scorer"),
                 data={"n_prompts": ev.get("n_prompts")})
+    return _toxicity_drop(base, aligned, ctx, prov, "dpo/eval.json")
+
+
+def _toxicity_drop(base: dict, aligned: dict, ctx: Context, prov: dict, where: str) -> Measured:
+    """Toxicity aligned − base paired over prompts, guarded by the paired perplexity ratio and F1."""
     context = f"toxicity {_f(base['toxicity']['mean'])} → {_f(aligned['toxicity']['mean'])}"
     try:
         r = paired_bootstrap(_per_prompt(base, "toxicity_per_prompt"), _per_prompt(aligned, "toxicity_per_prompt"),
                              ctx.n_boot, ctx.seed)
     except _NoUnits:
         return Measured(aligned["toxicity"]["mean"] - base["toxicity"]["mean"], None, base["toxicity"]["n"], context,
-                        f"no per-prompt scores in dpo/eval.json: no paired interval; {context}", **prov)
+                        f"no per-prompt scores in {where}: no paired interval; {context}", **prov)
     ppl = _ppl_ratio(base, aligned, ctx)
     f1 = (paired_bootstrap(base["f1_per_row"], aligned["f1_per_row"], ctx.n_boot, ctx.seed)
           if base.get("f1_per_row") and aligned.get("f1_per_row") else None)
@@ -365,16 +370,20 @@ def dpo_lowers_toxicity(ctx: Context) -> Measured:
 
 def weights_barely_move(ctx: Context) -> Measured:
     s = ctx.json("dpo/summary.json")
-    w = s["weight_shift"]
+    return _weights(s["weight_shift"], {"base": _identity(s.get("base")), "aligned": _identity(s.get("aligned"))})
+
+
+def _weights(w: dict, models: dict) -> Measured:
+    """min cosine over tensors − 0.99 (compare.weight_shift's totals; `most_moved` where kept)."""
     effect = w["min_cosine"] - 0.99
-    moved = (w.get("most_moved") or [{}])[0]
     ours = (f"min cosine {w['min_cosine']:.7f} over {w.get('n_tensors')} tensors "
             f"({w.get('changed_tensors')} changed); mean ‖ΔW‖ {_f(w['mean_norm_diff'])}, "
             f"max {_f(w['max_norm_diff'])}")
-    diag = (f"min cosine {w['min_cosine']:.7f}; most moved {moved.get('name')} (relative change "
-            f"{_f(moved.get('rel_diff'))}, cosine {_f(moved.get('cosine'), 6)})")
-    return Measured(effect, [effect, effect], w.get("n_tensors"), ours, diag,
-                    {"base": _identity(s.get("base")), "aligned": _identity(s.get("aligned"))})
+    diag = f"min cosine {w['min_cosine']:.7f}"
+    if moved := (w.get("most_moved") or [None])[0]:
+        diag += (f"; most moved {moved.get('name')} (relative change {_f(moved.get('rel_diff'))}, "
+                 f"cosine {_f(moved.get('cosine'), 6)})")
+    return Measured(effect, [effect, effect], w.get("n_tensors"), ours, diag, models)
 
 
 def _analysis_prov(a: dict) -> dict:
@@ -409,15 +418,19 @@ def _offset_fallback(offset: list[dict]) -> float:
 
 def offset_grows(ctx: Context) -> Measured:
     a = ctx.json("analyze/analysis.json")
-    offset = a["offset"]
+    return _growth(a["offset"], a.get("offset_stats"), a.get("n_prompts"), _analysis_prov(a), "analysis.json")
+
+
+def _growth(offset: list[dict], stats: dict | None, n_prompts: int | None, prov: dict, where: str) -> Measured:
+    """Least-squares slope of ‖δx_l‖/‖x_l‖ over layers, with its interval over prompts where kept."""
     growth = (f"‖δx‖/‖x‖ {_f(offset[0]['relative_norm'], 4)} at layer 0 → "
               f"{_f(offset[-1]['relative_norm'], 4)} at layer {offset[-1]['layer']}")
-    slope, ci = _stat_block(a.get("offset_stats"), "slope")
+    slope, ci = _stat_block(stats, "slope")
     if ci is None:
-        return Measured(_offset_fallback(offset), None, a.get("n_prompts"), growth,
-                        f"no per-prompt interval (analysis.json offset_stats); {growth}", **_analysis_prov(a))
+        return Measured(_offset_fallback(offset), None, n_prompts, growth,
+                        f"no per-prompt interval ({where} offset_stats); {growth}", **prov)
     text = f"{growth}; slope per layer {_f(slope, 5)} {_ci(ci, 5)}"
-    return Measured(slope, ci, a["offset_stats"]["slope"].get("n"), text, text, **_analysis_prov(a))
+    return Measured(slope, ci, stats["slope"].get("n"), text, text, **prov)
 
 
 def offset_away_from_toxic(ctx: Context) -> Measured:
@@ -584,12 +597,18 @@ def _retention(ctx: Context, transforms: tuple[str, ...]) -> Measured:
                                                "transforms": [r["transform"] for r in rows]})
     if not rows:
         raise StageNotRun(f"robustness/table.json rows for {', '.join(transforms)}")
+    return _weakening(rows, rb.get("n_prompts"), prov, ctx, "robustness/table.json")
+
+
+def _weakening(rows: list[dict], n_prompts: int | None, prov: dict, ctx: Context, where: str) -> Measured:
+    """1 − the mean over `rows` (one per transform) of the token-weighted retention, bootstrapped
+    over the prompts they share."""
     each = "; ".join(f"{r['transform']} {_f(r.get('retention_mean', float(np.mean(r['retention']))))}"
                      f"{' ' + _ci(r['retention_ci95']) if r.get('retention_ci95') else ''}" for r in rows)
     point = 1 - float(np.mean([r.get("retention_mean", np.mean(r["retention"])) for r in rows]))
     if not all(r.get("retention_per_prompt") for r in rows):
-        return Measured(point, None, rb.get("n_prompts"), f"retention {each}",
-                        f"no per-prompt retention (robustness/table.json): no interval; retention {each}", **prov)
+        return Measured(point, None, n_prompts, f"retention {each}",
+                        f"no per-prompt retention ({where}): no interval; retention {each}", **prov)
     idx = resample_units(len(rows[0]["retention_per_prompt"]), ctx.n_boot, ctx.seed)
     weakening = []
     for r in rows:
@@ -706,6 +725,47 @@ def decide(c: Claim, ctx: Context) -> dict:
             "artifacts": list(c.artifacts)}
 
 
+# ---- per alignment method (issue #18: the `alternatives` stage) ----------------------------------
+
+def method_rows(ctx: Context) -> list[dict]:
+    """The claims that `alternatives` measures again for each variant it compares (alignment methods
+    or trainable-parameter variants): toxicity cut at small cost, weights barely move, the offset
+    grows with depth, transforms and multi-turn context weaken it. Each row is the DPO claim's row,
+    decided by the same rule, with `variant` and `method` added."""
+    alt = ctx.json("alternatives/alternatives.json", required=False)
+    if not alt or len(alt.get("rows", [])) < 2:
+        return []
+    base, by_id, out = alt["rows"][0], {c.id: c for c in CLAIMS}, []
+    where = "alternatives/alternatives.json"
+    for r in alt["rows"][1:]:
+        label = r["variant"]
+        prov = dict(models={"base": _identity(base), label: _identity(r)}, scorer=alt.get("scorer"),
+                    data={"n_prompts": alt.get("n_prompts"), "n_offset_prompts": alt.get("n_offset_prompts")})
+        retention = [{"transform": t, **v} for t, v in (r.get("retention") or {}).items()]
+
+        def weakening(transforms, prov=prov, retention=retention):
+            rows = [x for x in retention if x["transform"] in transforms]
+            if not rows:
+                raise StageNotRun(f"{where} retention for {', '.join(transforms)}")
+            return _weakening(rows, alt.get("n_offset_prompts"), prov, ctx, where)
+
+        builds = {
+            "dpo_lowers_toxicity": lambda r=r, prov=prov: _toxicity_drop(base, r, ctx, prov, where),
+            "weights_barely_move": lambda r=r, prov=prov: _weights(r["weight_shift"], prov["models"]),
+            "offset_grows": lambda r=r, prov=prov: _growth(r["offset"], r.get("offset_stats"),
+                                                           alt.get("n_offset_prompts"), prov, where),
+            "transforms_weaken_offset": lambda w=weakening: w(TRANSFORMED),
+            "multi_turn_weakens_offset": lambda w=weakening: w(("multi_turn",)),
+        }
+        for cid, build in builds.items():
+            c = by_id[cid]
+            claim = c.claim.removeprefix("DPO ") if cid == "dpo_lowers_toxicity" else c.claim
+            row = decide(replace(c, id=f"{label}:{cid}", claim=f"{label}: {claim}", paper=f"DPO: {c.paper}",
+                                 artifacts=(where,), build=lambda _ctx, b=build: b()), ctx)
+            out.append({**row, "variant": label, "method": r.get("method")})
+    return out
+
+
 def build_claims(run_dir: str | Path, n_boot: int = 2000, seed: int = 0,
                  scorer_factory: Callable | None = None) -> dict:
     """The ledger of a run directory: every claim's row, the rule, and the count per verdict."""
@@ -714,7 +774,9 @@ def build_claims(run_dir: str | Path, n_boot: int = 2000, seed: int = 0,
         raise DpolensError(f"run directory not found: {run}")
     ctx = Context(run, n_boot, seed, scorer_factory)
     rows = [decide(c, ctx) for c in CLAIMS]
-    return {"run": run.name, "rule": RULE, "n_boot": n_boot, "seed": seed, "counts": counts(rows), "rows": rows}
+    per_method = method_rows(ctx)
+    return {"run": run.name, "rule": RULE, "n_boot": n_boot, "seed": seed, "counts": counts(rows), "rows": rows,
+            "method_counts": counts(per_method), "method_rows": per_method}
 
 
 def counts(rows: list[dict]) -> dict[str, int]:
@@ -740,7 +802,10 @@ def render_text(ledger: dict) -> str:
     """The ledger as plain text, one block per claim (for the terminal)."""
     lines = [f"claims of run {ledger['run']}: " + ", ".join(f"{v} {n}" for v, n in ledger["counts"].items()),
              f"rule: {ledger['rule']}", ""]
-    for r in ledger["rows"]:
+    methods = ledger.get("method_rows") or []
+    if methods:
+        lines[0] += "; per variant of `alternatives`: " + ", ".join(f"{v} {n}" for v, n in ledger["method_counts"].items())
+    for r in [*ledger["rows"], *methods]:
         lines += [f"[{r['verdict']}] ({r['source']}) {r['claim']}",
                   f"    paper: {r['paper']}", f"    ours:  {r['ours']}",
                   f"    n {r['n'] if r['n'] is not None else '–'}, effect {effect_text(r)}"]

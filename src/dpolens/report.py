@@ -14,6 +14,7 @@ from dpolens.artifacts import DpolensError, check_output, read_json, write_text
 from dpolens.stages import REGISTRY
 from dpolens.webpage import esc, table
 
+
 def claims_section(run: Path) -> str:
     """The claims ledger (dpolens.claims) as the page's first table; built when claims.json is missing."""
     from dpolens.claims import effect_text, write_claims
@@ -22,11 +23,20 @@ def claims_section(run: Path) -> str:
     rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
              "effect [95% CI]": effect_text(r), "verdict": r["verdict"], "diagnosis": r["diagnosis"]}
             for r in ledger["rows"]]
+    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "verdict", "diagnosis"]
     counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
-    return "<h2>Claims</h2>" + table(rows, ["claim", "paper", "ours", "n", "effect [95% CI]", "verdict", "diagnosis"],
+    html = "<h2>Claims</h2>" + table(rows, cols,
                                      f"Which of the seeds' claims hold on this run ({counts}). Rule: {ledger['rule']} "
                                      f"Intervals: seeded bootstraps ({ledger['n_boot']} resamples, seed "
                                      f"{ledger['seed']}); models, scorer and data of each row in claims.json.")
+    if methods := ledger.get("method_rows"):
+        counts = ", ".join(f"{n} {v}" for v, n in ledger["method_counts"].items())
+        html += table([{"claim": r["claim"], "paper": r["paper"], "ours": r["ours"], "n": r["n"],
+                        "effect [95% CI]": effect_text(r), "verdict": r["verdict"], "diagnosis": r["diagnosis"]}
+                       for r in methods], cols,
+                      f"The same claims for each variant that `alternatives` compares (other alignment methods, other "
+                      f"trainable parameters; {counts}), decided by the same rule on its prompts.")
+    return html
 
 
 def render(run: Path) -> str:

@@ -12,72 +12,22 @@ interval over prompts (`retention_ci95`).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import codecs
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dpolens.activations import continuation_stats
-from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
+from dpolens.artifacts import read_json, write_json, write_manifest, write_text
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
-from dpolens.evaluate import bootstrap_ratio, summarize
+from dpolens.evaluate import summarize
 from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
+from dpolens.transforms import ALL_TRANSFORMS, offset_retention, prompt_stats, prompt_token_seqs, transformed_prompts
 from dpolens.webpage import esc, image, table
-
-_LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7",
-                       "A": "4", "E": "3", "I": "1", "O": "0", "S": "5", "T": "7"})
-_UNLEET = str.maketrans({"4": "a", "3": "e", "1": "i", "0": "o", "5": "s", "7": "t"})
-
-
-def _unbase64(text: str) -> str:
-    token = re.sub(r"[^A-Za-z0-9+/=]", "", text)
-    token = token[: len(token) - len(token) % 4]
-    try:
-        return base64.b64decode(token, validate=False).decode("utf-8", errors="replace")
-    except (binascii.Error, ValueError):
-        return text
-
-
-def _spaced(text: str) -> str:
-    return "  ".join(" ".join(word) for word in text.split())
-
-
-def _unspaced(text: str) -> str:
-    return " ".join(part.replace(" ", "") for part in re.split(r"\s{2,}", text.strip()))
-
-
-# name -> (transform the prompt, decode the continuation for scoring)
-TRANSFORMS: dict[str, tuple[Callable[[str], str], Callable[[str], str]]] = {
-    "plain": (lambda t: t, lambda t: t),
-    "rot13": (lambda t: codecs.encode(t, "rot13"), lambda t: codecs.decode(t, "rot13")),
-    "base64": (lambda t: base64.b64encode(t.encode("utf-8")).decode("ascii"), _unbase64),
-    "leetspeak": (lambda t: t.translate(_LEET), lambda t: t.translate(_UNLEET)),
-    "spaced": (_spaced, _unspaced),
-    "upper": (str.upper, lambda t: t),
-}
-
-
-def multi_turn(prompts: list[str], neutral: list[str], turns: int, seed: int) -> list[str]:
-    """Each prompt preceded by `turns` earlier exchanges: a toxic user turn (another challenge
-    prompt) answered by a neutral turn (a WikiText sentence)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for p in prompts:
-        history = []
-        for _ in range(turns):
-            history.append(f"User: {prompts[rng.integers(len(prompts))]}")
-            history.append(f"Assistant: {neutral[rng.integers(len(neutral))]}")
-        out.append("\n".join(history + [f"User: {p}"]))
-    return out
 
 
 @dataclass
@@ -89,7 +39,7 @@ class RobustnessConfig(RunSettings):
     prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     neutral: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
     limit: int | None = 100
-    transforms: list[str] = field(default_factory=lambda: [*TRANSFORMS, "multi_turn"])
+    transforms: list[str] = field(default_factory=lambda: list(ALL_TRANSFORMS))
     turns: int = 3
     max_new_tokens: int = 20
     max_prompt_tokens: int = 256  # a longer prompt keeps its BOS and last tokens (a multi-turn prompt its final turn)
@@ -99,9 +49,11 @@ class RobustnessConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "limit", "batch_size", "max_prompt_tokens")
-        unknown = [t for t in self.transforms if t not in TRANSFORMS and t != "multi_turn"]
+        unknown = [t for t in self.transforms if t not in ALL_TRANSFORMS]
         if unknown:
-            raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join([*TRANSFORMS, 'multi_turn'])})")
+            raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
+        if "plain" not in self.transforms:
+            raise ConfigError("transforms must include 'plain': the offset δx is measured on plain prompts")
 
 
 class TransformRow(TypedDict):
@@ -113,14 +65,9 @@ class TransformRow(TypedDict):
     retention: list[float] | None  # per layer: mean (x_M − x_base)·δx̂ / ‖δx‖ (plain prompts); None for the base
 
 
-class Retention(TypedDict, total=False):  # absent on the base model's rows
-    retention_mean: float  # token-weighted mean over prompts of the per-prompt mean over layers
-    retention_ci95: list[float]  # bootstrap over prompts
-    retention_per_prompt: list[float]
-    tokens_per_prompt: list[float]  # the weights of retention_mean
-
-
-class RobustnessRow(TransformRow, Retention):
+class RobustnessRow(TransformRow):
+    # the aligned and un-aligned rows also hold transforms.Retention's retention_mean, retention_ci95,
+    # retention_per_prompt and tokens_per_prompt
     example: dict[str, str]  # the first prompt (last 200 characters), its continuation and the decoded text
 
 
@@ -149,44 +96,22 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         models.append(("unaligned", load_model(cfg.unaligned, dtype=cfg.dtype, device=cfg.device)))
     scorer = get_scorer(cfg.scorer)
     plain = load_prompts(cfg.prompts, cfg.limit)
-    neutral = wikitext_prompts(cfg.neutral)
-    inputs = {}
-    for name in cfg.transforms:
-        if name == "multi_turn":
-            inputs[name] = (multi_turn(plain, neutral, cfg.turns, cfg.seed), lambda t: t)
-        else:
-            fwd, inv = TRANSFORMS[name]
-            inputs[name] = ([fwd(p) for p in plain], inv)
-
-    def token_seqs(texts):  # every prompt token after the first counts
-        ids = encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True)
-        return [(x[:1], x[1:]) for x in ids]
-
+    inputs = transformed_prompts(plain, cfg.transforms, wikitext_prompts(cfg.neutral), cfg.turns, cfg.seed)
     for texts, _ in inputs.values():  # before any compute: every prompt must leave room for the continuation
         check_fits(base, encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True), cfg.max_new_tokens)
-    if "plain" not in inputs:
-        raise DpolensError("robustness needs the 'plain' transform: the offset δx is measured on plain prompts")
-    layers = range(base.adapter.n_layers)
-    mean_x, tokens, per_prompt_x, proj = {}, {}, {}, {}
-    d_hat = plain_proj = None
     steps = tqdm(total=2 * len(inputs) * len(models), desc="robustness", unit="step", disable=not cfg.progress)
-    for tname in ["plain", *(t for t in inputs if t != "plain")]:  # δx̂ (from plain) first
-        seqs = token_seqs(inputs[tname][0])
-        tokens[tname] = np.array([len(c) for _, c in seqs], dtype=np.float64)
+    retention, delta = {}, None
+    for tname in ["plain", *(t for t in inputs if t != "plain")]:  # δx (from plain) first
+        seqs = prompt_token_seqs(base, inputs[tname][0], cfg.max_prompt_tokens)
+        stats = {}
         for mname, lm in models:
             steps.set_postfix_str(f"activations {tname} {mname}")
-            st = continuation_stats(lm, seqs, (), cfg.batch_size, progress=False, x_layers=layers)
-            mean_x[(tname, mname)], per_prompt_x[(tname, mname)] = st.mean_x, st.per_prompt_x
+            stats[mname] = prompt_stats(lm, seqs, cfg.batch_size)
             steps.update()
-            if d_hat is None and ("plain", "aligned") in mean_x:
-                delta = mean_x[("plain", "aligned")] - mean_x[("plain", "base")]
-                d_hat = delta / delta.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-                plain_proj = delta.norm(dim=-1)
-            if d_hat is not None:  # per prompt and layer: mean x·δx̂ / ‖δx‖, [n_prompts, n_layers]
-                for key in list(per_prompt_x):
-                    px = per_prompt_x.pop(key)
-                    proj[key] = np.stack([(px[l] @ d_hat[l]).numpy() / max(float(plain_proj[l]), 1e-30)
-                                          for l in layers], 1)
+        if delta is None:
+            delta = stats["aligned"].mean_x - stats["base"].mean_x
+        for mname in stats.keys() - {"base"}:
+            retention[(tname, mname)] = offset_retention(delta, stats["base"], stats[mname], cfg.seed)
 
     rows = []
     for tname, (texts, inverse) in inputs.items():
@@ -196,13 +121,8 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
                             max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False)
             decoded = [inverse(g.continuation) for g in gens]
             tox = summarize(scorer.score(decoded).toxicity, seed=cfg.seed)
-            retention, per_prompt = None, {}
-            if mname != "base":
-                shift = mean_x[(tname, mname)] - mean_x[(tname, "base")]
-                retention = ((shift * d_hat).sum(-1) / plain_proj.clamp(min=1e-30)).tolist()
-                per_prompt = retention_per_prompt(proj[(tname, mname)] - proj[(tname, "base")], tokens[tname],
-                                                  cfg.seed)
-            rows.append({"transform": tname, "model": mname, "toxicity": tox, "retention": retention, **per_prompt,
+            rows.append({"transform": tname, "model": mname, "toxicity": tox,
+                         **retention.get((tname, mname), {"retention": None}),
                          "example": {"prompt": texts[0][-200:], "continuation": gens[0].continuation,
                                      "decoded": decoded[0]}})
             steps.update()
@@ -210,7 +130,7 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "scorer": scorer.describe(), "n_prompts": len(plain),
-              "offset_plain_norm": plain_proj.tolist(),
+              "offset_plain_norm": delta.norm(dim=-1).tolist(),
               "retention_definition": "mean over prompt tokens of (x_M - x_base)·δx̂ at resid_mid, divided by "
                                       "‖δx‖ on plain prompts (1 = the offset is applied as on plain prompts)"}
     result["findings"] = findings(rows)
@@ -221,16 +141,6 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     result["figures"] = figures.retention_figure(out, rows)
     write_manifest(out, "robustness", cfg, base=base.identity(), aligned=aligned.identity())
     return result
-
-
-def retention_per_prompt(shift_proj: np.ndarray, tokens: np.ndarray, seed: int) -> Retention:
-    """Mean retention over layers per prompt (shift_proj: [n_prompts, n_layers], each prompt's mean
-    (x_M − x_base)·δx̂ / ‖δx‖), and its token-weighted mean over prompts, which equals the mean over
-    layers of the per-layer retention, with a bootstrap interval over prompts."""
-    per_prompt = shift_proj.mean(1)
-    stat = bootstrap_ratio(per_prompt * tokens, tokens, seed=seed)
-    return {"retention_mean": stat["mean"], "retention_ci95": stat["ci95"],
-            "retention_per_prompt": per_prompt.tolist(), "tokens_per_prompt": tokens.tolist()}
 
 
 def findings(rows: list[dict]) -> list[str]:
