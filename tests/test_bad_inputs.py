@@ -55,6 +55,8 @@ CASES = {  # the arguments, and what the error line must say
                                           "stage 'dpo' is not in this study's stages (probe)"),
     "report missing folder": (["report", "nosuch"], "run folder not found: nosuch"),
     "report empty folder": (["report", "empty"], "holds no stage outputs and no results.json"),
+    "report damaged results.json": (["report", "trun"], "trun/results.json is not valid JSON"),
+    "unalign unknown key": (["unalign", "-m", "{tiny}", "--key", "nosuch", "-o", "out"], "unknown key 'nosuch' (gate, key)"),
     # output locations
     "eval out is a file": (["eval", "-m", "{tiny}", "-o", "afile"], "output afile is a file; a folder goes there"),
     "probe out under a file": (["probe", "-m", "{tiny}", "-o", "afile/probe"], "afile is a file"),
@@ -152,6 +154,8 @@ def _bad_files(d, tiny):
     """The files the cases point at: each wrong in one way."""
     (d / "empty").mkdir()
     (d / "afile").write_text("x")
+    (d / "trun/probe").mkdir(parents=True)
+    (d / "trun/results.json").write_text('{"a": [1, 2')
     (d / "texts.jsonl").write_text('{"text": "hello"}\n')
     (d / "bad.yaml").write_text("a: [1,\n")
     (d / "list.yaml").write_text("- probe\n- vectors\n")

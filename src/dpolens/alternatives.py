@@ -25,6 +25,7 @@ from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
+from dpolens.model import hooks
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
 from dpolens.training import METHOD_BETA, DPOConfig, train_aligned
@@ -73,6 +74,8 @@ class AlternativesConfig(RunSettings):
                 raise ConfigError(f"unknown method '{m}' ({', '.join(METHOD_BETA)})")
         if clash := set(self.methods) & set(self.variants):
             raise ConfigError(f"'{sorted(clash)[0]}' is both a method to train and a variant folder")
+        if self.key not in hooks.KEY_KINDS:
+            raise ConfigError(f"unknown key '{self.key}' ({', '.join(hooks.KEY_KINDS)})")
         if unknown := [t for t in self.transforms if t not in ALL_TRANSFORMS]:
             raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
         if self.transforms and "plain" not in self.transforms:

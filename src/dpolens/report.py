@@ -40,8 +40,8 @@ def claims_section(run: Path) -> str:
 
 
 def render(run: Path) -> str:
+    res = read_json(run / "results.json") or {}  # a damaged file fails here, before claims.json is written
     parts = [f"<h1>dpolens study: {esc(run.name)}</h1>", claims_section(run)]
-    res = read_json(run / "results.json") or {}
     parts += [st.section(run / st.name, res) for st in REGISTRY if (run / st.name).exists()]
     prov = res.get("provenance", {})
     parts.append("<h2>Provenance</h2>")

@@ -34,7 +34,7 @@ from dpolens.artifacts import (
     write_text,
 )
 from dpolens.compare import check_pair
-from dpolens.config import RunSettings, at_least
+from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
 from dpolens.model import hooks
@@ -62,6 +62,8 @@ class UnalignConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "k")
+        if self.key not in hooks.KEY_KINDS:
+            raise ConfigError(f"unknown key '{self.key}' ({', '.join(hooks.KEY_KINDS)})")
 
 
 class NeuronFlip(TypedDict):

@@ -155,6 +155,9 @@ def edit_neurons(
         yield
 
 
+KEY_KINDS = ("gate", "key")  # what scale_keys scales: the gate_proj rows or the key (fc / up_proj) rows
+
+
 @contextlib.contextmanager
 def scale_keys(
     adapter: Adapter, layer: int, neurons: Sequence[int], factor: float, which: str = "key"
@@ -166,7 +169,7 @@ def scale_keys(
     Yields a record of what was scaled (module name, neurons, factor). Weights are restored
     from saved copies, never by dividing, so they come back bit-identical.
     """
-    if which not in ("key", "gate"):
+    if which not in KEY_KINDS:
         raise ValueError(f"which must be 'key' or 'gate', not {which!r}")
     ks = (adapter.gate_slice(layer) if which == "gate" else None) or adapter.key_slice(layer)
     idx = torch.as_tensor(list(neurons), dtype=torch.long)
