@@ -195,7 +195,7 @@ def make_run(root, rng):
     write_json(run / "neurons" / "patching.json", {
         "base": eval_row("base", base_tox, rng), "aligned": eval_row("aligned", aligned_tox, rng, 1.05, ALIGNED),
         "steps": [{"groups": ["TP-", "AN-", "TN+", "AP+"], "n_neurons": 40,
-                   **eval_row("", aligned_tox + 0.01, rng, 1.1)}],
+                   **eval_row("", aligned_tox + 0.01, rng, 1.06)}],
         "n_eval_prompts": N_PROMPTS, "eval_offset": 100, "mode": "shift", "patch": "shift"})
     # robustness: every transform keeps about half the offset, multi-turn keeps all of it
     rows = []
@@ -312,6 +312,18 @@ def test_claims_per_alignment_method(run_dir):
     weak = next(r for r in ledger["method_rows"] if r["id"] == "ipo:transforms_weaken_offset")
     assert weak["effect"] == pytest.approx(0.5, abs=0.03) and weak["n"] == 30
     assert "per variant of `alternatives`" in render_text(ledger)
+
+
+def test_patching_at_a_perplexity_cost_does_not_replicate(run_dir):
+    """A patch that cuts toxicity by wrecking fluency is not DPO replicated."""
+    p = json.loads((run_dir / "neurons" / "patching.json").read_text())
+    rng = np.random.default_rng(5)
+    p["steps"][-1].update({k: v for k, v in eval_row("", p["steps"][-1]["toxicity_per_prompt"], rng, 1.5).items()
+                           if k.startswith("ppl") or k == "perplexity"})
+    write_json(run_dir / "neurons" / "patching.json", p)
+    row = next(r for r in build_claims(run_dir, n_boot=200)["rows"] if r["id"] == "patching_replicates")
+    assert row["verdict"] == "inconclusive" and row["effect"] > 0
+    assert row["diagnosis"].startswith("the effect holds, but perplexity ×") and "(patched against aligned)" in row["diagnosis"]
 
 
 def test_claims_cli_writes_the_ledger(run_dir):

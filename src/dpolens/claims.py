@@ -578,9 +578,14 @@ def patching_replicates(ctx: Context) -> Measured:
     ppl = _ppl_ratio(base, patched, ctx)
     ours = (f"{means}: {_pct(share)} of the gap {_pct_ci(ci)}; patched − aligned {_f(vs_aligned['diff'])} "
             f"{_ci(vs_aligned['ci95'])}; {_ppl_text(ppl, base, patched)} vs base")
+    vs_aligned_ppl = _ppl_ratio(aligned, patched, ctx)  # "replicates DPO": at the aligned model's fluency
+    ours += f"; {_ppl_text(vs_aligned_ppl, aligned, patched)} vs aligned"
     diag = ours if ci is not None else (f"no toxicity gap to replicate: aligned − base {_f(gap['diff'])} "
                                         f"{_ci(gap['ci95'])}; {means}")
-    return _more_than_half(share, ci, gap["n"], ours, diag, prov)
+    m = _more_than_half(share, ci, gap["n"], ours, diag, prov)
+    if guard := _ppl_guard(vs_aligned_ppl, aligned, patched):
+        m.guard = f"{guard} (patched against aligned)"
+    return m
 
 
 # ---- the review ----------------------------------------------------------------------------------
@@ -688,7 +693,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("patching_replicates", "Yang", "patching the four groups' activations in the base model replicates DPO",
           "patching all four groups replicates DPO's toxicity reduction", +1,
           "effect = (toxicity base − patched) / (base − aligned) − 0.5, paired over held-out prompts; paper: > 0 "
-          "(more than half of DPO's reduction; patched − aligned reported)", ("neurons/patching.json",), patching_replicates),
+          f"(more than half of DPO's reduction; patched − aligned reported); holds only with the patched PPL within "
+          f"×{PPL_BOUND} of the aligned model's (paired over windows)", ("neurons/patching.json",), patching_replicates),
     Claim("transforms_weaken_offset", "review", "transformed prompts (ROT13, Base64, leetspeak, spaced, upper case) "
           "weaken the offset", "open question: encodings may bypass δx (not tested in the paper)", +1,
           "effect = 1 − retention of δx by the aligned model, mean over the transforms (bootstrap over prompts); "
