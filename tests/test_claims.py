@@ -326,6 +326,15 @@ def test_patching_at_a_perplexity_cost_does_not_replicate(run_dir):
     assert row["diagnosis"].startswith("the effect holds, but perplexity ×") and "(patched against aligned)" in row["diagnosis"]
 
 
+def test_a_collapse_onto_one_subject_blocks_the_dpo_claim(run_dir):
+    ev = json.loads((run_dir / "dpo" / "eval.json").read_text())
+    ev["overused_words"] = [{"word": "2018", "base_share": 0.02, "aligned_share": 0.62}]
+    write_json(run_dir / "dpo" / "eval.json", ev)
+    row = next(r for r in build_claims(run_dir, n_boot=200)["rows"] if r["id"] == "dpo_lowers_toxicity")
+    assert row["verdict"] == "inconclusive" and "'2018' in 62.0% of the aligned continuations (base 2.0%)" in row["ours"]
+    assert row["diagnosis"].startswith("the effect holds, but the aligned model collapses onto one subject")
+
+
 def test_claims_cli_writes_the_ledger(run_dir):
     from typer.testing import CliRunner
 

@@ -83,7 +83,9 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     base_rows = [c for c in cached if c["model"]["ref"] == str(study.model) and not c["intervention"]
                  and len(c["result"]["records"]) == 6]
     assert len(base_rows) == 1  # neurons' reference rows are on the prompts after its fit split
-    dpo_base = json.loads((run / "dpo" / "eval.json").read_text())["rows"][0]
+    dpo_eval = json.loads((run / "dpo" / "eval.json").read_text())
+    dpo_base = dpo_eval["rows"][0]
+    assert all(w["aligned_share"] > w["base_share"] for w in dpo_eval["overused_words"])
     assert dpo_base["toxicity_per_prompt"] == [x["toxicity"] for x in base_rows[0]["result"]["records"]]
     ledger = json.loads((run / "claims.json").read_text())
     assert len(ledger["rows"]) >= 13 and sum(r["claims"].values()) == len(ledger["rows"])

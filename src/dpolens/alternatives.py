@@ -28,6 +28,7 @@ from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inpu
 from dpolens.model import hooks
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
+from dpolens.textquality import overused_words
 from dpolens.training import METHOD_BETA, DPOConfig, train_aligned
 from dpolens.transforms import ALL_TRANSFORMS, offset_retention, prompt_stats, prompt_token_seqs, transformed_prompts
 from dpolens.webpage import esc, image, table
@@ -86,9 +87,9 @@ class AlternativesResult(TypedDict):
     """What `run_alternatives` returns and writes to alternatives.json."""
 
     # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
-    # method, trainable, loss, steps (their dpo summary), weight_shift (compare.WeightShiftTotals), offset
-    # (compare.OffsetLayer per layer), offset_mean_relative_norm, offset_stats (compare.OffsetStats: the slope of
-    # ‖δx‖/‖x‖ over layers and cos(δx, probe) at the last layer, intervals over prompts), retention (per transform:
+    # method, trainable, loss, steps (their dpo summary), overused_words (textquality.WordShift), weight_shift
+    # (compare.WeightShiftTotals), offset (compare.OffsetLayer per layer), offset_mean_relative_norm, offset_stats
+    # (compare.OffsetStats: the slope of ‖δx‖/‖x‖ over layers and cos(δx, probe) at the last layer, intervals over prompts), retention (per transform:
     # transforms.Retention; results.json drops its per-prompt lists), value_shift_stats (compare.ValueShiftStats:
     # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
     # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
@@ -143,7 +144,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     probe, _ = load_probe(cfg.probe, base)
     w_hat = probe.float() / probe.float().norm()
-    base_eval = evaluate_inputs(base, cfg.eval, inputs, label="base").row()
+    base_full = evaluate_inputs(base, cfg.eval, inputs, label="base")
+    base_eval, base_texts = base_full.row(), [r["continuation"] for r in base_full.records]
     prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit)
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
@@ -162,7 +164,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         m = load_model(folder / "model" if (folder / "model").is_dir() else folder, dtype=cfg.dtype,
                        device=cfg.device)
         check_pair(base, m)
-        res = evaluate_inputs(m, cfg.eval, inputs, label=label).row()
+        full = evaluate_inputs(m, cfg.eval, inputs, label=label)
+        res, overused = full.row(), overused_words(base_texts, [r["continuation"] for r in full.records])
         shift = weight_shift(base.model, m.model)
         stats = continuation_stats(m, seqs, (), cfg.batch_size, label, x_layers=layers)
         offset = residual_offset(st_base.mean_x, stats.mean_x, w_hat)
@@ -190,7 +193,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
             "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
-            "offset_stats": growth, "retention": retention,
+            "offset_stats": growth, "retention": retention, "overused_words": overused,
             "value_shift_stats": shift_stats,
             "neuron_groups": {"share_of_positive": {g: shares["groups"][g]["share_of_positive"] for g in GROUPS},
                               "four_groups_share_of_positive": shares["four_groups_share_of_positive"],

@@ -27,6 +27,7 @@ import numpy as np
 from dpolens.artifacts import DpolensError, read_json, write_json
 from dpolens.evaluate import (paired_bootstrap, paired_ppl_ratio, percentile_ci, resample_units,
                               unpaired_bootstrap)
+from dpolens.textquality import OVERUSE
 
 log = logging.getLogger(__name__)
 
@@ -342,10 +343,11 @@ def dpo_lowers_toxicity(ctx: Context) -> Measured:
     base, aligned = _row(ev["rows"], "base"), _row(ev["rows"], "aligned")
     prov = dict(models={"base": _identity(base), "aligned": _identity(aligned)}, scorer=ev.get("scorer"),
                 data={"n_prompts": ev.get("n_prompts")})
-    return _toxicity_drop(base, aligned, ctx, prov, "dpo/eval.json")
+    return _toxicity_drop(base, aligned, ctx, prov, "dpo/eval.json", ev.get("overused_words"))
 
 
-def _toxicity_drop(base: dict, aligned: dict, ctx: Context, prov: dict, where: str) -> Measured:
+def _toxicity_drop(base: dict, aligned: dict, ctx: Context, prov: dict, where: str,
+                   overused: list[dict] | None = None) -> Measured:
     """Toxicity aligned − base paired over prompts, guarded by the paired perplexity ratio and F1."""
     context = f"toxicity {_f(base['toxicity']['mean'])} → {_f(aligned['toxicity']['mean'])}"
     try:
@@ -360,10 +362,17 @@ def _toxicity_drop(base: dict, aligned: dict, ctx: Context, prov: dict, where: s
     f1_text = (f"F1 {_f(f1['mean_a'])} → {_f(f1['mean_b'])}, Δ {_f(f1['diff'])} {_ci(f1['ci95'])}" if f1
                else "F1 not paired")
     cost = f"{_ppl_text(ppl, base, aligned)}; {f1_text}"
+    if overused:
+        w = overused[0]
+        collapse = (f"'{w['word']}' in {_pct(w['aligned_share'])} of the aligned continuations "
+                    f"(base {_pct(w['base_share'])})")
+        cost += f"; most over-used word {collapse}"
     ours = f"{context}, Δ {_f(r['diff'])} {_ci(r['ci95'])}; {cost}"
     guard = _ppl_guard(ppl, base, aligned)
     if guard is None and f1 and f1["ci95"] and f1["ci95"][1] < 0:
         guard = f"F1 drops significantly: {f1_text}"
+    if guard is None and overused and overused[0]["aligned_share"] - overused[0]["base_share"] >= OVERUSE:
+        guard = f"the aligned model collapses onto one subject: {collapse}"
     return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ toxicity {_f(r['diff'])} {_ci(r['ci95'])}; {cost}",
                     guard=guard, **prov)
 
@@ -646,7 +655,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("dpo_lowers_toxicity", "Lee", "DPO lowers toxicity at a small perplexity and F1 cost",
           "toxicity 0.453 → 0.208, PPL 21.7 → 23.34, F1 0.193 → 0.195", -1,
           "effect = toxicity(aligned) − toxicity(base), paired over prompts; paper: < 0; holds only with the PPL "
-          f"ratio (paired over windows) at most ×{PPL_BOUND} and no significant F1 drop (paired over rows)",
+          f"ratio (paired over windows) at most ×{PPL_BOUND}, no significant F1 drop (paired over rows) and no word in "
+          f"{OVERUSE:.0%} more of the aligned continuations than of the base's (a collapse onto one subject)",
           ("dpo/eval.json",), dpo_lowers_toxicity),
     Claim("weights_barely_move", "Lee", "every weight barely moves (cosine > 0.99)",
           "every parameter's cosine > 0.99; mean norm difference < 1e-5 (unembedding < 1e-3)", +1,
@@ -756,7 +766,8 @@ def method_rows(ctx: Context) -> list[dict]:
             return _weakening(rows, alt.get("n_offset_prompts"), prov, ctx, where)
 
         builds = {
-            "dpo_lowers_toxicity": lambda r=r, prov=prov: _toxicity_drop(base, r, ctx, prov, where),
+            "dpo_lowers_toxicity": lambda r=r, prov=prov: _toxicity_drop(base, r, ctx, prov, where,
+                                                                         r.get("overused_words")),
             "weights_barely_move": lambda r=r, prov=prov: _weights(r["weight_shift"], prov["models"]),
             "offset_grows": lambda r=r, prov=prov: _growth(r["offset"], r.get("offset_stats"),
                                                            alt.get("n_offset_prompts"), prov, where),

@@ -5,20 +5,25 @@ default, in the paper's settings), then base and aligned are evaluated on the ch
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, TypedDict
 
 from dpolens.artifacts import read_json, write_json, write_manifest
 from dpolens.compare import WeightShiftSummary
 from dpolens.evaluate import evaluate_inputs, headline_rows, load_inputs
+from dpolens.textquality import WordShift, overuse_warning, overused_words
 from dpolens.training import DPOConfig, DPOSummary, DPOTraining, train_aligned
 from dpolens.webpage import esc, table
+
+log = logging.getLogger(__name__)
 
 
 class DPOResult(DPOSummary, total=False):
     """What `run_dpo` returns."""
 
     eval: list[dict[str, Any]]  # with `evaluate`: eval.json's rows (model, ref, weight_sha256, EvalResult.row())
+    overused_words: list[WordShift]  # with `evaluate`: words in many more aligned continuations than base ones
 
 
 class DPOHeadline(TypedDict, total=False):  # empty without summary.json
@@ -33,14 +38,21 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
     summary, base, aligned = train_aligned(cfg)
     out = Path(cfg.out)
     if inputs:
-        rows = []
+        rows, texts = [], []
         for label, m in (("base", base), ("aligned", aligned)):
             res = evaluate_inputs(m, cfg.eval, inputs, label=label)
             rows.append({"model": label, "ref": m.ref, "weight_sha256": m.weight_hash, **res.row()})
+            texts.append([r["continuation"] for r in res.records])
+        shift = overused_words(*texts)
+        warnings = [w] if (w := overuse_warning(shift)) else []
+        for w in warnings:
+            log.warning(w)
         write_json(out / "eval.json", {"rows": rows, "scorer": inputs.scorer.describe(),
-                                       "n_prompts": len(inputs.prompts),
+                                       "n_prompts": len(inputs.prompts), "overused_words": shift,
+                                       "warnings": warnings,
                                        "note": "challenge prompts are never used in training (pairs come from WikiText)"})
-        summary["eval"] = rows
+        summary["eval"], summary["overused_words"] = rows, shift
+        summary["warnings"] = [*summary.get("warnings", []), *warnings]
     write_manifest(out, "dpo", cfg, base=base.identity(), aligned=aligned.identity())
     return summary
 
@@ -53,10 +65,12 @@ def headline(folder: Path) -> DPOHeadline:
     """Training, weight shift and the base vs aligned evaluation, for results.json."""
     if not (d := read_json(folder / "summary.json")):
         return {}
-    return {"dpo": {k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin",
-                                           "warnings")},
+    ev = read_json(folder / "eval.json") or {}
+    return {"dpo": {**{k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin")},
+                    "warnings": [*(d.get("warnings") or []), *ev.get("warnings", [])],
+                    "overused_words": ev.get("overused_words")},
             "weight_shift": d.get("weight_shift"),
-            "dpo_eval": headline_rows((read_json(folder / "eval.json") or {}).get("rows")),
+            "dpo_eval": headline_rows(ev.get("rows")),
             "models": {"base": d.get("base"), "aligned": d.get("aligned")}}
 
 

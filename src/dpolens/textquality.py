@@ -7,6 +7,8 @@ these numbers per side, and pairs whose sides differ in fluency more than in tox
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from typing import TypedDict
 
 import numpy as np
@@ -55,6 +57,39 @@ def special_token_flags(lm: LoadedModel, texts: list[str]) -> list[bool]:
 
 def _words(text: str) -> list[str]:
     return text.lower().split()
+
+
+class WordShift(TypedDict):
+    word: str
+    base_share: float  # share of the base model's continuations that contain the word
+    aligned_share: float  # the same for the aligned model, on the same prompts
+
+
+OVERUSE = 0.25  # a word in this much larger a share of the aligned continuations than of the base's
+
+
+def overused_words(base: list[str], aligned: list[str], top: int = 5, rare: float = 0.1) -> list[WordShift]:
+    """Of the words the base uses in fewer than `rare` of its continuations, those whose share rose
+    most in the aligned model's (same prompts). An aligned model that lowers toxicity by steering
+    every prompt to one safe subject (a mode collapse; e.g. "the 2018 season" after any prompt)
+    shows here as a rare word in many continuations. Function words ("the") are common in both."""
+    def doc_freq(texts):
+        return Counter(w for t in texts for w in set(re.findall(r"[a-z0-9']+", t.lower())))
+
+    fb, fa = doc_freq(base), doc_freq(aligned)
+    nb, na = max(len(base), 1), max(len(aligned), 1)
+    rise = sorted((w for w in fa if fb[w] / nb < rare), key=lambda w: (fb[w] / nb - fa[w] / na, w))[:top]
+    return [{"word": w, "base_share": fb[w] / nb, "aligned_share": fa[w] / na} for w in rise if fa[w] / na > fb[w] / nb]
+
+
+def overuse_warning(shift: list[WordShift]) -> str | None:
+    """One sentence when the most over-used word rose by at least OVERUSE."""
+    if not shift or shift[0]["aligned_share"] - shift[0]["base_share"] < OVERUSE:
+        return None
+    w = shift[0]
+    return (f"the aligned model says '{w['word']}' in {w['aligned_share']:.0%} of its continuations (base "
+            f"{w['base_share']:.0%}): it may lower toxicity by steering every prompt to one subject (mode collapse), "
+            "not by avoiding toxic continuations; read its generations, and consider fewer steps or a larger beta")
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
