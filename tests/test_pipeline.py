@@ -86,6 +86,8 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     dpo_eval = json.loads((run / "dpo" / "eval.json").read_text())
     dpo_base = dpo_eval["rows"][0]
     assert all(w["aligned_share"] > w["base_share"] for w in dpo_eval["overused_words"])
+    assert isinstance(dpo_eval["overused_words"], list) and isinstance(dpo_eval["warnings"], list)
+    assert r["dpo"]["overused_words"] == dpo_eval["overused_words"]  # results.json carries the collapse check
     assert dpo_base["toxicity_per_prompt"] == [x["toxicity"] for x in base_rows[0]["result"]["records"]]
     ledger = json.loads((run / "claims.json").read_text())
     assert len(ledger["rows"]) >= 13 and sum(r["claims"].values()) == len(ledger["rows"])

@@ -31,7 +31,7 @@ from dpolens.model.loading import load_model
 from dpolens.textquality import overused_words
 from dpolens.training import METHOD_BETA, DPOConfig, train_aligned
 from dpolens.transforms import ALL_TRANSFORMS, offset_retention, prompt_stats, prompt_token_seqs, transformed_prompts
-from dpolens.webpage import esc, image, table
+from dpolens.webpage import esc, fmt, image, table
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ class AlternativesResult(TypedDict):
     # per model: variant (label; "base" first), ref, weight_sha256 and evaluate.EvalResult.row(); variants add
     # method, trainable, loss, steps (their dpo summary), overused_words (textquality.WordShift), weight_shift
     # (compare.WeightShiftTotals), offset (compare.OffsetLayer per layer), offset_mean_relative_norm, offset_stats
-    # (compare.OffsetStats: the slope of ‖δx‖/‖x‖ over layers and cos(δx, probe) at the last layer, intervals over prompts), retention (per transform:
-    # transforms.Retention; results.json drops its per-prompt lists), value_shift_stats (compare.ValueShiftStats:
+    # (compare.OffsetStats: the slope of ‖δx‖/‖x‖ over layers and cos(δx, probe) at the last layer, intervals
+    # over prompts), retention (per transform: transforms.Retention; results.json drops its per-prompt lists),
+    # value_shift_stats (compare.ValueShiftStats:
     # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
     # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
     # patched (the base with the four groups' mean shift: toxicity, perplexity) and patch_replicates (the share
@@ -257,7 +258,7 @@ def render(result: AlternativesResult) -> str:
         lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
                      f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
-                     f"{_est((r.get('offset_stats') or {}).get('slope'), '.5f')} | "
+                     f"{fmt((r.get('offset_stats') or {}).get('slope'))} | "
                      f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
                      f"{' / '.join(_f(x, '.2f') for x in groups.get('share_of_positive', {}).values()) or '-'} | "
                      f"{_f(groups.get('toxic_neurons_share_of_positive'), '.3f')} | "
@@ -271,24 +272,17 @@ def render(result: AlternativesResult) -> str:
         for r in result["rows"]:
             if ret := r.get("retention"):
                 lines.append(f"| {r['variant']} | " + " | ".join(
-                    _est({"mean": ret[t]["retention_mean"], "ci95": ret[t]["retention_ci95"]}, ".2f") if t in ret
+                    fmt({"mean": ret[t]["retention_mean"], "ci95": ret[t]["retention_ci95"]}) if t in ret
                     else "-" for t in names) + " |")
     return "\n".join(lines + ["", f"Finding: {result.get('finding', '')}"]) + "\n"
-
-
-def _est(e: dict | None, fmt: str) -> str:
-    """`mean [lo, hi]` of an estimate, or a dash."""
-    if not e or e.get("mean") is None:
-        return "-"
-    ci = e.get("ci95")
-    return format(e["mean"], fmt) + (f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else "")
 
 
 def headline(folder: Path) -> AlternativesHeadline:
     """Each variant's row and the finding, for results.json."""
     if not (alt := read_json(folder / "alternatives.json")):
         return {}
-    rows = [{**r, "retention": {t: {k: v for k, v in x.items() if k not in ("retention_per_prompt", "tokens_per_prompt")}
+    per_prompt = ("retention_per_prompt", "tokens_per_prompt")
+    rows = [{**r, "retention": {t: {k: v for k, v in x.items() if k not in per_prompt}
                                 for t, x in r["retention"].items()}} if r.get("retention") else r
             for r in headline_rows(alt["rows"])]
     return {"alternatives": rows, "alternatives_finding": alt.get("finding")}

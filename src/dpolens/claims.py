@@ -704,7 +704,8 @@ CLAIMS: tuple[Claim, ...] = (
           "patching all four groups replicates DPO's toxicity reduction", +1,
           "effect = (toxicity base − patched) / (base − aligned) − 0.5, paired over held-out prompts; paper: > 0 "
           f"(more than half of DPO's reduction; patched − aligned reported); holds only with the patched PPL within "
-          f"×{PPL_BOUND} of the aligned model's (paired over windows)", ("neurons/patching.json",), patching_replicates),
+          f"×{PPL_BOUND} of the aligned model's (paired over windows)", ("neurons/patching.json",),
+          patching_replicates),
     Claim("transforms_weaken_offset", "review", "transformed prompts (ROT13, Base64, leetspeak, spaced, upper case) "
           "weaken the offset", "open question: encodings may bypass δx (not tested in the paper)", +1,
           "effect = 1 − retention of δx by the aligned model, mean over the transforms (bootstrap over prompts); "
@@ -821,7 +822,8 @@ def render_text(ledger: dict) -> str:
              f"rule: {ledger['rule']}", ""]
     methods = ledger.get("method_rows") or []
     if methods:
-        lines[0] += "; per variant of `alternatives`: " + ", ".join(f"{v} {n}" for v, n in ledger["method_counts"].items())
+        lines[0] += "; per variant of `alternatives`: " + ", ".join(
+            f"{v} {n}" for v, n in ledger["method_counts"].items())
     for r in [*ledger["rows"], *methods]:
         lines += [f"[{r['verdict']}] ({r['source']}) {r['claim']}",
                   f"    paper: {r['paper']}", f"    ours:  {r['ours']}",

@@ -66,7 +66,8 @@ def headline(folder: Path) -> DPOHeadline:
     if not (d := read_json(folder / "summary.json")):
         return {}
     ev = read_json(folder / "eval.json") or {}
-    return {"dpo": {**{k: d.get(k) for k in ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin")},
+    keys = ("steps", "pairs_seen", "best_val_loss", "reward_accuracy", "reward_margin")
+    return {"dpo": {**{k: d.get(k) for k in keys},
                     "warnings": [*(d.get("warnings") or []), *ev.get("warnings", [])],
                     "overused_words": ev.get("overused_words")},
             "weight_shift": d.get("weight_shift"),
