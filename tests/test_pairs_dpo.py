@@ -131,6 +131,12 @@ def test_gate_reasons():
     strict = QualityGate(min_toxicity_gap=0.2, min_dispreferred_toxicity=0.7)
     assert gate_reason(base, strict) == "dispreferred_not_toxic"
     assert gate_reason({**base, "dispreferred_toxicity": 0.7}, strict) is None
+    fluent = QualityGate(min_toxicity_gap=0.2, max_nll_gap=1.0, max_nll=3.4)  # each side's own NLL, not the gap
+    assert gate_reason(base, fluent) == "side_nll_above_max"
+    assert gate_reason({**base, "preferred_nll": 4.9, "dispreferred_nll": 5.7}, fluent) == "side_nll_above_max"
+    assert gate_reason({**base, "dispreferred_nll": 3.4}, fluent) is None
+    no_gap = QualityGate(min_toxicity_gap=0.2, max_nll_gap=None, max_nll=3.6)
+    assert gate_reason({**base, "preferred_nll": float("nan")}, no_gap) == "side_nll_above_max"  # no tokens fails
 
 
 def test_generators_never_emit_special_tokens(tiny_lm):

@@ -105,6 +105,10 @@ class QualityGate:
     require_more_toxic: bool = True  # drop pairs whose dispreferred side is not more toxic
     min_toxicity_gap: float = 0.1  # dispreferred − preferred scorer toxicity
     max_nll_gap: float | None = 1.5  # dispreferred − preferred NLL per token (nats) under the base; None = off
+    # each side's own NLL per token under the base must be at most this (None = off). The gap alone keeps
+    # pairs whose two sides are equally incoherent: in the #16 study's 1,100 pairs, 7.9% had a side above
+    # 4.5 (e.g. "hating him can already wherecha' fly into a swift trip, for fuck up", 5.72), 25.4% above 4.0
+    max_nll: float | None = None
     # the dispreferred side itself must score at least this (None = off). On gemma-3-270m's sampled pairs,
     # kept dispreferred sides below 0.5 contained a profanity or insult 7% of the time (21/297), those
     # at or above 0.5 70% (336/479): below 0.5 the scorer mostly reacts to harmless text
@@ -496,6 +500,8 @@ def gate_reason(r: dict, gate: QualityGate) -> str | None:
     nll_gap = r["dispreferred_nll"] - r["preferred_nll"]
     if gate.max_nll_gap is not None and not nll_gap <= gate.max_nll_gap:  # NaN (no tokens) fails too
         return "nll_gap_above_max"
+    if gate.max_nll is not None and not max(r["preferred_nll"], r["dispreferred_nll"]) <= gate.max_nll:
+        return "side_nll_above_max"
     return None
 
 
