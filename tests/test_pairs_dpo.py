@@ -176,8 +176,14 @@ def write_pairs(path, n=24):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path):
+def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
     from dpolens.dpo import DPOConfig, run_dpo
+
+    ref_passes = []  # TRL's reference log-prob precomputation, counted
+    precompute = DPOTrainer._precompute_ref_logps
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda *a, **k: ref_passes.append(1) or precompute(*a, **k))
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs, 30)
@@ -193,14 +199,18 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path):
     assert aligned.adapter.family == "gpt2"
     # a longer run in the same folder resumes from the last checkpoint instead of starting over
     cfg.max_steps = 8
+    ref_passes.clear()
     s2 = run_dpo(cfg)
+    assert ref_passes  # a resumed run precomputes the reference for its remaining steps
     steps_logged = [r["step"] for r in json.loads("[" + ",".join(
         (tmp_path / "dpo" / "train_log.jsonl").read_text().splitlines()) + "]") if "loss" in r]
     assert s2["steps"] == 8 and steps_logged.count(1) == 1
     # re-running a finished run trains nothing more and gives the same model
     log_before = (tmp_path / "dpo" / "train_log.jsonl").read_text()
     before = load_model(tmp_path / "dpo" / "model").model.state_dict()
+    ref_passes.clear()
     s3 = run_dpo(cfg)
+    assert not ref_passes  # a finished run only loads its best checkpoint
     after = load_model(tmp_path / "dpo" / "model").model.state_dict()
     assert s3["steps"] == 8 and all(torch.equal(before[k], after[k]) for k in before)
     assert (tmp_path / "dpo" / "train_log.jsonl").read_text() == log_before

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -415,13 +415,15 @@ def train_aligned(cfg: DPOConfig) -> tuple[DPOSummary, LoadedModel, LoadedModel]
         greater_is_better=None if online else False,
     )
     callbacks = [LogToJsonl()] + ([] if online else [EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
-    trainer = _trainer(cfg, lm, common, train, val, callbacks)
     resume = _checkpoints(ckpt_dir)
     examples = {"kto": 2 * len(train), "grpo": len(train) * cfg.rl_generations,
                 "rloo": len(train) * cfg.rl_generations}.get(cfg.method, len(train))
     target = cfg.max_steps if cfg.max_steps > 0 else \
         math.ceil(examples / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs)
-    if resume and int(resume[-1].name.split("-")[1]) >= target:
+    finished = bool(resume) and int(resume[-1].name.split("-")[1]) >= target
+    # a finished run only loads its best checkpoint: no reference log-probs to precompute (minutes on CPU)
+    trainer = _trainer(replace(cfg, precompute_ref=False) if finished else cfg, lm, common, train, val, callbacks)
+    if finished:
         # finished: HF's Trainer would take one more step past max_steps on resume; load the best instead
         from transformers import TrainerState
 
