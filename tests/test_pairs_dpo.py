@@ -183,7 +183,8 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path, monk
 
     ref_passes = []  # TRL's reference log-prob precomputation, counted
     precompute = DPOTrainer._precompute_ref_logps
-    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda *a, **k: ref_passes.append(1) or precompute(*a, **k))
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps",
+                        lambda *a, **k: ref_passes.append(1) or precompute(*a, **k))
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs, 30)
