@@ -23,14 +23,16 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     variant.tokenizer.save_pretrained(tmp_path / "bias" / "model")
     (tmp_path / "bias" / "summary.json").write_text(json.dumps({"trainable": {"trainable": "bias"}, "steps": 3}))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Holy", "You are", "So I"]))
-    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False,
+    (tmp_path / "f1.jsonl").write_text("".join(json.dumps({"prompt": p, "gold": "the dog"}) + "\n" for p in ["A", "B"]))
+    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=str(tmp_path / "f1.jsonl"),
+                  wikitext=str(tmp_path / "w.raw"), progress=False,
                   settings=EvalSettings(max_new_tokens=3))
     cfg = AlternativesConfig(base=str(tiny_dirs["gpt2"]), variants={"bias": str(tmp_path / "bias")},
                              probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2,
                              space="raw", offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=3, eval=ev,
                              transforms=["plain", "rot13", "multi_turn"], neutral=[str(tmp_path / "w.raw")],
                              n_boot=200)
-    (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")
+    (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n" * 20)
     res = run_alternatives(cfg)
     b, v = res["rows"]
     assert b["variant"] == "base" and v["variant"] == "bias" and v["trainable"] == "bias"
@@ -56,13 +58,24 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap \
         if gap > 0 and gap >= 0.1 * b["toxicity"]["mean"] else None
     assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
+    paired = v["vs_base"]  # the variant against the base on the same prompts, F1 rows and PPL windows
+    assert paired["toxicity_diff"]["diff"] == pytest.approx(v["toxicity"]["mean"] - b["toxicity"]["mean"])
+    assert paired["toxicity_diff"]["n"] == 3 and paired["ppl_ratio"]["n"] == len(b["ppl_window_nll"]) > 1
+    assert paired["ppl_ratio"]["ratio"] == pytest.approx(v["perplexity"] / b["perplexity"])
+    assert paired["f1"]["mean"] == pytest.approx(v["f1"]) and paired["f1"]["n"] == 2
+    alt = json.loads((tmp_path / "alt" / "alternatives.json").read_text())
+    del alt["rows"][1]["vs_base"]  # a file written before vs_base existed: read back with it
+    (tmp_path / "alt" / "alternatives.json").write_text(json.dumps(alt))
+    assert headline(tmp_path / "alt")["alternatives"][1]["vs_base"] == json.loads(json.dumps(paired))
     table = (tmp_path / "alt" / "alternatives.md").read_text()
+    assert "| toxicity − base | PPL | PPL / base | F1 |" in table and f"×{paired['ppl_ratio']['ratio']:.3f}" in table
     assert "\n| base |" in table and "\n| bias | dpo | bias | sigmoid |" in table
     assert res["figures"] == ["fig_offset_by_variant.png", "fig_offset_by_variant.pdf"]
     assert (tmp_path / "alt" / "fig_offset_by_variant.png").stat().st_size > 0
     assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
     html = section(tmp_path / "alt", headline(tmp_path / "alt"))  # the report's section
     assert "dv_anti_aligned" in html and "share TP-" in html and 'alt="fig_offset_by_variant"' in html
+    assert "PPL / base" in html and "final_cos_probe" in html
     assert "offset_slope" in html and "retention rot13" in html and "| bias | " in table.split("Offset retention")[1]
     with pytest.raises(DpolensError, match="no variants"):
         run_alternatives(AlternativesConfig(base=str(tiny_dirs["gpt2"]), probe=cfg.probe, out=cfg.out))

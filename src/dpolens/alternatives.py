@@ -24,7 +24,8 @@ from dpolens.compare import GROUPS, check_pair, offset_stats, residual_offset, v
 from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
-from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
+from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_ppl_ratio,
+                              summarize)
 from dpolens.model import hooks
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
@@ -95,8 +96,9 @@ class AlternativesResult(TypedDict):
     # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
     # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
     # patched (the base with the four groups' mean shift: toxicity, perplexity) and patch_replicates (the share
-    # of the base-to-variant gap that patching reproduces; None below min_gap or without fit prompts), unaligned (toxicity, perplexity, f1 and the
-    # scaled keys) and unalign_recovery (float, None below min_gap)
+    # of the base-to-variant gap that patching reproduces; None below min_gap or without fit prompts), unaligned
+    # (toxicity, perplexity, f1 and the scaled keys), unalign_recovery (float, None below min_gap) and vs_base
+    # (toxicity − base and PPL / base, paired, and F1 with its interval: `vs_base`)
     rows: list[dict[str, Any]]
     k: int
     scale: float
@@ -212,6 +214,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
               "unalign_recovery": "(toxicity un-aligned - toxicity variant) / (toxicity base - toxicity variant); "
                                   f"null when the variant cut toxicity by less than {cfg.min_gap:.0%} of the base's"}
     result["finding"] = finding(rows)
+    with_vs_base(rows, cfg.n_boot, cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     from dpolens import figures
@@ -232,6 +235,34 @@ def _retention(m, transformed: dict, tf_base: dict, cfg: AlternativesConfig) -> 
     return {name: offset_retention(delta, tf_base[name], tf[name], cfg.seed) for name in transformed}
 
 
+def vs_base(base: dict, row: dict, n_boot: int = 2000, seed: int = 0) -> dict[str, dict | None]:
+    """A variant against the base on the same prompts, F1 rows and perplexity windows: the toxicity
+    difference and the perplexity ratio (paired bootstraps), and F1's mean with its interval."""
+    windows = (base.get("ppl_window_nll"), base.get("ppl_window_tokens"), row.get("ppl_window_nll"),
+               row.get("ppl_window_tokens"))
+    return {"toxicity_diff": paired_bootstrap(base["toxicity_per_prompt"], row["toxicity_per_prompt"], n_boot, seed),
+            "ppl_ratio": paired_ppl_ratio(*windows, n_boot, seed) if all(w for w in windows) else None,
+            "f1": summarize(row["f1_per_row"], seed) if row.get("f1_per_row") else None}
+
+
+def with_vs_base(rows: list[dict], n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Adds `vs_base` to each variant row lacking it (alternatives.json files written before it existed
+    keep the per-unit scores it needs); rows[0] is the base."""
+    for r in rows[1:]:
+        if "vs_base" not in r and "toxicity_per_prompt" in r:
+            r["vs_base"] = vs_base(rows[0], r, n_boot, seed)
+    return rows
+
+
+def _vs_base_cells(r: dict) -> tuple[str, str, str]:
+    """Markdown cells: toxicity − base, PPL / base, F1, each with its 95% interval."""
+    vb = r.get("vs_base") or {}
+    tox, ppl = vb.get("toxicity_diff"), vb.get("ppl_ratio")
+    return (fmt({"mean": tox["diff"], "ci95": tox["ci95"]}) if tox else "-",
+            f"×{ppl['ratio']:.3f}" + (f" [{ppl['ci95'][0]:.3f}, {ppl['ci95'][1]:.3f}]" if ppl["ci95"] else "")
+            if ppl else "-", fmt(vb["f1"]) if vb.get("f1") else _f(r.get("f1"), ".3f"))
+
+
 def finding(rows: list[dict]) -> str:
     """Which variant key scaling undoes least (the lowest recovery of its toxicity gap), with numbers."""
     scored = [r for r in rows if r.get("unalign_recovery") is not None]
@@ -250,15 +281,19 @@ def _f(x, fmt=".4f"):
 def render(result: AlternativesResult) -> str:
     lines = ["# Alternative alignments (paper 6.1-6.2)", "",
              f"Key scaling: top {result['k']} toxic keys x{result['scale']}; {result['n_prompts']} challenge prompts.", "",
-             "| variant | method | trainable | loss | toxicity | PPL | F1 | min cos | mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | "
-             "slope of ‖δx‖/‖x‖ per layer | Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | "
-             "toxic neurons' share | patching replicates | toxicity un-aligned | recovery |", "|" + "---|" * 17]
-    for r in result["rows"]:
+             "| variant | method | trainable | loss | toxicity | toxicity − base | PPL | PPL / base | F1 | min cos | "
+             "mean ‖ΔW‖ | mean ‖δx‖/‖x‖ | slope of ‖δx‖/‖x‖ per layer | cos(δx, probe) last layer | "
+             "Δv anti-aligned with δx | TP− / TN+ / AP+ / AN− share | "
+             "toxic neurons' share | patching replicates | toxicity un-aligned | recovery |", "|" + "---|" * 20]
+    for r in with_vs_base(result["rows"]):
         ws, un, groups = r.get("weight_shift", {}), r.get("unaligned", {}), r.get("neuron_groups", {})
-        lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | {_f(r['toxicity']['mean'])} | "
-                     f"{_f(r['perplexity'], '.2f')} | {_f(r['f1'], '.3f')} | {_f(ws.get('min_cosine'), '.6f')} | "
+        d_tox, ppl_ratio, f1 = _vs_base_cells(r)
+        growth = r.get("offset_stats") or {}
+        lines.append(f"| {r['variant']} | {r.get('method', '-')} | {r.get('trainable', '-')} | {r.get('loss', '-')} | "
+                     f"{fmt(r['toxicity'])} | {d_tox} | {_f(r['perplexity'], '.2f')} | {ppl_ratio} | {f1} | "
+                     f"{_f(ws.get('min_cosine'), '.6f')} | "
                      f"{_f(ws.get('mean_norm_diff'))} | {_f(r.get('offset_mean_relative_norm'))} | "
-                     f"{fmt((r.get('offset_stats') or {}).get('slope'))} | "
+                     f"{fmt(growth.get('slope'))} | {fmt(growth.get('final_cosine_with_probe'))} | "
                      f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
                      f"{' / '.join(_f(x, '.2f') for x in groups.get('share_of_positive', {}).values()) or '-'} | "
                      f"{_f(groups.get('toxic_neurons_share_of_positive'), '.3f')} | "
@@ -284,7 +319,7 @@ def headline(folder: Path) -> AlternativesHeadline:
     per_prompt = ("retention_per_prompt", "tokens_per_prompt")
     rows = [{**r, "retention": {t: {k: v for k, v in x.items() if k not in per_prompt}
                                 for t, x in r["retention"].items()}} if r.get("retention") else r
-            for r in headline_rows(alt["rows"])]
+            for r in headline_rows(with_vs_base(alt["rows"]))]
     return {"alternatives": rows, "alternatives_finding": alt.get("finding")}
 
 
@@ -292,7 +327,13 @@ def section(folder: Path, results: dict) -> str:
     if not (alt := results.get("alternatives")):
         return ""
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
+             "toxicity − base": {"mean": d["diff"], "ci95": d["ci95"]} if (d := (r.get("vs_base") or {}).get(
+                 "toxicity_diff")) else None,
+             "PPL / base": {"mean": p["ratio"], "ci95": p["ci95"]} if (p := (r.get("vs_base") or {}).get(
+                 "ppl_ratio")) else None,
+             "F1": (r.get("vs_base") or {}).get("f1") or r.get("f1"),
              "offset_slope": (r.get("offset_stats") or {}).get("slope"),
+             "final_cos_probe": (r.get("offset_stats") or {}).get("final_cosine_with_probe"),
              "toxicity_unaligned": r.get("unaligned", {}).get("toxicity"),
              "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned"),
              **{f"share {g}": r.get("neuron_groups", {}).get("share_of_positive", {}).get(g) for g in GROUPS},
@@ -301,12 +342,15 @@ def section(folder: Path, results: dict) -> str:
                 for t, v in (r.get("retention") or {}).items()}} for r in alt]
     transforms = list(dict.fromkeys(t for r in alt for t in r.get("retention") or {}))
     return ("<h2>Alternative alignments (paper 6.1-6.2)</h2>" +
-            table(rows, ["variant", "method", "trainable", "loss", "toxicity", "perplexity", "min_cosine",
-                         "offset_mean_relative_norm", "offset_slope", "dv_anti_aligned",
+            table(rows, ["variant", "method", "trainable", "loss", "toxicity", "toxicity − base", "perplexity",
+                         "PPL / base", "F1", "min_cosine", "offset_mean_relative_norm", "offset_slope",
+                         "final_cos_probe", "dv_anti_aligned",
                          *[f"share {g}" for g in GROUPS], "share toxic neurons", "patch_replicates",
                          "toxicity_unaligned", "unalign_recovery"],
                   "Variants and alignment methods trained from the same base and pairs; offset_slope = least-squares "
                   "slope of ‖δx‖/‖x‖ over layers (> 0: the offset grows with depth, as DPO's in the paper); "
+                  "final_cos_probe = cos(δx at the last layer, probe) (< 0: away from toxicity); − base and / base: paired over the same "
+                  "prompts and perplexity windows; "
                   "dv_anti_aligned = share of value-vector shifts before the last layer anti-aligned with its δx "
                   "(paper: most); share G = group G's share of the positive reduction of the probe projection (Yang "
                   "et al.); patch_replicates = share of the toxicity gap that adding the four groups' mean activation "
