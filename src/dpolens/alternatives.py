@@ -349,8 +349,8 @@ def section(folder: Path, results: dict) -> str:
                          "toxicity_unaligned", "unalign_recovery"],
                   "Variants and alignment methods trained from the same base and pairs; offset_slope = least-squares "
                   "slope of ‖δx‖/‖x‖ over layers (> 0: the offset grows with depth, as DPO's in the paper); "
-                  "final_cos_probe = cos(δx at the last layer, probe) (< 0: away from toxicity); − base and / base: paired over the same "
-                  "prompts and perplexity windows; "
+                  "final_cos_probe = cos(δx at the last layer, probe) (< 0: away from toxicity); − base and / base: "
+                  "paired over the same prompts and perplexity windows; "
                   "dv_anti_aligned = share of value-vector shifts before the last layer anti-aligned with its δx "
                   "(paper: most); share G = group G's share of the positive reduction of the probe projection (Yang "
                   "et al.); patch_replicates = share of the toxicity gap that adding the four groups' mean activation "
