@@ -165,3 +165,20 @@ def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached,
     assert p["n_eval_prompts"] == 3  # disjoint from the 3 fit prompts
     assert p["mode"] == patch
     assert (tmp_path / "n" / "editing.json").exists() and all((tmp_path / "n" / f).exists() for f in r["figures"])
+
+
+def test_patch_steps_endpoint_is_the_cumulative_last_step(pair, tiny_dirs, tmp_path, jigsaw_cached):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                                              ["Holy", "You are", "So I am", "The weather", "Holy cow", "Nice"]))
+    steps = {}
+    for mode in ("cumulative", "endpoint"):
+        cfg = NeuronsConfig(base=str(tiny_dirs["gemma3"]), aligned=str(tmp_path / "aligned"),
+                            probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / mode), fit_prompts=3,
+                            top_toxic=16, cluster_sample=200, patch="shift", patch_steps=mode,
+                            eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
+                                          progress=False, settings=EvalSettings(max_new_tokens=4)))
+        steps[mode] = run_neurons(cfg)["patching"]["steps"]
+    assert len(steps["cumulative"]) == 4 and len(steps["endpoint"]) == 1
+    last, end = steps["cumulative"][-1], steps["endpoint"][0]
+    assert end["groups"] == ["TP-", "AN-", "TN+", "AP+"] and end["n_neurons"] == last["n_neurons"]
+    assert end["toxicity"] == last["toxicity"] and end["toxicity_per_prompt"] == last["toxicity_per_prompt"]

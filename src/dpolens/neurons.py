@@ -63,6 +63,9 @@ class NeuronsConfig(RunSettings):
     edit_alpha: float = 0.05
     edit_beta: float = 0.5
     patch: Literal["set", "shift"] = "set"
+    # cumulative: patch TP-, then TP-+AN-, ... (one evaluation per group, the paper's table); endpoint: all four
+    # groups at once only, the row the claims ledger reads (saves three evaluations)
+    patch_steps: Literal["cumulative", "endpoint"] = "cumulative"
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
@@ -258,8 +261,10 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
         rows[label] = {"model": label, **evaluate_inputs(m, cfg.eval, inputs, label=label).row()}
     steps, chosen = [], np.zeros(len(labels), dtype=bool)
     how, values = ("value", t["m_aligned"]) if cfg.patch == "set" else ("shift", t["m_aligned"] - t["m_base"])
-    for g in PATCH_ORDER:
+    for i, g in enumerate(PATCH_ORDER):
         chosen |= labels == g
+        if cfg.patch_steps == "endpoint" and i < len(PATCH_ORDER) - 1:
+            continue
         spec = neuron_edits(t, chosen, values, how)
         res = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"patch {g}")
         steps.append({"groups": [x for x in PATCH_ORDER[: PATCH_ORDER.index(g) + 1]],
