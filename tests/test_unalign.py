@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.directions import save_probe
-from dpolens.evaluate import EvalData, EvalSettings
+from dpolens.directions import keys_scaled, save_probe
+from dpolens.evaluate import EvalData, EvalSettings, eval_key, load_inputs
 from dpolens.model import hooks
 from dpolens.unalign import UnalignConfig, run_unalign, sign_flip
 
@@ -100,3 +100,19 @@ def test_token_writer_keys_match_full_logit_reference(tiny_dirs, tmp_path):
     z = (logits - logits.mean(-1, keepdim=True)) / logits.std(-1, unbiased=False, keepdim=True)
     expected = z[:, ids].mean(-1).topk(5).indices.tolist()
     assert [l * a.d_mlp + n for l, n, _ in got] == expected
+
+
+def test_keys_scaled_gives_the_scaled_weights_their_own_evaluation_key(tiny_dirs, tmp_path, jigsaw_cached):
+    """alternatives evaluates the aligned model with its keys scaled in place: the run's evaluation
+    cache must not hand back the unscaled model's evaluation (it did: recovery always read 0%)."""
+    lm = load_model(tiny_dirs["llama"])
+    fresh_hash = type(lm).weight_hash.func  # recomputed from the weights as they are now
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Holy"}) + "\n")
+    d = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False,
+                 settings=EvalSettings(max_new_tokens=3), cache=str(tmp_path / "evals"))
+    inputs = load_inputs(d)
+    h0, k0 = lm.weight_hash, eval_key(lm, d, inputs)
+    with keys_scaled(lm, [(0, 1, 0.0), (1, 2, 0.0)], 10.0):
+        assert lm.weight_hash == fresh_hash(lm) != h0
+        assert eval_key(lm, d, inputs) != k0
+    assert lm.weight_hash == h0 == fresh_hash(lm) and eval_key(lm, d, inputs) == k0
