@@ -64,6 +64,9 @@ def test_ppl_ratio_and_weighted_ratio():
     assert r["ppl_a"] == pytest.approx(math.exp(nll_a.sum() / tok.sum()))
     assert r["ratio"] == pytest.approx(math.exp(0.1 * nll_a.sum() / tok.sum()))
     assert r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["n"] == 4
+    # a 1023-token window and a 1-token remainder (the algorithms study's PPL text): no interval
+    two = paired_ppl_ratio([2388.48, 22.48], [1023, 1], [2394.39, 20.46], [1023, 1], n_boot=200)
+    assert two["ci95"] is None and two["ratio"] == pytest.approx(math.exp((2394.39 + 20.46 - 2388.48 - 22.48) / 1024))
     w = bootstrap_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], n_boot=100)
     assert w["mean"] == pytest.approx(2.0) and w["ci95"] == pytest.approx([2.0, 2.0])
 

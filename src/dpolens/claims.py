@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from dpolens.artifacts import DpolensError, read_json, write_json
-from dpolens.evaluate import (paired_bootstrap, paired_ppl_ratio, percentile_ci, resample_units,
+from dpolens.evaluate import (MIN_PPL_WINDOWS, paired_bootstrap, paired_ppl_ratio, percentile_ci, resample_units,
                               unpaired_bootstrap)
 from dpolens.textquality import OVERUSE
 
@@ -176,7 +176,7 @@ def _ppl_ratio(a: dict, b: dict, ctx: Context) -> dict | None:
 
 def _ppl_text(r: dict | None, a: dict, b: dict) -> str:
     if r:
-        ci = _ci(r["ci95"]) if r["ci95"] else "(no interval: one window)"
+        ci = _ci(r["ci95"]) if r["ci95"] else f"(no interval: fewer than {MIN_PPL_WINDOWS} windows)"
         return f"PPL ×{_f(r['ratio'])} {ci} over {r['n']} window{'s' if r['n'] != 1 else ''}"
     if a.get("perplexity") and b.get("perplexity"):
         return f"PPL ×{_f(b['perplexity'] / a['perplexity'])} (no per-window NLL, no interval)"
