@@ -58,6 +58,9 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap \
         if gap > 0 and gap >= 0.1 * b["toxicity"]["mean"] else None
     assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
+    ci = v["unalign_recovery_ci95"]  # paired over the 3 prompts; none without a share or a gap clear of zero
+    assert (ci is None) if expect is None else (ci is None or len(ci) == 2)
+    assert v["patch_replicates_ci95"] is None
     paired = v["vs_base"]  # the variant against the base on the same prompts, F1 rows and PPL windows
     assert paired["toxicity_diff"]["diff"] == pytest.approx(v["toxicity"]["mean"] - b["toxicity"]["mean"])
     assert paired["toxicity_diff"]["n"] == 3 and paired["ppl_ratio"]["n"] == len(b["ppl_window_nll"]) > 1

@@ -10,8 +10,8 @@ import torch
 
 from dpolens.artifacts import DpolensError, write_json
 from dpolens.claims import CLAIMS, VERDICTS, build_claims, render_text, verdict
-from dpolens.evaluate import (EvalResult, bootstrap_ratio, paired_bootstrap, paired_ppl_ratio, perplexity,
-                              ppl_windows)
+from dpolens.evaluate import (EvalResult, bootstrap_ratio, paired_bootstrap, paired_gap_share, paired_ppl_ratio,
+                              perplexity, ppl_windows, resample_units)
 from dpolens.scoring import Scores
 
 N_PROMPTS = 120
@@ -69,6 +69,21 @@ def test_ppl_ratio_and_weighted_ratio():
     assert two["ci95"] is None and two["ratio"] == pytest.approx(math.exp((2394.39 + 20.46 - 2388.48 - 22.48) / 1024))
     w = bootstrap_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], n_boot=100)
     assert w["mean"] == pytest.approx(2.0) and w["ci95"] == pytest.approx([2.0, 2.0])
+
+
+def test_paired_gap_share_matches_a_naive_bootstrap():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 40)
+    aligned = base - 0.15 + rng.normal(0, 0.02, 40)
+    other = aligned + 0.6 * (base - aligned) + rng.normal(0, 0.01, 40)  # 60% of the gap back
+    r = paired_gap_share(base, aligned, other, n_boot=300, seed=3)
+    assert r["share"] == pytest.approx((other.mean() - aligned.mean()) / (base.mean() - aligned.mean()))
+    naive = [(other[i].mean() - aligned[i].mean()) / (base[i].mean() - aligned[i].mean())
+             for i in resample_units(40, 300, 3)]
+    assert r["ci95"] == pytest.approx(list(np.quantile(naive, [0.025, 0.975])))
+    assert r["ci95"][0] < 0.6 < r["ci95"][1] and r["gap"]["ci95"][1] < 0
+    no_gap = paired_gap_share(base, base + rng.normal(0, 0.01, 40), other, n_boot=300)
+    assert no_gap["ci95"] is None and no_gap["gap"]["ci95"][0] < 0 < no_gap["gap"]["ci95"][1]
 
 
 def test_perplexity_windows_sum_to_the_total(tiny_lm):

@@ -24,8 +24,8 @@ from dpolens.compare import GROUPS, check_pair, offset_stats, residual_offset, v
 from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
-from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_ppl_ratio,
-                              summarize)
+from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
+                              paired_ppl_ratio, summarize)
 from dpolens.model import hooks
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
@@ -97,7 +97,8 @@ class AlternativesResult(TypedDict):
     # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
     # patched (the base with the four groups' mean shift: toxicity, perplexity) and patch_replicates (the share
     # of the base-to-variant gap that patching reproduces; None below min_gap or without fit prompts), unaligned
-    # (toxicity, perplexity, f1 and the scaled keys), unalign_recovery (float, None below min_gap) and vs_base
+    # (toxicity, perplexity, f1 and the scaled keys), unalign_recovery (float, None below min_gap), the paired
+    # 95% intervals over prompts of both shares (*_ci95; None when the gap's own interval reaches zero) and vs_base
     # (toxicity − base and PPL / base, paired, and F1 with its interval: `vs_base`)
     rows: list[dict[str, Any]]
     k: int
@@ -192,6 +193,12 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         recovery = (un["toxicity"]["mean"] - res["toxicity"]["mean"]) / gap if aligned_enough else None
         replicated = (base_eval["toxicity"]["mean"] - patched["toxicity"]["mean"]) / gap \
             if patched and aligned_enough else None
+        # paired intervals over prompts (evaluate.paired_gap_share); replicated = 1 − the patched base's share
+        tox = (base_eval["toxicity_per_prompt"], res["toxicity_per_prompt"])
+        recovery_ci = paired_gap_share(*tox, un["toxicity_per_prompt"], cfg.n_boot, cfg.seed)["ci95"] \
+            if aligned_enough else None
+        replicated_ci = paired_gap_share(*tox, patched["toxicity_per_prompt"], cfg.n_boot, cfg.seed)["ci95"] \
+            if patched and aligned_enough else None
         rows.append({
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
@@ -204,10 +211,11 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
                               "toxic_neurons_share_of_net": shares["toxic_neurons"]["share_of_net"]},
             "unaligned": {"toxicity": un["toxicity"], "perplexity": un["perplexity"], "f1": un["f1"],
                           "keys": [{"layer": l, "neuron": n, "cosine": c} for l, n, c in targets]},
-            "unalign_recovery": recovery,
+            "unalign_recovery": recovery, "unalign_recovery_ci95": recovery_ci,
             "patched": {"toxicity": patched["toxicity"], "perplexity": patched["perplexity"],
                         "n_fit_prompts": len(fit_prompts)} if patched else None,
             "patch_replicates": replicated,
+            "patch_replicates_ci95": [1 - replicated_ci[1], 1 - replicated_ci[0]] if replicated_ci else None,
         })
     result = {"rows": rows, "k": cfg.k, "scale": cfg.scale, "scorer": inputs.scorer.describe(),
               "n_prompts": len(inputs.prompts), "n_offset_prompts": len(prompts), "base": base.identity(),
@@ -274,6 +282,10 @@ def finding(rows: list[dict]) -> str:
             f"by scaling: {each})")
 
 
+def _share(x, ci) -> str:
+    return "-" if x is None else f"{x:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
 def _f(x, fmt=".4f"):
     return "-" if x is None else format(x, fmt)
 
@@ -297,8 +309,9 @@ def render(result: AlternativesResult) -> str:
                      f"{_f((r.get('value_shift_stats') or {}).get('share_anti_aligned', {}).get('mean'), '.3f')} | "
                      f"{' / '.join(_f(x, '.2f') for x in groups.get('share_of_positive', {}).values()) or '-'} | "
                      f"{_f(groups.get('toxic_neurons_share_of_positive'), '.3f')} | "
-                     f"{_f(r.get('patch_replicates'), '.2f')} | "
-                     f"{_f(un.get('toxicity', {}).get('mean'))} | {_f(r.get('unalign_recovery'), '.2f')} |")
+                     f"{_share(r.get('patch_replicates'), r.get('patch_replicates_ci95'))} | "
+                     f"{_f(un.get('toxicity', {}).get('mean'))} | "
+                     f"{_share(r.get('unalign_recovery'), r.get('unalign_recovery_ci95'))} |")
     names = list(dict.fromkeys(t for r in result["rows"] for t in r.get("retention") or {}))
     if names:
         lines += ["", "Offset retention under transformed prompts (each variant's own plain-prompt δx; 1 = fully "
@@ -335,6 +348,8 @@ def section(folder: Path, results: dict) -> str:
              "offset_slope": (r.get("offset_stats") or {}).get("slope"),
              "final_cos_probe": (r.get("offset_stats") or {}).get("final_cosine_with_probe"),
              "toxicity_unaligned": r.get("unaligned", {}).get("toxicity"),
+             **{k: {"mean": r[k], "ci95": r.get(f"{k}_ci95")} if r.get(k) is not None else None
+                for k in ("patch_replicates", "unalign_recovery")},
              "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned"),
              **{f"share {g}": r.get("neuron_groups", {}).get("share_of_positive", {}).get(g) for g in GROUPS},
              "share toxic neurons": r.get("neuron_groups", {}).get("toxic_neurons_share_of_positive"),
@@ -354,7 +369,8 @@ def section(folder: Path, results: dict) -> str:
                   "dv_anti_aligned = share of value-vector shifts before the last layer anti-aligned with its δx "
                   "(paper: most); share G = group G's share of the positive reduction of the probe projection (Yang "
                   "et al.); patch_replicates = share of the toxicity gap that adding the four groups' mean activation "
-                  "change to the base reproduces; recovery = share of the toxicity gap that key scaling brings back.") +
+                  "change to the base reproduces; recovery = share of the toxicity gap that key scaling brings back "
+                  "(both with paired 95% intervals over prompts).") +
             table([r for r in rows if r.get("retention")], ["variant", *[f"retention {t}" for t in transforms]],
                   "Offset retention under the robustness transforms: the share of each variant's own plain-prompt "
                   "δx still applied on transformed prompts (mean over layers, 95% interval over prompts).") +

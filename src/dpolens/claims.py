@@ -25,8 +25,8 @@ from typing import Callable
 import numpy as np
 
 from dpolens.artifacts import DpolensError, read_json, write_json
-from dpolens.evaluate import (MIN_PPL_WINDOWS, paired_bootstrap, paired_ppl_ratio, percentile_ci, resample_units,
-                              unpaired_bootstrap)
+from dpolens.evaluate import (MIN_PPL_WINDOWS, paired_bootstrap, paired_gap_share, paired_ppl_ratio,
+                              percentile_ci, resample_units, unpaired_bootstrap)
 from dpolens.textquality import OVERUSE
 
 log = logging.getLogger(__name__)
@@ -197,17 +197,9 @@ def _ppl_guard(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> str
 
 
 def _gap_share(base, aligned, other, ctx: Context) -> tuple[float | None, list[float] | None, dict]:
-    """(other − aligned) / (base − aligned): where `other` lies on the way from the aligned model's
-    toxicity back to the base's (per-prompt arrays on the same prompts), with a paired interval over
-    prompts; no interval when the gap itself is not below zero at 95% (the share is then undefined)."""
-    base, aligned, other = (np.asarray(x, dtype=np.float64) for x in (base, aligned, other))
-    gap = paired_bootstrap(base, aligned, ctx.n_boot, ctx.seed)  # aligned − base
-    share = _ratio(float(other.mean() - aligned.mean()), float(base.mean() - aligned.mean()))
-    if verdict(gap["ci95"], -1) != "holds":
-        return share, None, gap
-    idx = resample_units(len(base), ctx.n_boot, ctx.seed)
-    b, al, o = base[idx].mean(1), aligned[idx].mean(1), other[idx].mean(1)
-    return share, percentile_ci((o - al) / (b - al)), gap
+    """evaluate.paired_gap_share as (share, ci95, gap)."""
+    r = paired_gap_share(base, aligned, other, ctx.n_boot, ctx.seed)
+    return r["share"], r["ci95"], r["gap"]
 
 
 def _more_than_half(share: float | None, ci: list[float] | None, n: int | None, ours: str, diag: str,

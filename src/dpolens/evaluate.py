@@ -91,6 +91,22 @@ def paired_bootstrap(a, b, n_boot: int = 2000, seed: int = 0) -> dict:
             "ci95": percentile_ci((b - a)[idx].mean(axis=1)), "n": int(len(a))}
 
 
+def paired_gap_share(base, aligned, other, n_boot: int = 2000, seed: int = 0) -> dict:
+    """(other − aligned) / (base − aligned): where `other` lies on the way from the aligned model's
+    toxicity back to the base's (per-prompt scores on the same prompts), with a paired interval over
+    prompts; no interval when the gap itself is not below zero at 95% (the share is then undefined).
+    Returns {share, ci95, gap} with `gap` the paired_bootstrap of aligned − base."""
+    base, aligned, other = _same_units(base, aligned, other)
+    gap = paired_bootstrap(base, aligned, n_boot, seed)
+    den = float(base.mean() - aligned.mean())
+    share = float(other.mean() - aligned.mean()) / den if den else None
+    if not gap["ci95"][1] < 0:
+        return {"share": share, "ci95": None, "gap": gap}
+    idx = resample_units(len(base), n_boot, seed)
+    b, al, o = base[idx].mean(1), aligned[idx].mean(1), other[idx].mean(1)
+    return {"share": share, "ci95": percentile_ci((o - al) / (b - al)), "gap": gap}
+
+
 MIN_PPL_WINDOWS = 4  # a perplexity ratio's interval needs this many windows
 
 
