@@ -190,15 +190,15 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             un = evaluate_inputs(m, cfg.eval, inputs, label=f"{label} un-aligned").row()
         gap = base_eval["toxicity"]["mean"] - res["toxicity"]["mean"]
         aligned_enough = gap >= cfg.min_gap * base_eval["toxicity"]["mean"] and gap > 0
-        recovery = (un["toxicity"]["mean"] - res["toxicity"]["mean"]) / gap if aligned_enough else None
-        replicated = (base_eval["toxicity"]["mean"] - patched["toxicity"]["mean"]) / gap \
-            if patched and aligned_enough else None
-        # paired intervals over prompts (evaluate.paired_gap_share); replicated = 1 − the patched base's share
+        # shares of the gap with paired intervals over prompts; replicated = 1 − the patched base's share
         tox = (base_eval["toxicity_per_prompt"], res["toxicity_per_prompt"])
-        recovery_ci = paired_gap_share(*tox, un["toxicity_per_prompt"], cfg.n_boot, cfg.seed)["ci95"] \
-            if aligned_enough else None
-        replicated_ci = paired_gap_share(*tox, patched["toxicity_per_prompt"], cfg.n_boot, cfg.seed)["ci95"] \
-            if patched and aligned_enough else None
+        un_share = paired_gap_share(*tox, un["toxicity_per_prompt"], cfg.n_boot, cfg.seed) \
+            if aligned_enough else {"share": None, "ci95": None}
+        patch_share = paired_gap_share(*tox, patched["toxicity_per_prompt"], cfg.n_boot, cfg.seed) \
+            if patched and aligned_enough else {"share": None, "ci95": None}
+        recovery, recovery_ci = un_share["share"], un_share["ci95"]
+        replicated = None if patch_share["share"] is None else 1 - patch_share["share"]
+        replicated_ci = [1 - patch_share["ci95"][1], 1 - patch_share["ci95"][0]] if patch_share["ci95"] else None
         rows.append({
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
@@ -215,7 +215,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "patched": {"toxicity": patched["toxicity"], "perplexity": patched["perplexity"],
                         "n_fit_prompts": len(fit_prompts)} if patched else None,
             "patch_replicates": replicated,
-            "patch_replicates_ci95": [1 - replicated_ci[1], 1 - replicated_ci[0]] if replicated_ci else None,
+            "patch_replicates_ci95": replicated_ci,
         })
     result = {"rows": rows, "k": cfg.k, "scale": cfg.scale, "scorer": inputs.scorer.describe(),
               "n_prompts": len(inputs.prompts), "n_offset_prompts": len(prompts), "base": base.identity(),

@@ -211,16 +211,8 @@ def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str, rank: str =
 
 @contextlib.contextmanager
 def keys_scaled(lm: LoadedModel, targets: list[tuple[int, int, float]], scale: float, which: str = "gate"):
-    """Scale the keys of `targets` by `scale` for the duration; yields what was scaled.
-
-    Inside, `lm.weight_hash` is that of the scaled weights, so that an evaluation keyed by it (the run's
-    evaluation cache) is never taken for the unscaled model's; on exit the original hash comes back."""
-    saved_hash = lm.__dict__.pop("weight_hash", None)  # cached_property's slot
-    try:
-        with contextlib.ExitStack() as stack:
-            yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale, which))
-                   for layer, neuron, _ in targets]
-    finally:
-        lm.__dict__.pop("weight_hash", None)
-        if saved_hash is not None:
-            lm.__dict__["weight_hash"] = saved_hash
+    """Scale the keys of `targets` by `scale` for the duration; yields what was scaled. Inside,
+    `lm.weight_hash` is the scaled weights' (LoadedModel.weights_edited)."""
+    with lm.weights_edited(), contextlib.ExitStack() as stack:
+        yield [stack.enter_context(hooks.scale_keys(lm.adapter, layer, [neuron], scale, which))
+               for layer, neuron, _ in targets]

@@ -7,6 +7,7 @@ unpickled otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import pickle
@@ -63,6 +64,20 @@ class LoadedModel:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
+
+    @contextlib.contextmanager
+    def weights_edited(self):
+        """For weights changed in place inside the context (e.g. scaled keys): `weight_hash` is
+        recomputed from the edited weights there, so nothing keyed by it (the run's evaluation cache)
+        takes them for the originals; on exit the original hash comes back (the caller restores the
+        weights themselves)."""
+        saved = self.__dict__.pop("weight_hash", None)  # functools.cached_property's slot
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("weight_hash", None)
+            if saved is not None:
+                self.__dict__["weight_hash"] = saved
 
     def identity(self) -> dict:
         """What results files record about the model."""
