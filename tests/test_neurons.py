@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from conftest import save_perturbed
 
 from dpolens import load_model
+from dpolens.artifacts import DpolensError
 from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
 from dpolens.neurons import (
@@ -14,6 +16,7 @@ from dpolens.neurons import (
     MIRRORS,
     NeuronsConfig,
     assign_groups,
+    fit_split,
     group_intervals,
     group_shares,
     neuron_table,
@@ -182,3 +185,26 @@ def test_patch_steps_endpoint_is_the_cumulative_last_step(pair, tiny_dirs, tmp_p
     last, end = steps["cumulative"][-1], steps["endpoint"][0]
     assert end["groups"] == ["TP-", "AN-", "TN+", "AP+"] and end["n_neurons"] == last["n_neurons"]
     assert end["toxicity"] == last["toxicity"] and end["toxicity_per_prompt"] == last["toxicity_per_prompt"]
+
+
+def test_fit_from_pairs_keeps_every_evaluation_prompt(pair, tiny_dirs, tmp_path, jigsaw_cached):
+    """Fitting on the pairs' prompts leaves all evaluation prompts to patching; an evaluation prompt
+    that is also a pair's prompt is not fitted on."""
+    prompts = ["Holy", "You are", "So I am", "The weather", "Holy cow", "Nice"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    pair_prompts = ["You are", "Shut up", "Shut up", "What a", "Go away", "Later"]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(
+        {"prompt_text": p, "unpert_gen_text": " fine", "pert_gen_text": " damn"}) + "\n" for p in pair_prompts))
+    cfg = NeuronsConfig(base=str(tiny_dirs["gemma3"]), aligned=str(tmp_path / "aligned"),
+                        probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "n"), fit_prompts=3,
+                        fit_from="pairs", pairs=str(tmp_path / "pairs.jsonl"), top_toxic=16, cluster_sample=200,
+                        patch="shift", patch_steps="endpoint",
+                        eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
+                                      progress=False, settings=EvalSettings(max_new_tokens=4)))
+    assert fit_split(cfg) == (["Shut up", "What a", "Go away"], 0)
+    r = run_neurons(cfg)
+    assert r["patching"]["n_eval_prompts"] == 6 and r["patching"]["eval_offset"] == 0
+    assert len(r["patching"]["steps"][0]["toxicity_per_prompt"]) == 6
+    assert r["groups"]["fit"]["from"] == "pairs" and r["groups"]["bootstrap"]["n"] == 3
+    with pytest.raises(DpolensError, match="distinct prompts outside"):
+        fit_split(dataclasses.replace(cfg, fit_prompts=5))

@@ -13,8 +13,8 @@ contribution, m/s, = m when there is no post-norm):
   TP−  cos > 0, m̄ ≥ 0, activation decreases      TN+  cos > 0, m̄ < 0, becomes more negative
   AP+  cos < 0, m̄ ≥ 0, activation increases      AN−  cos < 0, m̄ < 0, becomes less negative
 and the mirror groups (TP+, TN−, AP−, AN+) with the opposite change, which raise it.
-Groups and patch values are fitted on one split of the prompts; patching and editing are
-evaluated on a disjoint split. The shares carry 95% intervals from a seeded bootstrap over the fit
+Groups and patch values are fitted on one set of prompts (the head of the evaluation prompts, or
+the DPO pairs' prompts: `fit_from`); patching and editing are evaluated on prompts outside it. The shares carry 95% intervals from a seeded bootstrap over the fit
 prompts, with the groups held as fitted (per-prompt sums of each neuron's projection are kept for
 that, n_prompts × n_layers × d_mlp fp32 per model, never per token). Patching (`patch`) sets each
 patched neuron to its aligned mean activation at every position (`set`, method.md section 6),
@@ -38,7 +38,7 @@ from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, 
 from dpolens.attribution import MIRRORS, assign_groups, dampened_toxic, group_shares, neuron_edits, neuron_table
 from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
-from dpolens.data import load_prompts
+from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs, percentile_ci
 from dpolens.model.loading import load_model
@@ -58,7 +58,11 @@ class NeuronsConfig(RunSettings):
     aligned: str = "runs/dpo/model"
     probe: str = "runs/probe"
     out: str = "runs/neurons"
-    fit_prompts: int = 200  # the first N challenge prompts fit groups and patch values
+    fit_prompts: int = 200  # the first N prompts of the fit source fit groups and patch values
+    # eval: the first fit_prompts evaluation prompts (evaluation on the rest); pairs: the first fit_prompts
+    # distinct prompts of the DPO pairs, disjoint from the evaluation prompts (evaluation on all of them)
+    fit_from: Literal["eval", "pairs"] = "eval"
+    pairs: str = "runs/pairs/pairs.jsonl"
     top_toxic: int = 128
     edit_alpha: float = 0.05
     edit_beta: float = 0.5
@@ -70,7 +74,7 @@ class NeuronsConfig(RunSettings):
     batch_size: int = 32
     max_new_tokens: int = 20
     n_boot: int = 2000
-    eval: EvalData = field(default_factory=EvalData)  # evaluated on prompts after the fit split
+    eval: EvalData = field(default_factory=EvalData)  # evaluated on prompts outside the fit split
 
     def __post_init__(self):
         super().__post_init__()
@@ -217,23 +221,38 @@ def clustering_check(t, labels: np.ndarray, sample: int, seed: int) -> dict:
         "features": "cosine, activation change, projection change, base activation (standardised)"}
 
 
+def fit_split(cfg: NeuronsConfig) -> tuple[list[str], int]:
+    """The prompts that fit the groups, and how many evaluation prompts to skip so that none is evaluated
+    on: the head of the evaluation prompts, or the DPO pairs' prompts (then every evaluation prompt stays)."""
+    eval_prompts = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows)
+    if cfg.fit_from == "eval":
+        if len(eval_prompts) <= cfg.fit_prompts:
+            raise DpolensError(f"fit_prompts {cfg.fit_prompts} leaves no evaluation prompts: {cfg.eval.prompts} "
+                               f"has {len(eval_prompts)}")
+        return eval_prompts[: cfg.fit_prompts], cfg.fit_prompts
+    prompts = list(dict.fromkeys(p["prompt_text"] for p in load_pairs(cfg.pairs, cfg.eval.skip_bad_rows)))
+    held_out = set(eval_prompts)
+    fit = [p for p in prompts if p not in held_out][: cfg.fit_prompts]
+    if len(fit) < cfg.fit_prompts:
+        raise DpolensError(f"{cfg.pairs} has {len(fit)} distinct prompts outside the evaluation prompts; "
+                           f"fit_prompts is {cfg.fit_prompts}")
+    return fit, 0
+
+
 def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     import pandas as pd
 
     from dpolens import figures
 
     cfg.require_float32("base and aligned are compared")
-    n_all = len(load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows))
-    if n_all <= cfg.fit_prompts:
-        raise DpolensError(f"fit_prompts {cfg.fit_prompts} leaves no evaluation prompts: {cfg.eval.prompts} has {n_all}")
-    inputs = load_inputs(cfg.eval, offset=cfg.fit_prompts)  # disjoint from the fit split; read before any compute
+    fit_prompts, offset = fit_split(cfg)
+    inputs = load_inputs(cfg.eval, offset=offset)  # disjoint from the fit split; read before any compute
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
     probe, _ = load_probe(cfg.probe, base)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    fit_prompts = load_prompts(cfg.eval.prompts, cfg.fit_prompts, cfg.eval.skip_bad_rows)
     t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress)
     labels = assign_groups(t)
     df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],
@@ -253,7 +272,8 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     for k in ("prompt_p_base", "prompt_p_aligned"):
         del t[k]  # n_prompts × n_neurons: not needed past the intervals
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
-    shares["fit"] = {"prompts": cfg.eval.prompts, "n_prompts": len(fit_prompts), "tokens": t["n_tokens_base"]}
+    shares["fit"] = {"prompts": cfg.pairs if cfg.fit_from == "pairs" else cfg.eval.prompts, "from": cfg.fit_from,
+                     "n_prompts": len(fit_prompts), "tokens": t["n_tokens_base"]}
     write_json(out / "groups.json", shares)
 
     rows = {}
@@ -270,7 +290,7 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
         steps.append({"groups": [x for x in PATCH_ORDER[: PATCH_ORDER.index(g) + 1]],
                       "n_neurons": int(chosen.sum()), **res.row()})
     patching = {"base": rows["base"], "aligned": rows["aligned"], "steps": steps,
-                "n_eval_prompts": len(inputs.prompts), "eval_offset": cfg.fit_prompts,
+                "n_eval_prompts": len(inputs.prompts), "eval_offset": offset,
                 "mode": cfg.patch, "patch": PATCH_RULES[cfg.patch]}
     write_json(out / "patching.json", patching)
 
