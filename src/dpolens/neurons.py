@@ -14,9 +14,10 @@ contribution, m/s, = m when there is no post-norm):
   AP+  cos < 0, m̄ ≥ 0, activation increases      AN−  cos < 0, m̄ < 0, becomes less negative
 and the mirror groups (TP+, TN−, AP−, AN+) with the opposite change, which raise it.
 Groups and patch values are fitted on one set of prompts (the head of the evaluation prompts, or
-the DPO pairs' prompts: `fit_from`); patching and editing are evaluated on prompts outside it. The shares carry 95% intervals from a seeded bootstrap over the fit
-prompts, with the groups held as fitted (per-prompt sums of each neuron's projection are kept for
-that, n_prompts × n_layers × d_mlp fp32 per model, never per token). Patching (`patch`) sets each
+the DPO pairs' prompts: `fit_from`); patching and editing are evaluated on prompts outside it.
+The shares carry 95% intervals from a seeded bootstrap over the fit prompts, with the groups held
+as fitted (per-prompt sums of each neuron's projection are kept for that, n_prompts × n_layers ×
+d_mlp fp32 per model, never per token). Patching (`patch`) sets each
 patched neuron to its aligned mean activation at every position (`set`, method.md section 6),
 or adds the mean change m̄_aligned − m̄_base to its own activation (`shift`, our addition): on
 gated MLPs, where the groups hold most neurons, `set` makes every MLP nearly constant (measured
@@ -116,7 +117,7 @@ class GroupShares(NeuronGroups):
     four_groups_share_of_positive: float | None
     bootstrap: dict[str, Any]  # how the intervals were made: unit, n, n_boot, seed, rule
     clustering: dict[str, Any]  # clustering_check(): adjusted_rand_index of clusters vs groups, ...
-    fit: dict[str, Any]  # the fit split: prompts (file), n_prompts, tokens (base model's continuation tokens)
+    fit: dict[str, Any]  # the fit split: prompts (file), from (eval | pairs), n_prompts, tokens (base continuation)
 
 
 class Patching(TypedDict):
@@ -126,7 +127,7 @@ class Patching(TypedDict):
     aligned: dict[str, Any]
     steps: list[dict[str, Any]]  # cumulative over PATCH_ORDER: groups, n_neurons and the patched base's row
     n_eval_prompts: int
-    eval_offset: int  # evaluation prompts start after the fit_prompts
+    eval_offset: int  # evaluation prompts start here: fit_prompts when fitted on their head, else 0
     mode: str  # "set" or "shift"
     patch: str  # PATCH_RULES[mode]
 
