@@ -198,7 +198,7 @@ def test_fit_from_pairs_keeps_every_evaluation_prompt(pair, tiny_dirs, tmp_path,
     cfg = NeuronsConfig(base=str(tiny_dirs["gemma3"]), aligned=str(tmp_path / "aligned"),
                         probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "n"), fit_prompts=3,
                         fit_from="pairs", pairs=str(tmp_path / "pairs.jsonl"), top_toxic=16, cluster_sample=200,
-                        patch="shift", patch_steps="endpoint",
+                        patch="shift", patch_steps="endpoint", edit=False,
                         eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
                                       progress=False, settings=EvalSettings(max_new_tokens=4)))
     assert fit_split(cfg) == (["Shut up", "What a", "Go away"], 0)
@@ -206,5 +206,6 @@ def test_fit_from_pairs_keeps_every_evaluation_prompt(pair, tiny_dirs, tmp_path,
     assert r["patching"]["n_eval_prompts"] == 6 and r["patching"]["eval_offset"] == 0
     assert len(r["patching"]["steps"][0]["toxicity_per_prompt"]) == 6
     assert r["groups"]["fit"]["from"] == "pairs" and r["groups"]["bootstrap"]["n"] == 3
+    assert r["editing"] is None and not (tmp_path / "n" / "editing.json").exists()
     with pytest.raises(DpolensError, match="distinct prompts outside"):
         fit_split(dataclasses.replace(cfg, fit_prompts=5))

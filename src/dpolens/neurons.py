@@ -41,8 +41,8 @@ from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
-from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs, percentile_ci
-from dpolens.model.loading import load_model
+from dpolens.evaluate import EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, percentile_ci
+from dpolens.model.loading import LoadedModel, load_model
 from dpolens.webpage import image, table
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class NeuronsConfig(RunSettings):
     fit_from: Literal["eval", "pairs"] = "eval"
     pairs: str = "runs/pairs/pairs.jsonl"
     top_toxic: int = 128
+    edit: bool = True  # evaluate tuning-free editing too (editing.json; one more evaluation, not in the ledger)
     edit_alpha: float = 0.05
     edit_beta: float = 0.5
     patch: Literal["set", "shift"] = "set"
@@ -149,7 +150,7 @@ class NeuronsResult(TypedDict):
 
     groups: GroupShares
     patching: Patching
-    editing: Editing
+    editing: Editing | None  # None when edit is off
     figures: list[str]  # file names in the stage folder
 
 
@@ -240,6 +241,24 @@ def fit_split(cfg: NeuronsConfig) -> tuple[list[str], int]:
     return fit, 0
 
 
+def edit_neurons(cfg: NeuronsConfig, base: LoadedModel, inputs: EvalInputs, t: dict, labels: np.ndarray,
+                 rows: dict) -> Editing:
+    """Tuning-free editing (Yang et al.): per group, the share edit_beta of neurons with the largest
+    reduction, their activations scaled towards the aligned model's, evaluated on the base."""
+    factors = np.ones(len(labels))
+    sel = np.zeros(len(labels), dtype=bool)
+    for g, f in (("TP-", 1 - cfg.edit_alpha), ("TN+", 1 + cfg.edit_alpha), ("AP+", 1 + cfg.edit_alpha),
+                 ("AN-", 1 - cfg.edit_alpha)):
+        idx = np.where(labels == g)[0]
+        idx = idx[np.argsort(-t["delta"][idx])][: int(round(cfg.edit_beta * len(idx)))]
+        sel[idx], factors[idx] = True, f
+    res = evaluate_inputs(base, cfg.eval, inputs, scale_edits(t, sel, factors), label="edit")
+    return {"alpha": cfg.edit_alpha, "beta": cfg.edit_beta, "n_neurons": int(sel.sum()),
+            "rule": "per group, the share beta of neurons with the largest reduction; activations scaled by "
+                    "(1 - alpha) for TP-/AN- and (1 + alpha) for TN+/AP+ (base model, no weight update)",
+            "base": rows["base"], "aligned": rows["aligned"], "edited": res.row()}
+
+
 def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     import pandas as pd
 
@@ -295,19 +314,9 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
                 "mode": cfg.patch, "patch": PATCH_RULES[cfg.patch]}
     write_json(out / "patching.json", patching)
 
-    factors = np.ones(len(labels))
-    sel = np.zeros(len(labels), dtype=bool)
-    for g, f in (("TP-", 1 - cfg.edit_alpha), ("TN+", 1 + cfg.edit_alpha), ("AP+", 1 + cfg.edit_alpha),
-                 ("AN-", 1 - cfg.edit_alpha)):
-        idx = np.where(labels == g)[0]
-        idx = idx[np.argsort(-t["delta"][idx])][: int(round(cfg.edit_beta * len(idx)))]
-        sel[idx], factors[idx] = True, f
-    res = evaluate_inputs(base, cfg.eval, inputs, scale_edits(t, sel, factors), label="edit")
-    editing = {"alpha": cfg.edit_alpha, "beta": cfg.edit_beta, "n_neurons": int(sel.sum()),
-               "rule": "per group, the share beta of neurons with the largest reduction; activations scaled by "
-                       "(1 - alpha) for TP-/AN- and (1 + alpha) for TN+/AP+ (base model, no weight update)",
-               "base": rows["base"], "aligned": rows["aligned"], "edited": res.row()}
-    write_json(out / "editing.json", editing)
+    editing = edit_neurons(cfg, base, inputs, t, labels, rows) if cfg.edit else None
+    if editing:
+        write_json(out / "editing.json", editing)
     figs = figures.neuron_figures(out, t, labels, shares)
     write_manifest(out, "neurons", cfg, base=base.identity(), aligned=aligned.identity())
     return {"groups": shares, "patching": patching, "editing": editing, "figures": figs}
