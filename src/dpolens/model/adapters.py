@@ -55,7 +55,14 @@ class KeySlice:
 class WideUnembed(nn.Linear):
     """The unembedding computed as W·xᵀ instead of x·Wᵀ: same parameters and values (to float
     reordering), but on CPU MKL's x·Wᵀ path is 1.3-4x slower for a vocabulary-sized W at the
-    batch sizes of decoding (benchmarks/bench_unembed.py)."""
+    batch sizes of decoding (benchmarks/bench_unembed.py). Without autograd on CPU, from
+    `BLOCK_MIN_ROWS` positions on, W is taken `BLOCK` vocabulary rows at a time into contiguous
+    [positions, vocab] logits: the same products, bit for bit, with each block's output in cache
+    and no transposed view for argmax and softmax to stride through (1.2-1.5x for the head and
+    the argmax after it at 64 positions, benchmarks/bench_unembed.py)."""
+
+    BLOCK = 2048
+    BLOCK_MIN_ROWS = 32
 
     @classmethod
     def sharing(cls, linear: nn.Linear) -> WideUnembed:
@@ -65,7 +72,12 @@ class WideUnembed(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])  # [N, d_model]
-        logits = (self.weight @ flat.T).T  # [N, vocab]
+        if torch.is_grad_enabled() or flat.device.type != "cpu" or len(flat) < self.BLOCK_MIN_ROWS:
+            logits = (self.weight @ flat.T).T  # [N, vocab], a transposed view
+        else:
+            logits = flat.new_empty(len(flat), self.out_features)  # [N, vocab]
+            for i in range(0, self.out_features, self.BLOCK):
+                logits[:, i : i + self.BLOCK] = (self.weight[i : i + self.BLOCK] @ flat.T).T
         if self.bias is not None:
             logits = logits + self.bias
         return logits.reshape(*x.shape[:-1], -1)
