@@ -145,3 +145,24 @@ def test_device_auto_resolves_and_bad_names_are_refused():
     assert resolve_device("auto") == expected and resolve_device("cpu") == "cpu"
     with pytest.raises(DpolensError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
+
+
+def test_wide_unembed_blocks_are_bit_identical_and_contiguous():
+    """From BLOCK_MIN_ROWS positions on (no autograd, CPU), the head's 2,048-row vocabulary blocks
+    give the one-block W·xᵀ logits bit for bit (at this block size; tiny blocks take MKL's small-matrix
+    path and differ in the last bits), as contiguous rows; with autograd the one-block path runs."""
+    from dpolens.model.adapters import WideUnembed
+
+    torch.manual_seed(0)
+    head = WideUnembed.sharing(torch.nn.Linear(64, 5000, bias=False))  # two full blocks and a ragged one
+    x = torch.randn(2, head.BLOCK_MIN_ROWS, 64)
+    one_block = (head.weight @ x.reshape(-1, 64).T).T.reshape(*x.shape[:-1], -1).detach()
+    with torch.inference_mode():
+        blocked = head(x)
+        few = head(x[:1, : head.BLOCK_MIN_ROWS - 1])
+    assert blocked.is_contiguous() and torch.equal(blocked, one_block)
+    assert not few.is_contiguous() and torch.equal(few, one_block[:1, : head.BLOCK_MIN_ROWS - 1])
+    y = x.clone().requires_grad_()
+    trained = head(y)
+    trained.sum().backward()
+    assert not trained.is_contiguous() and y.grad is not None and torch.equal(trained.detach(), one_block)

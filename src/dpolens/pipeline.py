@@ -86,6 +86,16 @@ def _key(cfg: Any, upstream: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def earlier_attempts_s(folder: Path, marker: dict | None) -> float:
+    """Time the stage's interrupted attempts spent, each counted from its start to the last file it
+    wrote (work after that was lost): a resumed stage's cost includes the work it resumes from."""
+    if not marker or marker.get("started") is None:
+        return float(marker.get("earlier_attempts_s", 0.0)) if marker else 0.0
+    last = max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p.name != MARKER),
+               default=marker["started"])
+    return float(marker.get("earlier_attempts_s", 0.0)) + max(0.0, last - marker["started"])
+
+
 def run_study(study: Any, only: list[str] | None = None, start: str | None = None,
               force: list[str] | None = None) -> dict:
     run = Path(study.root) / study.name
@@ -130,18 +140,21 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
         if s in (force or []) and folder.exists():
             shutil.rmtree(folder)
         fresh = not folder.exists()
+        earlier = 0.0 if fresh else earlier_attempts_s(folder, done if done and done.get("key") == keys[s] else None)
         folder.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"stage": s, "key": keys[s], "finished": False})
-        log.info("stage %s: running (key %s)", s, keys[s])
         began = time.time()
+        write_json(marker, {"stage": s, "key": keys[s], "finished": False, "started": began,
+                            "earlier_attempts_s": earlier})
+        log.info("stage %s: running (key %s)", s, keys[s])
         try:
             st.run_fn(cfgs[s])
         except DpolensError:
             if fresh:  # refused before it wrote anything a resume could use: leave no trace
                 remove_if_no_files(folder, ignore=(MARKER,))
             raise
-        wall = time.time() - began
-        write_json(marker, {"stage": s, "key": keys[s], "finished": True, "wall_time_s": wall})
+        wall = time.time() - began + earlier
+        write_json(marker, {"stage": s, "key": keys[s], "finished": True, "wall_time_s": wall,
+                            "earlier_attempts_s": earlier})
         timings[s] = {"wall_time_s": wall, "skipped": False}
     results = collect_results(run, study, keys, timings, time.time() - t0)
     write_json(run / "results.json", results)
@@ -162,6 +175,6 @@ def collect_results(run: Path, study: Any, keys: dict, timings: dict, wall: floa
                                  wall_time_s=wall)
     r["wall_time_s"] = wall
     # the study's cost over all invocations: each finished stage's own time (a resumed run's earlier
-    # stages included; time spent in an attempt that was interrupted is not counted)
+    # stages included, and an interrupted attempt's time up to the last file it wrote)
     r["stage_time_s"] = sum(t["wall_time_s"] or 0.0 for t in timings.values())
     return r

@@ -57,9 +57,11 @@ class WideUnembed(nn.Linear):
     reordering), but on CPU MKL's x·Wᵀ path is 1.3-4x slower for a vocabulary-sized W at the
     batch sizes of decoding (benchmarks/bench_unembed.py). Without autograd on CPU, from
     `BLOCK_MIN_ROWS` positions on, W is taken `BLOCK` vocabulary rows at a time into contiguous
-    [positions, vocab] logits: the same products, bit for bit, with each block's output in cache
-    and no transposed view for argmax and softmax to stride through (1.2-1.5x for the head and
-    the argmax after it at 64 positions, benchmarks/bench_unembed.py)."""
+    [positions, vocab] logits, each block's output in cache and no transposed view for argmax and
+    softmax to stride through (1.2-1.5x for the head and its argmax at 64 positions). At 2,048-row
+    blocks MKL gives the one-block products bit for bit (tests/test_adapters.py; gemma-3-270m's
+    toxicity on 1,199 prompts was unchanged to the last bit), which BLAS does not promise: tiny
+    blocks take its small-matrix path and differ in the last bits."""
 
     BLOCK = 2048
     BLOCK_MIN_ROWS = 32
