@@ -300,3 +300,24 @@ def test_steer_sweep_is_recorded_and_redone_when_settings_change(tiny_dirs, tmp_
         run_pairs(PairsConfig(**{**cfg.__dict__, "gate": tight}))
     again = json.loads((tmp_path / "s" / "pairs.sweep.json").read_text())
     assert again["identity"] != first and not again["chosen_clears_nll_gate"]
+
+
+def test_min_prompt_toxicity_tries_only_prompts_rated_that_toxic(tiny_dirs, tmp_path, jigsaw_cached):
+    """The filter scores each prompt as cut to prompt_tokens, keeps pool order, stops at max_candidates,
+    and refuses when fewer than n prompts pass."""
+    from dpolens.pairs import candidate_prompts
+    from dpolens.scoring import get_scorer
+
+    lm, scorer = load_model(tiny_dirs["llama"]), get_scorer("jigsaw-lstm")
+    pool = ["you stupid idiot shut up", "the weather is nice today", "what a stupid moron you are",
+            "thank you for the lovely book", "shut up you idiot moron", "have a great day"]
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), n=1, max_candidates=2, prompt_tokens=64,
+                      min_prompt_toxicity=0.5, out=str(tmp_path / "pairs.jsonl"))
+    tox = dict(zip(pool, scorer.score(pool).toxicity))
+    toxic = [p for p in pool if tox[p] >= 0.5]
+    assert 2 <= len(toxic) < len(pool)  # the scorer separates these prompts
+    assert candidate_prompts(cfg, lm, scorer, pool) == toxic[:2]
+    assert candidate_prompts(PairsConfig(**{**cfg.__dict__, "min_prompt_toxicity": None}), lm, scorer, pool) == pool[:2]
+    with pytest.raises(DpolensError, match="rated at least 0.5 toxic"):
+        candidate_prompts(PairsConfig(**{**cfg.__dict__, "n": len(toxic) + 1, "max_candidates": None}), lm, scorer,
+                          pool)

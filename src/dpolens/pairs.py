@@ -132,6 +132,9 @@ class PairsConfig(RunSettings):
         default_data("toxic-corpora/olid-training-v1.0.tsv")])
     n: int = 512  # pairs wanted after the quality gate
     max_candidates: int | None = None  # prompts tried at most; default 4 × n
+    # try only prompts the scorer rates at least this toxic (as cut to prompt_tokens); None: every prompt.
+    # On gemma-3-270m's tweet prefixes, 75% of prompts rated >= 0.9 gave a kept sampled pair, 20% below 0.25
+    min_prompt_toxicity: float | None = None
     out: str = "runs/pairs/pairs.jsonl"
     prompt_tokens: int = 24
     min_words: int = 8
@@ -217,6 +220,7 @@ class PairsSummary(PairsOverview):
     """What `run_pairs` returns and writes to pairs.summary.json."""
 
     n_requested: int
+    min_prompt_toxicity: float | None  # the prompt filter (None: every prompt tried)
     settings: dict[str, Any]  # the method's settings as used (steer: with the resolved beta)
     sweep: Sweep | None  # None without a sweep
     gate: dict[str, Any]  # the QualityGate
@@ -243,6 +247,26 @@ def prompt_pool(cfg: PairsConfig) -> list[str]:
 def truncate_prompts(lm: LoadedModel, sentences: list[str], n_tokens: int) -> list[str]:
     ids = lm.tokenizer(sentences, add_special_tokens=False)["input_ids"]
     return [lm.tokenizer.decode(x[:n_tokens]) for x in ids]
+
+
+def candidate_prompts(cfg: PairsConfig, lm: LoadedModel, scorer, pool: list[str]) -> list[str]:
+    """The prompts tried, in pool order, cut to `prompt_tokens`: the first max_candidates (4 × n), or
+    with `min_prompt_toxicity` the first that many the scorer rates at least that toxic as cut."""
+    limit = cfg.max_candidates or 4 * cfg.n
+    if cfg.min_prompt_toxicity is None:
+        prompts = truncate_prompts(lm, pool[:limit], cfg.prompt_tokens)
+    else:
+        prompts = []
+        for i in range(0, len(pool), 4096):
+            cut = truncate_prompts(lm, pool[i : i + 4096], cfg.prompt_tokens)
+            prompts += [p for p, t in zip(cut, scorer.score(cut).toxicity) if t >= cfg.min_prompt_toxicity]
+            if len(prompts) >= limit:
+                break
+        prompts = prompts[:limit]
+    if len(prompts) < cfg.n:
+        where = "" if cfg.min_prompt_toxicity is None else f" rated at least {cfg.min_prompt_toxicity} toxic"
+        raise DpolensError(f"asked for {cfg.n} pairs but the prompt source has {len(prompts)} prompts{where}")
+    return prompts
 
 
 # ---- steer -----------------------------------------------------------------------------------
@@ -418,7 +442,8 @@ def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None) -> dict:
     ident = {"model_sha256": lm.weight_hash, "method": cfg.method, "settings": _settings_of(cfg),
              "prompt_source": cfg.prompt_source, "prompts": cfg.prompts if cfg.prompt_source != "tweets" else None,
              "tweets": cfg.tweets if cfg.prompt_source != "wikitext" else None, "prompt_tokens": cfg.prompt_tokens,
-             "min_words": cfg.min_words, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+             "min_words": cfg.min_words, "min_prompt_toxicity": cfg.min_prompt_toxicity,
+             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
              "batch_size": cfg.batch_size, "scorer": cfg.scorer, "probe": probe_ref,
              "sweep": cfg.sweep, "sweep_prompts": cfg.sweep_prompts}
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -553,11 +578,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     scorer = get_scorer(cfg.scorer)
     gen = _Generator(lm, cfg, scorer)
-    pool = prompt_pool(cfg)
-    limit = min(len(pool), cfg.max_candidates or 4 * cfg.n)
-    if limit < cfg.n:
-        raise DpolensError(f"asked for {cfg.n} pairs but the prompt source has {len(pool)} prompts")
-    prompts = truncate_prompts(lm, pool[:limit], cfg.prompt_tokens)
+    prompts = candidate_prompts(cfg, lm, scorer, prompt_pool(cfg))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
@@ -621,7 +642,8 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
         log.warning("only %d of %d pairs passed the quality gate after %d prompts", len(kept), cfg.n, len(done))
     write_jsonl(out, [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text")} for r in kept])
     summary = {"n": len(kept), "n_requested": cfg.n, "n_candidates": len(done), "method": cfg.method,
-               "prompt_source": cfg.prompt_source, "settings": gen.settings, "sweep": sweep,
+               "prompt_source": cfg.prompt_source, "min_prompt_toxicity": cfg.min_prompt_toxicity,
+               "settings": gen.settings, "sweep": sweep,
                "gate": asdict(cfg.gate), "dropped": dropped,
                "quality": quality(lm, kept), "quality_before_gate": quality(lm, done),
                "samples": [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text",
