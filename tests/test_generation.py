@@ -75,3 +75,18 @@ def test_sampling_keeps_the_transformers_nucleus(top_p):
         drawn.scatter_(1, sample_next(scores, 1.0, None, top_p, gen, cap=16), True)
     assert not (drawn & ~allowed).any()
     assert drawn[:2].sum() == allowed[:2].sum()  # small nuclei: every kept token turns up
+
+
+def test_n_samples_reads_each_prompt_once_and_samples_as_repeated_prompts(tiny_lm):
+    """n_samples continuations per prompt (consecutive) from one read of the prompt and its cache
+    repeated: the same tokens as the prompts written out n_samples times, under the same seed."""
+    k = 3
+    shared = generate(tiny_lm, PROMPTS, 8, do_sample=True, top_p=0.9, seed=5, batch_size=len(PROMPTS) * k,
+                      progress=False, n_samples=k)
+    repeated = generate(tiny_lm, [p for p in PROMPTS for _ in range(k)], 8, do_sample=True, top_p=0.9, seed=5,
+                        batch_size=len(PROMPTS) * k, progress=False)
+    assert [g.prompt for g in shared] == [p for p in PROMPTS for _ in range(k)]
+    assert [g.continuation_ids for g in shared] == [g.continuation_ids for g in repeated]
+    assert len({tuple(g.continuation_ids) for g in shared[:k]}) > 1  # a prompt's samples differ
+    with pytest.raises(Exception, match="needs do_sample"):
+        generate(tiny_lm, PROMPTS, 2, progress=False, n_samples=2)

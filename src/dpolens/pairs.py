@@ -482,9 +482,9 @@ class _Generator:
         c, lm, n = self.cfg, self.lm, len(prompts)
         if c.method == "sample":
             k = c.sample.n_samples
-            gens = generate(lm, [p for p in prompts for _ in range(k)], c.max_new_tokens, do_sample=True,
-                            temperature=c.sample.temperature, top_p=c.sample.top_p, seed=seed,
-                            batch_size=n * k, max_prompt_tokens=None, progress=False)
+            gens = generate(lm, prompts, c.max_new_tokens, do_sample=True, temperature=c.sample.temperature,
+                            top_p=c.sample.top_p, seed=seed, batch_size=n * k, max_prompt_tokens=None,
+                            progress=False, n_samples=k)
             texts = [g.continuation for g in gens]
             tox = self.scorer.score(texts).toxicity.reshape(n, k)
             return [(texts[i * k + int(tox[i].argmin())], texts[i * k + int(tox[i].argmax())]) for i in range(n)]

@@ -99,15 +99,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
-                 banned: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Sampled decoding with the KV cache; returns [batch, steps <= max_new_tokens] ids (pad after
-    EOS). Greedy decoding stays with transformers' generate, which measured faster here
-    (benchmarks/bench_generation.py)."""
+                 banned: torch.Tensor, generator: torch.Generator, n_samples: int = 1) -> torch.Tensor:
+    """Sampled decoding with the KV cache; returns [batch × n_samples, steps <= max_new_tokens] ids
+    (pad after EOS), each prompt's samples in consecutive rows. A prompt is read once and its cache
+    repeated for its samples. Greedy decoding stays with transformers' generate, which measured
+    faster here (benchmarks/bench_generation.py)."""
     tok = lm.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
-    seen = input_ids  # repetition penalty: every token of the prompt and the continuation so far
     out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
                    use_cache=True, logits_to_keep=1)
+    if n_samples > 1:
+        out.past_key_values.batch_repeat_interleave(n_samples)
+        out.logits = out.logits.repeat_interleave(n_samples, 0)
+        input_ids, mask = input_ids.repeat_interleave(n_samples, 0), mask.repeat_interleave(n_samples, 0)
+    seen = input_ids  # repetition penalty: every token of the prompt and the continuation so far
     finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
     steps = []
     for _ in range(max_new_tokens):
@@ -200,9 +205,11 @@ def generate(
     keep_last: bool = False,
     progress: bool = True,
     desc: str = "generate",
+    n_samples: int = 1,
 ) -> list[Generation]:
     """Greedy (default; transformers' generate) or sampled (our loop, see `sample_next`)
-    continuations of `prompts`, in input order."""
+    continuations of `prompts`, in input order; sampled with `n_samples` > 1, that many per prompt
+    (consecutive), `batch_size` counting continuations."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
@@ -214,22 +221,25 @@ def generate(
                            repetition_penalty=repetition_penalty, eos_token_id=eos)
     ban = LogitsProcessorList([BanTokens(banned, lm.device)])
     banned_ids = torch.tensor(banned, dtype=torch.long, device=lm.device)
-    results: list[Generation | None] = [None] * len(prompts)
-    batches = length_batches([len(p) for p in prompt_ids], batch_size)
+    if n_samples > 1 and not do_sample:
+        raise DpolensError("n_samples > 1 needs do_sample: greedy continuations of one prompt are all the same")
+    k = n_samples
+    results: list[Generation | None] = [None] * (len(prompts) * k)
+    batches = length_batches([len(p) for p in prompt_ids], max(1, batch_size // k))
     for b, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
         input_ids, mask = left_pad([prompt_ids[i] for i in idx], tok.pad_token_id, lm.device)
         if do_sample:
             gen = torch.Generator(device=lm.device).manual_seed(seed + b)
             cont = _sample_loop(lm, input_ids, mask, max_new_tokens, temperature, top_k, top_p,
-                                repetition_penalty, banned_ids, gen).tolist()
+                                repetition_penalty, banned_ids, gen, k).tolist()
         else:
             out = lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
                                     logits_processor=ban)
             cont = out[:, input_ids.shape[1]:].tolist()
-        for row, i in enumerate(idx):
+        for row, (i, j) in enumerate((i, j) for i in idx for j in range(k)):
             ids = cont[row]
             if eos is not None and eos in ids:
                 ids = ids[: ids.index(eos)]
-            results[i] = Generation(prompts[i], prompt_ids[i], ids,
-                                    tok.decode(ids, skip_special_tokens=True))
+            results[i * k + j] = Generation(prompts[i], prompt_ids[i], ids,
+                                            tok.decode(ids, skip_special_tokens=True))
     return results  # type: ignore[return-value]
