@@ -1,6 +1,8 @@
 """The whole study on a tiny model: every stage, results.json, report, caching and resume."""
 
 import json
+import os
+import time
 
 import pytest
 import yaml
@@ -111,6 +113,22 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     assert again["stage_time_s"] == pytest.approx(r["stage_time_s"])  # the earlier run's cost, counted once
     changed = run_study(load_study(study_file, ["device=cpu", "robustness.limit=2"]), only=["robustness"])
     assert changed["provenance"]["stage_times"]["robustness"]["skipped"] is False
+    # an interrupted attempt (started 100 s ago, last wrote 40 s ago) counts in the resumed stage's time
+    marker = run / "robustness" / ".dpolens-stage.json"
+    m = json.loads(marker.read_text())
+    now = time.time()
+    marker.write_text(json.dumps({"stage": "robustness", "key": m["key"], "finished": False, "started": now - 100}))
+    partial = run / "robustness" / "partial.jsonl"
+    partial.write_text("{}\n")
+    os.utime(partial, (now - 40, now - 40))
+    for f in (run / "robustness").rglob("*"):
+        if f.is_file() and f.name not in (marker.name, partial.name):
+            os.utime(f, (now - 90, now - 90))
+    resumed = run_study(load_study(study_file, ["device=cpu", "robustness.limit=2"]), only=["robustness"])
+    done = json.loads(marker.read_text())
+    assert done["earlier_attempts_s"] == pytest.approx(60, abs=1)
+    assert resumed["provenance"]["stage_times"]["robustness"]["wall_time_s"] == pytest.approx(done["wall_time_s"])
+    assert done["wall_time_s"] > done["earlier_attempts_s"]
 
 
 def test_unknown_stage_key_is_named(study_file):
@@ -143,22 +161,3 @@ def test_stage_key_names_settings_not_defaults():
     assert _key(Old(out="runs/a"), []) != _key(New(out="runs/a", device="cuda"), [])
     assert _key(Old(inner=Inner(limit=3)), []) != _key(Old(), [])
     assert _key(Old(), ["k1"]) != _key(Old(), ["k2"])
-    # an interrupted attempt (started 100 s ago, last wrote 40 s ago) counts in the resumed stage's time
-    import os
-    import time
-
-    marker = run / "robustness" / ".dpolens-stage.json"
-    m = json.loads(marker.read_text())
-    now = time.time()
-    marker.write_text(json.dumps({"stage": "robustness", "key": m["key"], "finished": False, "started": now - 100}))
-    partial = run / "robustness" / "partial.jsonl"
-    partial.write_text("{}\n")
-    os.utime(partial, (now - 40, now - 40))
-    for f in (run / "robustness").rglob("*"):
-        if f.is_file() and f.name not in (marker.name, partial.name):
-            os.utime(f, (now - 90, now - 90))
-    resumed = run_study(load_study(study_file, ["device=cpu", "robustness.limit=2"]), only=["robustness"])
-    done = json.loads(marker.read_text())
-    assert done["earlier_attempts_s"] == pytest.approx(60, abs=1)
-    assert resumed["provenance"]["stage_times"]["robustness"]["wall_time_s"] == pytest.approx(done["wall_time_s"])
-    assert done["wall_time_s"] > done["earlier_attempts_s"]
