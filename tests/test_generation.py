@@ -90,3 +90,7 @@ def test_n_samples_reads_each_prompt_once_and_samples_as_repeated_prompts(tiny_l
     assert len({tuple(g.continuation_ids) for g in shared[:k]}) > 1  # a prompt's samples differ
     with pytest.raises(Exception, match="needs do_sample"):
         generate(tiny_lm, PROMPTS, 2, progress=False, n_samples=2)
+    # several length-sorted batches (prompts of different lengths, two prompts a batch): input order kept
+    batched = generate(tiny_lm, PROMPTS, 4, do_sample=True, seed=1, batch_size=2 * k, progress=False, n_samples=k)
+    assert [g.prompt for g in batched] == [p for p in PROMPTS for _ in range(k)]
+    assert all(g.prompt_ids == tiny_lm.tokenizer(g.prompt)["input_ids"] for g in batched)

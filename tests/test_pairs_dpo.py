@@ -305,19 +305,20 @@ def test_steer_sweep_is_recorded_and_redone_when_settings_change(tiny_dirs, tmp_
 def test_min_prompt_toxicity_tries_only_prompts_rated_that_toxic(tiny_dirs, tmp_path, jigsaw_cached):
     """The filter scores each prompt as cut to prompt_tokens, keeps pool order, stops at max_candidates,
     and refuses when fewer than n prompts pass."""
-    from dpolens.pairs import candidate_prompts
+    from dpolens.pairs import candidate_prompts, truncate_prompts
     from dpolens.scoring import get_scorer
 
     lm, scorer = load_model(tiny_dirs["llama"]), get_scorer("jigsaw-lstm")
-    pool = ["you stupid idiot shut up", "the weather is nice today", "what a stupid moron you are",
-            "thank you for the lovely book", "shut up you idiot moron", "have a great day"]
-    cfg = PairsConfig(model=str(tiny_dirs["llama"]), n=1, max_candidates=2, prompt_tokens=64,
+    pool = ["idiot stupid moron, shut up", "the weather is nice today", "stupid idiot moron you are",
+            "thank you for the lovely book", "moron idiot stupid, go away", "have a great day"]
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), n=1, max_candidates=2, prompt_tokens=12,
                       min_prompt_toxicity=0.5, out=str(tmp_path / "pairs.jsonl"))
-    tox = dict(zip(pool, scorer.score(pool).toxicity))
-    toxic = [p for p in pool if tox[p] >= 0.5]
+    cut = truncate_prompts(lm, pool, 12)  # scored as the model will see them
+    assert cut != pool
+    toxic = [p for p, t in zip(cut, scorer.score(cut).toxicity) if t >= 0.5]
     assert 2 <= len(toxic) < len(pool)  # the scorer separates these prompts
     assert candidate_prompts(cfg, lm, scorer, pool) == toxic[:2]
-    assert candidate_prompts(PairsConfig(**{**cfg.__dict__, "min_prompt_toxicity": None}), lm, scorer, pool) == pool[:2]
+    assert candidate_prompts(PairsConfig(**{**cfg.__dict__, "min_prompt_toxicity": None}), lm, scorer, pool) == cut[:2]
     with pytest.raises(DpolensError, match="rated at least 0.5 toxic"):
         candidate_prompts(PairsConfig(**{**cfg.__dict__, "n": len(toxic) + 1, "max_candidates": None}), lm, scorer,
                           pool)

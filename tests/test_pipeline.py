@@ -117,7 +117,8 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     marker = run / "robustness" / ".dpolens-stage.json"
     m = json.loads(marker.read_text())
     now = time.time()
-    marker.write_text(json.dumps({"stage": "robustness", "key": m["key"], "finished": False, "started": now - 100}))
+    marker.write_text(json.dumps({"stage": "robustness", "key": m["key"], "finished": False, "started": now - 100,
+                                  "alive": now - 50}))
     partial = run / "robustness" / "partial.jsonl"
     partial.write_text("{}\n")
     os.utime(partial, (now - 40, now - 40))
@@ -161,3 +162,31 @@ def test_stage_key_names_settings_not_defaults():
     assert _key(Old(out="runs/a"), []) != _key(New(out="runs/a", device="cuda"), [])
     assert _key(Old(inner=Inner(limit=3)), []) != _key(Old(), [])
     assert _key(Old(), ["k1"]) != _key(Old(), ["k2"])
+
+
+def test_interrupted_attempt_lasts_to_its_last_sign_of_life(tmp_path):
+    """The heartbeat's `alive` counts where it is later than the stage's files (a stage that writes
+    only to the shared evaluation cache), and earlier attempts add up."""
+    from dpolens.pipeline import earlier_attempts_s, heartbeat
+
+    (tmp_path / "part.json").write_text("{}")
+    now = time.time()
+    os.utime(tmp_path / "part.json", (now - 80, now - 80))
+    marker = {"started": now - 100, "alive": now - 30, "earlier_attempts_s": 5.0}
+    assert earlier_attempts_s(tmp_path, marker) == pytest.approx(75, abs=1)
+    assert earlier_attempts_s(tmp_path, {**marker, "alive": now - 90}) == pytest.approx(25, abs=1)
+    assert earlier_attempts_s(tmp_path, {"earlier_attempts_s": 7.0}) == 7.0 and earlier_attempts_s(tmp_path, None) == 0
+    beat = tmp_path / "marker.json"
+    with heartbeat(beat, {"stage": "x"}, every_s=0.05):
+        time.sleep(0.3)
+    assert json.loads(beat.read_text())["alive"] >= now
+
+
+def test_neurons_pairs_path_is_in_the_key_only_when_fitted_on_pairs():
+    """Wiring the pairs file into neurons leaves the key of a study that fits on the evaluation prompts."""
+    from dpolens.neurons import NeuronsConfig
+    from dpolens.pipeline import _key
+
+    assert _key(NeuronsConfig(pairs="runs/x/pairs/pairs.jsonl"), []) == _key(NeuronsConfig(), [])
+    assert _key(NeuronsConfig(fit_from="pairs", pairs="runs/x/pairs/pairs.jsonl"), []) != \
+        _key(NeuronsConfig(fit_from="pairs"), [])

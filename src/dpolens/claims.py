@@ -513,11 +513,13 @@ def unalign_restores(ctx: Context) -> Measured:
 
 # ---- Yang et al. ----------------------------------------------------------------------------------
 
-def _neurons_prov(ctx: Context, n_prompts=None) -> dict:
+def _neurons_prov(ctx: Context, n_prompts=None, fit: dict | None = None) -> dict:
+    """The neurons stage's models, scorer and data: the fit prompts (`fit`, groups.json's) or the evaluation's."""
     man = ctx.manifest("neurons")
     ev = man.get("config", {}).get("eval", {})
+    prompts = (fit or {}).get("prompts") or ev.get("prompts")
     return dict(models={"base": _identity(man.get("base")), "aligned": _identity(man.get("aligned"))},
-                scorer=ev.get("scorer"), data={"prompts": ev.get("prompts"), "n_prompts": n_prompts})
+                scorer=ev.get("scorer"), data={"prompts": prompts, "n_prompts": n_prompts})
 
 
 def toxic_neurons_small_share(ctx: Context) -> Measured:
@@ -527,7 +529,7 @@ def toxic_neurons_small_share(ctx: Context) -> Measured:
     net, net_ci = _stat_block(tn, "share_of_net")
     text = (f"{tn['count']} of the top {tn.get('top_n')} toxic neurons active and dampened: {_pct(pos)} "
             f"{_pct_ci(pos_ci)} of the positive reduction, {_pct(net)} {_pct_ci(net_ci)} of the net")
-    prov = _neurons_prov(ctx, (g.get("fit") or {}).get("n_prompts"))
+    prov = _neurons_prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
     if pos is None:
         return Measured(None, None, None, text, f"no positive reduction to share (neurons/groups.json); {text}",
                         **prov)
@@ -544,7 +546,7 @@ def reduction_spreads(ctx: Context) -> Measured:
     g = ctx.json("neurons/groups.json")
     shares = {k: _stat_block(g["groups"][k], "share_of_positive") for k in GROUPS}
     text = "; ".join(f"{k} {_pct(v)} ({g['groups'][k]['count']} neurons)" for k, (v, _) in shares.items())
-    prov = _neurons_prov(ctx, (g.get("fit") or {}).get("n_prompts"))
+    prov = _neurons_prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
     values = [v for v, _ in shares.values()]
     if any(v is None for v in values):
         return Measured(None, None, None, text, f"no positive reduction to share; {text}", **prov)

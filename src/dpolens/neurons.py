@@ -63,7 +63,7 @@ class NeuronsConfig(RunSettings):
     # eval: the first fit_prompts evaluation prompts (evaluation on the rest); pairs: the first fit_prompts
     # distinct prompts of the DPO pairs, disjoint from the evaluation prompts (evaluation on all of them)
     fit_from: Literal["eval", "pairs"] = "eval"
-    pairs: str = "runs/pairs/pairs.jsonl"
+    pairs: str = field(default="runs/pairs/pairs.jsonl", metadata={"in_key_if": ("fit_from", "pairs")})
     top_toxic: int = 128
     edit: bool = True  # evaluate tuning-free editing too (editing.json; one more evaluation, not in the ledger)
     edit_alpha: float = 0.05

@@ -442,10 +442,11 @@ def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None) -> dict:
     ident = {"model_sha256": lm.weight_hash, "method": cfg.method, "settings": _settings_of(cfg),
              "prompt_source": cfg.prompt_source, "prompts": cfg.prompts if cfg.prompt_source != "tweets" else None,
              "tweets": cfg.tweets if cfg.prompt_source != "wikitext" else None, "prompt_tokens": cfg.prompt_tokens,
-             "min_words": cfg.min_words, "min_prompt_toxicity": cfg.min_prompt_toxicity,
-             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+             "min_words": cfg.min_words, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
              "batch_size": cfg.batch_size, "scorer": cfg.scorer, "probe": probe_ref,
              "sweep": cfg.sweep, "sweep_prompts": cfg.sweep_prompts}
+    if cfg.min_prompt_toxicity is not None:  # absent when off: candidates made before the setting still resume
+        ident["min_prompt_toxicity"] = cfg.min_prompt_toxicity
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident
 

@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import field, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -65,9 +67,12 @@ def stage_configs(study: Any) -> dict[str, Any]:
 
 
 def _explicit(cfg: Any) -> dict:
-    """The fields of a config dataclass that differ from their defaults, nested ones included."""
+    """The fields of a config dataclass that differ from their defaults, nested ones included; a field
+    with metadata `in_key_if: (other field, value)` counts only while the other field has that value."""
     out = {}
     for f in dataclasses.fields(cfg):
+        if (cond := f.metadata.get("in_key_if")) and getattr(cfg, cond[0]) != cond[1]:
+            continue
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             if (inner := _explicit(value)):
@@ -87,13 +92,34 @@ def _key(cfg: Any, upstream: list[str]) -> str:
 
 
 def earlier_attempts_s(folder: Path, marker: dict | None) -> float:
-    """Time the stage's interrupted attempts spent, each counted from its start to the last file it
-    wrote (work after that was lost): a resumed stage's cost includes the work it resumes from."""
+    """Time the stage's interrupted attempts spent, each counted from its start to its last sign of
+    life: the marker's `alive` (`heartbeat`) or the last file it wrote in its folder, whichever is
+    later. A resumed stage's cost then includes the work it resumes from, the evaluations it left in
+    the run's shared cache included."""
     if not marker or marker.get("started") is None:
         return float(marker.get("earlier_attempts_s", 0.0)) if marker else 0.0
     last = max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and p.name != MARKER),
                default=marker["started"])
+    last = max(last, marker.get("alive", marker["started"]))
     return float(marker.get("earlier_attempts_s", 0.0)) + max(0.0, last - marker["started"])
+
+
+@contextmanager
+def heartbeat(marker: Path, payload: dict, every_s: float = 30.0):
+    """While the stage runs, rewrite its marker with `alive` (the time) every `every_s` seconds."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(every_s):
+            write_json(marker, {**payload, "alive": time.time()})
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def run_study(study: Any, only: list[str] | None = None, start: str | None = None,
@@ -140,14 +166,15 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
         if s in (force or []) and folder.exists():
             shutil.rmtree(folder)
         fresh = not folder.exists()
-        earlier = 0.0 if fresh else earlier_attempts_s(folder, done if done and done.get("key") == keys[s] else None)
+        earlier = 0.0 if fresh else earlier_attempts_s(folder, done)  # a changed key removed the folder
         folder.mkdir(parents=True, exist_ok=True)
         began = time.time()
-        write_json(marker, {"stage": s, "key": keys[s], "finished": False, "started": began,
-                            "earlier_attempts_s": earlier})
+        attempt = {"stage": s, "key": keys[s], "finished": False, "started": began, "earlier_attempts_s": earlier}
+        write_json(marker, attempt)
         log.info("stage %s: running (key %s)", s, keys[s])
         try:
-            st.run_fn(cfgs[s])
+            with heartbeat(marker, attempt):
+                st.run_fn(cfgs[s])
         except DpolensError:
             if fresh:  # refused before it wrote anything a resume could use: leave no trace
                 remove_if_no_files(folder, ignore=(MARKER,))

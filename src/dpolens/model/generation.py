@@ -209,7 +209,7 @@ def generate(
 ) -> list[Generation]:
     """Greedy (default; transformers' generate) or sampled (our loop, see `sample_next`)
     continuations of `prompts`, in input order; sampled with `n_samples` > 1, that many per prompt
-    (consecutive), `batch_size` counting continuations."""
+    (consecutive), `batch_size` counting continuations (at least one prompt's n_samples a batch)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
@@ -221,6 +221,8 @@ def generate(
                            repetition_penalty=repetition_penalty, eos_token_id=eos)
     ban = LogitsProcessorList([BanTokens(banned, lm.device)])
     banned_ids = torch.tensor(banned, dtype=torch.long, device=lm.device)
+    if n_samples < 1:
+        raise DpolensError(f"n_samples must be at least 1, got {n_samples}")
     if n_samples > 1 and not do_sample:
         raise DpolensError("n_samples > 1 needs do_sample: greedy continuations of one prompt are all the same")
     k = n_samples
