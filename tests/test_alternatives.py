@@ -60,6 +60,7 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
     ci = v["unalign_recovery_ci95"]  # paired over the 3 prompts; none without a share or a gap clear of zero
     assert (ci is None) if expect is None else (ci is None or len(ci) == 2)
+    assert ci is None or ci[0] <= v["unalign_recovery"] <= ci[1]  # the share lies inside its own interval
     assert v["patch_replicates_ci95"] is None
     paired = v["vs_base"]  # the variant against the base on the same prompts, F1 rows and PPL windows
     assert paired["toxicity_diff"]["diff"] == pytest.approx(v["toxicity"]["mean"] - b["toxicity"]["mean"])
