@@ -322,3 +322,36 @@ def test_min_prompt_toxicity_tries_only_prompts_rated_that_toxic(tiny_dirs, tmp_
     with pytest.raises(DpolensError, match="rated at least 0.5 toxic"):
         candidate_prompts(PairsConfig(**{**cfg.__dict__, "n": len(toxic) + 1, "max_candidates": None}), lm, scorer,
                           pool)
+
+
+def test_sample_dtype_samples_from_a_cast_copy_and_measures_at_dtype(tiny_dirs, tmp_path, probe_and_text,
+                                                                    jigsaw_cached):
+    """pairs.sample_dtype: the sides are the samples of the model loaded at that dtype (same seed per
+    chunk), their NLL is measured by the model at `dtype`, whose weights the copy leaves untouched."""
+    from dpolens.model.loading import cast_copy, resolve_dtype
+    from dpolens.textquality import continuation_nll
+
+    _, text = probe_and_text
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), prompts=[str(text)], method="sample", n=4,
+                      out=str(tmp_path / "p" / "pairs.jsonl"), max_new_tokens=4, batch_size=2, progress=False,
+                      sample=SampleSettings(n_samples=3, top_p=0.95), gate=OPEN_GATE, sample_dtype="bfloat16")
+    s = run_pairs(cfg)
+    assert s["sample_dtype"] == "bfloat16" and s["model"]["dtype"] == "float32"
+    cands = [json.loads(l) for l in (tmp_path / "p" / "pairs.candidates.jsonl").read_text().splitlines()]
+    lm32, lm16 = load_model(tiny_dirs["llama"]), load_model(tiny_dirs["llama"], dtype="bfloat16")
+    prompts = [c["prompt_text"] for c in cands[:2]]  # the first chunk, sampled with seed cfg.seed + 0
+    gens = generate(lm16, prompts, 4, do_sample=True, temperature=1.0, top_p=0.95, seed=cfg.seed, batch_size=6,
+                    max_prompt_tokens=None, progress=False, n_samples=3)
+    for i, c in enumerate(cands[:2]):
+        samples = [g.continuation for g in gens[3 * i: 3 * i + 3]]
+        assert c["unpert_gen_text"] in samples and c["pert_gen_text"] in samples
+    assert [c["preferred_nll"] for c in cands[:2]] == pytest.approx(
+        continuation_nll(lm32, prompts, [c["unpert_gen_text"] for c in cands[:2]]), nan_ok=True)
+    before = lm32.weight_hash
+    copy16 = cast_copy(lm32, "bfloat16")
+    assert next(copy16.model.parameters()).dtype == torch.bfloat16 and cast_copy(lm32, "float32") is lm32
+    lm32.__dict__.pop("weight_hash")
+    assert lm32.weight_hash == before
+    assert resolve_dtype("float16", "cpu") == "float16" and resolve_dtype("auto", "cpu") in ("bfloat16", "float32")
+    with pytest.raises(DpolensError, match="sample_dtype"):
+        PairsConfig(sample_dtype="int8")

@@ -44,7 +44,7 @@ from dpolens.artifacts import (
     write_jsonl,
     write_manifest,
 )
-from dpolens.config import RunSettings, at_least
+from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
 from dpolens.model import hooks
@@ -57,7 +57,7 @@ from dpolens.model.generation import (
     length_batches,
     position_ids,
 )
-from dpolens.model.loading import LoadedModel, load_model
+from dpolens.model.loading import LoadedModel, cast_copy, load_model, resolve_dtype
 from dpolens.textquality import SideQuality, continuation_nll, side_quality, special_token_flags
 from dpolens.webpage import table
 
@@ -144,6 +144,11 @@ class PairsConfig(RunSettings):
     pplm: PPLMSettings = field(default_factory=PPLMSettings)
     steer: SteerSettings = field(default_factory=SteerSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
+    # method sample: the dtype of the copy of the model that samples (None: `dtype`; auto: bfloat16 where
+    # the device computes it natively, else float32). Only the sampling: toxicity and NLL per token are
+    # measured with the model at `dtype`. Sampled pairs are data of one model, compared with nothing, so
+    # bf16 rounding is harmless there; on an AVX512-BF16 CPU a 64-row batch sampled 1.4x faster (2026-12-04)
+    sample_dtype: str | None = None
     gate: QualityGate = field(default_factory=QualityGate)
     # steer: values of beta_rel, pplm: values of step_size, tried on `sweep_prompts` prompts; the
     # value with the largest toxicity gap whose NLL gap clears gate.max_nll_gap is used. [] = no sweep
@@ -153,6 +158,9 @@ class PairsConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
+        if self.sample_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"pairs.sample_dtype: unknown dtype '{self.sample_dtype}' "
+                              "(auto, float32, bfloat16, float16)")
 
 
 class PairSample(TypedDict):
@@ -222,6 +230,7 @@ class PairsSummary(PairsOverview):
     n_requested: int
     min_prompt_toxicity: float | None  # the prompt filter (None: every prompt tried)
     settings: dict[str, Any]  # the method's settings as used (steer: with the resolved beta)
+    sample_dtype: str  # the dtype the continuations were sampled in (pairs.sample_dtype resolved)
     sweep: Sweep | None  # None without a sweep
     gate: dict[str, Any]  # the QualityGate
     quality_before_gate: PairsQuality  # of every candidate
@@ -447,6 +456,8 @@ def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None) -> dict:
              "sweep": cfg.sweep, "sweep_prompts": cfg.sweep_prompts}
     if cfg.min_prompt_toxicity is not None:  # absent when off: candidates made before the setting still resume
         ident["min_prompt_toxicity"] = cfg.min_prompt_toxicity
+    if cfg.sample_dtype is not None and cfg.method == "sample":  # as requested: `auto` resumes on any machine
+        ident["sample_dtype"] = cfg.sample_dtype
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident
 
@@ -458,6 +469,10 @@ class _Generator:
         self.lm, self.cfg, self.scorer = lm, cfg, scorer
         self.resid_norm: float | None = None
         self.settings = _settings_of(cfg)
+        self.sampler = lm
+        if cfg.method == "sample" and cfg.sample_dtype is not None:
+            self.sampler = cast_copy(lm, resolve_dtype(cfg.sample_dtype, lm.device))
+        self.sample_dtype = str(next(self.sampler.model.parameters()).dtype).removeprefix("torch.")
         if cfg.method == "steer":
             lm.adapter.layer_index(cfg.steer.layer, "steer layer")
         if cfg.method != "sample":
@@ -483,7 +498,7 @@ class _Generator:
         c, lm, n = self.cfg, self.lm, len(prompts)
         if c.method == "sample":
             k = c.sample.n_samples
-            gens = generate(lm, prompts, c.max_new_tokens, do_sample=True, temperature=c.sample.temperature,
+            gens = generate(self.sampler, prompts, c.max_new_tokens, do_sample=True, temperature=c.sample.temperature,
                             top_p=c.sample.top_p, seed=seed, batch_size=n * k, max_prompt_tokens=None,
                             progress=False, n_samples=k)
             texts = [g.continuation for g in gens]
@@ -608,6 +623,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     elif cfg.method == "pplm" and sweep:
         gen.set_strength(sweep["chosen"], prompts)
     write_manifest(stem.parent, "pairs", cfg, model=lm.identity(), generator_settings=gen.settings,
+                   sample_dtype=gen.sample_dtype,
                    probe=gen.probe_ref, prompt_source=cfg.prompt_source,
                    prompt_files=(cfg.prompts if cfg.prompt_source != "tweets" else []) +
                    (cfg.tweets if cfg.prompt_source != "wikitext" else []),
@@ -644,7 +660,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     write_jsonl(out, [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text")} for r in kept])
     summary = {"n": len(kept), "n_requested": cfg.n, "n_candidates": len(done), "method": cfg.method,
                "prompt_source": cfg.prompt_source, "min_prompt_toxicity": cfg.min_prompt_toxicity,
-               "settings": gen.settings, "sweep": sweep,
+               "settings": gen.settings, "sample_dtype": gen.sample_dtype, "sweep": sweep,
                "gate": asdict(cfg.gate), "dropped": dropped,
                "quality": quality(lm, kept), "quality_before_gate": quality(lm, done),
                "samples": [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text",

@@ -72,7 +72,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     on 2 cores. The nucleus is looked for among the `cap` most likely tokens, then 32 × cap, then
     the whole sorted vocabulary, each only for the rows whose candidates hold less than top_p of
     the mass: the kept tokens are those transformers keeps (tests/test_generation.py)."""
-    logits = logits.float() / temperature  # [batch, vocab]
+    logits = logits.float()  # [batch, vocab]
+    if temperature != 1.0:
+        logits = logits / temperature
     vocab = logits.shape[-1]
     p = top_p if top_p is not None and top_p < 1.0 else 1.0
     if not top_k and p >= 1.0:  # plain sampling: no candidate set to find
@@ -84,8 +86,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     choice = torch.empty(len(logits), 1, dtype=torch.long, device=logits.device)
     todo = torch.arange(len(logits), device=logits.device)
     for width in dict.fromkeys(widths):  # distinct widths, in order
-        top_logits, top_idx = logits[todo].topk(width, dim=-1)  # descending
-        row_norm = top_logits.logsumexp(-1, keepdim=True) if norm is None else norm[todo]
+        every = len(todo) == len(logits)  # no row done yet: no [batch, vocab] copy by indexing
+        top_logits, top_idx = (logits if every else logits[todo]).topk(width, dim=-1)  # descending
+        row_norm = top_logits.logsumexp(-1, keepdim=True) if norm is None else (norm if every else norm[todo])
         probs = (top_logits - row_norm).exp()
         done = (probs.sum(-1) >= p) | (width == widths[-1])
         probs = probs * nucleus_keep(probs, p)

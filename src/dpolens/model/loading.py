@@ -8,6 +8,7 @@ unpickled otherwise.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import pickle
@@ -163,6 +164,39 @@ def resolve_device(device: str = "auto") -> str:
     except (RuntimeError, ValueError):
         raise DpolensError(f"unknown device '{device}' (auto, cpu, cuda, cuda:N, mps)") from None
     return device
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bfloat16 matmuls in hardware: CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (elsewhere torch emulates bf16 on CPU, several times slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> str:
+    """`auto`: bfloat16 where `device` computes it natively (`native_bf16`), else float32; any
+    other name is returned as it is."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if native_bf16(device) else "float32"
+
+
+def cast_copy(lm: LoadedModel, dtype: str) -> LoadedModel:
+    """`lm` itself when its weights are already `dtype`, else a copy of its model cast to `dtype`
+    (same tokenizer and provenance): for work that reads only one model, such as sampling pairs."""
+    torch_dtype = _DTYPES[dtype]
+    if next(lm.model.parameters()).dtype == torch_dtype:
+        return lm
+    return LoadedModel(model=copy.deepcopy(lm.model).to(torch_dtype), tokenizer=lm.tokenizer,
+                       ref=lm.ref, source=lm.source)
 
 
 def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
