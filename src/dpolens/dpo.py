@@ -49,8 +49,8 @@ def run_dpo(cfg: DPOConfig) -> DPOResult:
             log.warning(w)
         write_json(out / "eval.json", {"rows": rows, "scorer": inputs.scorer.describe(),
                                        "n_prompts": len(inputs.prompts), "overused_words": shift,
-                                       "warnings": warnings,
-                                       "note": "challenge prompts are never used in training (pairs come from WikiText)"})
+                                       "warnings": warnings, "note": "challenge prompts are never used in "
+                                       "training (pairs come from WikiText or tweet corpora)"})
         summary["eval"], summary["overused_words"] = rows, shift
         summary["warnings"] = [*summary.get("warnings", []), *warnings]
     write_manifest(out, "dpo", cfg, base=base.identity(), aligned=aligned.identity())
