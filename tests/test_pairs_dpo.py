@@ -325,18 +325,29 @@ def test_min_prompt_toxicity_tries_only_prompts_rated_that_toxic(tiny_dirs, tmp_
 
 
 def test_sample_dtype_samples_from_a_cast_copy_and_measures_at_dtype(tiny_dirs, tmp_path, probe_and_text,
-                                                                    jigsaw_cached):
+                                                                    jigsaw_cached, monkeypatch):
     """pairs.sample_dtype: the sides are the samples of the model loaded at that dtype (same seed per
     chunk), their NLL is measured by the model at `dtype`, whose weights the copy leaves untouched."""
-    from dpolens.model.loading import cast_copy, resolve_dtype
+    import dpolens.pairs
+    from dpolens.model.loading import cast_copy, native_bf16, resolve_dtype
     from dpolens.textquality import continuation_nll
 
+    sampled_with = []
+
+    def recording_generate(lm, *args, **kwargs):
+        sampled_with.append(next(lm.model.parameters()).dtype)
+        return generate(lm, *args, **kwargs)
+
+    monkeypatch.setattr(dpolens.pairs, "generate", recording_generate)
     _, text = probe_and_text
     cfg = PairsConfig(model=str(tiny_dirs["llama"]), prompts=[str(text)], method="sample", n=4,
                       out=str(tmp_path / "p" / "pairs.jsonl"), max_new_tokens=4, batch_size=2, progress=False,
                       sample=SampleSettings(n_samples=3, top_p=0.95), gate=OPEN_GATE, sample_dtype="bfloat16")
     s = run_pairs(cfg)
     assert s["sample_dtype"] == "bfloat16" and s["model"]["dtype"] == "float32"
+    assert sampled_with and set(sampled_with) == {torch.bfloat16}
+    with pytest.raises(DpolensError, match="sample_dtype"):  # a resume sampling in another dtype is refused
+        run_pairs(PairsConfig(**{**cfg.__dict__, "sample_dtype": "float32", "n": 8}))
     cands = [json.loads(l) for l in (tmp_path / "p" / "pairs.candidates.jsonl").read_text().splitlines()]
     lm32, lm16 = load_model(tiny_dirs["llama"]), load_model(tiny_dirs["llama"], dtype="bfloat16")
     prompts = [c["prompt_text"] for c in cands[:2]]  # the first chunk, sampled with seed cfg.seed + 0
@@ -352,6 +363,15 @@ def test_sample_dtype_samples_from_a_cast_copy_and_measures_at_dtype(tiny_dirs, 
     assert next(copy16.model.parameters()).dtype == torch.bfloat16 and cast_copy(lm32, "float32") is lm32
     lm32.__dict__.pop("weight_hash")
     assert lm32.weight_hash == before
-    assert resolve_dtype("float16", "cpu") == "float16" and resolve_dtype("auto", "cpu") in ("bfloat16", "float32")
+    tied = load_model(tiny_dirs["gemma3"])
+    copy_tied = cast_copy(tied, "bfloat16").model
+    assert copy_tied.get_output_embeddings().weight is copy_tied.get_input_embeddings().weight
+    zen3, zen4 = tmp_path / "zen3", tmp_path / "zen4"
+    zen3.write_text("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    zen4.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512bw\n")
+    assert not native_bf16("cpu", zen3) and native_bf16("cpu", zen4) and not native_bf16("cpu", tmp_path / "none")
+    assert resolve_dtype("float16", "cpu") == "float16"
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if native_bf16("cpu") else "float32")
+    assert PairsConfig(sample_dtype="bf16").sample_dtype == "bf16"
     with pytest.raises(DpolensError, match="sample_dtype"):
         PairsConfig(sample_dtype="int8")

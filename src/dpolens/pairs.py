@@ -57,7 +57,7 @@ from dpolens.model.generation import (
     length_batches,
     position_ids,
 )
-from dpolens.model.loading import LoadedModel, cast_copy, load_model, resolve_dtype
+from dpolens.model.loading import DTYPES, LoadedModel, cast_copy, load_model, resolve_dtype
 from dpolens.textquality import SideQuality, continuation_nll, side_quality, special_token_flags
 from dpolens.webpage import table
 
@@ -145,8 +145,8 @@ class PairsConfig(RunSettings):
     steer: SteerSettings = field(default_factory=SteerSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
     # method sample: the dtype of the copy of the model that samples (None: `dtype`; auto: bfloat16 where
-    # the device computes it natively, else float32). Only the sampling: toxicity and NLL per token are
-    # measured with the model at `dtype`. Sampled pairs are data of one model, compared with nothing, so
+    # the device computes it natively, else float32). Only the sampling: the NLL gate is measured with
+    # the model at `dtype` (toxicity by the scorer). Sampled pairs are data of one model, compared with nothing, so
     # bf16 rounding is harmless there; on an AVX512-BF16 CPU a 64-row batch samples 1.84x faster (bench_sampling)
     sample_dtype: str | None = None
     gate: QualityGate = field(default_factory=QualityGate)
@@ -158,9 +158,8 @@ class PairsConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
-        if self.sample_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"pairs.sample_dtype: unknown dtype '{self.sample_dtype}' "
-                              "(auto, float32, bfloat16, float16)")
+        if self.sample_dtype not in (None, "auto", *DTYPES):
+            raise ConfigError(f"pairs.sample_dtype: unknown dtype '{self.sample_dtype}' (auto, {', '.join(DTYPES)})")
 
 
 class PairSample(TypedDict):
@@ -446,7 +445,7 @@ def _settings_of(cfg: PairsConfig) -> dict:
     return asdict({"pplm": cfg.pplm, "steer": cfg.steer, "sample": cfg.sample}[cfg.method])
 
 
-def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None) -> dict:
+def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None, sample_dtype: str) -> dict:
     """Everything that shapes a candidate: a resume under another identity would mix two runs."""
     ident = {"model_sha256": lm.weight_hash, "method": cfg.method, "settings": _settings_of(cfg),
              "prompt_source": cfg.prompt_source, "prompts": cfg.prompts if cfg.prompt_source != "tweets" else None,
@@ -456,8 +455,8 @@ def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None) -> dict:
              "sweep": cfg.sweep, "sweep_prompts": cfg.sweep_prompts}
     if cfg.min_prompt_toxicity is not None:  # absent when off: candidates made before the setting still resume
         ident["min_prompt_toxicity"] = cfg.min_prompt_toxicity
-    if cfg.sample_dtype is not None and cfg.method == "sample":  # as requested: `auto` resumes on any machine
-        ident["sample_dtype"] = cfg.sample_dtype
+    if sample_dtype != lm.identity()["dtype"]:  # as resolved: `auto` on a machine without native bf16 samples
+        ident["sample_dtype"] = sample_dtype  # in fp32 and resumes as unset; bf16 and fp32 samples never mix
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident
 
@@ -600,7 +599,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     stem = out.with_suffix("")
     cand_path = stem.parent / f"{stem.name}.candidates.jsonl"
     ident_path = stem.parent / f"{stem.name}.candidates.identity.json"
-    ident = _identity(cfg, lm, gen.probe_ref)
+    ident = _identity(cfg, lm, gen.probe_ref, gen.sample_dtype)
     done = read_jsonl_complete(cand_path)
     check_resume(ident_path, ident, str(cand_path), resuming=bool(done))
     if any(r["prompt_text"] != p for r, p in zip(done, prompts)):

@@ -31,7 +31,7 @@ class ModelNotFoundError(DpolensError):
     pass
 
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
@@ -166,16 +166,17 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether `device` computes bfloat16 matmuls in hardware: CUDA with bf16 support, or a CPU with
-    AVX512-BF16 or AMX (elsewhere torch emulates bf16 on CPU, several times slower than fp32)."""
+def native_bf16(device: torch.device | str, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether `device` computes bfloat16 matmuls in hardware: a CUDA device of compute capability 8
+    or more, or a CPU with AVX512-BF16 or AMX (elsewhere torch emulates bf16, on CPU several times
+    slower than fp32)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpuinfo.read_text()
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
@@ -192,7 +193,7 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
 def cast_copy(lm: LoadedModel, dtype: str) -> LoadedModel:
     """`lm` itself when its weights are already `dtype`, else a copy of its model cast to `dtype`
     (same tokenizer and provenance): for work that reads only one model, such as sampling pairs."""
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     if next(lm.model.parameters()).dtype == torch_dtype:
         return lm
     return LoadedModel(model=copy.deepcopy(lm.model).to(torch_dtype), tokenizer=lm.tokenizer,
@@ -206,9 +207,9 @@ def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
     tokenizer files are not read."""
     ref = str(ref)
     device = resolve_device(device)
-    if dtype not in _DTYPES:
-        raise DpolensError(f"unknown dtype '{dtype}' (known: {', '.join(_DTYPES)})")
-    torch_dtype = _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise DpolensError(f"unknown dtype '{dtype}' (known: {', '.join(DTYPES)})")
+    torch_dtype = DTYPES[dtype]
     kind, location = resolve(ref)
     try:
         if kind == "gguf":
