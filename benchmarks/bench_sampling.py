@@ -1,7 +1,7 @@
 """On-policy pair sampling (pairs.method sample) on gemma-3-270m: 8 tweet prefixes × 8 samples × 20
 tokens (T 1.0, top-p 0.95, one 64-row batch), sampled with the model in fp32 (baseline) and with the
-bf16 copy that `pairs.sample_dtype: auto` takes where the CPU has AVX512-BF16 or AMX. Without native
-bf16, torch emulates it and the bf16 row is slower: `auto` then stays fp32."""
+bf16 copy that `pairs.sample_dtype: auto` takes where the CPU has AVX512-BF16 or AMX (elsewhere `auto`
+stays fp32: torch emulates bf16 there, which issue #16 measured slower; not measured here)."""
 
 from common import SHARED, report, timed
 

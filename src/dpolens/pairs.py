@@ -455,7 +455,7 @@ def _identity(cfg: PairsConfig, lm: LoadedModel, probe_ref: str | None, sample_d
              "sweep": cfg.sweep, "sweep_prompts": cfg.sweep_prompts}
     if cfg.min_prompt_toxicity is not None:  # absent when off: candidates made before the setting still resume
         ident["min_prompt_toxicity"] = cfg.min_prompt_toxicity
-    if sample_dtype != lm.identity()["dtype"]:  # as resolved: `auto` on a machine without native bf16 samples
+    if sample_dtype != lm.dtype:  # as resolved: `auto` on a machine without native bf16 samples
         ident["sample_dtype"] = sample_dtype  # in fp32 and resumes as unset; bf16 and fp32 samples never mix
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return ident
@@ -471,7 +471,7 @@ class _Generator:
         self.sampler = lm
         if cfg.method == "sample" and cfg.sample_dtype is not None:
             self.sampler = cast_copy(lm, resolve_dtype(cfg.sample_dtype, lm.device))
-        self.sample_dtype = str(next(self.sampler.model.parameters()).dtype).removeprefix("torch.")
+        self.sample_dtype = self.sampler.dtype
         if cfg.method == "steer":
             lm.adapter.layer_index(cfg.steer.layer, "steer layer")
         if cfg.method != "sample":

@@ -32,7 +32,7 @@ class ModelNotFoundError(DpolensError):
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -51,6 +51,11 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> str:
+        """The weights' dtype by name: float32, bfloat16, ..."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
 
     @cached_property
     def weight_hash(self) -> str:
@@ -83,7 +88,7 @@ class LoadedModel:
     def identity(self) -> dict:
         """What results files record about the model."""
         return {"ref": self.ref, "source": self.source, "weight_sha256": self.weight_hash,
-                "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "dtype": self.dtype,
                 "family": self.adapter.family}
 
 
@@ -193,10 +198,9 @@ def resolve_dtype(dtype: str, device: torch.device | str) -> str:
 def cast_copy(lm: LoadedModel, dtype: str) -> LoadedModel:
     """`lm` itself when its weights are already `dtype`, else a copy of its model cast to `dtype`
     (same tokenizer and provenance): for work that reads only one model, such as sampling pairs."""
-    torch_dtype = DTYPES[dtype]
-    if next(lm.model.parameters()).dtype == torch_dtype:
+    if next(lm.model.parameters()).dtype == DTYPES[dtype]:
         return lm
-    return LoadedModel(model=copy.deepcopy(lm.model).to(torch_dtype), tokenizer=lm.tokenizer,
+    return LoadedModel(model=copy.deepcopy(lm.model).to(DTYPES[dtype]), tokenizer=lm.tokenizer,
                        ref=lm.ref, source=lm.source)
 
 
