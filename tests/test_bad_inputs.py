@@ -3,6 +3,7 @@ compute, and no files left behind (issue #19; the cases fixed so far)."""
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -161,7 +162,10 @@ def _bad_files(d, tiny):
     (d / "list.yaml").write_text("- probe\n- vectors\n")
     (d / "runs/s/probe").mkdir(parents=True)
     (d / "runs/s/probe/.dpolens-stage.json").write_text('{"stage": "pro')
-    (d / "garbage.safetensors").write_bytes(os.urandom(64))
+    # seeded: os.urandom bytes made torch's unpickler raise IndexError or UnicodeDecodeError instead of
+    # UnpicklingError 1 time in 9, so the .pt case's message depended on the draw
+    garbage = random.Random(0).randbytes
+    (d / "garbage.safetensors").write_bytes(garbage(64))
     (d / "empty.safetensors").write_bytes(b"")
     save_file({"w": torch.ones(4)}, str(d / "noprobe.safetensors"))
     save_file({"probe": torch.ones(2, 4)}, str(d / "probe2d.safetensors"))
@@ -176,13 +180,13 @@ def _bad_files(d, tiny):
     shutil.copy(tiny / "config.json", d / "noweights/config.json")
     shutil.copytree(tiny, d / "notok", ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
     shutil.copytree(tiny, d / "m/model")
-    (d / "garbage.gguf").write_bytes(os.urandom(256))
-    (d / "garbage.pt").write_bytes(os.urandom(256))
+    (d / "garbage.gguf").write_bytes(garbage(256))
+    (d / "garbage.pt").write_bytes(garbage(256))
     (d / "long.jsonl").write_text(json.dumps({"prompt": "word " * 400}) + "\n")
     (d / "long_f1.jsonl").write_text(json.dumps({"prompt": "word " * 400, "gold": "word"}) + "\n")
     (d / "surrogate.jsonl").write_text('{"prompt": "bad \\ud800 text"}\n')
     (d / "latin1.raw").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    (d / "garbage.parquet").write_bytes(os.urandom(128))
+    (d / "garbage.parquet").write_bytes(garbage(128))
     (d / "pairs.jsonl").write_text("".join(json.dumps({"prompt_text": f"p{i}", "unpert_gen_text": " kind words",
                                                        "pert_gen_text": " rude words"}) + "\n" for i in range(3)))
     (d / "oneside.jsonl").write_text('{"prompt_text": "a", "unpert_gen_text": " kind words"}\n')
