@@ -1,9 +1,9 @@
-# Two commands: `make test` and `make demo`. Both create .venv when missing.
+# Two commands: `make test` (CI; `make test-fast` for the inner loop) and `make demo`. Both create .venv when missing.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dpolens-installed
 
-.PHONY: test demo install browser bench clean
+.PHONY: test test-fast demo install browser bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ browser:
 
 test: $(STAMP) browser
 	$(VENV)/bin/pytest -q
+
+# The inner loop: no network, no Chromium, no subprocess CLI runs (under 2 minutes on 2 cores).
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/dpolens assets fetch gemma-3-270m

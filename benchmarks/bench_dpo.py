@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common import SHARED  # noqa: F401  (puts src on the path)
 
-from dpolens.dpo import DPOConfig, run_dpo
+from dpolens.stages.dpo import DpoConfig, run_dpo
 
 pairs = Path(tempfile.mkdtemp()) / "pairs.jsonl"
 pairs.write_text("".join(json.dumps({"prompt_text": f"The history of the city number {i} begins",
@@ -19,7 +19,7 @@ pairs.write_text("".join(json.dumps({"prompt_text": f"The history of the city nu
 times = {}
 for precompute in (False, True):
     out = Path(tempfile.mkdtemp()) / "dpo"
-    cfg = DPOConfig(model="gemma-3-270m", pairs=str(pairs), out=str(out), learning_rate=1e-5, warmup_steps=0,
+    cfg = DpoConfig(model="gemma-3-270m", pairs=str(pairs), out=str(out), learning_rate=1e-5, warmup_steps=0,
                     val_pairs=8, eval_steps=100, max_steps=4, evaluate=False, precompute_ref=precompute,
                     freeze_embeddings=True)
     cfg.eval.progress = False

@@ -8,7 +8,7 @@ from common import SHARED, report, timed
 from dpolens import load_model
 from dpolens.data import balanced_sample, load_labelled
 from dpolens.model.generation import left_pad, length_batches
-from dpolens.probe import final_features
+from dpolens.stages.probe import final_features
 
 lm = load_model("gemma-3-270m")
 tok = lm.tokenizer

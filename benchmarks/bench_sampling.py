@@ -9,7 +9,7 @@ from dpolens import load_model
 from dpolens.data import tweet_prompts
 from dpolens.model.generation import generate
 from dpolens.model.loading import cast_copy, native_bf16
-from dpolens.pairs import truncate_prompts
+from dpolens.stages.pairs import truncate_prompts
 
 lm = load_model("gemma-3-270m")
 prompts = truncate_prompts(lm, tweet_prompts([SHARED / "toxic-corpora/davidson_labeled_data.csv"])[:8], 24)

@@ -78,6 +78,18 @@ def make_model(family: str, vocab: int, seed: int = 0, **overrides):
     return model.eval()
 
 
+# The fast lane (`pytest -m "not slow"`, `make test-fast`) needs no network and no Chromium: a test is
+# slow when it fetches an asset from PyPI on a fresh machine (these fixtures), loads the real model,
+# opens a browser, runs the CLI in subprocesses (`slow` on the module or test), or runs a study.
+NETWORK_FIXTURES = {"gemma", "jigsaw_cached"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if NETWORK_FIXTURES & set(item.fixturenames) or item.get_closest_marker("real_model"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

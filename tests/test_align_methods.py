@@ -7,14 +7,14 @@ import shutil
 import pytest
 import torch
 
-from dpolens.dpo import DPOConfig, run_dpo
+from dpolens.stages.dpo import DpoConfig, run_dpo
 from dpolens.training import METHOD_BETA
 from dpolens.model.loading import load_model
 from test_pairs_dpo import write_pairs
 
 
 def config(tiny, tmp_path, method, out, max_steps):
-    return DPOConfig(model=str(tiny), pairs=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / out), method=method,
+    return DpoConfig(model=str(tiny), pairs=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / out), method=method,
                      learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=max_steps,
                      evaluate=False, rl_max_new_tokens=6)
 

@@ -5,13 +5,35 @@ import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.alternatives import AlternativesConfig, headline, run_alternatives, section
+from dpolens.stages.alternatives import AlternativesConfig, headline, run_alternatives, section
 from dpolens.artifacts import DpolensError
 from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
 
 
-def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_cached):
+# toxicity per prompt as the scorer is made to say (a tiny random model's continuations score ~0 for
+# every model, so the recovery share would be undefined and every check of it vacuous)
+SCRIPTED = {"base": [0.6, 0.5, 0.4], "bias": [0.2, 0.1, 0.0], "bias un-aligned": [0.5, 0.3, 0.1]}
+
+
+def script_toxicity(monkeypatch):
+    import dpolens.stages.alternatives as alt
+
+    real = alt.evaluate_inputs
+
+    def scripted(lm, d, inputs, intervention=None, label="", out_dir=None):
+        res = real(lm, d, inputs, intervention, label, out_dir)
+        if label in SCRIPTED:
+            for rec, t in zip(res.records, SCRIPTED[label], strict=True):
+                rec["toxicity"] = t
+            res.toxicity = {**res.toxicity, "mean": float(np.mean(SCRIPTED[label]))}
+        return res
+
+    monkeypatch.setattr(alt, "evaluate_inputs", scripted)
+
+
+def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_cached, monkeypatch):
+    script_toxicity(monkeypatch)
     base = load_model(tiny_dirs["gpt2"])
     save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[5].clone(), 0.0, base, {})
     # a "bias-only" variant: one MLP output bias of layer 1 moved, nothing else
@@ -54,13 +76,12 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert set(ret) == {"plain", "rot13", "multi_turn"} and ret["plain"]["retention"] == pytest.approx([0, 0, 1])
     assert all(r["retention_ci95"][0] <= r["retention_mean"] <= r["retention_ci95"][1] + 1e-9 for r in ret.values())
     assert len(v["unaligned"]["keys"]) == 2 and (v["unaligned"]["keys"][0]["layer"], v["unaligned"]["keys"][0]["neuron"]) == (1, 5)
-    gap = b["toxicity"]["mean"] - v["toxicity"]["mean"]
-    expect = (v["unaligned"]["toxicity"]["mean"] - v["toxicity"]["mean"]) / gap \
-        if gap > 0 and gap >= 0.1 * b["toxicity"]["mean"] else None
-    assert v["unalign_recovery"] == pytest.approx(expect) if expect is not None else v["unalign_recovery"] is None
-    ci = v["unalign_recovery_ci95"]  # paired over the 3 prompts; none without a share or a gap clear of zero
-    assert (ci is None) if expect is None else (ci is None or len(ci) == 2)
-    assert ci is None or ci[0] <= v["unalign_recovery"] <= ci[1]  # the share lies inside its own interval
+    # the scripted toxicities: base 0.5, variant 0.1, un-aligned 0.3 -> half of the 0.4 gap comes back
+    assert (b["toxicity"]["mean"], v["toxicity"]["mean"]) == (pytest.approx(0.5), pytest.approx(0.1))
+    assert v["unaligned"]["toxicity"]["mean"] == pytest.approx(0.3)
+    assert v["unalign_recovery"] == pytest.approx(0.5)
+    ci = v["unalign_recovery_ci95"]  # paired over the 3 prompts (the gap is 0.4 on each: clear of zero)
+    assert 0.25 <= ci[0] <= 0.5 <= ci[1] <= 0.75  # the share lies inside its own interval
     assert v["patch_replicates_ci95"] is None
     paired = v["vs_base"]  # the variant against the base on the same prompts, F1 rows and PPL windows
     assert paired["toxicity_diff"]["diff"] == pytest.approx(v["toxicity"]["mean"] - b["toxicity"]["mean"])
@@ -70,14 +91,14 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     alt = json.loads((tmp_path / "alt" / "alternatives.json").read_text())
     del alt["rows"][1]["vs_base"]  # a file written before vs_base existed: read back with it
     (tmp_path / "alt" / "alternatives.json").write_text(json.dumps(alt))
-    assert headline(tmp_path / "alt")["alternatives"][1]["vs_base"] == json.loads(json.dumps(paired))
+    assert headline(tmp_path / "alt")["rows"][1]["vs_base"] == json.loads(json.dumps(paired))
     table = (tmp_path / "alt" / "alternatives.md").read_text()
     assert "| toxicity − base | PPL | PPL / base | F1 |" in table and f"×{paired['ppl_ratio']['ratio']:.3f}" in table
     assert "\n| base |" in table and "\n| bias | dpo | bias | sigmoid |" in table
     assert res["figures"] == ["fig_offset_by_variant.png", "fig_offset_by_variant.pdf"]
     assert (tmp_path / "alt" / "fig_offset_by_variant.png").stat().st_size > 0
-    assert res["finding"] in table and ("bias" in res["finding"] if expect is not None else "no variant" in res["finding"])
-    html = section(tmp_path / "alt", headline(tmp_path / "alt"))  # the report's section
+    assert res["finding"] in table and "hardest to undo by key scaling: bias" in res["finding"]
+    html = section(tmp_path / "alt", headline(tmp_path / "alt"), {})  # the report's section
     assert "dv_anti_aligned" in html and "share TP-" in html and 'alt="fig_offset_by_variant"' in html
     assert "PPL / base" in html and "final_cos_probe" in html
     assert "offset_slope" in html and "retention rot13" in html and "| bias | " in table.split("Offset retention")[1]
@@ -87,7 +108,7 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
 
 def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, jigsaw_cached):
     from dpolens.config import ConfigError
-    from dpolens.training import DPOConfig
+    from dpolens.training import TrainConfig
     from test_pairs_dpo import write_pairs
 
     base = load_model(tiny_dirs["gpt2"])
@@ -96,7 +117,7 @@ def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, ji
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Holy", "You are", "So I"]))
     ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False, limit=2,
                   settings=EvalSettings(max_new_tokens=3))
-    train = DPOConfig(pairs=str(tmp_path / "pairs.jsonl"), learning_rate=1e-3, warmup_steps=0, val_pairs=4,
+    train = TrainConfig(pairs=str(tmp_path / "pairs.jsonl"), learning_rate=1e-3, warmup_steps=0, val_pairs=4,
                       eval_steps=2, max_steps=2)
     cfg = AlternativesConfig(base=str(tiny_dirs["gpt2"]), methods=["dpo", "kto"], train=train,
                              probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2, space="raw",

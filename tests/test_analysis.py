@@ -7,13 +7,13 @@ from conftest import save_perturbed
 
 from dpolens import load_model
 from dpolens.activations import Stats, bootstrap_counts, continuation_stats
-from dpolens.analysis import AnalyzeConfig, run_analyze, single_token
+from dpolens.stages.analyze import AnalyzeConfig, run_analyze, single_token
 from dpolens.artifacts import DpolensError
 from dpolens.compare import offset_stats, residual_offset
 from dpolens.directions import save_probe
 from dpolens.evaluate import resample_units
 from dpolens.model import hooks
-from dpolens.vectors import VectorsConfig, run_vectors
+from dpolens.stages.vectors import VectorsConfig, run_vectors
 
 
 @pytest.fixture

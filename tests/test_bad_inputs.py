@@ -200,6 +200,7 @@ def _bad_files(d, tiny):
          "batch_size": 64}))
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_dirs, tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "s", "model": str(tiny_dirs["gpt2"]),
@@ -214,6 +215,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, tiny_dirs, tmp_path)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, case
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_inspect_needs_no_tokenizer(tiny_dirs, tmp_path):
     shutil.copytree(tiny_dirs["gpt2"], tmp_path / "notok", ignore=shutil.ignore_patterns("tokenizer*"))
     out = run_cli(tmp_path, "inspect", "notok", "--json")
@@ -221,6 +223,7 @@ def test_inspect_needs_no_tokenizer(tiny_dirs, tmp_path):
     assert json.loads(out.stdout)["n_layers"] == 3
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_debug_shows_the_traceback(tmp_path):
     out = run_cli(tmp_path, "--debug", "report", "nosuch")
     assert out.returncode != 0 and "Traceback" in out.stderr and "run folder not found: nosuch" in out.stderr
@@ -244,6 +247,7 @@ def test_existing_outputs_may_be_overwritten_and_results_are_never_removed(tmp_p
     assert (tmp_path / "kept" / "checkpoints" / "state.json").exists()
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_report_runs_twice(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.json").write_text("{}")

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from dpolens.artifacts import DpolensError, write_json
-from dpolens.claims import CLAIMS, VERDICTS, build_claims, render_text, verdict
+from dpolens.claims import build_claims, registered_claims, render_text
+from dpolens.ledger import VERDICTS, verdict
+
+CLAIMS = [c for _, c in registered_claims()]
 from dpolens.evaluate import (EvalResult, bootstrap_ratio, paired_bootstrap, paired_gap_share, paired_ppl_ratio,
                               perplexity, ppl_windows, resample_units)
 from dpolens.scoring import Scores
@@ -376,3 +379,30 @@ def test_perplexity_cost_blocks_holds(tmp_path):
     rows = {r["id"]: r for r in build_claims(run, n_boot=200)["rows"]}
     row = rows["dpo_lowers_toxicity"]
     assert row["ci95"][1] < 0 and row["verdict"] == "inconclusive" and "perplexity" in row["diagnosis"]
+
+
+def test_claims_across_runs_one_column_per_run(tmp_path):
+    """`dpolens claims RUN RUN`: each claim's verdict per run, and which hold on all, some or none."""
+    from typer.testing import CliRunner
+
+    from dpolens.cli import app
+
+    a = make_run(tmp_path / "a", np.random.default_rng(0))
+    b = make_run(tmp_path / "b", np.random.default_rng(1))
+    for run in (a, b):
+        (run / "vectors" / "random_vectors.json").unlink()  # the only claim that needs a scorer
+    ev = json.loads((b / "dpo" / "eval.json").read_text())
+    ev["rows"][1] = {**ev["rows"][0], "model": "aligned"}  # run b: the "aligned" model is the base
+    write_json(b / "dpo" / "eval.json", ev)
+    out = CliRunner().invoke(app, ["claims", str(a), str(b), "--out", str(tmp_path / "x.json")])
+    assert out.exit_code == 0, out.output
+    table = json.loads((tmp_path / "x.json").read_text())
+    assert len(table["runs"]) == 2 and (tmp_path / "x.md").exists()
+    rows = {r["id"]: r for r in table["rows"]}
+    assert len(rows) == len(CLAIMS)
+    dpo = list(rows["dpo_lowers_toxicity"]["runs"].values())
+    assert [d["verdict"] for d in dpo] == ["holds", "inconclusive"] and dpo[1]["effect"] == 0
+    assert rows["dpo_lowers_toxicity"]["holds_on"] == "some" and "dpo_lowers_toxicity" in table["summary"]["some"]
+    assert rows["probe_separates"]["holds_on"] == "all" and rows["unalign_restores"]["holds_on"] == "none"
+    assert sum(len(v) for v in table["summary"].values()) == len(CLAIMS)
+    assert "| claim |" in out.output and "holds on all 2:" in out.output

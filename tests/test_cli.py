@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 from conftest import FAMILIES
 
@@ -12,6 +14,7 @@ def dpolens(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_inspect_json_every_family(tiny_dirs):
     for fam in FAMILIES:
         out = dpolens("inspect", str(tiny_dirs[fam]), "--json")
@@ -21,6 +24,7 @@ def test_inspect_json_every_family(tiny_dirs):
         assert info["family"] == {"gemma3": "gemma"}.get(fam, fam)
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_unknown_model_is_one_line_exit_2(tmp_path):
     out = dpolens("inspect", "no-such-org/no-such-model", env={"DPOLENS_CACHE": str(tmp_path),
                                                                "HF_HUB_OFFLINE": "1"})
@@ -52,12 +56,14 @@ def test_score_bad_row_names_line_and_field(tmp_path, jigsaw_cached):
     assert out.returncode == 0 and len((tmp_path / "s.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_unknown_set_key_exit_2(tiny_dirs, tmp_path):
     out = dpolens("eval", "--model", str(tiny_dirs["gpt2"]), "--set", "settings.max_new_tokns=3")
     assert out.returncode == 2
     assert "unknown config key 'settings.max_new_tokns'" in out.stderr
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_alternatives_variants_must_be_a_mapping():
     out = dpolens("alternatives", "--variants", "runs/dpo-bias")
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -74,25 +80,31 @@ def test_every_verb_lists_every_config_field_with_its_help():
     from dpolens.stages import REGISTRY
 
     runner = CliRunner()
+    flat = " ".join  # help pages wrap lines: compare with all whitespace collapsed
     for verb, cls in [("eval", EvalConfig), *[(s.name, s.config_class) for s in REGISTRY]]:
         page = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"}).output
+        assert page.startswith("Usage:"), (verb, page[:200])
+        page = flat(page.split())
         for path, _, doc in flat_fields(cls):
-            assert "--" + path.replace("_", "-") in page, (verb, path)
-            assert not doc or doc.split()[0] in page, (verb, path, doc)
+            flag = "--" + path.replace("_", "-")
+            assert flag in page, (verb, path)
+            if doc:  # the whole help text, right after its own flag (not another field's)
+                after = page[page.index(flag + " "):]
+                assert flat(doc.split()) in after[: len(flag) + 40 + len(flat(doc.split()))], (verb, path, doc)
     assert field_docs(EvalConfig)["limit"]  # documented once in EvalData, inherited
 
 
 def test_options_reach_the_config(tmp_path):
     from dpolens.cli import config_command
-    from dpolens.dpo import DPOConfig
+    from dpolens.stages.dpo import DpoConfig
 
     seen = []
-    cmd = config_command(DPOConfig, "dpo", seen.append, lambda cfg: "ok")
+    cmd = config_command(DpoConfig, "dpo", seen.append, lambda cfg: "ok")
     cmd(model="m", out=None, learning_rate=3e-6, eval__limit=5, precompute_ref=False, config=None,
         set_=["eval.settings.batch_size=7"], **{k: None for k in ("pairs", "max_pairs")})
     cfg = seen[0]
     assert (cfg.model, cfg.learning_rate, cfg.eval.limit, cfg.precompute_ref) == ("m", 3e-6, 5, False)
-    assert cfg.eval.settings.batch_size == 7 and cfg.out == DPOConfig().out
+    assert cfg.eval.settings.batch_size == 7 and cfg.out == DpoConfig().out
 
 
 BAD_PAIRS = {
@@ -102,6 +114,7 @@ BAD_PAIRS = {
 }
 
 
+@pytest.mark.slow  # runs the CLI in a subprocess
 def test_dpo_bad_pairs_file_one_line_exit_2(tiny_dirs, tmp_path):
     """Issue #15: a pairs file with identical or empty sides, or a missing field: one line, exit 2, no output."""
     for name, text in BAD_PAIRS.items():

@@ -11,7 +11,7 @@ from dpolens import load_model
 from dpolens.artifacts import DpolensError
 from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
-from dpolens.neurons import (
+from dpolens.stages.neurons import (
     GROUPS,
     MIRRORS,
     NeuronsConfig,

@@ -11,7 +11,7 @@ from dpolens.artifacts import DpolensError
 from dpolens.data import tweet_prompts, wikitext_prompts
 from dpolens.directions import save_probe
 from dpolens.model.generation import banned_token_ids, generate
-from dpolens.pairs import (
+from dpolens.stages.pairs import (
     PairsConfig,
     PPLMSettings,
     ProbeAttribute,
@@ -179,7 +179,7 @@ def write_pairs(path, n=24):
 def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path, monkeypatch):
     from trl import DPOTrainer
 
-    from dpolens.dpo import DPOConfig, run_dpo
+    from dpolens.stages.dpo import DpoConfig, run_dpo
 
     ref_passes = []  # TRL's reference log-prob precomputation, counted
     precompute = DPOTrainer._precompute_ref_logps
@@ -188,7 +188,7 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path, monk
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs, 30)
-    cfg = DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), max_pairs=24, out=str(tmp_path / "dpo"),
+    cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), max_pairs=24, out=str(tmp_path / "dpo"),
                     learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False)
     s = run_dpo(cfg)
     assert s["steps"] == 6 and s["pairs_seen"] == 24 and s["n_train_pairs"] == 20
@@ -218,11 +218,11 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path, monk
 
 
 def test_dpo_nan_stops_with_message(tiny_dirs, tmp_path):
-    from dpolens.dpo import DPOConfig, run_dpo
+    from dpolens.stages.dpo import DpoConfig, run_dpo
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs)
-    cfg = DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
+    cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
                     learning_rate=1e30, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False,
                     max_grad_norm=1e30, optimizer="sgd")
     with pytest.raises(DpolensError, match="NaN/inf"):
@@ -231,13 +231,13 @@ def test_dpo_nan_stops_with_message(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("trainable", ["late-layers:1", "toxic-neurons", "bias"])
 def test_dpo_trainable_subsets_leave_the_rest_untouched(tiny_dirs, tmp_path, trainable):
-    from dpolens.dpo import DPOConfig, run_dpo
+    from dpolens.stages.dpo import DpoConfig, run_dpo
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs)
     base = load_model(tiny_dirs["gpt2"])
     save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[7].clone(), 0.0, base, {})
-    s = run_dpo(DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
+    s = run_dpo(DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
                           learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
                           evaluate=False, trainable=trainable, probe=str(tmp_path / "probe.safetensors"),
                           top_neurons=3))
@@ -262,11 +262,11 @@ def test_dpo_trainable_subsets_leave_the_rest_untouched(tiny_dirs, tmp_path, tra
 
 
 def test_sft_loss_runs(tiny_dirs, tmp_path):
-    from dpolens.dpo import DPOConfig, run_dpo
+    from dpolens.stages.dpo import DpoConfig, run_dpo
 
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs)
-    s = run_dpo(DPOConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "sft"),
+    s = run_dpo(DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "sft"),
                           learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
                           evaluate=False, loss="sft"))
     assert s["loss"] == "sft" and s["steps"] == 2
@@ -305,7 +305,7 @@ def test_steer_sweep_is_recorded_and_redone_when_settings_change(tiny_dirs, tmp_
 def test_min_prompt_toxicity_tries_only_prompts_rated_that_toxic(tiny_dirs, tmp_path, jigsaw_cached):
     """The filter scores each prompt as cut to prompt_tokens, keeps pool order, stops at max_candidates,
     and refuses when fewer than n prompts pass."""
-    from dpolens.pairs import candidate_prompts, truncate_prompts
+    from dpolens.stages.pairs import candidate_prompts, truncate_prompts
     from dpolens.scoring import get_scorer
 
     lm, scorer = load_model(tiny_dirs["llama"]), get_scorer("jigsaw-lstm")
@@ -328,7 +328,7 @@ def test_sample_dtype_samples_from_a_cast_copy_and_measures_at_dtype(tiny_dirs, 
                                                                     jigsaw_cached, monkeypatch):
     """pairs.sample_dtype: the sides are the samples of the model loaded at that dtype (same seed per
     chunk), their NLL is measured by the model at `dtype`, whose weights the copy leaves untouched."""
-    import dpolens.pairs
+    import dpolens.stages.pairs
     from dpolens.model.loading import cast_copy, native_bf16, resolve_dtype
     from dpolens.textquality import continuation_nll
 
@@ -338,7 +338,7 @@ def test_sample_dtype_samples_from_a_cast_copy_and_measures_at_dtype(tiny_dirs, 
         sampled_with.append(next(lm.model.parameters()).dtype)
         return generate(lm, *args, **kwargs)
 
-    monkeypatch.setattr(dpolens.pairs, "generate", recording_generate)
+    monkeypatch.setattr(dpolens.stages.pairs, "generate", recording_generate)
     _, text = probe_and_text
     cfg = PairsConfig(model=str(tiny_dirs["llama"]), prompts=[str(text)], method="sample", n=4,
                       out=str(tmp_path / "p" / "pairs.jsonl"), max_new_tokens=4, batch_size=2, progress=False,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 from browser import CHROMIUM, browser_check
 
 from dpolens.pipeline import load_study, run_study
+from dpolens.textquality import overused_words
 from dpolens.report import write_report
 from dpolens.stages import REGISTRY
 
@@ -76,9 +78,13 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     assert len(devices) >= len(STAGES) and all(d == "cpu" for _, d in devices), devices
     run = tmp_path / "runs" / "tiny"
     assert all((run / s / ".dpolens-stage.json").exists() for s in STAGES)
-    for key in ("probe", "toxic_vectors", "table2", "pairs", "dpo", "weight_shift", "activation_drop",
-                "unalign", "neuron_groups", "patching", "robustness", "provenance"):
-        assert r[key], key
+    assert set(STAGES) <= set(r) and not set(r) - {*STAGES, "provenance", "wall_time_s", "stage_time_s", "claims"}
+    for stage, key in (("probe", "accuracy"), ("vectors", "toxic_vectors"), ("table2", "rows"), ("pairs", "quality"),
+                       ("dpo", "training"), ("dpo", "weight_shift"), ("dpo", "eval"), ("analyze", "activation_drop"),
+                       ("analyze", "offset"), ("unalign", "rows"), ("neurons", "neuron_groups"),
+                       ("neurons", "patching"), ("robustness", "rows"), ("robustness", "findings")):
+        assert r[stage][key] is not None and r[stage][key] != [], (stage, key)  # results.json keyed by stage
+    assert r["provenance"]
     assert r["wall_time_s"] > 0 and set(r["provenance"]["stage_times"]) == set(STAGES)
     # one evaluation per (model, intervention, inputs): table2's base row is dpo's and unalign's base row
     cached = [json.loads(p.read_text()) for p in (run / "evals").glob("*.json")]
@@ -87,9 +93,17 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     assert len(base_rows) == 1  # neurons' reference rows are on the prompts after its fit split
     dpo_eval = json.loads((run / "dpo" / "eval.json").read_text())
     dpo_base = dpo_eval["rows"][0]
-    assert all(w["aligned_share"] > w["base_share"] for w in dpo_eval["overused_words"])
-    assert isinstance(dpo_eval["overused_words"], list) and isinstance(dpo_eval["warnings"], list)
-    assert r["dpo"]["overused_words"] == dpo_eval["overused_words"]  # results.json carries the collapse check
+    # the over-used words are counted in the base's and the aligned model's own continuations (cached)
+    aligned_rows = [c for c in cached if c["model"]["ref"].endswith("dpo/model") and not c["intervention"]
+                    and len(c["result"]["records"]) == 6]
+    assert len(aligned_rows) == 1 and isinstance(dpo_eval["warnings"], list)
+    texts = [[x["continuation"] for x in rows[0]["result"]["records"]] for rows in (base_rows, aligned_rows)]
+    assert dpo_eval["overused_words"] == overused_words(*texts)  # base first, then aligned: not swapped
+    for w in dpo_eval["overused_words"]:
+        for side, rows in (("base_share", base_rows), ("aligned_share", aligned_rows)):
+            texts = [x["continuation"].lower() for x in rows[0]["result"]["records"]]
+            assert w[side] == sum(w["word"] in re.findall(r"[a-z0-9']+", t) for t in texts) / len(texts), (w, side)
+    assert r["dpo"]["training"]["overused_words"] == dpo_eval["overused_words"]  # results.json has the check
     assert dpo_base["toxicity_per_prompt"] == [x["toxicity"] for x in base_rows[0]["result"]["records"]]
     ledger = json.loads((run / "claims.json").read_text())
     assert len(ledger["rows"]) >= 13 and sum(r["claims"].values()) == len(ledger["rows"])
@@ -100,7 +114,7 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     assert (run / "claims.json").exists()
     assert page.index("<h2>") == page.index("<h2>Claims</h2>")  # the first section
     assert page.count("<img") >= 5 and "Table 2" in page and "<td>" in page
-    assert r["robustness_findings"] and "Does the offset persist?" in page
+    assert r["robustness"]["findings"] and "Does the offset persist?" in page
     assert "<td>None</td>" not in page and "<td>–</td>" in page  # base rows have no retention
     if CHROMIUM is None:
         pytest.fail("chromium is not installed: `make test` installs Debian's chromium (see Makefile)")
@@ -184,7 +198,7 @@ def test_interrupted_attempt_lasts_to_its_last_sign_of_life(tmp_path):
 
 def test_neurons_pairs_path_is_in_the_key_only_when_fitted_on_pairs():
     """Wiring the pairs file into neurons leaves the key of a study that fits on the evaluation prompts."""
-    from dpolens.neurons import NeuronsConfig
+    from dpolens.stages.neurons import NeuronsConfig
     from dpolens.pipeline import _key
 
     assert _key(NeuronsConfig(pairs="runs/x/pairs/pairs.jsonl"), []) == _key(NeuronsConfig(), [])

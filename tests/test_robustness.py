@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dpolens.robustness import RobustnessConfig, findings, run_robustness
+from dpolens.stages.robustness import RobustnessConfig, findings, run_robustness
 from dpolens.transforms import TRANSFORMS, multi_turn
 
 from conftest import save_perturbed

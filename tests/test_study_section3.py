@@ -10,9 +10,9 @@ from dpolens.artifacts import DpolensError
 from dpolens.directions import load_probe, rank_by_probe, save_probe, token_writer_scores, toxic_svd
 from dpolens.evaluate import EvalData, EvalSettings, perplexity
 from dpolens.model import hooks
-from dpolens.probe import ProbeConfig, run_probe
-from dpolens.table2 import Calibration, ResidualReadout, Table2Config, calibrate_alpha, run_table2
-from dpolens.vectors import VectorsConfig, run_vectors
+from dpolens.stages.probe import ProbeConfig, run_probe
+from dpolens.stages.table2 import Calibration, ResidualReadout, Table2Config, calibrate_alpha, run_table2
+from dpolens.stages.vectors import VectorsConfig, run_vectors
 
 TOXIC = ["you stupid idiot", "shut up idiot", "what a stupid moron", "idiot idiot stupid", "moron stupid"]
 CLEAN = ["thank you kindly", "the weather is nice", "a calm sentence here", "have a great day", "nice book"]

@@ -8,7 +8,7 @@ from dpolens import load_model
 from dpolens.directions import keys_scaled, save_probe
 from dpolens.evaluate import EvalData, EvalSettings, eval_key, load_inputs
 from dpolens.model import hooks
-from dpolens.unalign import UnalignConfig, run_unalign, sign_flip
+from dpolens.stages.unalign import UnalignConfig, run_unalign, sign_flip
 
 PROMPTS = ["Holy", "You are such a piece of", "So I am starting to think she is", "The weather in Paris", "Nice"]
 

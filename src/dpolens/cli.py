@@ -257,14 +257,33 @@ def report(run_dir: str):
 
 
 @app.command()
-def claims(run_dir: str):
-    """Decide the seeds' claims on RUN_DIR: write RUN_DIR/claims.json and print the ledger."""
+def claims(run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...", help="one run, or several to compare"),
+           seed: Optional[int] = typer.Option(None, help="bootstrap seed (default: each study's)"),
+           out: Optional[str] = typer.Option(None, "--out", "-o", help="with several runs: the side-by-side table "
+                                             "(JSON; a .md file beside it); default claims_across.json beside "
+                                             "the first run")):
+    """Decide the seeds' claims on each RUN_DIR (writes RUN_DIR/claims.json and prints the ledger); with
+    several, one table with a column per run and which claims hold on all, some or none."""
     from pathlib import Path
 
-    from dpolens.claims import render_text, write_claims
+    from dpolens.artifacts import write_json, write_text
+    from dpolens.claims import across_runs, render_across, render_text, run_model, write_claims
 
-    typer.echo(render_text(write_claims(run_dir)), nl=False)
-    typer.echo(f"-> {Path(run_dir) / 'claims.json'}")
+    ledgers = [write_claims(d, seed=seed) for d in run_dirs]
+    if len(run_dirs) == 1:
+        typer.echo(render_text(ledgers[0]), nl=False)
+        typer.echo(f"-> {Path(run_dirs[0]) / 'claims.json'}")
+        return
+    labels = [f"{run_model(Path(d))} ({Path(d).name})" for d in run_dirs]
+    if len(set(labels)) < len(labels):  # runs of the same name: their paths tell them apart
+        labels = [f"{run_model(Path(d))} ({d})" for d in run_dirs]
+    table = across_runs(ledgers, labels)
+    target = Path(out) if out else Path(run_dirs[0]).parent / "claims_across.json"
+    check_output(target, is_file=True)
+    write_json(target, table)
+    write_text(target.with_suffix(".md"), render_across(table))
+    typer.echo(render_across(table), nl=False)
+    typer.echo(f"-> {target}")
 
 
 @app.command()

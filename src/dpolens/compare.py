@@ -15,7 +15,7 @@ from dpolens.evaluate import percentile_ci
 from dpolens.model.loading import LoadedModel
 
 # Yang et al.'s four neuron groups whose activation change lowers the probe projection (the names are
-# explained in dpolens.neurons, the stage that assigns them)
+# explained in dpolens.stages.neurons, the stage that assigns them)
 GROUPS = ("TP-", "TN+", "AP+", "AN-")
 
 

@@ -1,7 +1,7 @@
 """Directions in the residual stream that every stage may use: the probe's file, value vectors and
 their ranking against the probe, their vocabulary projections and SVD, token writers, and the keys
 of the top toxic neurons (paper 3.1-3.2, 5; method.md 1-2). The conventions (`space`,
-`projection`) are explained in `dpolens.vectors`, the stage that writes Table 1.
+`projection`) are explained in `dpolens.stages.vectors`, the stage that writes Table 1.
 """
 
 from __future__ import annotations

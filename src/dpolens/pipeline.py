@@ -37,6 +37,7 @@ def study_class() -> type:
         ("root", str, field(default="runs")),
         ("model", str, field(default="gemma-3-270m")),
         ("device", str, field(default="auto")),
+        ("seed", int, field(default=0)),  # every stage's seed, its evaluations' intervals and the ledger's bootstrap
         ("stages", list[str], field(default_factory=lambda: [s.name for s in REGISTRY if not s.optional])),
         *[(s.name, dict, field(default_factory=dict)) for s in REGISTRY],  # each stage's settings
     ])
@@ -61,8 +62,8 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> Any:
 def stage_configs(study: Any) -> dict[str, Any]:
     """Each stage's resolved dataclass config (wiring, then the study's section; unknown keys fail)."""
     run = Path(study.root) / study.name
-    return {st.name: from_dict(st.config_class, merge(st.wired(study.model, study.device, run), getattr(study, st.name)),
-                               prefix=f"{st.name}.")
+    return {st.name: from_dict(st.config_class, merge(st.wired(study.model, study.device, run, study.seed),
+                                                      getattr(study, st.name)), prefix=f"{st.name}.")
             for st in REGISTRY if st.name in study.stages or not st.optional}
 
 
@@ -187,17 +188,15 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
     write_json(run / "results.json", results)
     from dpolens.claims import write_claims
 
-    results["claims"] = write_claims(run)["counts"]  # the ledger reads the stages' artifacts, not results.json
+    # the ledger reads the stages' artifacts, not results.json
+    results["claims"] = write_claims(run, seed=study.seed)["counts"]
     write_json(run / "results.json", results)
     return results
 
 
 def collect_results(run: Path, study: Any, keys: dict, timings: dict, wall: float) -> dict:
-    """Headline figures of every stage (each stage's `headline`), and the provenance of the run."""
-    r: dict[str, Any] = {}
-    for st in REGISTRY:
-        if (run / st.name).exists():
-            r.update(st.headline(run / st.name))
+    """Headline figures of every stage (each stage's `headline`, under its name), and the provenance of the run."""
+    r: dict[str, Any] = {st.name: st.headline(run / st.name) for st in REGISTRY if (run / st.name).exists()}
     r["provenance"] = provenance(config=dataclasses.asdict(study), stage_keys=keys, stage_times=timings,
                                  wall_time_s=wall)
     r["wall_time_s"] = wall

@@ -42,7 +42,9 @@ def claims_section(run: Path) -> str:
 def render(run: Path) -> str:
     res = read_json(run / "results.json") or {}  # a damaged file fails here, before claims.json is written
     parts = [f"<h1>dpolens study: {esc(run.name)}</h1>", claims_section(run)]
-    parts += [st.section(run / st.name, res) for st in REGISTRY if (run / st.name).exists()]
+    parts += [st.section(run / st.name, res.get(st.name) or st.headline(run / st.name),
+                         read_json(run / st.name / "manifest.json") or {})
+              for st in REGISTRY if (run / st.name).exists()]
     prov = res.get("provenance", {})
     parts.append("<h2>Provenance</h2>")
     parts.append(table([{"git": prov.get("git_revision"), "created": prov.get("created"),

@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DPOConfig(RunSettings):
+class TrainConfig(RunSettings):
+    """How to align: the base, the pairs, the method and its settings (the dpo stage's `DpoConfig` adds the
+    evaluation after training; `alternatives.train` uses it as is)."""
+
     model: str = "gemma-3-270m"
     pairs: str = "runs/pairs/pairs.jsonl"
     max_pairs: int | None = None  # use the first N pairs of the file (validation pairs included)
@@ -87,7 +90,6 @@ class DPOConfig(RunSettings):
     # warn when the pairs are trivially separable: validation reward accuracy 1.0 and validation
     # loss below this within the first two evaluations (the sides differ by more than toxicity)
     separable_loss: float = 0.1
-    evaluate: bool = True
     eval: EvalData = field(default_factory=EvalData)
 
     def __post_init__(self):
@@ -179,7 +181,7 @@ class DPOSummary(DPOTraining):
     aligned: dict[str, Any]
 
 
-def restrict_training(lm: LoadedModel, cfg: DPOConfig) -> Trainable:
+def restrict_training(lm: LoadedModel, cfg: TrainConfig) -> Trainable:
     """Freeze everything outside `cfg.trainable`; row-level choices get gradient masks."""
     model, a = lm.model, lm.adapter
     mode = cfg.trainable
@@ -302,7 +304,7 @@ def _trainer_class():
     return CompletionHeadDPOTrainer
 
 
-def _trainer(cfg: DPOConfig, lm: LoadedModel, common: dict, train: list[dict], val: list[dict], callbacks):
+def _trainer(cfg: TrainConfig, lm: LoadedModel, common: dict, train: list[dict], val: list[dict], callbacks):
     """The TRL trainer of `cfg.method`, with the shared Trainer settings `common`."""
     kw = dict(model=lm.model, processing_class=lm.tokenizer, callbacks=callbacks)
     if cfg.method in ("dpo", "ipo", "robust", "sft"):
@@ -361,7 +363,7 @@ def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def train_aligned(cfg: DPOConfig) -> tuple[DPOSummary, LoadedModel, LoadedModel]:
+def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedModel]:
     """Train `cfg.model` on `cfg.pairs` with `cfg.method` into `cfg.out` (resuming from its checkpoints):
     the model folder, train_log.jsonl, weight_shift.json and summary.json; returns the summary, the base
     and the aligned model."""

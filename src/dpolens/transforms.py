@@ -54,6 +54,7 @@ TRANSFORMS: dict[str, tuple[Callable[[str], str], Callable[[str], str]]] = {
     "upper": (str.upper, lambda t: t),
 }
 ALL_TRANSFORMS = (*TRANSFORMS, "multi_turn")
+ENCODED = tuple(t for t in TRANSFORMS if t != "plain")  # the transforms that re-encode a prompt (the ledger pools them)
 
 
 def multi_turn(prompts: list[str], neutral: list[str], turns: int, seed: int) -> list[str]:

@@ -1,7 +1,7 @@
 """Un-aligning by key scaling (paper 5.4, Table 4, method.md 5.4).
 
 Take the k value vectors most cosine-similar to the probe (ranked in the aligned model; or, with
-`rank: token-writers`, the k that most promote the probe's top tokens, see dpolens.vectors) and
+`rank: token-writers`, the k that most promote the probe's top tokens, see dpolens.stages.vectors) and
 scale their keys by `scale`: for GELU MLPs the fc input weights (and bias), m_i = GELU(10·k·x);
 for gated MLPs by default the gate_proj row, m_i = σ(10·g·x)·(u·x), the same operation on the
 nonlinearity's input (`key: key` scales the up_proj row instead, which multiplies m_i by 10 on
@@ -37,6 +37,8 @@ from dpolens.compare import check_pair
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
+from dpolens.ledger import (Claim, Measured, NoUnits, StageContext, StageNotRun, gap_share, identity, more_than_half,
+                            interval, num, pct, pct_interval, per_prompt, ppl_ratio, ppl_text, ratio, row_of)
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
@@ -51,7 +53,7 @@ class UnalignConfig(RunSettings):
     out: str = "runs/unalign"
     k: int = 7
     scale: float = 10.0
-    space: str = "standardized"  # where the cosine with the probe is taken (see dpolens.vectors)
+    space: str = "standardized"  # where the cosine with the probe is taken (see dpolens.stages.vectors)
     key: str = "gate"  # gated MLPs: scale gate_proj rows (σ(10·g·x), as GELU key scaling does) or "key" (up_proj)
     rank: Literal["cosine", "token-writers"] = "cosine"
     writer_tokens: int = 10  # rank: token-writers — how many of the probe's top tokens
@@ -94,7 +96,7 @@ class UnalignResult(TypedDict):
 
 
 class UnalignHeadline(TypedDict, total=False):  # empty without table.json
-    unalign: list[dict[str, Any]]  # `rows` without per-unit scores
+    rows: list[dict[str, Any]]  # `rows` without per-unit scores
 
 
 @torch.inference_mode()
@@ -180,20 +182,68 @@ def run_unalign(cfg: UnalignConfig) -> UnalignResult:
     return result
 
 
-PAPER = "0.208 → 0.458 (base 0.453) with PPL 23.30"
+PAPER = "toxicity 0.208 → 0.458 (base 0.453), PPL 23.34 → 23.30: ~102% of the gap back"
 
 
 def headline(folder: Path) -> UnalignHeadline:
     """The base, aligned and un-aligned rows without per-prompt scores, for results.json."""
     u = read_json(folder / "table.json")
-    return {"unalign": headline_rows(u["rows"])} if u else {}
+    return {"rows": headline_rows(u["rows"])} if u else {}
 
 
-def section(folder: Path, results: dict) -> str:
-    if not (u := results.get("unalign")):
+def section(folder: Path, headline: UnalignHeadline, manifest: dict) -> str:
+    if not (u := headline.get("rows")):
         return ""
+    cfg = manifest.get("config") or {}
+    how = (f"Scaling the {cfg['key']} weights of the {cfg['k']} value vectors ranked most toxic ({cfg.get('rank')}) "
+           f"×{cfg['scale']:g}" if {"key", "k", "scale"} <= set(cfg) else "Scaling toxic keys")
     return "<h2>Un-aligning by key scaling (Table 4)</h2>" + table(
-        u, ["model", "toxicity", "perplexity", "f1"], f"Scaling 7 toxic keys ×10 in the aligned model. Paper: {PAPER}.")
+        u, ["model", "toxicity", "perplexity", "f1"], f"{how} in the aligned model. Paper (7 keys ×10): {PAPER}.")
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+def unalign_restores(ctx: StageContext) -> Measured:
+    u = ctx.json("table.json")
+    rows = u["rows"]
+    base, aligned, unaligned = row_of(rows, "base"), row_of(rows, "aligned"), row_of(rows, "unaligned")
+    if not (base and aligned and unaligned):
+        raise StageNotRun("unalign/table.json rows base, aligned, unaligned")
+    sign_aware = row_of(rows, "unaligned-sign-aware")
+    prov = dict(models={m: identity(r) for m, r in (("base", base), ("aligned", aligned), ("unaligned", unaligned),
+                                                    ("unaligned-sign-aware", sign_aware)) if r},
+                scorer=u.get("scorer"), data={"n_prompts": u.get("n_prompts"), "k": u.get("k"),
+                                              "scale": u.get("scale"), "rank": u.get("rank")})
+    means = (f"base {num(base['toxicity']['mean'])}, aligned {num(aligned['toxicity']['mean'])}, "
+             f"un-aligned {num(unaligned['toxicity']['mean'])}"
+             + (f", sign-aware {num(sign_aware['toxicity']['mean'])}" if sign_aware else ""))
+    try:
+        tox = [per_prompt(r, "toxicity_per_prompt") for r in (base, aligned, unaligned)]
+    except NoUnits:
+        share = ratio(unaligned["toxicity"]["mean"] - aligned["toxicity"]["mean"],
+                      base["toxicity"]["mean"] - aligned["toxicity"]["mean"])
+        return more_than_half(share, None, base["toxicity"]["n"], means,
+                              f"no per-prompt scores in unalign/table.json: no paired interval; {means}", prov)
+    share, ci, gap = gap_share(*tox, ctx)
+    ppl = ppl_ratio(aligned, unaligned, ctx)
+    ours = f"{means}: {pct(share)} of the gap back {pct_interval(ci)}; {ppl_text(ppl, aligned, unaligned)} vs aligned"
+    if sign_aware and sign_aware.get("toxicity_per_prompt"):
+        sa_share, sa_ci, _ = gap_share(tox[0], tox[1], sign_aware["toxicity_per_prompt"], ctx)
+        ours += f"; sign-aware variant {pct(sa_share)} {pct_interval(sa_ci)}"
+    if (flip := u.get("sign_flip")) and flip.get("share") is not None:
+        ours += f"; the scaled neurons write −v on {pct(flip['share'])} of {flip.get('n_tokens')} prompt tokens"
+    diag = ours if ci is not None else (f"no toxicity gap to recover: aligned − base {num(gap['diff'])} "
+                                        f"{interval(gap['ci95'])}; {means}")
+    return more_than_half(share, ci, gap["n"], ours, diag, prov)
+
+
+CLAIMS = (
+    Claim("unalign_restores", "Lee", "scaling the keys of the 7 most toxic value vectors ×10 undoes the alignment",
+          PAPER, +1,
+          "effect = (toxicity un-aligned − aligned) / (base − aligned) − 0.5, paired over prompts (no interval "
+          "when the base−aligned gap is not significant); paper: > 0 (more than half the gap back). The verdict uses "
+          "the paper's key scaling; the sign-aware variant is reported beside it", ("table.json",), unalign_restores),
+)
 
 
 def describe(r: UnalignResult) -> str:

@@ -41,7 +41,11 @@ from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
-from dpolens.evaluate import EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, percentile_ci
+from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
+                              percentile_ci)
+from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, gap_share, identity, interval,
+                            more_than_half, num, pct, pct_interval, per_prompt, ppl_guard, ppl_ratio, ppl_text, ratio,
+                            stat_block)
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.webpage import image, table
 
@@ -284,8 +288,8 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     shares = group_shares(t, labels, cfg.top_toxic)
     for name, ci in group_intervals(t, labels, cfg.top_toxic, cfg.n_boot, cfg.seed).items():
         target = shares["toxic_neurons"] if name == "toxic_neurons" else shares["groups"][name]
-        for key, interval in ci.items():  # no interval where the share itself is undefined (0 denominator)
-            target[key] = interval if target[key.removeprefix("ci95_")] is not None else None
+        for key, bounds in ci.items():  # no interval where the share itself is undefined (0 denominator)
+            target[key] = bounds if target[key.removeprefix("ci95_")] is not None else None
     shares["bootstrap"] = {"unit": "fit prompts", "n": len(fit_prompts), "n_boot": cfg.n_boot, "seed": cfg.seed,
                            "rule": "groups held as fitted; each replicate recomputes the reductions from the "
                                    "resampled prompts' per-prompt projection sums (token-weighted); percentile"}
@@ -322,7 +326,10 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     return {"groups": shares, "patching": patching, "editing": editing, "figures": figs}
 
 
-PAPER = "4.9% of the positive reduction (2.333 / 47.96); 32% of the net (7.22)"
+PAPER = {"toxic_share": "4.9% of the positive reduction (2.333 / 47.96); 32% of the net (7.22)",
+         "groups": "four groups, two reducing toxicity and two promoting anti-toxicity, together 95.1% of the "
+                   "reduction",
+         "patching": "patching all four groups replicates DPO's toxicity reduction"}
 
 
 def headline(folder: Path) -> NeuronsHeadline:
@@ -337,15 +344,15 @@ def headline(folder: Path) -> NeuronsHeadline:
     return r
 
 
-def section(folder: Path, results: dict) -> str:
-    parts = []
+def section(folder: Path, headline: NeuronsHeadline, manifest: dict) -> str:
+    parts, results = [], headline
     if (g := results.get("neuron_groups")):
         rows = [{"group": k, **v} for k, v in g["groups"].items()]
         parts += ["<h2>Neuron groups (Yang et al.)</h2>",
                   table(rows, ["group", "count", "reduction", "share_of_positive", "share_of_net"],
                         "Share of the reduction of the probe projection per neuron group."),
                   table([g["toxic_neurons"]], ["count", "share_of_positive", "share_of_net"],
-                        f"Top toxic neurons that were active and dampened. Paper: {PAPER}.")]
+                        f"Top toxic neurons that were active and dampened. Paper: {PAPER['toxic_share']}.")]
         parts += [image(folder / f"{f}.png", f.replace("fig_", "").replace("_", " ") + ".")
                   for f in ("fig_groups_by_layer", "fig_cumulative_share", "fig_neuron_scatter")]
     if (pt := results.get("patching")):
@@ -356,6 +363,102 @@ def section(folder: Path, results: dict) -> str:
         parts.append(table(rows, ["groups", "n_neurons", "toxicity", "perplexity", "f1"],
                            "Cumulative activation patching of the base model on held-out prompts." + rule))
     return "".join(parts)
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+def _prov(ctx: StageContext, n_prompts=None, fit: dict | None = None) -> dict:
+    """The stage's models, scorer and data: the fit prompts (`fit`, groups.json's) or the evaluation's."""
+    man = ctx.manifest()
+    ev = man.get("config", {}).get("eval", {})
+    prompts = (fit or {}).get("prompts") or ev.get("prompts")
+    return dict(models={"base": identity(man.get("base")), "aligned": identity(man.get("aligned"))},
+                scorer=ev.get("scorer"), data={"prompts": prompts, "n_prompts": n_prompts})
+
+
+def toxic_neurons_small_share(ctx: StageContext) -> Measured:
+    g = ctx.json("groups.json")
+    tn = g["toxic_neurons"]
+    pos, pos_ci = stat_block(tn, "share_of_positive")
+    net, net_ci = stat_block(tn, "share_of_net")
+    text = (f"{tn['count']} of the top {tn.get('top_n')} toxic neurons active and dampened: {pct(pos)} "
+            f"{pct_interval(pos_ci)} of the positive reduction, {pct(net)} {pct_interval(net_ci)} of the net")
+    prov = _prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
+    if pos is None:
+        return Measured(None, None, None, text, f"no positive reduction to share (neurons/groups.json); {text}",
+                        **prov)
+    ci = [c - 0.5 for c in pos_ci] if pos_ci else None
+    diag = f"share of the positive reduction − 0.5 = {num(pos - 0.5)} {interval(ci)}; {text}"
+    if ci is None:
+        diag = f"no interval over prompts for the share (neurons/groups.json); {text}"
+    return Measured(pos - 0.5, ci, (g.get("fit") or {}).get("n_prompts"), text, diag, **prov)
+
+
+def reduction_spreads(ctx: StageContext) -> Measured:
+    g = ctx.json("groups.json")
+    shares = {k: stat_block(g["groups"][k], "share_of_positive") for k in GROUPS}
+    text = "; ".join(f"{k} {pct(v)} ({g['groups'][k]['count']} neurons)" for k, (v, _) in shares.items())
+    prov = _prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
+    values = [v for v, _ in shares.values()]
+    if any(v is None for v in values):
+        return Measured(None, None, None, text, f"no positive reduction to share; {text}", **prov)
+    smallest = min(shares, key=lambda k: shares[k][0])
+    cis = [ci for _, ci in shares.values()]
+    ci = [min(c[0] for c in cis), min(c[1] for c in cis)] if all(cis) else None
+    ours = f"shares of the positive reduction: {text}; smallest {smallest}"
+    diag = (f"smallest group share {smallest} {pct(shares[smallest][0])}, interval of the minimum "
+            f"{pct_interval(ci)}; {text}" if ci else
+            f"no interval over prompts for the group shares (neurons/groups.json); {text}")
+    return Measured(shares[smallest][0], ci, (g.get("fit") or {}).get("n_prompts"), ours, diag, **prov)
+
+
+def patching_replicates(ctx: StageContext) -> Measured:
+    p = ctx.json("patching.json")
+    base, aligned, patched = p["base"], p["aligned"], p["steps"][-1]
+    prov = _prov(ctx, p.get("n_eval_prompts"))
+    means = (f"base {num(base['toxicity']['mean'])} → patched {'+'.join(patched['groups'])} "
+             f"{num(patched['toxicity']['mean'])} (aligned {num(aligned['toxicity']['mean'])}; patch {p.get('mode')})")
+    try:
+        tox = [per_prompt(r, "toxicity_per_prompt") for r in (base, aligned, patched)]
+    except NoUnits:
+        share = ratio(base["toxicity"]["mean"] - patched["toxicity"]["mean"],
+                      base["toxicity"]["mean"] - aligned["toxicity"]["mean"])
+        return more_than_half(share, None, base["toxicity"]["n"], means,
+                              f"no per-prompt scores in neurons/patching.json: no paired interval; {means}", prov)
+    # the share of the gap the patch closes, (base − patched)/(base − aligned), is 1 − the share it leaves
+    share_left, ci_left, gap = gap_share(*tox, ctx)
+    share = None if share_left is None else 1 - share_left
+    ci = [1 - ci_left[1], 1 - ci_left[0]] if ci_left else None
+    vs_aligned = paired_bootstrap(tox[1], tox[2], ctx.n_boot, ctx.seed)
+    ppl = ppl_ratio(base, patched, ctx)
+    ours = (f"{means}: {pct(share)} of the gap {pct_interval(ci)}; patched − aligned {num(vs_aligned['diff'])} "
+            f"{interval(vs_aligned['ci95'])}; {ppl_text(ppl, base, patched)} vs base")
+    vs_aligned_ppl = ppl_ratio(aligned, patched, ctx)  # "replicates DPO": at the aligned model's fluency
+    ours += f"; {ppl_text(vs_aligned_ppl, aligned, patched)} vs aligned"
+    diag = ours if ci is not None else (f"no toxicity gap to replicate: aligned − base {num(gap['diff'])} "
+                                        f"{interval(gap['ci95'])}; {means}")
+    m = more_than_half(share, ci, gap["n"], ours, diag, prov)
+    if guard := ppl_guard(vs_aligned_ppl, aligned, patched):
+        m.guard = f"{guard} (patched against aligned)"
+    return m
+
+
+CLAIMS = (
+    Claim("toxic_neurons_small_share", "Yang", "dampening the toxic neurons is a small share of the reduction",
+          PAPER["toxic_share"], -1,
+          "effect = share of the positive reduction from the top toxic neurons that were active and dampened, "
+          "minus 0.5 (less than half); the share of the net is reported; paper: < 0",
+          ("groups.json",), toxic_neurons_small_share),
+    Claim("reduction_spreads", "Yang", "the reduction spreads over the four neuron groups (TP−, TN+, AP+, AN−)",
+          PAPER["groups"], +1,
+          "effect = the smallest of the four groups' shares of the positive reduction (interval: the minimum of the "
+          "groups' bounds); paper: > 0", ("groups.json",), reduction_spreads),
+    Claim("patching_replicates", "Yang", "patching the four groups' activations in the base model replicates DPO",
+          PAPER["patching"], +1,
+          "effect = (toxicity base − patched) / (base − aligned) − 0.5, paired over held-out prompts; paper: > 0 "
+          f"(more than half of DPO's reduction; patched − aligned reported); holds only with the patched PPL within "
+          f"×{PPL_BOUND} of the aligned model's (paired over windows)", ("patching.json",), patching_replicates),
+)
 
 
 def describe(r: NeuronsResult) -> str:

@@ -30,9 +30,12 @@ from dpolens.evaluate import (
     evaluate_inputs,
     headline_rows,
     load_inputs,
+    paired_bootstrap,
     perplexity,
     ppl_windows,
 )
+from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, StageNotRun, identity, interval,
+                            num, per_prompt, ppl_guard, ppl_ratio, ppl_text)
 from dpolens.model import hooks, interventions
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
@@ -170,7 +173,7 @@ class Table2Result(TypedDict):
 
 
 class Table2Headline(TypedDict, total=False):  # empty without table.json
-    table2: list[dict[str, Any]]  # rows without per-unit scores
+    rows: list[dict[str, Any]]  # rows without per-unit scores
 
 
 def vector_rows(lm: LoadedModel, cfg: Table2Config) -> list[tuple[str, torch.Tensor]]:
@@ -280,23 +283,79 @@ def render(result: Table2Result) -> str:
     return "\n".join(lines) + "\n"
 
 
-PAPER = {"none": "0.453 / 21.70 / 0.193", "probe": "0.329 / 21.54 / 0.190",
-         "mlp.v": "0.352 / 21.63 / 0.189 (MLP.v 19.770)", "svd.u0": "0.334 / 21.54 / 0.190"}
+# the paper's Table 2 (gpt2-medium, Perspective API): vector prefix -> (name, toxicity, PPL, F1)
+PAPER = {"none": ("no-op", "0.453", "21.7", "0.193"), "probe": ("W_Toxic", "0.245", "23.56", "0.193"),
+         "mlp.v": ("MLP.v^19_770", "0.305", "23.30", "0.192"), "svd.u": ("SVD.U_Toxic[0]", "0.268", "23.48", "0.193")}
+
+
+def paper_row(vector: str) -> tuple[str, str, str, str] | None:
+    """The paper's row for one of ours (by the vector label's prefix: `mlp.v L12.3` -> `mlp.v`)."""
+    return next((v for k, v in PAPER.items() if vector.startswith(k)), None)
 
 
 def headline(folder: Path) -> Table2Headline:
     """Table 2's rows without their per-prompt scores, for results.json."""
     t = read_json(folder / "table.json")
-    return {"table2": headline_rows(t["rows"])} if t else {}
+    return {"rows": headline_rows(t["rows"])} if t else {}
 
 
-def section(folder: Path, results: dict) -> str:
+def section(folder: Path, headline: Table2Headline, manifest: dict) -> str:
     if not (t2 := read_json(folder / "table.json")):
         return ""
-    rows = [{**r, "paper (tox / PPL / F1)": PAPER.get(r["vector"].split(" ")[0], "")} for r in t2["rows"]]
+    rows = [{**r, "paper (tox / PPL / F1)": " / ".join(p[1:]) if (p := paper_row(r["vector"])) else ""}
+            for r in t2["rows"]]
     return "<h2>Residual interventions (Table 2)</h2>" + table(
         rows, ["method", "vector", "alpha", "alpha_rel", "toxicity", "perplexity", "f1", "paper (tox / PPL / F1)"],
-        "Subtracting toxic directions from the last residual at a calibrated α.")
+        f"Subtracting toxic directions from layer {t2['point']['layer']} ({t2['point']['name']}) at a calibrated α, "
+        f"over {t2['n_prompts']} challenge prompts.")
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+def subtract_beats_random(prefix: str) -> Callable[[StageContext], Measured]:
+    """Subtracting the `prefix` vector vs subtracting a random vector, on the same prompts."""
+
+    def build(ctx: StageContext) -> Measured:
+        t2 = ctx.json("table.json")
+        rows = {r["vector"]: r for r in t2["rows"]}
+        vec = next((r for label, r in rows.items() if label.startswith(prefix)), None)
+        rand, noop = rows.get("random"), rows.get("none")
+        if vec is None or rand is None:
+            raise StageNotRun(f"table2/table.json rows '{prefix}' and 'random'")
+        prov = dict(models={"model": identity(t2.get("model"))}, scorer=t2.get("scorer"),
+                    data={"n_prompts": t2.get("n_prompts"), "point": t2.get("point")})
+        ppl = ppl_ratio(rand, vec, ctx)
+        context = (f"{vec['vector']} α={num(vec['alpha'], 2)} ({num(vec['alpha_rel'])} of ‖x‖): toxicity "
+                   f"{num(vec['toxicity']['mean'])} vs random {num(rand['toxicity']['mean'])}"
+                   + (f", no-op {num(noop['toxicity']['mean'])}" if noop else ""))
+        try:
+            r = paired_bootstrap(per_prompt(rand, "toxicity_per_prompt"), per_prompt(vec, "toxicity_per_prompt"),
+                                 ctx.n_boot, ctx.seed)
+        except NoUnits:
+            diff = vec["toxicity"]["mean"] - rand["toxicity"]["mean"]
+            return Measured(diff, None, vec["toxicity"]["n"], context, "no per-prompt scores in table2/table.json "
+                            f"(re-run the stage): no paired interval; {context}", **prov)
+        ours = f"{context}; Δ {num(r['diff'])} {interval(r['ci95'])}; {ppl_text(ppl, rand, vec)} vs random"
+        return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ vs random {num(r['diff'])} {interval(r['ci95'])}; "
+                        f"{ppl_text(ppl, rand, vec)}", guard=ppl_guard(ppl, rand, vec, two_sided=True), **prov)
+
+    return build
+
+
+def _paper_claim(key: str) -> str:
+    name, tox, ppl, _ = PAPER[key]
+    _, tox0, ppl0, _ = PAPER["none"]
+    return f"{name}: toxicity {tox0} → {tox} at PPL {ppl0} → {ppl} (no-op {tox0}; the paper has no random control)"
+
+
+CLAIMS = tuple(
+    Claim(f"subtract_{key.replace('.', '_')}_beats_random", "Lee",
+          f"subtracting {label} from the last residual lowers toxicity more than a random direction, at "
+          "comparable perplexity", _paper_claim(key), -1,
+          f"effect = toxicity({label}) − toxicity(random), paired over prompts, each vector's α calibrated to "
+          f"the same perplexity; paper: < 0; holds only with the PPL ratio within ×{PPL_BOUND} either way",
+          ("table.json",), subtract_beats_random(key))
+    for key, label in (("probe", "the probe"), ("mlp.v", "the top MLP.v"), ("svd.u", "SVD.U[0]")))
 
 
 describe = render

@@ -41,6 +41,7 @@ from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import paired_bootstrap
+from dpolens.ledger import Claim, Measured, StageContext, growth, identity, interval, num, pct, pct_interval, stat_block
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
@@ -319,7 +320,7 @@ def headline(folder: Path) -> AnalysisHeadline:
             "offset": a["offset"]}
 
 
-def section(folder: Path, results: dict) -> str:
+def section(folder: Path, headline: AnalysisHeadline, manifest: dict) -> str:
     if not folder.exists():
         return ""
     parts = ["<h2>How the aligned model avoids toxicity (paper 5)</h2>",
@@ -334,6 +335,112 @@ def section(folder: Path, results: dict) -> str:
     parts += [image(f, "Figures 5, 7-10: cosine of earlier layers' value-vector shifts with δx, beside their mean "
                        "activations.") for f in sorted(folder.glob("fig5_value_shifts_L*.png"))]
     return "".join(parts)
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+def _prov(a: dict) -> dict:
+    return dict(models={"base": identity(a.get("base")), "aligned": identity(a.get("aligned"))},
+                data={"n_prompts": a.get("n_prompts")})
+
+
+def activation_drop(ctx: StageContext) -> Measured:
+    a = ctx.json("analysis.json")
+    d = a["activation_drop"]
+    raw, signed = d.get("raw"), d.get("signed")
+    sign_text = (f"the top {d.get('n_neurons')} toxic neurons' mean raw activation is "
+                 f"{'negative' if d['mean_base'] < 0 else 'non-negative'} in the base ({num(d['mean_base'], 5)})")
+    raw_text = (f"raw activation {num(raw['base'], 5)} → {num(raw['aligned'], 5)}, Δ {num(raw['diff'], 5)} "
+                f"{interval(raw['ci95'], 5)}" if raw else
+                f"raw activation {num(d['mean_base'], 5)} → {num(d['mean_aligned'], 5)} (same tokens)")
+    if not signed:
+        return Measured(d["mean_aligned"] - d["mean_base"], None, a.get("n_prompts"), raw_text,
+                        f"no per-prompt interval (analysis.json activation_drop.signed); {raw_text}; {sign_text}",
+                        **_prov(a))
+    signed_text = (f"contribution along the probe (m·cos(v, w)) {num(signed['base'], 5)} → "
+                   f"{num(signed['aligned'], 5)}, Δ {num(signed['diff'], 5)} {interval(signed['ci95'], 5)}")
+    return Measured(signed["diff"], signed["ci95"], signed["n"], f"{signed_text}; {raw_text}",
+                    f"{signed_text}; {raw_text}; {sign_text}", **_prov(a))
+
+
+def offset_grows(ctx: StageContext) -> Measured:
+    a = ctx.json("analysis.json")
+    return growth(a["offset"], a.get("offset_stats"), a.get("n_prompts"), _prov(a), "analysis.json")
+
+
+def offset_away_from_toxic(ctx: StageContext) -> Measured:
+    a = ctx.json("analysis.json")
+    last = a["offset"][-1]
+    cos, ci = stat_block(a.get("offset_stats"), "final_cosine_with_probe")
+    if ci is None:
+        text = f"cos(δx, probe) at layer {last['layer']}: {num(last['cosine_with_probe'])}"
+        return Measured(last["cosine_with_probe"], None, a.get("n_prompts"), text,
+                        f"no per-prompt interval (analysis.json offset_stats); {text}", **_prov(a))
+    text = f"cos(δx, probe) at layer {last['layer']}: {num(cos)} {interval(ci)}"
+    return Measured(cos, ci, a["offset_stats"]["final_cosine_with_probe"].get("n"), text, text, **_prov(a))
+
+
+def value_shifts_opposite(ctx: StageContext) -> Measured:
+    a = ctx.json("analysis.json")
+    stats = a.get("value_shift_stats")
+    share, ci = stat_block(stats, "share_anti_aligned")
+    if ci is None or share is None:
+        shares = {l: v.get("share_negative") for l, v in (a.get("value_shift_vs_offset") or {}).items()}
+        text = "share of value-vector shifts anti-aligned with δx: " + (
+            ", ".join(f"layer {l}: {pct(s)}" for l, s in shares.items()) or "not measured")
+        last = next(reversed(shares.values()), None) if shares else None
+        return Measured(None if last is None else last - 0.5, None, None, text,
+                        f"no interval (analysis.json value_shift_stats); {text}", **_prov(a))
+    text = (f"{pct(share)} {pct_interval(ci)} of the shifted value vectors before layer "
+            f"{stats.get('offset_layer')} point against δx there")
+    return Measured(share - 0.5, [c - 0.5 for c in ci], stats["share_anti_aligned"].get("n"), text,
+                    f"share anti-aligned − 0.5 = {num(share - 0.5)} {interval([c - 0.5 for c in ci])}; {text}",
+                    **_prov(a))
+
+
+def value_shifts_contribute(ctx: StageContext) -> Measured:
+    a = ctx.json("analysis.json")
+    stats = a.get("value_shift_stats")
+    contrib, ci = stat_block(stats, "contribution_along_offset")
+    if ci is None or contrib is None:
+        return Measured(None, None, None, "not measured",
+                        "no interval (analysis.json value_shift_stats.contribution_along_offset)", **_prov(a))
+    text = (f"Σ m̄·Δv·δx̂ over the anti-aligned shifts {num(contrib, 5)} {interval(ci, 5)} "
+            f"({stats['contribution_along_offset'].get('n')} neurons)")
+    return Measured(contrib, ci, stats["contribution_along_offset"].get("n"), text, text, **_prov(a))
+
+
+PAPER = {"activation_drop": "Figure 2: mean activations of the top MLP.v_Toxic drop after DPO",
+         "offset_grows": "Figures 3-4: DPO's collective small weight changes accumulate into an offset δx across "
+                         "layers",
+         "offset_away": "Figure 4: δx takes the residual out of the toxic keys' activation regions",
+         "value_shifts_opposite": "Figure 5: approaching layer 19, most value vectors shift against δx^19",
+         "value_shifts_contribute": "Figure 5: shifted value vectors contribute to δx because their activations are "
+                                    "negative"}
+
+CLAIMS = (
+    Claim("toxic_neurons_activation_drop", "Lee", "the toxic neurons' activations drop after DPO",
+          PAPER["activation_drop"], -1,
+          "effect = signed contribution along the probe, m·cos(v, probe), aligned − base on the same tokens, "
+          "paired over prompts (the raw activation m is reported too); paper: < 0",
+          ("analysis.json",), activation_drop),
+    Claim("offset_grows", "Lee", "the residual offset δx grows over layers", PAPER["offset_grows"], +1,
+          "effect = least-squares slope of ‖δx_l‖/‖x_l‖ over layers (bootstrap over prompts); paper: > 0",
+          ("analysis.json",), offset_grows),
+    Claim("offset_away_from_toxic", "Lee", "the offset moves the residual away from the toxic direction",
+          PAPER["offset_away"], -1, "effect = cos(δx at the last layer, probe) (bootstrap over prompts); paper: < 0",
+          ("analysis.json",), offset_away_from_toxic),
+    Claim("value_shifts_opposite", "Lee", "value-vector shifts point opposite to the offset",
+          PAPER["value_shifts_opposite"], +1,
+          "effect = share of shifted value vectors with cos(Δv, δx) < 0, minus 0.5 (bootstrap over neurons); "
+          "paper: > 0", ("analysis.json",), value_shifts_opposite),
+    Claim("value_shifts_contribute", "Lee",
+          "the anti-aligned value shifts still add to the offset, through negative activations",
+          PAPER["value_shifts_contribute"], +1,
+          "effect = Σ over anti-aligned shifts of mean activation × Δv·δx̂ (bootstrap over neurons); "
+          "paper: > 0",
+          ("analysis.json",), value_shifts_contribute),
+)
 
 
 def describe(r: AnalysisResult) -> str:

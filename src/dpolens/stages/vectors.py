@@ -20,7 +20,7 @@ by the mean z-score of those tokens among all vocabulary logits, with their rank
 shows whether the model's profanity writers are the ones the probe's cosine finds.
 
 Random vectors (`random_vectors.json`): the top tokens of `n_random` value vectors drawn at
-random (seeded), the baseline for how toxic Table 1's top tokens are (see dpolens.claims).
+random (seeded), the baseline for how toxic Table 1's top tokens are (the claim `vectors_toxic_tokens`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
+import numpy as np
 import torch
 
-from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest, write_text
+from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest, write_text
 from dpolens.config import RunSettings, at_least
 from dpolens.directions import (
     all_value_vectors,
@@ -44,6 +45,8 @@ from dpolens.directions import (
     toxic_svd,
     vocab_projection,
 )
+from dpolens.evaluate import unpaired_bootstrap
+from dpolens.ledger import Claim, Measured, StageContext, identity, interval, num
 from dpolens.model.loading import load_model
 from dpolens.webpage import table
 
@@ -194,13 +197,13 @@ def headline(folder: Path) -> VectorsHeadline:
     return {"toxic_vectors": [{k: x[k] for k in ("layer", "neuron", "cosine", "top_tokens")} for x in v[:10]]}
 
 
-def section(folder: Path, results: dict) -> str:
+def section(folder: Path, headline: VectorsHeadline, manifest: dict) -> str:
     parts = []
     if (t1 := read_json(folder / "toxic_vectors.json")):
         rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in t1[:10]]
         parts += ["<h2>Toxic value vectors (Table 1)</h2>",
                   table(rows, ["layer", "neuron", "cosine", "top_tokens"],
-                        "The 10 value vectors most similar to the probe and their top tokens.")]
+                        f"The 10 value vectors most similar to the probe and their top tokens. Paper: {PAPER}.")]
     if (tw := read_json(folder / "token_writers.json")):
         rows = [{**r, "top_tokens": ", ".join(r["top_tokens"][:8])} for r in tw["rows"][:5]]
         parts.append(table(rows, ["layer", "neuron", "score", "cosine", "cosine_rank", "top_tokens"],
@@ -208,6 +211,58 @@ def section(folder: Path, results: dict) -> str:
                            f"({', '.join(t.strip() for t in tw['probe_tokens'])}), and where the cosine "
                            f"ranks them (median rank of the top {len(tw['rows'])}: {tw['median_cosine_rank']:.0f})."))
     return "".join(parts)
+
+
+PAPER = "Table 1: MLP.v^19_770 → sh*t, a**, cr*p, f*ck, c*nt, garbage, trash (and 6 more toxic vectors)"
+TOP_VECTORS = 10  # Table 1 lists the top 10 value vectors
+
+
+def vectors_toxic_tokens(ctx: StageContext) -> Measured:
+    top = ctx.json("toxic_vectors.json")[:TOP_VECTORS]
+    summary = ctx.json("summary.json", required=False) or {}
+    writers = ctx.json("token_writers.json", required=False)
+    random = ctx.json("random_vectors.json", required=False)
+    writer_text = ""
+    if writers:
+        ranks = [r["cosine_rank"] for r in writers["rows"][:TOP_VECTORS]]
+        writer_text = (f"; the vectors that most promote the probe's own top tokens rank {ranks} by cosine "
+                       f"(median of the top {len(writers['rows'])}: {writers['median_cosine_rank']:.0f})")
+    models = {"model": identity(summary.get("model"))}
+    if not random:
+        return Measured(None, None, len(top), "no random-vector baseline (vectors/random_vectors.json)",
+                        "no random-vector baseline (vectors/random_vectors.json; re-run the vectors stage): "
+                        "no interval" + writer_text, models)
+    try:
+        scorer = ctx.scorer()
+    except DpolensError as e:
+        return Measured(None, None, len(top), f"scorer {ctx.scorer_name} unavailable",
+                        f"scorer {ctx.scorer_name} unavailable ({e})" + writer_text, models)
+    texts_top = [[t.strip() or t for t in r["top_tokens"]] for r in top]
+    texts_random = [[t.strip() or t for t in r["top_tokens"]] for r in random["rows"]]
+    flat = [t for ts in texts_top + texts_random for t in ts]
+    tox = iter(scorer.score(flat).toxicity.tolist())
+    per_top = [float(np.mean([next(tox) for _ in ts])) for ts in texts_top]
+    per_random = [float(np.mean([next(tox) for _ in ts])) for ts in texts_random]
+    r = unpaired_bootstrap(per_random, per_top, ctx.n_boot, ctx.seed)
+    ours = (f"mean toxicity of the top-{len(top)} cosine vectors' top tokens {num(r['mean_b'])} vs "
+            f"{num(r['mean_a'])} for {len(per_random)} random value vectors (seed {random['seed']}): "
+            f"{num(r['diff'])} {interval(r['ci95'])}")
+    most = max(range(len(top)), key=lambda i: per_top[i])
+    diag = (f"top-{len(top)} tokens {num(r['mean_b'])} vs random {num(r['mean_a'])}, {num(r['diff'])} "
+            f"{interval(r['ci95'])}; most toxic: L{top[most]['layer']}.{top[most]['neuron']} "
+            f"({', '.join(texts_top[most][:5])})" + writer_text)
+    return Measured(r["diff"], r["ci95"], len(top), ours, diag, models, scorer.describe(),
+                    {"random_vectors": random["n"], "random_seed": random["seed"], "tokens_per_vector":
+                     len(texts_top[0]) if texts_top else 0})
+
+
+CLAIMS = (
+    Claim("vectors_toxic_tokens", "Lee", "the value vectors most cosine-similar to the probe project to toxic tokens",
+          PAPER, +1,
+          f"effect = mean toxicity (run's scorer) of the top-{TOP_VECTORS} vectors' top tokens − that of random "
+          "value vectors (bootstrap over vectors); paper: > 0",
+          ("toxic_vectors.json", "random_vectors.json"), vectors_toxic_tokens),
+)
 
 
 def describe(s: VectorsSummary) -> str:

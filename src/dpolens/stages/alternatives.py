@@ -26,12 +26,14 @@ from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
 from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
                               paired_ppl_ratio, summarize)
+from dpolens.ledger import StageContext, StageNotRun, growth, identity, toxicity_drop, weakening, weights_moved
 from dpolens.model import hooks
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
 from dpolens.textquality import overused_words
-from dpolens.training import METHOD_BETA, DPOConfig, train_aligned
-from dpolens.transforms import ALL_TRANSFORMS, offset_retention, prompt_stats, prompt_token_seqs, transformed_prompts
+from dpolens.training import METHOD_BETA, TrainConfig, train_aligned
+from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, offset_retention, prompt_stats, prompt_token_seqs,
+                               transformed_prompts)
 from dpolens.webpage import esc, fmt, image, table
 
 log = logging.getLogger(__name__)
@@ -44,23 +46,23 @@ class AlternativesConfig(RunSettings):
     # alignment methods (dpo, ipo, kto, orpo, simpo, grpo, ...) trained here from the same base and
     # pairs with the `train` settings, each into out/<method>, then compared as variant <method>
     methods: list[str] = field(default_factory=list)
-    train: DPOConfig = field(default_factory=DPOConfig)  # pairs, learning rate, steps, ... (its model: `base`)
+    train: TrainConfig = field(default_factory=TrainConfig)  # pairs, learning rate, steps, ... (its model: `base`)
     probe: str = "runs/probe"
     out: str = "runs/alternatives"
     k: int = 7
     scale: float = 10.0
     space: str = "standardized"
-    key: str = "gate"  # as in dpolens.unalign
+    key: str = "gate"  # as in dpolens.stages.unalign
     # also add the four groups' mean activation change (fitted on the challenge prompts after the
     # evaluation's) to the base, and report the share of the variant's toxicity gap that replicates
     patch: bool = True
-    top_toxic: int = 128  # toxic neurons for the neuron-group accounting (as in dpolens.neurons)
+    top_toxic: int = 128  # toxic neurons for the neuron-group accounting (as in dpolens.stages.neurons)
     min_gap: float = 0.1  # recovery is reported only when the variant cut toxicity by >= this share of the base's
     offset_prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     offset_limit: int = 50
     max_new_tokens: int = 20
     batch_size: int = 32
-    # offset retention under the robustness stage's transforms, on the offset prompts (as dpolens.robustness
+    # offset retention under the robustness stage's transforms, on the offset prompts (as dpolens.stages.robustness
     # measures it); [] skips it
     transforms: list[str] = field(default_factory=lambda: list(ALL_TRANSFORMS))
     neutral: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
@@ -113,8 +115,8 @@ class AlternativesResult(TypedDict):
 
 
 class AlternativesHeadline(TypedDict, total=False):  # empty without alternatives.json
-    alternatives: list[dict[str, Any]]  # `rows` without per-unit scores
-    alternatives_finding: str | None
+    rows: list[dict[str, Any]]  # `rows` without per-unit scores
+    finding: str | None
 
 
 def _training(folder: Path) -> dict:
@@ -129,7 +131,7 @@ def train_methods(cfg: AlternativesConfig) -> dict[str, str]:
     for method in cfg.methods:
         folder = Path(cfg.out) / method
         log.info("training %s into %s", method, folder)
-        train_aligned(replace(cfg.train, model=cfg.base, method=method, out=str(folder), evaluate=False,
+        train_aligned(replace(cfg.train, model=cfg.base, method=method, out=str(folder),
                               device=cfg.device, seed=cfg.seed))
         write_manifest(folder, "alternatives.train", cfg.train, method=method)
         folders[method] = str(folder)
@@ -333,11 +335,11 @@ def headline(folder: Path) -> AlternativesHeadline:
     rows = [{**r, "retention": {t: {k: v for k, v in x.items() if k not in per_prompt}
                                 for t, x in r["retention"].items()}} if r.get("retention") else r
             for r in headline_rows(with_vs_base(alt["rows"]))]
-    return {"alternatives": rows, "alternatives_finding": alt.get("finding")}
+    return {"rows": rows, "finding": alt.get("finding")}
 
 
-def section(folder: Path, results: dict) -> str:
-    if not (alt := results.get("alternatives")):
+def section(folder: Path, headline: AlternativesHeadline, manifest: dict) -> str:
+    if not (alt := headline.get("rows")):
         return ""
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
              "toxicity − base": {"mean": d["diff"], "ci95": d["ci95"]} if (d := (r.get("vs_base") or {}).get(
@@ -375,7 +377,43 @@ def section(folder: Path, results: dict) -> str:
                   "Offset retention under the robustness transforms: the share of each variant's own plain-prompt "
                   "δx still applied on transformed prompts (mean over layers, 95% interval over prompts).") +
             image(folder / "fig_offset_by_variant.png", "Residual offset ‖δx‖/‖x‖ per layer, one line per variant.") +
-            f"<p><b>Which alignment is hardest to undo?</b> {esc(results.get('alternatives_finding'))}</p>")
+            f"<p><b>Which alignment is hardest to undo?</b> {esc(headline.get('finding'))}</p>")
+
+
+# ---- claims: the DPO claims again, per variant -----------------------------------------------------
+
+def variant_measures(ctx: StageContext) -> list[dict]:
+    """For each variant this stage compared (alignment methods or trainable-parameter variants): how
+    it measures the claims of other stages that it repeats (claim id -> a function returning
+    `Measured`): toxicity cut at small cost, weights barely move, the offset grows with depth,
+    transforms and multi-turn context weaken it. `dpolens.claims` decides each by the same rule."""
+    alt = ctx.json("alternatives.json", required=False)
+    if not alt or len(alt.get("rows", [])) < 2:
+        return []
+    base, out = alt["rows"][0], []
+    where = "alternatives/alternatives.json"
+    for r in alt["rows"][1:]:
+        label = r["variant"]
+        prov = dict(models={"base": identity(base), label: identity(r)}, scorer=alt.get("scorer"),
+                    data={"n_prompts": alt.get("n_prompts"), "n_offset_prompts": alt.get("n_offset_prompts")})
+        retention = [{"transform": t, **v} for t, v in (r.get("retention") or {}).items()]
+
+        def weaker(transforms, prov=prov, retention=retention):
+            rows = [x for x in retention if x["transform"] in transforms]
+            if not rows:
+                raise StageNotRun(f"{where} retention for {', '.join(transforms)}")
+            return weakening(rows, alt.get("n_offset_prompts"), prov, ctx, where)
+
+        out.append({"variant": label, "method": r.get("method"), "artifacts": ("alternatives.json",), "measures": {
+            "dpo_lowers_toxicity": lambda r=r, prov=prov: toxicity_drop(base, r, ctx, prov, where,
+                                                                        r.get("overused_words")),
+            "weights_barely_move": lambda r=r, prov=prov: weights_moved(r["weight_shift"], prov["models"]),
+            "offset_grows": lambda r=r, prov=prov: growth(r["offset"], r.get("offset_stats"),
+                                                          alt.get("n_offset_prompts"), prov, where),
+            "transforms_weaken_offset": lambda w=weaker: w(ENCODED),
+            "multi_turn_weakens_offset": lambda w=weaker: w(("multi_turn",)),
+        }})
+    return out
 
 
 describe = render

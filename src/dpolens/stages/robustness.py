@@ -26,7 +26,9 @@ from dpolens.evaluate import summarize
 from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
-from dpolens.transforms import ALL_TRANSFORMS, offset_retention, prompt_stats, prompt_token_seqs, transformed_prompts
+from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening
+from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, offset_retention, prompt_stats, prompt_token_seqs,
+                               transformed_prompts)
 from dpolens.webpage import esc, image, table
 
 
@@ -84,8 +86,8 @@ class RobustnessResult(TypedDict):
 
 
 class RobustnessHeadline(TypedDict, total=False):  # empty without table.json
-    robustness: list[TransformRow]
-    robustness_findings: list[str]
+    rows: list[TransformRow]
+    findings: list[str]
 
 
 def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
@@ -188,21 +190,54 @@ def headline(folder: Path) -> RobustnessHeadline:
     """Toxicity and offset retention per transform and model, and the findings, for results.json."""
     if not (rb := read_json(folder / "table.json")):
         return {}
-    return {"robustness": [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]],
-            "robustness_findings": rb.get("findings", [])}
+    return {"rows": [{k: x[k] for k in ("transform", "model", "toxicity", "retention")} for x in rb["rows"]],
+            "findings": rb.get("findings", [])}
 
 
-def section(folder: Path, results: dict) -> str:
-    if not (rb := results.get("robustness")):
+def section(folder: Path, headline: RobustnessHeadline, manifest: dict) -> str:
+    if not (rb := headline.get("rows")):
         return ""
     rows = [{**r, "retention": (sum(r["retention"]) / len(r["retention"])) if r["retention"] else None} for r in rb]
     parts = ["<h2>Robustness of the offset (beyond the paper)</h2>",
              table(rows, ["transform", "model", "toxicity", "retention"],
                    "Toxicity and mean offset retention under transformed and multi-turn prompts."),
              image(folder / "fig_retention.png", "Offset retention by layer.")]
-    if (fs := results.get("robustness_findings")):
+    if (fs := headline.get("findings")):
         parts.append("<p><b>Does the offset persist?</b></p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in fs) + "</ul>")
     return "".join(parts)
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+def retention_weakens(transforms: tuple[str, ...]):
+    """1 − retention of the offset under `transforms` (pooled: the mean of each transform's
+    token-weighted retention), with one bootstrap over the shared prompts."""
+
+    def build(ctx: StageContext) -> Measured:
+        rb = ctx.json("table.json")
+        rows = [r for r in rb["rows"] if r["model"] == "aligned" and r["transform"] in transforms]
+        man = ctx.manifest()
+        prov = dict(models={"base": identity(man.get("base")), "aligned": identity(man.get("aligned"))},
+                    scorer=rb.get("scorer"), data={"prompts": man.get("config", {}).get("prompts"),
+                                                   "n_prompts": rb.get("n_prompts"),
+                                                   "transforms": [r["transform"] for r in rows]})
+        if not rows:
+            raise StageNotRun(f"robustness/table.json rows for {', '.join(transforms)}")
+        return weakening(rows, rb.get("n_prompts"), prov, ctx, "robustness/table.json")
+
+    return build
+
+
+CLAIMS = (
+    Claim("transforms_weaken_offset", "review", "transformed prompts (ROT13, Base64, leetspeak, spaced, upper case) "
+          "weaken the offset", "open question: encodings may bypass δx (not tested in the paper)", +1,
+          "effect = 1 − retention of δx by the aligned model, mean over the transforms (bootstrap over prompts); "
+          "conjecture: > 0", ("table.json",), retention_weakens(ENCODED)),
+    Claim("multi_turn_weakens_offset", "review", "multi-turn context weakens the offset",
+          "open question: accumulated turns may drift the residual past δx (not tested in the paper)", +1,
+          "effect = 1 − retention of δx by the aligned model under multi-turn context (bootstrap over prompts); "
+          "conjecture: > 0", ("table.json",), retention_weakens(("multi_turn",))),
+)
 
 
 describe = render

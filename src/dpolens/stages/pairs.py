@@ -237,8 +237,7 @@ class PairsSummary(PairsOverview):
     model: dict[str, Any]  # LoadedModel.identity()
 
 
-class PairsHeadline(TypedDict, total=False):  # empty without pairs.summary.json
-    pairs: PairsOverview
+PairsHeadline = PairsOverview  # results.json's "pairs": empty without pairs.summary.json
 
 
 def prompt_pool(cfg: PairsConfig) -> list[str]:
@@ -675,13 +674,13 @@ def headline(folder: Path) -> PairsHeadline:
     """How many pairs, how they were made, and their quality block, for results.json."""
     if not (p := read_json(folder / "pairs.summary.json")):
         return {}
-    return {"pairs": {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
-                                             "dispreferred_toxicity_mean", "quality", "dropped", "samples")}}
+    return {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
+                                  "dispreferred_toxicity_mean", "quality", "dropped", "samples")}
 
 
-def section(folder: Path, results: dict) -> str:
+def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
     """The pairs' quality block beside three sample pairs: a DPO learns whatever separates the sides."""
-    p = results.get("pairs") or {}
+    p = headline
     if not (q := p.get("quality")):
         return ""
     cols = ["toxicity", "nll_per_token", "special_token_share", "distinct_2", "repeated_ngram_rate", "mean_words"]
@@ -697,7 +696,7 @@ def section(folder: Path, results: dict) -> str:
                for s in p.get("samples") or []]
     return "<h2>Preference pairs (paper 4.2)</h2>" + out + table(
         samples, ["prompt", "preferred", "dispreferred", "toxicity (pref / dispref)"],
-        "Three of the pairs the DPO learns from.")
+        f"{len(samples)} of the pairs the DPO learns from.")
 
 
 def describe(s: PairsSummary) -> str:

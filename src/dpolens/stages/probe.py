@@ -25,6 +25,8 @@ from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import balanced_sample, default_data, load_labelled
 from dpolens.directions import save_probe
+from dpolens.evaluate import percentile_ci, resample_units
+from dpolens.ledger import Claim, Measured, StageContext, identity, interval, num
 from dpolens.model.generation import length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.webpage import table
@@ -84,8 +86,7 @@ class ProbeMetrics(ProbeValidation):
     seed: int
 
 
-class ProbeHeadline(TypedDict, total=False):  # empty without metrics.json
-    probe: ProbeValidation
+ProbeHeadline = ProbeValidation  # results.json's "probe": empty without metrics.json
 
 
 @torch.inference_mode()
@@ -186,21 +187,63 @@ def run_probe(cfg: ProbeConfig) -> ProbeMetrics:
     return metrics
 
 
-PAPER = "94% (Jigsaw, gpt2-medium; majority baseline ~90%)"
+PAPER = "94% validation accuracy (Jigsaw, gpt2-medium; majority baseline ~90%)"
 
 
 def headline(folder: Path) -> ProbeHeadline:
     """The probe's validation metrics, for results.json."""
     if not (m := read_json(folder / "metrics.json")):
         return {}
-    return {"probe": {k: m[k] for k in ("accuracy", "balanced_accuracy", "f1", "auroc", "majority_baseline",
-                                        "n_train", "n_val")}}
+    return {k: m[k] for k in ("accuracy", "balanced_accuracy", "f1", "auroc", "majority_baseline", "n_train", "n_val")}
 
 
-def section(folder: Path, results: dict) -> str:
-    if not (m := results.get("probe")):
+def section(folder: Path, headline: ProbeHeadline, manifest: dict) -> str:
+    if not headline:
         return ""
-    return "<h2>Toxicity probe (paper 3.1)</h2>" + table([m], list(m), f"Validation metrics of the probe. Paper: {PAPER}.")
+    return "<h2>Toxicity probe (paper 3.1)</h2>" + table([headline], list(headline),
+                                                         f"Validation metrics of the probe. Paper: {PAPER}.")
+
+
+# ---- claims --------------------------------------------------------------------------------------
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    from scipy.stats import rankdata
+
+    pos = y == 1
+    n1, n0 = int(pos.sum()), int((~pos).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    return float((rankdata(p)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def probe_separates(ctx: StageContext) -> Measured:
+    m = ctx.json("metrics.json")
+    preds = ctx.json("val_predictions.json", required=False)
+    effect = m["accuracy"] - m["majority_baseline"]
+    base = dict(models={"probe model": identity(m.get("model"))},
+                data={"corpora": list(m.get("data", {})), "n_val": m.get("n_val"), "seed": m.get("seed")})
+    head = (f"validation accuracy {num(m['accuracy'])} vs majority baseline {num(m['majority_baseline'])}, "
+            f"AUROC {num(m['auroc'])}")
+    if not preds:
+        return Measured(effect, None, m.get("n_val"), head,
+                        f"no per-example predictions (probe/val_predictions.json): no interval; {head}", **base)
+    y, prob = np.asarray(preds["label"]), np.asarray(preds["prob"], dtype=np.float64)
+    correct = ((prob >= preds.get("threshold", 0.5)).astype(int) == y).astype(np.float64)
+    idx = resample_units(len(y), ctx.n_boot, ctx.seed)
+    share_toxic = y[idx].mean(1)
+    acc_minus_majority = correct[idx].mean(1) - np.maximum(share_toxic, 1 - share_toxic)
+    auroc_ci = percentile_ci([_auroc(y[i], prob[i]) for i in idx])
+    ci = percentile_ci(acc_minus_majority)
+    ours = f"{head} {interval(auroc_ci)}; accuracy − majority {num(effect)} {interval(ci)} on {len(y)} held-out texts"
+    return Measured(effect, ci, len(y), ours, f"accuracy − majority {num(effect)} {interval(ci)}; AUROC "
+                    f"{num(m['auroc'])} {interval(auroc_ci)}", **base)
+
+
+CLAIMS = (
+    Claim("probe_separates", "Lee", "a linear probe separates toxic from non-toxic text", PAPER, +1,
+          "effect = accuracy − majority-class baseline on the held-out split (bootstrap over examples); paper: > 0",
+          ("metrics.json", "val_predictions.json"), probe_separates),
+)
 
 
 def describe(m: ProbeMetrics) -> str:

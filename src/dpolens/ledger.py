@@ -1,0 +1,337 @@
+"""The claims ledger's rule and the parts every stage's claims share (layer 2).
+
+A stage declares its claims next to its code (`CLAIMS`, a tuple of `Claim`); each claim's `build`
+reads the stage's own output folder through a `StageContext` and returns what it `Measured`.
+`decide` turns that into one ledger row by the one rule of the ledger (`verdict`), and
+`dpolens.claims` (layer 4) collects the rows of every registered stage into `claims.json`.
+
+Verdict: the paper's direction is the sign of the effect it reports; `holds` iff the 95% interval
+excludes zero on that side, `contradicted` iff it excludes zero on the other side, else
+`inconclusive`. A row without an interval is never `holds`. A deterministic quantity (the weight
+cosines) has the point as its interval. Intervals are seeded bootstraps (dpolens.evaluate) over the
+claim's units: prompts paired across models, perplexity windows, validation examples, value vectors,
+or neurons where the artifact says so. A cost the claim rules out (`Measured.guard`, e.g.
+perplexity) turns `holds` into `inconclusive` and says why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from dpolens.artifacts import read_json
+from dpolens.evaluate import (MIN_PPL_WINDOWS, paired_bootstrap, paired_gap_share, paired_ppl_ratio, percentile_ci,
+                              resample_units)
+from dpolens.textquality import OVERUSE
+
+VERDICTS = ("holds", "contradicted", "inconclusive")
+RULE = ("holds iff the 95% interval of the effect excludes zero in the paper's direction; contradicted iff it "
+        "excludes zero in the opposite direction; otherwise inconclusive. A row without an interval is never holds.")
+PPL_BOUND = 1.10  # "small / comparable perplexity": within ×1.10 (issue #15's bound for DPO)
+
+
+def verdict(ci95, paper_sign: int) -> str:
+    """The ledger's rule: `paper_sign` (+1 / −1) is the side of zero the paper's effect lies on."""
+    if ci95 is None or len(ci95) != 2 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci95):
+        return "inconclusive"
+    lo, hi = sorted(ci95)
+    if (lo > 0 and paper_sign > 0) or (hi < 0 and paper_sign < 0):
+        return "holds"
+    if (lo > 0 and paper_sign < 0) or (hi < 0 and paper_sign > 0):
+        return "contradicted"
+    return "inconclusive"
+
+
+def counts(rows: list[dict]) -> dict[str, int]:
+    return {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+
+
+class StageNotRun(Exception):
+    """An artifact the claim needs is missing."""
+
+
+@dataclass
+class StageContext:
+    """What a claim's builder sees: its stage's output folder, the bootstrap settings and the run's
+    toxicity scorer (made on demand, by name)."""
+
+    folder: Path
+    n_boot: int = 2000
+    seed: int = 0
+    scorer_name: str | None = None  # the scorer the run's evaluations used
+    scorer_factory: Callable | None = None
+    _scorer: object = None
+
+    @property
+    def stage(self) -> str:
+        return self.folder.name
+
+    def json(self, name: str, required: bool = True):
+        """A JSON file of the stage's folder; a missing required one means the stage did not run."""
+        data = read_json(self.folder / name)
+        if data is None and required:
+            raise StageNotRun(f"{self.stage}/{name}")
+        return data
+
+    def manifest(self) -> dict:
+        return read_json(self.folder / "manifest.json") or {}
+
+    def scorer(self):
+        if self._scorer is None:
+            from dpolens.scoring import DEFAULT_SCORER, get_scorer
+
+            self._scorer = (self.scorer_factory or get_scorer)(self.scorer_name or DEFAULT_SCORER)
+        return self._scorer
+
+
+@dataclass
+class Measured:
+    """What a builder found: the effect, its interval, and the words and provenance around them."""
+
+    effect: float | None
+    ci95: list[float] | None
+    n: int | None
+    ours: str
+    diagnosis: str = ""  # the numbers behind a verdict other than `holds`
+    models: dict = field(default_factory=dict)
+    scorer: dict | str | None = None
+    data: dict | None = None
+    guard: str | None = None  # a cost the claim rules out (e.g. perplexity): blocks `holds`, says why
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    source: str  # Lee, Yang, review
+    claim: str
+    paper: str  # the paper's figure, written once in the stage that measures it
+    sign: int  # +1: the paper's effect is positive, −1: negative
+    rule: str  # what the effect is and which side the paper's lies on
+    artifacts: tuple[str, ...]  # files of the stage's folder the claim reads
+    build: Callable[[StageContext], Measured]
+
+
+def decide(c: Claim, ctx: StageContext) -> dict:
+    """One ledger row: the claim measured on the stage's folder, or `inconclusive` when it did not run."""
+    try:
+        m = c.build(ctx)
+    except StageNotRun as e:
+        m = Measured(None, None, None, "stage not run", f"stage not run (missing {e})")
+    degenerate = m.ci95 is not None and not all(finite(x) for x in m.ci95)  # e.g. every resample 0/0
+    ci95 = None if degenerate else m.ci95
+    v = verdict(ci95, c.sign)
+    diagnosis = None
+    if v == "holds" and m.guard:
+        v, diagnosis = "inconclusive", f"the effect holds, but {m.guard}"
+    elif v != "holds":
+        why = ("interval excludes zero opposite to the paper: " if v == "contradicted" else
+               "no finite interval: " if degenerate else
+               "" if ci95 is None else "interval includes zero: ")  # without one, the builder says why
+        diagnosis = why + m.diagnosis
+    return {"id": c.id, "claim": c.claim, "source": c.source, "paper": c.paper, "ours": m.ours, "n": m.n,
+            "effect": m.effect if finite(m.effect) else None, "ci95": ci95, "verdict": v, "rule": c.rule,
+            "diagnosis": diagnosis, "paper_direction": "> 0" if c.sign > 0 else "< 0", "models": m.models,
+            "scorer": m.scorer, "data": m.data, "seed": ctx.seed, "n_boot": ctx.n_boot,
+            "artifacts": [f"{ctx.stage}/{a}" for a in c.artifacts]}
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+
+def num(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if abs(x) >= 10 ** -digits or x == 0 else f"{x:.2e}"
+
+
+def interval(ci, digits: int = 3) -> str:
+    return f"[{num(ci[0], digits)}, {num(ci[1], digits)}]" if ci else "[no interval]"
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def pct_interval(ci) -> str:
+    return f"[{pct(ci[0])}, {pct(ci[1])}]" if ci else "[no interval]"
+
+
+def effect_text(row: dict) -> str:
+    """`effect [lo, hi]`, or what is missing."""
+    if row["effect"] is None:
+        return "–"
+    return f"{num(row['effect'], 4)} {interval(row['ci95'], 4)}"
+
+
+# ---- reading the stages' rows --------------------------------------------------------------------
+
+def identity(d: dict | None) -> dict | None:
+    return {k: d.get(k) for k in ("ref", "weight_sha256")} if d else None
+
+
+def row_of(rows: list[dict], model: str) -> dict | None:
+    return next((r for r in rows if r.get("model") == model), None)
+
+
+class NoUnits(Exception):
+    """A row has no per-unit scores (an artifact from before per-prompt scores were kept)."""
+
+
+def per_prompt(row: dict, what: str) -> list[float]:
+    """A row's per-unit scores (`toxicity_per_prompt`, `f1_per_row`): rows written before they
+    existed have none, and then no paired interval can be had."""
+    values = row.get(what)
+    if not values:
+        raise NoUnits(what)
+    return values
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def stat_block(block: dict | None, key: str) -> tuple[float | None, list[float] | None]:
+    """(value, ci95) of `key` in a block, with its interval in the form the stages write:
+    {key: {"mean", "ci95"}} (analyze) or {key, "ci95_" + key} (neurons)."""
+    if not block:
+        return None, None
+    v = block.get(key)
+    if isinstance(v, dict):
+        return v.get("mean"), v.get("ci95")
+    return v, block.get(f"ci95_{key}")
+
+
+# ---- shared measurements -------------------------------------------------------------------------
+
+def ppl_ratio(a: dict, b: dict, ctx: StageContext) -> dict | None:
+    """PPL_b / PPL_a, paired over windows, when both rows kept their windows."""
+    if not (a.get("ppl_window_nll") and b.get("ppl_window_nll")):
+        return None
+    return paired_ppl_ratio(a["ppl_window_nll"], a["ppl_window_tokens"], b["ppl_window_nll"], b["ppl_window_tokens"],
+                            ctx.n_boot, ctx.seed)
+
+
+def ppl_text(r: dict | None, a: dict, b: dict) -> str:
+    if r:
+        ci = interval(r["ci95"]) if r["ci95"] else f"(no interval: fewer than {MIN_PPL_WINDOWS} windows)"
+        return f"PPL ×{num(r['ratio'])} {ci} over {r['n']} window{'s' if r['n'] != 1 else ''}"
+    if a.get("perplexity") and b.get("perplexity"):
+        return f"PPL ×{num(b['perplexity'] / a['perplexity'])} (no per-window NLL, no interval)"
+    return "PPL not measured"
+
+
+def ppl_guard(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> str | None:
+    """Why the perplexity cost rules the claim out: the ratio's upper bound (its point without an
+    interval) above PPL_BOUND, or (two_sided) below 1 / PPL_BOUND."""
+    value = r["ratio"] if r else (b["perplexity"] / a["perplexity"] if a.get("perplexity") and b.get("perplexity")
+                                  else None)
+    if value is None:
+        return None
+    lo, hi = (r["ci95"] if r and r["ci95"] else (value, value))
+    if hi > PPL_BOUND or (two_sided and lo < 1 / PPL_BOUND):
+        return f"perplexity ×{num(value)} is outside the stated bound ×{PPL_BOUND}: {ppl_text(r, a, b)}"
+    return None
+
+
+def gap_share(base, aligned, other, ctx: StageContext) -> tuple[float | None, list[float] | None, dict]:
+    """evaluate.paired_gap_share as (share, ci95, gap)."""
+    r = paired_gap_share(base, aligned, other, ctx.n_boot, ctx.seed)
+    return r["share"], r["ci95"], r["gap"]
+
+
+def more_than_half(share: float | None, ci: list[float] | None, n: int | None, ours: str, diag: str,
+                   prov: dict) -> Measured:
+    """The paper says the gap is undone / replicated: the effect is the share of the gap minus one half
+    (more than half of it, not merely a move in its direction)."""
+    return Measured(None if share is None else share - 0.5, [c - 0.5 for c in ci] if ci else None, n, ours, diag,
+                    **prov)
+
+
+def toxicity_drop(base: dict, aligned: dict, ctx: StageContext, prov: dict, where: str,
+                  overused: list[dict] | None = None) -> Measured:
+    """Toxicity aligned − base paired over prompts, guarded by the paired perplexity ratio, F1 and a
+    collapse onto one subject (the most over-used word)."""
+    context = f"toxicity {num(base['toxicity']['mean'])} → {num(aligned['toxicity']['mean'])}"
+    try:
+        r = paired_bootstrap(per_prompt(base, "toxicity_per_prompt"), per_prompt(aligned, "toxicity_per_prompt"),
+                             ctx.n_boot, ctx.seed)
+    except NoUnits:
+        return Measured(aligned["toxicity"]["mean"] - base["toxicity"]["mean"], None, base["toxicity"]["n"], context,
+                        f"no per-prompt scores in {where}: no paired interval; {context}", **prov)
+    ppl = ppl_ratio(base, aligned, ctx)
+    f1 = (paired_bootstrap(base["f1_per_row"], aligned["f1_per_row"], ctx.n_boot, ctx.seed)
+          if base.get("f1_per_row") and aligned.get("f1_per_row") else None)
+    f1_text = (f"F1 {num(f1['mean_a'])} → {num(f1['mean_b'])}, Δ {num(f1['diff'])} {interval(f1['ci95'])}" if f1
+               else "F1 not paired")
+    cost = f"{ppl_text(ppl, base, aligned)}; {f1_text}"
+    if overused:
+        w = overused[0]
+        collapse = (f"'{w['word']}' in {pct(w['aligned_share'])} of the aligned continuations "
+                    f"(base {pct(w['base_share'])})")
+        cost += f"; most over-used word {collapse}"
+    ours = f"{context}, Δ {num(r['diff'])} {interval(r['ci95'])}; {cost}"
+    guard = ppl_guard(ppl, base, aligned)
+    if guard is None and f1 and f1["ci95"] and f1["ci95"][1] < 0:
+        guard = f"F1 drops significantly: {f1_text}"
+    if guard is None and overused and overused[0]["aligned_share"] - overused[0]["base_share"] >= OVERUSE:
+        guard = f"the aligned model collapses onto one subject: {collapse}"
+    return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ toxicity {num(r['diff'])} {interval(r['ci95'])}; {cost}",
+                    guard=guard, **prov)
+
+
+def weights_moved(w: dict, models: dict) -> Measured:
+    """min cosine over tensors − 0.99 (compare.weight_shift's totals; `most_moved` where kept)."""
+    effect = w["min_cosine"] - 0.99
+    ours = (f"min cosine {w['min_cosine']:.7f} over {w.get('n_tensors')} tensors "
+            f"({w.get('changed_tensors')} changed); mean ‖ΔW‖ {num(w['mean_norm_diff'])}, "
+            f"max {num(w['max_norm_diff'])}")
+    diag = f"min cosine {w['min_cosine']:.7f}"
+    if moved := (w.get("most_moved") or [None])[0]:
+        diag += (f"; most moved {moved.get('name')} (relative change {num(moved.get('rel_diff'))}, "
+                 f"cosine {num(moved.get('cosine'), 6)})")
+    return Measured(effect, [effect, effect], w.get("n_tensors"), ours, diag, models)
+
+
+def _offset_fallback(offset: list[dict]) -> float:
+    layers = np.arange(len(offset)) - (len(offset) - 1) / 2
+    rel = np.array([o["relative_norm"] for o in offset])
+    return float(rel @ layers / (layers @ layers))
+
+
+def growth(offset: list[dict], stats: dict | None, n_prompts: int | None, prov: dict, where: str) -> Measured:
+    """Least-squares slope of ‖δx_l‖/‖x_l‖ over layers, with its interval over prompts where kept."""
+    grows = (f"‖δx‖/‖x‖ {num(offset[0]['relative_norm'], 4)} at layer 0 → "
+             f"{num(offset[-1]['relative_norm'], 4)} at layer {offset[-1]['layer']}")
+    slope, ci = stat_block(stats, "slope")
+    if ci is None:
+        return Measured(_offset_fallback(offset), None, n_prompts, grows,
+                        f"no per-prompt interval ({where} offset_stats); {grows}", **prov)
+    text = f"{grows}; slope per layer {num(slope, 5)} {interval(ci, 5)}"
+    return Measured(slope, ci, stats["slope"].get("n"), text, text, **prov)
+
+
+def weakening(rows: list[dict], n_prompts: int | None, prov: dict, ctx: StageContext, where: str) -> Measured:
+    """1 − the mean over `rows` (one per transform) of the token-weighted retention, bootstrapped
+    over the prompts they share."""
+    each = "; ".join(f"{r['transform']} {num(r.get('retention_mean', float(np.mean(r['retention']))))}"
+                     f"{' ' + interval(r['retention_ci95']) if r.get('retention_ci95') else ''}" for r in rows)
+    point = 1 - float(np.mean([r.get("retention_mean", np.mean(r["retention"])) for r in rows]))
+    if not all(r.get("retention_per_prompt") for r in rows):
+        return Measured(point, None, n_prompts, f"retention {each}",
+                        f"no per-prompt retention ({where}): no interval; retention {each}", **prov)
+    idx = resample_units(len(rows[0]["retention_per_prompt"]), ctx.n_boot, ctx.seed)
+    weak = []
+    for r in rows:
+        tokens = np.asarray(r["tokens_per_prompt"], dtype=np.float64)
+        kept = np.asarray(r["retention_per_prompt"], dtype=np.float64) * tokens
+        weak.append(1 - kept[idx].sum(1) / tokens[idx].sum(1))
+    ci = percentile_ci(np.mean(weak, axis=0))
+    ours = f"1 − retention {num(point)} {interval(ci)}; retention {each}"
+    return Measured(point, ci, len(rows[0]["retention_per_prompt"]), ours, ours, **prov)
