@@ -61,8 +61,9 @@ def test_alternatives_table_measures_each_variant(tiny_dirs, tmp_path, jigsaw_ca
     assert v["weight_shift"]["changed_tensors"] == 1 and v["weight_shift"]["min_cosine"] < 1
     groups = v["neuron_groups"]  # a bias moved: no value vector moved, so activations alone carry any reduction
     assert set(groups["share_of_positive"]) == {"TP-", "TN+", "AP+", "AN-"}
-    four = groups["four_groups_share_of_positive"]
-    assert four is None or four == pytest.approx(sum(groups["share_of_positive"].values()))
+    four = groups["four_groups_share_of_positive"]  # every neuron falls in one of the four groups here
+    assert four == pytest.approx(sum(groups["share_of_positive"].values())) == pytest.approx(1.0)
+    assert all(0 < x < 1 for x in groups["share_of_positive"].values())
     assert v["patched"] is None and v["patch_replicates"] is None  # the evaluation used every prompt
     anti = v["value_shift_stats"]["share_anti_aligned"]
     assert anti["n"] == 0 and anti["mean"] is None  # a bias moved, no value vector

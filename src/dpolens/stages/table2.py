@@ -35,7 +35,7 @@ from dpolens.evaluate import (
     ppl_windows,
 )
 from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, StageNotRun, identity, interval,
-                            num, per_prompt, ppl_guard, ppl_ratio, ppl_text)
+                            guarded, num, per_prompt, ppl_check, ppl_ratio, ppl_text)
 from dpolens.model import hooks, interventions
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel, load_model
@@ -336,8 +336,9 @@ def subtract_beats_random(prefix: str) -> Callable[[StageContext], Measured]:
             return Measured(diff, None, vec["toxicity"]["n"], context, "no per-prompt scores in table2/table.json "
                             f"(re-run the stage): no paired interval; {context}", **prov)
         ours = f"{context}; Δ {num(r['diff'])} {interval(r['ci95'])}; {ppl_text(ppl, rand, vec)} vs random"
-        return Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ vs random {num(r['diff'])} {interval(r['ci95'])}; "
-                        f"{ppl_text(ppl, rand, vec)}", guard=ppl_guard(ppl, rand, vec, two_sided=True), **prov)
+        m = Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ vs random {num(r['diff'])} {interval(r['ci95'])}; "
+                     f"{ppl_text(ppl, rand, vec)}", **prov)
+        return guarded(m, ppl_check(ppl, rand, vec, two_sided=True))
 
     return build
 

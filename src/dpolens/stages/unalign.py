@@ -37,8 +37,9 @@ from dpolens.compare import check_pair
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.directions import keys_scaled, toxic_keys
 from dpolens.evaluate import EvalData, evaluate_inputs, headline_rows, load_inputs
-from dpolens.ledger import (Claim, Measured, NoUnits, StageContext, StageNotRun, gap_share, identity, more_than_half,
-                            interval, num, pct, pct_interval, per_prompt, ppl_ratio, ppl_text, ratio, row_of)
+from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, StageNotRun, gap_share, guarded,
+                            identity, interval, more_than_half, num, pct, pct_interval, per_prompt, ppl_check,
+                            ppl_ratio, ppl_text, ratio, row_of)
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
@@ -234,15 +235,18 @@ def unalign_restores(ctx: StageContext) -> Measured:
         ours += f"; the scaled neurons write −v on {pct(flip['share'])} of {flip.get('n_tokens')} prompt tokens"
     diag = ours if ci is not None else (f"no toxicity gap to recover: aligned − base {num(gap['diff'])} "
                                         f"{interval(gap['ci95'])}; {means}")
-    return more_than_half(share, ci, gap["n"], ours, diag, prov)
+    m = more_than_half(share, ci, gap["n"], ours, diag, prov)
+    return guarded(m, ppl_check(ppl, aligned, unaligned), suffix=" (un-aligned against aligned)")
 
 
 CLAIMS = (
     Claim("unalign_restores", "Lee", "scaling the keys of the 7 most toxic value vectors ×10 undoes the alignment",
           PAPER, +1,
           "effect = (toxicity un-aligned − aligned) / (base − aligned) − 0.5, paired over prompts (no interval "
-          "when the base−aligned gap is not significant); paper: > 0 (more than half the gap back). The verdict uses "
-          "the paper's key scaling; the sign-aware variant is reported beside it", ("table.json",), unalign_restores),
+          "when the base−aligned gap is not significant); paper: > 0 (more than half the gap back); holds only with "
+          f"the un-aligned PPL within ×{PPL_BOUND} of the aligned model's (paired over windows; Table 4 names it). The "
+          "verdict uses the paper's key scaling; the sign-aware variant is reported beside it", ("table.json",),
+          unalign_restores),
 )
 
 
