@@ -210,7 +210,13 @@ def make_run(root, rng):
         "groups": groups, "totals": {"positive": 10.0, "net": 5.0},
         "toxic_neurons": {"count": 5, "top_n": 128, "reduction": 0.5, "share_of_positive": 0.05, "share_of_net": 0.1,
                           "ci95_share_of_positive": [0.02, 0.08], "ci95_share_of_net": [0.04, 0.16]},
-        "fit": {"prompts": "p.jsonl", "n_prompts": 100}})
+        "fit": {"prompts": "p.jsonl", "n_prompts": 100},
+        "crossfit": {"groups": {g: {"count": 10, "share": s, "ci95": [s - 0.05, s + 0.05]}
+                                for g, s in (("TP-", 0.4), ("TN+", 0.2), ("AP+", 0.25), ("AN-", 0.15))},
+                     "min": {"group": "AN-", "share": 0.15, "ci95": [0.1, 0.2]},
+                     "toxic_neurons": {"count": 5, "share": 0.05, "ci95": [0.02, 0.08]},
+                     "four_groups_reduction": {"value": 1.0, "ci95": [0.5, 1.5]},
+                     "split": {"choose": 50, "measure": 50, "seed": 0, "n_boot": 400}}})
     write_json(run / "neurons" / "manifest.json", {"stage": "neurons", "base": MODEL, "aligned": ALIGNED,
                                                    "config": {"eval": {"scorer": "words", "prompts": "p.jsonl"}}})
     write_json(run / "neurons" / "patching.json", {
@@ -293,6 +299,22 @@ def test_missing_stages_and_old_artifacts_are_inconclusive(run_dir):
     assert drop["verdict"] == "inconclusive" and "no per-prompt interval" in drop["diagnosis"]
     assert "negative in the base" in drop["diagnosis"]
     assert rows["offset_grows"]["effect"] == pytest.approx(0.01) and rows["offset_grows"]["ci95"] is None
+
+
+def test_neuron_shares_need_cross_fitting(run_dir):
+    """groups.json without the cross-fitted block (or whose chosen groups do not reduce the projection on
+    the other half) decides no share claim: in-sample shares are positive by construction."""
+    g = json.loads((run_dir / "neurons" / "groups.json").read_text())
+    g["crossfit"]["four_groups_reduction"]["ci95"] = [-0.2, 1.5]
+    write_json(run_dir / "neurons" / "groups.json", g)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200)["rows"]}
+    for k in ("reduction_spreads", "toxic_neurons_small_share"):
+        assert rows[k]["verdict"] == "inconclusive" and "do not reduce the projection" in rows[k]["diagnosis"]
+    del g["crossfit"]
+    write_json(run_dir / "neurons" / "groups.json", g)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200)["rows"]}
+    for k in ("reduction_spreads", "toxic_neurons_small_share"):
+        assert rows[k]["verdict"] == "inconclusive" and "not cross-fitted" in rows[k]["diagnosis"]
 
 
 def test_claims_per_alignment_method(run_dir):

@@ -209,3 +209,58 @@ def test_fit_from_pairs_keeps_every_evaluation_prompt(pair, tiny_dirs, tmp_path,
     assert r["editing"] is None and not (tmp_path / "n" / "editing.json").exists()
     with pytest.raises(DpolensError, match="distinct prompts outside"):
         fit_split(dataclasses.replace(cfg, fit_prompts=5))
+
+
+def noisy_table(effect: float, n_prompts: int = 100, seed: int = 0) -> dict:
+    """A neuron table whose aligned model moves 40% of the neurons' activations by `effect` against the
+    probe (0: two identical models), seen through per-prompt noise (each prompt's activations vary)."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    cos, ms_b = rng.normal(size=n), rng.normal(size=n)
+    ms_a = ms_b - effect * np.sign(cos) * (rng.random(n) < 0.4)
+    t = {"cosine": cos, "vw_base": cos, "vw_aligned": cos, "layer": np.repeat(np.arange(4), 100),
+         "neuron": np.tile(np.arange(100), 4)}
+    for name, ms in (("base", ms_b), ("aligned", ms_a)):
+        tokens = rng.integers(5, 15, size=n_prompts).astype(float)
+        per_token = ms * cos * (1 + rng.normal(scale=0.5, size=(n_prompts, n)))
+        t[f"prompt_p_{name}"], t[f"prompt_tokens_{name}"] = per_token * tokens[:, None], tokens
+        t[f"p_{name}"] = t[f"prompt_p_{name}"].sum(0) / tokens.sum()
+        t[f"ms_{name}"] = t[f"p_{name}"] / cos
+    t["delta"] = t["p_base"] - t["p_aligned"]
+    return t
+
+
+def spreads_verdict(tmp_path, t) -> dict:
+    """The `reduction_spreads` row of a groups.json written from table `t` as the stage writes it."""
+    from dpolens.attribution import crossfit_shares
+    from dpolens.ledger import StageContext, decide
+    from dpolens.stages import neurons
+
+    labels = assign_groups(t)
+    shares = group_shares(t, labels, top_toxic=40)
+    for name, ci in group_intervals(t, labels, 40, n_boot=400, seed=0).items():
+        target = shares["toxic_neurons"] if name == "toxic_neurons" else shares["groups"][name]
+        target.update(ci)
+    shares["crossfit"] = crossfit_shares(t, 40, n_boot=400, seed=0)
+    (tmp_path / "neurons").mkdir(exist_ok=True)
+    (tmp_path / "neurons" / "groups.json").write_text(json.dumps(shares))
+    claim = next(c for c in neurons.CLAIMS if c.id == "reduction_spreads")
+    return shares, decide(claim, StageContext(tmp_path / "neurons", n_boot=400))
+
+
+def test_cross_fitted_groups_fail_on_two_identical_models_and_hold_on_a_real_shift(tmp_path):
+    """Chosen and measured on the same prompts, every group's share is positive for two identical models
+    (the in-sample intervals all exclude zero); cross-fitted, the smallest share's interval does not."""
+    shares, row = spreads_verdict(tmp_path, noisy_table(effect=0.0))
+    assert all(shares["groups"][g]["ci95_share_of_positive"][0] > 0 for g in GROUPS)  # the in-sample trap
+    assert row["verdict"] != "holds", row
+    cf = shares["crossfit"]
+    assert cf["split"] == {"choose": 50, "measure": 50, "seed": 0, "n_boot": 400}
+    assert cf["four_groups_reduction"]["ci95"][0] <= 0 or cf["min"]["ci95"][0] <= 0
+    shares, row = spreads_verdict(tmp_path, noisy_table(effect=0.3))
+    assert row["verdict"] == "holds", row
+    cf = shares["crossfit"]
+    assert all(cf["groups"][g]["share"] > 0 for g in GROUPS) and cf["min"]["ci95"][0] > 0
+    assert cf["min"]["share"] == pytest.approx(min(cf["groups"][g]["share"] for g in GROUPS))
+    assert cf["min"]["ci95"][1] <= max(cf["groups"][g]["ci95"][1] for g in GROUPS)
+    assert row["ci95"] == cf["min"]["ci95"] and "cross-fitted" in row["ours"]

@@ -39,6 +39,7 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
         out[f"p_{name}"] = (st.mean_m_over_s * vw).flatten().numpy()
         out[f"prompt_p_{name}"] = (st.per_prompt_ms * vw).flatten(1).numpy()
         out[f"prompt_tokens_{name}"] = st.prompt_tokens.double().numpy()
+        out[f"vw_{name}"] = vw.flatten().numpy()  # v·ŵ with the model's own value vectors
         if name == "base":
             out["cosine"] = (vw / values.norm(dim=-1).clamp(min=1e-30)).flatten().numpy()
             out["n_tokens_base"] = st.count
@@ -113,3 +114,73 @@ def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> 
         edits.append({"kind": "neurons", "layer": int(layer), "neurons": t["neuron"][idx].tolist(),
                       how: values[idx].tolist()})
     return edits
+
+
+def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Cross-fitted group shares: the four groups and the dampened toxic neurons are chosen on one half
+    of the prompts (a seeded split) from that half's mean activations and projections, and their
+    reductions are measured on the other half, with a bootstrap over its prompts. A share is of the
+    reduction the four chosen groups together carry on the measuring half; the smallest of the four
+    shares is taken inside each replicate, so its interval is the interval of the minimum.
+
+    Chosen and measured on the same prompts, every group's share is positive by construction (each
+    neuron is put in a group because its reduction there was positive), even for two models that
+    differ only by noise; chosen on other prompts, a group's share is positive only where its
+    neurons reduce the projection again."""
+    from dpolens.evaluate import percentile_ci
+    from dpolens.activations import bootstrap_counts
+
+    pb, pa = t["prompt_p_base"], t["prompt_p_aligned"]
+    tb, ta = t["prompt_tokens_base"], t["prompt_tokens_aligned"]
+    n = len(tb)
+    if n < 4:
+        return {"note": f"{n} prompts: too few to split"}
+    order = np.random.default_rng(seed).permutation(n)
+    choose, measure = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+    def per_neuron(p, tok, rows):
+        return p[rows].sum(0, dtype=np.float64) / max(float(tok[rows].sum()), 1.0)
+
+    p_b, p_a = per_neuron(pb, tb, choose), per_neuron(pa, ta, choose)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ms_b = np.where(t["vw_base"] != 0, p_b / t["vw_base"], 0.0)
+        ms_a = np.where(t["vw_aligned"] != 0, p_a / t["vw_aligned"], 0.0)
+    labels = assign_groups({"cosine": t["cosine"], "ms_base": ms_b, "delta": p_b - p_a})
+    top = np.argsort(-t["cosine"])[:top_toxic]
+    toxic = np.zeros(len(labels), dtype=bool)
+    toxic[top[(ms_b[top] > 0) & (ms_a[top] < ms_b[top])]] = True
+    sets = {**{g: labels == g for g in GROUPS}, "toxic_neurons": toxic, "four_groups": np.isin(labels, GROUPS)}
+    member = np.stack(list(sets.values()), 1).astype(np.float64)
+    sb = np.concatenate([pb[measure][i:i + 256].astype(np.float64) @ member for i in range(0, len(measure), 256)])
+    sa = np.concatenate([pa[measure][i:i + 256].astype(np.float64) @ member for i in range(0, len(measure), 256)])
+    tok_b, tok_a = tb[measure], ta[measure]
+
+    def reductions(counts):  # [k, n_measure] -> [k, n_sets]
+        return counts @ sb / (counts @ tok_b)[:, None] - counts @ sa / (counts @ tok_a)[:, None]
+
+    point = reductions(np.ones((1, len(measure))))[0]
+    reps = np.concatenate(list(reductions(c) for c in bootstrap_counts(len(measure), n_boot, seed)))
+    col = {k: i for i, k in enumerate(sets)}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = lambda r, k: r[..., col[k]] / r[..., col["four_groups"]]
+        smallest = np.min(np.stack([share(reps, g) for g in GROUPS]), axis=0)
+        out = {g: {"count": int(sets[g].sum()), "share": _finite(share(point, g)),
+                   "ci95": percentile_ci(share(reps, g))} for g in GROUPS}
+        point_shares = {g: out[g]["share"] for g in GROUPS}
+        low = min(GROUPS, key=lambda g: point_shares[g] if point_shares[g] is not None else np.inf)
+        return {"groups": out,
+                "min": {"group": low, "share": _finite(min(share(point, g) for g in GROUPS)),
+                        "ci95": percentile_ci(smallest)},
+                "toxic_neurons": {"count": int(toxic.sum()), "share": _finite(share(point, "toxic_neurons")),
+                                  "ci95": percentile_ci(share(reps, "toxic_neurons"))},
+                "four_groups_reduction": {"value": float(point[col["four_groups"]]),
+                                          "ci95": percentile_ci(reps[:, col["four_groups"]])},
+                "split": {"choose": int(len(choose)), "measure": int(len(measure)), "seed": seed, "n_boot": n_boot},
+                "rule": "groups and dampened toxic neurons chosen on one half of the fit prompts, reductions "
+                        "measured on the other half (token-weighted); shares of the four chosen groups' joint "
+                        "reduction there; bootstrap over the measuring half, the minimum taken in each replicate"}
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None

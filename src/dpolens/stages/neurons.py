@@ -36,14 +36,15 @@ import numpy as np
 
 from dpolens.activations import bootstrap_counts
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
-from dpolens.attribution import MIRRORS, assign_groups, dampened_toxic, group_shares, neuron_edits, neuron_table
+from dpolens.attribution import (MIRRORS, assign_groups, crossfit_shares, dampened_toxic, group_shares, neuron_edits,
+                                 neuron_table)
 from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
                               percentile_ci)
-from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, gap_share, guarded, identity,
+from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, finite, gap_share, guarded, identity,
                             interval, more_than_half, num, pct, pct_interval, per_prompt, ppl_check, ppl_ratio,
                             ppl_text, ratio, stat_block)
 from dpolens.model.loading import LoadedModel, load_model
@@ -293,6 +294,7 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     shares["bootstrap"] = {"unit": "fit prompts", "n": len(fit_prompts), "n_boot": cfg.n_boot, "seed": cfg.seed,
                            "rule": "groups held as fitted; each replicate recomputes the reductions from the "
                                    "resampled prompts' per-prompt projection sums (token-weighted); percentile"}
+    shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed)
     for k in ("prompt_p_base", "prompt_p_aligned"):
         del t[k]  # n_prompts × n_neurons: not needed past the intervals
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
@@ -376,40 +378,57 @@ def _prov(ctx: StageContext, n_prompts=None, fit: dict | None = None) -> dict:
                 scorer=ev.get("scorer"), data={"prompts": prompts, "n_prompts": n_prompts})
 
 
+def _crossfit(g: dict) -> tuple[dict | None, str]:
+    """groups.json's cross-fitted block, or None and why it cannot be used."""
+    cf = g.get("crossfit") or {}
+    if "min" not in cf:
+        return None, ("not cross-fitted (groups.json before cross-fitting, or too few fit prompts): chosen and "
+                      "measured on the same prompts, every group's share is positive by construction; no interval")
+    red = cf["four_groups_reduction"]
+    if not (red["ci95"] and red["ci95"][0] > 0):
+        return None, (f"the groups chosen on half the prompts do not reduce the projection on the other half "
+                      f"({num(red['value'], 5)} {interval(red['ci95'], 5)}): their shares have no meaning")
+    return cf, ""
+
+
 def toxic_neurons_small_share(ctx: StageContext) -> Measured:
     g = ctx.json("groups.json")
     tn = g["toxic_neurons"]
     pos, pos_ci = stat_block(tn, "share_of_positive")
     net, net_ci = stat_block(tn, "share_of_net")
-    text = (f"{tn['count']} of the top {tn.get('top_n')} toxic neurons active and dampened: {pct(pos)} "
+    text = (f"in-sample: {tn['count']} of the top {tn.get('top_n')} toxic neurons active and dampened, {pct(pos)} "
             f"{pct_interval(pos_ci)} of the positive reduction, {pct(net)} {pct_interval(net_ci)} of the net")
     prov = _prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
-    if pos is None:
-        return Measured(None, None, None, text, f"no positive reduction to share (neurons/groups.json); {text}",
-                        **prov)
-    ci = [c - 0.5 for c in pos_ci] if pos_ci else None
-    diag = f"share of the positive reduction − 0.5 = {num(pos - 0.5)} {interval(ci)}; {text}"
-    if ci is None:
-        diag = f"no interval over prompts for the share (neurons/groups.json); {text}"
-    return Measured(pos - 0.5, ci, (g.get("fit") or {}).get("n_prompts"), text, diag, **prov)
+    cf, why = _crossfit(g)
+    if cf is None:
+        return Measured(None if pos is None else pos - 0.5, None, None, text, f"{why}; {text}", **prov)
+    t = cf["toxic_neurons"]
+    ci = [c - 0.5 for c in t["ci95"]] if t["share"] is not None and all(map(finite, t["ci95"])) else None
+    ours = (f"cross-fitted: {t['count']} toxic neurons chosen on {cf['split']['choose']} prompts carry "
+            f"{pct(t['share'])} "
+            f"{pct_interval(t['ci95'])} of the four groups' reduction on the other {cf['split']['measure']}; {text}")
+    return Measured(None if t["share"] is None else t["share"] - 0.5, ci, cf["split"]["measure"], ours,
+                    f"cross-fitted share − 0.5 = {num(None if t['share'] is None else t['share'] - 0.5)} "
+                    f"{interval(ci)}; {ours}", **prov)
 
 
 def reduction_spreads(ctx: StageContext) -> Measured:
     g = ctx.json("groups.json")
     shares = {k: stat_block(g["groups"][k], "share_of_positive") for k in GROUPS}
-    text = "; ".join(f"{k} {pct(v)} ({g['groups'][k]['count']} neurons)" for k, (v, _) in shares.items())
+    text = "in-sample: " + "; ".join(f"{k} {pct(v)} ({g['groups'][k]['count']} neurons)"
+                                     for k, (v, _) in shares.items())
     prov = _prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
-    values = [v for v, _ in shares.values()]
-    if any(v is None for v in values):
-        return Measured(None, None, None, text, f"no positive reduction to share; {text}", **prov)
-    smallest = min(shares, key=lambda k: shares[k][0])
-    cis = [ci for _, ci in shares.values()]
-    ci = [min(c[0] for c in cis), min(c[1] for c in cis)] if all(cis) else None
-    ours = f"shares of the positive reduction: {text}; smallest {smallest}"
-    diag = (f"smallest group share {smallest} {pct(shares[smallest][0])}, interval of the minimum "
-            f"{pct_interval(ci)}; {text}" if ci else
-            f"no interval over prompts for the group shares (neurons/groups.json); {text}")
-    return Measured(shares[smallest][0], ci, (g.get("fit") or {}).get("n_prompts"), ours, diag, **prov)
+    cf, why = _crossfit(g)
+    if cf is None:
+        values = [v for v, _ in shares.values()]
+        low = None if any(v is None for v in values) else min(values)
+        return Measured(low, None, None, text, f"{why}; {text}", **prov)
+    each = "; ".join(f"{k} {pct(v['share'])} {pct_interval(v['ci95'])} ({v['count']})" for k, v in cf["groups"].items())
+    m = cf["min"]
+    ci = m["ci95"] if m["share"] is not None and all(map(finite, m["ci95"])) else None
+    ours = (f"cross-fitted (groups chosen on {cf['split']['choose']} prompts, measured on {cf['split']['measure']}): "
+            f"{each}; smallest {m['group']} {pct(m['share'])}, interval of the minimum {pct_interval(ci)}")
+    return Measured(m["share"], ci, cf["split"]["measure"], ours, f"{ours}; {text}", **prov)
 
 
 def patching_replicates(ctx: StageContext) -> Measured:
@@ -444,13 +463,15 @@ def patching_replicates(ctx: StageContext) -> Measured:
 CLAIMS = (
     Claim("toxic_neurons_small_share", "Yang", "dampening the toxic neurons is a small share of the reduction",
           PAPER["toxic_share"], -1,
-          "effect = share of the positive reduction from the top toxic neurons that were active and dampened, "
-          "minus 0.5 (less than half); the share of the net is reported; paper: < 0",
+          "effect = share of the four groups' reduction from the top toxic neurons that were active and dampened, "
+          "minus 0.5 (less than half), both chosen on one half of the fit prompts and measured on the other; the "
+          "in-sample shares of the positive and net reduction are reported; paper: < 0",
           ("groups.json",), toxic_neurons_small_share),
     Claim("reduction_spreads", "Yang", "the reduction spreads over the four neuron groups (TP−, TN+, AP+, AN−)",
           PAPER["groups"], +1,
-          "effect = the smallest of the four groups' shares of the positive reduction (interval: the minimum of the "
-          "groups' bounds); paper: > 0", ("groups.json",), reduction_spreads),
+          "effect = the smallest of the four groups' shares of their joint reduction, the groups chosen on one half "
+          "of the fit prompts and measured on the other (bootstrap over that half, the minimum taken in each "
+          "replicate); paper: > 0", ("groups.json",), reduction_spreads),
     Claim("patching_replicates", "Yang", "patching the four groups' activations in the base model replicates DPO",
           PAPER["patching"], +1,
           "effect = (toxicity base − patched) / (base − aligned) − 0.5, paired over held-out prompts; paper: > 0 "
