@@ -187,13 +187,24 @@ def make_run(root, rng):
         "activation_drop": {"mean_base": -0.026, "mean_aligned": -0.027, "mean_aligned_own_tokens": -0.027,
                             "n_neurons": 16, "per_neuron": [],
                             "raw": {"base": -0.026, "aligned": -0.027, "diff": -0.001, "ci95": [-0.003, 0.001], "n": 200},
-                            "signed": {"base": 0.01, "aligned": 0.008, "diff": -0.002, "ci95": [-0.003, -0.001], "n": 200}},
+                            "signed": {"base": 0.01, "aligned": 0.008, "diff": -0.002, "ci95": [-0.003, -0.001], "n": 200},
+                            "control": {"signed": {"diff": -0.0001, "ci95": [-0.0005, 0.0003], "n": 200},
+                                        "vs_control": {"diff": -0.0019, "ci95": [-0.0025, -0.0012], "n": 200}}},
         "offset": [{"layer": l, "norm": 0.1 * l, "relative_norm": 0.01 * l, "cosine_with_probe": -0.1} for l in range(4)],
         "offset_stats": {"slope": {"mean": 0.01, "ci95": [0.008, 0.012], "n": 200},
-                         "final_cosine_with_probe": {"mean": -0.1, "ci95": [-0.2, 0.05], "n": 200}},
+                         "final_cosine_with_probe": {"mean": -0.1, "ci95": [-0.2, 0.05], "n": 200},
+                         "control": {"slope": {"mean": 0.002, "ci95": [0.001, 0.003], "n": 200},
+                                     "final_cosine_with_probe": {"mean": 0.0, "ci95": [-0.05, 0.05], "n": 200}},
+                         "vs_control": {"slope": {"mean": 0.008, "ci95": [0.006, 0.01], "n": 200},
+                                        "final_cosine_with_probe": {"mean": -0.1, "ci95": [-0.2, 0.04], "n": 200}}},
         "value_shift_vs_offset": {"3": {"median_cosine_by_layer": {}, "share_negative": 0.6}},
         "value_shift_stats": {"offset_layer": 3, "share_anti_aligned": {"mean": 0.6, "ci95": [0.55, 0.65], "n": 900},
-                              "contribution_along_offset": {"mean": 0.2, "ci95": [0.1, 0.3], "n": 540}},
+                              "contribution_along_offset": {"mean": 0.2, "ci95": [0.1, 0.3], "n": 540},
+                              # the placebo's shifts contribute as much: the claim holds for DPO only
+                              "vs_control": {"share_anti_aligned": {"mean": 0.1, "ci95": [0.05, 0.15], "control": {
+                                  "mean": 0.5, "ci95": [0.48, 0.52], "n": 900}},
+                                  "contribution_along_offset": {"mean": 0.0, "ci95": [-0.1, 0.1], "control": {
+                                      "mean": 0.2, "ci95": [0.1, 0.3], "n": 500}}}},
         "n_prompts": 200, "base": MODEL, "aligned": ALIGNED})
     # unalign: key scaling makes the aligned model even less toxic (contradicted)
     write_json(run / "unalign" / "table.json", {
@@ -260,9 +271,12 @@ def test_claims_from_a_synthetic_run(run_dir):
                 "dpo_lowers_toxicity": "holds", "weights_barely_move": "holds",
                 "toxic_neurons_activation_drop": "holds", "offset_grows": "holds",
                 "offset_away_from_toxic": "inconclusive", "value_shifts_opposite": "holds",
-                "value_shifts_contribute": "holds", "unalign_restores": "contradicted",
-                "toxic_neurons_small_share": "holds", "reduction_spreads": "holds", "patching_replicates": "holds",
-                "transforms_weaken_offset": "holds", "multi_turn_weakens_offset": "inconclusive"}
+                # holds for DPO, but not more than for the placebo
+                "value_shifts_contribute": "inconclusive", "unalign_restores": "contradicted",
+                # mechanism claims of stages that measure no placebo yet
+                "toxic_neurons_small_share": "inconclusive", "reduction_spreads": "inconclusive",
+                "patching_replicates": "holds", "transforms_weaken_offset": "inconclusive",
+                "multi_turn_weakens_offset": "inconclusive"}
     assert {k: rows[k]["verdict"] for k in expected} == expected
     assert ledger["counts"] == {v: list(expected.values()).count(v) for v in VERDICTS}
     dpo = rows["dpo_lowers_toxicity"]
@@ -275,6 +289,14 @@ def test_claims_from_a_synthetic_run(run_dir):
     assert "patched − aligned" in rows["patching_replicates"]["ours"]
     assert rows["weights_barely_move"]["ci95"] == [pytest.approx(0.00999), pytest.approx(0.00999)]
     assert "[holds]" in render_text(ledger)
+    contrib = rows["value_shifts_contribute"]
+    assert contrib["ci95"][0] > 0 and contrib["placebo"]["difference_verdict"] == "inconclusive"
+    assert "does not differ from the placebo's" in contrib["diagnosis"]
+    for k in ("toxic_neurons_small_share", "reduction_spreads", "transforms_weaken_offset"):
+        assert "no placebo control was measured" in rows[k]["diagnosis"] and rows[k]["mechanism"], k
+    assert rows["offset_grows"]["placebo"] == {"effect": 0.002, "ci95": [0.001, 0.003], "diff": 0.008,
+                                               "diff_ci95": [0.006, 0.01], "difference_verdict": "holds"}
+    assert not rows["dpo_lowers_toxicity"]["mechanism"] and rows["dpo_lowers_toxicity"]["placebo"] is None
 
 
 def test_missing_stages_and_old_artifacts_are_inconclusive(run_dir):
@@ -343,12 +365,16 @@ def test_claims_per_alignment_method(run_dir):
     ledger = build_claims(run_dir, n_boot=300, scorer_factory=lambda name: WordScorer())
     assert len(ledger["rows"]) == len(CLAIMS)  # the paper's ledger is unchanged
     got = {r["id"]: r["verdict"] for r in ledger["method_rows"]}
-    assert got == {"ipo:dpo_lowers_toxicity": "holds", "ipo:weights_barely_move": "holds", "ipo:offset_grows": "holds",
-                   "ipo:transforms_weaken_offset": "holds", "ipo:multi_turn_weakens_offset": "holds",
+    # the offset claims are mechanism claims, and `alternatives` measures no placebo: they cannot hold
+    assert got == {"ipo:dpo_lowers_toxicity": "holds", "ipo:weights_barely_move": "holds",
+                   "ipo:offset_grows": "inconclusive", "ipo:transforms_weaken_offset": "inconclusive",
+                   "ipo:multi_turn_weakens_offset": "inconclusive",
                    "orpo:dpo_lowers_toxicity": "inconclusive", "orpo:weights_barely_move": "holds",
                    "orpo:offset_grows": "inconclusive", "orpo:transforms_weaken_offset": "inconclusive",
                    "orpo:multi_turn_weakens_offset": "inconclusive"}
-    assert ledger["method_counts"] == {"holds": 6, "contradicted": 0, "inconclusive": 4}
+    assert ledger["method_counts"] == {"holds": 3, "contradicted": 0, "inconclusive": 7}
+    grows = next(r for r in ledger["method_rows"] if r["id"] == "ipo:offset_grows")
+    assert grows["ci95"][0] > 0 and "no placebo control was measured" in grows["diagnosis"]
     row = next(r for r in ledger["method_rows"] if r["id"] == "ipo:dpo_lowers_toxicity")
     assert row["claim"].startswith("ipo: lowers toxicity") and row["paper"].startswith("DPO: ")
     assert row["method"] == "ipo" and row["n"] == N_PROMPTS and row["models"]["ipo"]["weight_sha256"] == "bb" * 32

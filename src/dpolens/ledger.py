@@ -109,6 +109,9 @@ class Measured:
     data: dict | None = None
     guard: str | None = None  # a cost the claim rules out may be exceeded: blocks `holds`, says why
     violation: str | None = None  # the cost's whole interval is outside its bound: the claim is contradicted
+    # the same statistic for the control alignment (a placebo of the alignment's size) on the same units:
+    # {"effect", "ci95"} of the placebo and {"diff", "diff_ci95"} aligned − placebo (paired where the units are)
+    control: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class Claim:
     rule: str  # what the effect is and which side the paper's lies on
     artifacts: tuple[str, ...]  # files of the stage's folder the claim reads
     build: Callable[[StageContext], Measured]
+    # a claim about how the alignment works (not what it does): it holds only where the alignment's
+    # effect holds and differs from a placebo's in the paper's direction (`Measured.control`)
+    mechanism: bool = False
 
 
 def decide(c: Claim, ctx: StageContext) -> dict:
@@ -140,6 +146,13 @@ def decide(c: Claim, ctx: StageContext) -> dict:
         v = "contradicted"
     elif v == "holds" and m.guard:
         v, diagnosis = "inconclusive", f"the effect holds, but {m.guard}"
+    elif v == "holds" and c.mechanism and not (m.control and verdict(m.control.get("diff_ci95"), c.sign) == "holds"):
+        v, diagnosis = "inconclusive", "the effect holds for the alignment, but " + (
+            "no placebo control was measured: a statistic that holds for any perturbation of this size says "
+            "nothing about the alignment" if not m.control else
+            "it does not differ from the placebo's in the paper's direction: placebo "
+            f"{num(m.control.get('effect'), 5)} {interval(m.control.get('ci95'), 5)}, aligned − placebo "
+            f"{num(m.control.get('diff'), 5)} {interval(m.control.get('diff_ci95'), 5)}") + f"; {m.diagnosis}"
     elif v != "holds":
         why = ("interval excludes zero opposite to the paper: " if v == "contradicted" else
                "no finite interval: " if degenerate else
@@ -149,7 +162,9 @@ def decide(c: Claim, ctx: StageContext) -> dict:
             "effect": m.effect if finite(m.effect) else None, "ci95": ci95, "verdict": v, "rule": c.rule,
             "diagnosis": diagnosis, "paper_direction": "> 0" if c.sign > 0 else "< 0", "models": m.models,
             "scorer": m.scorer, "data": m.data, "seed": ctx.seed, "n_boot": ctx.n_boot,
-            "artifacts": [f"{ctx.stage}/{a}" for a in c.artifacts]}
+            "artifacts": [f"{ctx.stage}/{a}" for a in c.artifacts], "mechanism": c.mechanism,
+            "placebo": ({**m.control, "difference_verdict": verdict(m.control.get("diff_ci95"), c.sign)}
+                        if m.control else None)}
 
 
 def finite(x) -> bool:

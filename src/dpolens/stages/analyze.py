@@ -32,15 +32,19 @@ from dpolens.compare import (
     ValueShiftStats,
     WeightShiftSummary,
     check_pair,
+    draw_mean,
     offset_stats,
+    placebo,
     residual_offset,
     value_shift_stats,
+    vs_control,
+    vs_placebos,
     weight_shift,
 )
 from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors
-from dpolens.evaluate import paired_bootstrap
+from dpolens.evaluate import paired_bootstrap, percentile_ci, resample_units
 from dpolens.ledger import Claim, Measured, StageContext, growth, identity, interval, num, pct, pct_interval, stat_block
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
@@ -70,10 +74,14 @@ class AnalyzeConfig(RunSettings):
     batch_size: int = 32
     figure_layers: int = 3
     n_boot: int = 2000
+    # the control alignment every statistic is also measured for, on the same tokens: placebo (the base plus
+    # seeded noise of the aligned model's size, tensor by tensor), a model folder, or none
+    control: str | None = "placebo"
+    control_draws: int = 5  # placebos (seeds seed..seed+K-1); intervals resample the draws too
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 1, "limit", "lens_search_limit", "top_neurons")
+        at_least(self, 1, "limit", "lens_search_limit", "top_neurons", "control_draws")
 
 
 class NeuronActivation(TypedDict):
@@ -170,6 +178,25 @@ def paired_drop(base: list[float | None], aligned: list[float | None], n_boot: i
     return {"base": r["mean_a"], "aligned": r["mean_b"], "diff": r["diff"], "ci95": r["ci95"], "n": r["n"]}
 
 
+def paired_vs_draws(base: list[float | None], aligned: list[float | None], controls: list[list[float | None]],
+                    n_boot: int, seed: int) -> dict:
+    """The controls' change (control − base) and aligned − control, paired over the prompts with
+    continuation tokens; the control is the mean over its K draws, which each replicate resamples too
+    (compare.draw_mean)."""
+    keep = [i for i, x in enumerate(base) if x is not None]
+    if not keep:
+        return {"signed": {"diff": None, "ci95": None, "n": 0}, "vs_control": {"diff": None, "ci95": None, "n": 0}}
+    b, al = np.array([base[i] for i in keep]), np.array([aligned[i] for i in keep])
+    c = np.array([[ctl[i] for i in keep] for ctl in controls])  # [K, n]
+    idx = resample_units(len(keep), n_boot, seed)  # [n_boot, n]
+    ctl_change = draw_mean((c - b)[:, idx].mean(-1), seed)
+    diff, ci = vs_placebos(al.mean(), al[idx].mean(-1), c.mean(1), c[:, idx].mean(-1))
+    return {"signed": {"diff": float((c - b).mean()), "ci95": percentile_ci(ctl_change), "n": len(keep),
+                       "per_draw": (c - b).mean(1).tolist()},
+            "vs_control": {"diff": diff, "ci95": ci, "n": len(keep), "interval": "prediction (vs_placebos)"},
+            "draws": len(controls)}
+
+
 def single_token(lm: LoadedModel, text: str) -> int:
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
@@ -224,6 +251,8 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
+    if cfg.control and cfg.control != "placebo":
+        check_pair(base, load_model(cfg.control, dtype=cfg.dtype, device=cfg.device))  # fail before any compute
     probe, _ = load_probe(cfg.probe, base)
     token_id = single_token(base, cfg.lens_token)
     a = base.adapter
@@ -251,6 +280,18 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
         ("aligned", "own"): continuation_stats(aligned, [(g.prompt_ids, g.continuation_ids) for g in gens["aligned"]],
                                                  fig_layers, cfg.batch_size, "aligned, own tokens"),
     }
+    # the control draws, one model at a time: their stats on the base tokens and their value shifts
+    controls, control_ids = [], []
+    for k in range(cfg.control_draws if cfg.control == "placebo" else 1 if cfg.control else 0):
+        c = placebo(base, aligned, cfg.seed + k) if cfg.control == "placebo" else \
+            load_model(cfg.control, dtype=cfg.dtype, device=cfg.device)
+        st = continuation_stats(c, same, (), cfg.batch_size, f"control {k}, base tokens", x_layers=all_layers,
+                                neurons=top)
+        dvc = {j: c.adapter.value_vectors(j).float() - a.value_vectors(j).float() for j in range(a.n_layers)}
+        controls.append((st, value_shift_stats(dvc, st.mean_x - stats[("base", "same")].mean_x, st.mean_m_over_s,
+                                               cfg.n_boot, cfg.seed + 1 + k, replicates=True)))
+        control_ids.append(c.identity())
+        del c
     mean_m = {k: s.mean_m for k, s in stats.items()}
     per_neuron = [{"layer": l, "neuron": n, "cosine": r["cosine"],
                    "base": float(mean_m[("base", "same")][l, n]),
@@ -274,11 +315,14 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
                              "along the probe. Means over prompts of per-prompt means over continuation tokens "
                              "(same tokens), paired bootstrap over prompts of aligned − base",
                  "per_prompt": per_prompt})
+    if controls:
+        drop["control"] = paired_vs_draws(per_prompt["signed_base"], per_prompt["signed_aligned"],
+                                          [per_prompt_means(st, cosines) for st, _ in controls], cfg.n_boot, cfg.seed)
 
     xb, xa = sb.mean_x, sa.mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens
     offset = residual_offset(xb, xa, w_hat)
-    offset_ci = offset_stats(sb, sa, w_hat, offset, cfg.n_boot, cfg.seed)
+    offset_ci = offset_stats(sb, sa, w_hat, offset, cfg.n_boot, cfg.seed, controls=[st for st, _ in controls])
 
     search = (load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
     lens_prompts = find_lens_prompts(base, search, token_id, cfg.batch_size)
@@ -293,7 +337,10 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
         d = delta[l] / delta[l].norm().clamp(min=1e-30)
         shifts[l] = {j: (dv[j] @ d / dv[j].norm(dim=-1).clamp(min=1e-30)).numpy() for j in range(l)}
     base_mean_m = mean_m[("base", "same")].numpy()
-    shift_ci = value_shift_stats(dv, delta, sa.mean_m_over_s, cfg.n_boot, cfg.seed)
+    shift_ci = value_shift_stats(dv, delta, sa.mean_m_over_s, cfg.n_boot, cfg.seed, replicates=bool(controls))
+    if controls:
+        shift_ci["vs_control"] = {k: vs_control(shift_ci[k], [sh[k] for _, sh in controls], cfg.seed)
+                                  for k in ("share_anti_aligned", "contribution_along_offset")}
 
     figs = figures.analysis_figures(out, lens, drop, offset, stats, fig_layers, top, delta, shifts, base_mean_m,
                                     base.ref, aligned.ref)
@@ -305,7 +352,10 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
                                                  if s else None}
                                         for l, s in shifts.items()},
               "value_shift_stats": shift_ci,
-              "figures": figs, "n_prompts": len(prompts), "base": base.identity(), "aligned": aligned.identity()}
+              "figures": figs, "n_prompts": len(prompts), "base": base.identity(), "aligned": aligned.identity(),
+              "control": {"kind": cfg.control, "draws": len(controls), "seeds": list(range(cfg.seed, cfg.seed +
+                                                                                              len(controls))),
+                          "models": control_ids} if controls else None}
     write_json(out / "analysis.json", result)
     write_manifest(out, "analyze", cfg, base=base.identity(), aligned=aligned.identity())
     return result
@@ -359,13 +409,33 @@ def activation_drop(ctx: StageContext) -> Measured:
                         **_prov(a))
     signed_text = (f"contribution along the probe (m·cos(v, w)) {num(signed['base'], 5)} → "
                    f"{num(signed['aligned'], 5)}, Δ {num(signed['diff'], 5)} {interval(signed['ci95'], 5)}")
+    ctl = None
+    if (c := d.get("control")) and c["signed"]["diff"] is not None:
+        ctl = {"effect": c["signed"]["diff"], "ci95": c["signed"]["ci95"], "diff": c["vs_control"]["diff"],
+               "diff_ci95": c["vs_control"]["ci95"]}
+        signed_text += (f"; placebo Δ {num(ctl['effect'], 5)} {interval(ctl['ci95'], 5)}, aligned − placebo "
+                        f"{num(ctl['diff'], 5)} {interval(ctl['diff_ci95'], 5)}")
     return Measured(signed["diff"], signed["ci95"], signed["n"], f"{signed_text}; {raw_text}",
-                    f"{signed_text}; {raw_text}; {sign_text}", **_prov(a))
+                    f"{signed_text}; {raw_text}; {sign_text}", control=ctl, **_prov(a))
+
+
+def _offset_control(m: Measured, stats: dict | None, key: str, digits: int = 5) -> Measured:
+    """`m` with the placebo's `key` offset statistic and the paired difference (analysis.json offset_stats)."""
+    if not (stats and stats.get("control")):
+        return m
+    c, d = stats["control"][key], stats["vs_control"][key]
+    m.control = {"effect": c["mean"], "ci95": c["ci95"], "diff": d["mean"], "diff_ci95": d["ci95"]}
+    text = (f"; placebo {num(c['mean'], digits)} {interval(c['ci95'], digits)}, aligned − placebo "
+            f"{num(d['mean'], digits)} {interval(d['ci95'], digits)}")
+    m.ours += text
+    m.diagnosis += text
+    return m
 
 
 def offset_grows(ctx: StageContext) -> Measured:
     a = ctx.json("analysis.json")
-    return growth(a["offset"], a.get("offset_stats"), a.get("n_prompts"), _prov(a), "analysis.json")
+    m = growth(a["offset"], a.get("offset_stats"), a.get("n_prompts"), _prov(a), "analysis.json")
+    return _offset_control(m, a.get("offset_stats"), "slope")
 
 
 def offset_away_from_toxic(ctx: StageContext) -> Measured:
@@ -377,7 +447,8 @@ def offset_away_from_toxic(ctx: StageContext) -> Measured:
         return Measured(last["cosine_with_probe"], None, a.get("n_prompts"), text,
                         f"no per-prompt interval (analysis.json offset_stats); {text}", **_prov(a))
     text = f"cos(δx, probe) at layer {last['layer']}: {num(cos)} {interval(ci)}"
-    return Measured(cos, ci, a["offset_stats"]["final_cosine_with_probe"].get("n"), text, text, **_prov(a))
+    m = Measured(cos, ci, a["offset_stats"]["final_cosine_with_probe"].get("n"), text, text, **_prov(a))
+    return _offset_control(m, a.get("offset_stats"), "final_cosine_with_probe", 3)
 
 
 def value_shifts_opposite(ctx: StageContext) -> Measured:
@@ -393,9 +464,25 @@ def value_shifts_opposite(ctx: StageContext) -> Measured:
                         f"no interval (analysis.json value_shift_stats); {text}", **_prov(a))
     text = (f"{pct(share)} {pct_interval(ci)} of the shifted value vectors before layer "
             f"{stats.get('offset_layer')} point against δx there")
-    return Measured(share - 0.5, [c - 0.5 for c in ci], stats["share_anti_aligned"].get("n"), text,
-                    f"share anti-aligned − 0.5 = {num(share - 0.5)} {interval([c - 0.5 for c in ci])}; {text}",
-                    **_prov(a))
+    m = Measured(share - 0.5, [c - 0.5 for c in ci], stats["share_anti_aligned"].get("n"), text,
+                 f"share anti-aligned − 0.5 = {num(share - 0.5)} {interval([c - 0.5 for c in ci])}; {text}",
+                 **_prov(a))
+    return _shift_control(m, stats, "share_anti_aligned", -0.5)
+
+
+def _shift_control(m: Measured, stats: dict, key: str, offset: float = 0.0) -> Measured:
+    """`m` with the placebo's value-shift statistic and the difference (bootstraps over each model's neurons)."""
+    d = (stats.get("vs_control") or {}).get(key)
+    if not d or d["mean"] is None:
+        return m
+    c = d["control"]
+    m.control = {"effect": c["mean"] + offset, "ci95": [x + offset for x in c["ci95"]] if c["ci95"] else None,
+                 "diff": d["mean"], "diff_ci95": d["ci95"]}
+    text = (f"; placebo {num(c['mean'], 5)} {interval(c['ci95'], 5)}, aligned − placebo {num(d['mean'], 5)} "
+            f"{interval(d['ci95'], 5)}")
+    m.ours += text
+    m.diagnosis += text
+    return m
 
 
 def value_shifts_contribute(ctx: StageContext) -> Measured:
@@ -407,7 +494,8 @@ def value_shifts_contribute(ctx: StageContext) -> Measured:
                         "no interval (analysis.json value_shift_stats.contribution_along_offset)", **_prov(a))
     text = (f"Σ m̄·Δv·δx̂ over the anti-aligned shifts {num(contrib, 5)} {interval(ci, 5)} "
             f"({stats['contribution_along_offset'].get('n')} neurons)")
-    return Measured(contrib, ci, stats["contribution_along_offset"].get("n"), text, text, **_prov(a))
+    m = Measured(contrib, ci, stats["contribution_along_offset"].get("n"), text, text, **_prov(a))
+    return _shift_control(m, stats, "contribution_along_offset")
 
 
 PAPER = {"activation_drop": "Figure 2: mean activations of the top MLP.v_Toxic drop after DPO",
@@ -423,23 +511,23 @@ CLAIMS = (
           PAPER["activation_drop"], -1,
           "effect = signed contribution along the probe, m·cos(v, probe), aligned − base on the same tokens, "
           "paired over prompts (the raw activation m is reported too); paper: < 0",
-          ("analysis.json",), activation_drop),
+          ("analysis.json",), activation_drop, mechanism=True),
     Claim("offset_grows", "Lee", "the residual offset δx grows over layers", PAPER["offset_grows"], +1,
           "effect = least-squares slope of ‖δx_l‖/‖x_l‖ over layers (bootstrap over prompts); paper: > 0",
-          ("analysis.json",), offset_grows),
+          ("analysis.json",), offset_grows, mechanism=True),
     Claim("offset_away_from_toxic", "Lee", "the offset moves the residual away from the toxic direction",
           PAPER["offset_away"], -1, "effect = cos(δx at the last layer, probe) (bootstrap over prompts); paper: < 0",
-          ("analysis.json",), offset_away_from_toxic),
+          ("analysis.json",), offset_away_from_toxic, mechanism=True),
     Claim("value_shifts_opposite", "Lee", "value-vector shifts point opposite to the offset",
           PAPER["value_shifts_opposite"], +1,
           "effect = share of shifted value vectors with cos(Δv, δx) < 0, minus 0.5 (bootstrap over neurons); "
-          "paper: > 0", ("analysis.json",), value_shifts_opposite),
+          "paper: > 0", ("analysis.json",), value_shifts_opposite, mechanism=True),
     Claim("value_shifts_contribute", "Lee",
           "the anti-aligned value shifts still add to the offset, through negative activations",
           PAPER["value_shifts_contribute"], +1,
           "effect = Σ over anti-aligned shifts of mean activation × Δv·δx̂ (bootstrap over neurons); "
           "paper: > 0",
-          ("analysis.json",), value_shifts_contribute),
+          ("analysis.json",), value_shifts_contribute, mechanism=True),
 )
 
 

@@ -466,12 +466,12 @@ CLAIMS = (
           "effect = share of the four groups' reduction from the top toxic neurons that were active and dampened, "
           "minus 0.5 (less than half), both chosen on one half of the fit prompts and measured on the other; the "
           "in-sample shares of the positive and net reduction are reported; paper: < 0",
-          ("groups.json",), toxic_neurons_small_share),
+          ("groups.json",), toxic_neurons_small_share, mechanism=True),
     Claim("reduction_spreads", "Yang", "the reduction spreads over the four neuron groups (TP−, TN+, AP+, AN−)",
           PAPER["groups"], +1,
           "effect = the smallest of the four groups' shares of their joint reduction, the groups chosen on one half "
           "of the fit prompts and measured on the other (bootstrap over that half, the minimum taken in each "
-          "replicate); paper: > 0", ("groups.json",), reduction_spreads),
+          "replicate); paper: > 0", ("groups.json",), reduction_spreads, mechanism=True),
     Claim("patching_replicates", "Yang", "patching the four groups' activations in the base model replicates DPO",
           PAPER["patching"], +1,
           "effect = (toxicity base − patched) / (base − aligned) − 0.5, paired over held-out prompts; paper: > 0 "

@@ -232,11 +232,11 @@ CLAIMS = (
     Claim("transforms_weaken_offset", "review", "transformed prompts (ROT13, Base64, leetspeak, spaced, upper case) "
           "weaken the offset", "open question: encodings may bypass δx (not tested in the paper)", +1,
           "effect = 1 − retention of δx by the aligned model, mean over the transforms (bootstrap over prompts); "
-          "conjecture: > 0", ("table.json",), retention_weakens(ENCODED)),
+          "conjecture: > 0", ("table.json",), retention_weakens(ENCODED), mechanism=True),
     Claim("multi_turn_weakens_offset", "review", "multi-turn context weakens the offset",
           "open question: accumulated turns may drift the residual past δx (not tested in the paper)", +1,
           "effect = 1 − retention of δx by the aligned model under multi-turn context (bootstrap over prompts); "
-          "conjecture: > 0", ("table.json",), retention_weakens(("multi_turn",))),
+          "conjecture: > 0", ("table.json",), retention_weakens(("multi_turn",)), mechanism=True),
 )
 
 
