@@ -292,9 +292,12 @@ class EvalSettings:
     ppl_max_tokens: int | None = 8192  # WikiText tokens scored for perplexity; None = the whole text (~300k on Gemma)
     ppl_batch_size: int = 2  # perplexity windows per forward pass
     seed: int = 0  # of the bootstrap intervals
+    # tokens per perplexity window (None: 1,024 or the context); the ledger's PPL guards need >= 20 windows
+    ppl_window: int | None = None
 
     def __post_init__(self):
         at_least(self, 1, "max_new_tokens", "max_prompt_tokens", "batch_size", "ppl_max_tokens", "ppl_batch_size")
+        at_least(self, 2, "ppl_window")
 
 
 PER_UNIT_KEYS = ("toxicity_per_prompt", "f1_per_row", "ppl_window_nll", "ppl_window_tokens")  # of EvalResult.row()
@@ -383,7 +386,7 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
         scores = scorer.score([g["continuation"] for g in gens])
         records = [{**g, "repetition": bigram_repetition(g["continuation_ids"]), **scores.row(i)}
                    for i, g in enumerate(gens)]
-        ppl = perplexity(lm, wiki, s.ppl_max_tokens, batch_size=s.ppl_batch_size,
+        ppl = perplexity(lm, wiki, s.ppl_max_tokens, window=s.ppl_window, batch_size=s.ppl_batch_size,
                          progress=progress) if wiki else None
         f1 = f1_per_row = None
         if f1_rows:
@@ -464,8 +467,11 @@ def _fingerprint(obj: Any, h) -> None:
 def eval_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None) -> str:
     """What decides an evaluation's numbers; equal keys give equal results."""
     h = hashlib.sha256()
+    settings = asdict(d.settings)
+    if settings["ppl_window"] is None:  # added later: its default keeps the evaluations cached before it
+        del settings["ppl_window"]
     _fingerprint([lm.weight_hash, str(lm.model.dtype), [asdict(e) for e in interventions.parse_spec(intervention)],
-                  inputs.prompts, inputs.f1_rows, inputs.wiki, inputs.scorer.describe(), asdict(d.settings)], h)
+                  inputs.prompts, inputs.f1_rows, inputs.wiki, inputs.scorer.describe(), settings], h)
     return h.hexdigest()[:24]
 
 
