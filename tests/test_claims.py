@@ -318,7 +318,10 @@ def test_missing_stages_and_old_artifacts_are_inconclusive(run_dir):
     assert rows["dpo_lowers_toxicity"]["verdict"] == "inconclusive"
     assert "no per-prompt scores" in rows["dpo_lowers_toxicity"]["diagnosis"]
     drop = rows["toxic_neurons_activation_drop"]
-    assert drop["verdict"] == "inconclusive" and "no per-prompt interval" in drop["diagnosis"]
+    # without its random-vector baseline the vectors row cannot hold: the rows resting on the top cosine
+    # vectors read `precondition failed`, and keep what they measured
+    assert drop["verdict"] == "precondition failed" and drop["verdict_as_measured"] == "inconclusive"
+    assert "rests on 'vectors_toxic_tokens'" in drop["diagnosis"] and "no per-prompt interval" in drop["diagnosis"]
     assert "negative in the base" in drop["diagnosis"]
     assert rows["offset_grows"]["effect"] == pytest.approx(0.01) and rows["offset_grows"]["ci95"] is None
 
@@ -329,12 +332,12 @@ def test_neuron_shares_need_cross_fitting(run_dir):
     g = json.loads((run_dir / "neurons" / "groups.json").read_text())
     g["crossfit"]["four_groups_reduction"]["ci95"] = [-0.2, 1.5]
     write_json(run_dir / "neurons" / "groups.json", g)
-    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200)["rows"]}
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200, scorer_factory=lambda n: WordScorer())["rows"]}
     for k in ("reduction_spreads", "toxic_neurons_small_share"):
         assert rows[k]["verdict"] == "inconclusive" and "do not reduce the projection" in rows[k]["diagnosis"]
     del g["crossfit"]
     write_json(run_dir / "neurons" / "groups.json", g)
-    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200)["rows"]}
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=200, scorer_factory=lambda n: WordScorer())["rows"]}
     for k in ("reduction_spreads", "toxic_neurons_small_share"):
         assert rows[k]["verdict"] == "inconclusive" and "not cross-fitted" in rows[k]["diagnosis"]
 
@@ -372,7 +375,7 @@ def test_claims_per_alignment_method(run_dir):
                    "orpo:dpo_lowers_toxicity": "inconclusive", "orpo:weights_barely_move": "holds",
                    "orpo:offset_grows": "inconclusive", "orpo:transforms_weaken_offset": "inconclusive",
                    "orpo:multi_turn_weakens_offset": "inconclusive"}
-    assert ledger["method_counts"] == {"holds": 3, "contradicted": 0, "inconclusive": 7}
+    assert ledger["method_counts"] == {"holds": 3, "contradicted": 0, "inconclusive": 7, "precondition failed": 0}
     grows = next(r for r in ledger["method_rows"] if r["id"] == "ipo:offset_grows")
     assert grows["ci95"][0] > 0 and "no placebo control was measured" in grows["diagnosis"]
     row = next(r for r in ledger["method_rows"] if r["id"] == "ipo:dpo_lowers_toxicity")
@@ -413,7 +416,7 @@ def test_claims_cli_writes_the_ledger(run_dir):
     (run_dir / "vectors" / "random_vectors.json").unlink()  # the only claim that needs a scorer
     out = CliRunner().invoke(app, ["claims", str(run_dir)])
     assert out.exit_code == 0, out.output
-    assert "claims of run synthetic" in out.output and "[contradicted]" in out.output
+    assert "claims of run synthetic" in out.output and "[precondition failed]" in out.output
     assert len(json.loads((run_dir / "claims.json").read_text())["rows"]) == len(CLAIMS)
 
 
@@ -454,3 +457,19 @@ def test_cost_guards_pass_only_inside_their_bound(tmp_path, ppl, spread, windows
     row = {r["id"]: r for r in build_claims(run, n_boot=400)["rows"]}["dpo_lowers_toxicity"]
     assert row["ci95"][1] < 0 and row["verdict"] == verdict, (row["verdict"], row["diagnosis"])
     assert why is None or why in row["diagnosis"], row["diagnosis"]
+
+
+def test_rows_resting_on_toxic_vectors_need_them_toxic(run_dir):
+    """Where the top cosine vectors' tokens are no more toxic than random vectors', the claims about those
+    vectors' neurons and keys read `precondition failed`, keeping what they measured."""
+    tv = json.loads((run_dir / "vectors" / "toxic_vectors.json").read_text())
+    for r in tv:
+        r["top_tokens"] = [" the", " a", " cat", " of"]
+    write_json(run_dir / "vectors" / "toxic_vectors.json", tv)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+    assert rows["vectors_toxic_tokens"]["verdict"] != "holds"
+    drop = rows["toxic_neurons_activation_drop"]
+    assert drop["verdict"] == "precondition failed" and drop["verdict_as_measured"] == "holds"
+    assert rows["unalign_restores"]["verdict"] == "precondition failed"
+    assert rows["unalign_restores"]["verdict_as_measured"] == "contradicted"
+    assert rows["offset_grows"]["verdict"] == "holds"  # the offset does not rest on the vectors

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from dpolens.artifacts import DpolensError, read_json, write_json
-from dpolens.ledger import RULE, Claim, StageContext, counts, decide, effect_text
+from dpolens.ledger import RULE, Claim, StageContext, apply_preconditions, counts, decide, effect_text
 from dpolens.stages import REGISTRY, Stage
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ def build_claims(run_dir: str | Path, n_boot: int = 2000, seed: int | None = Non
         rows += [decide(c, ctx) for c in st.claims]
         if ctx._scorer is not None:
             shared["scorer"] = ctx._scorer
+    apply_preconditions(rows, {c.id: c for _, c in registered_claims()})
     per_method = method_rows(run, context)
     return {"run": run.name, "rule": RULE, "n_boot": n_boot, "seed": seed, "counts": counts(rows), "rows": rows,
             "method_counts": counts(per_method), "method_rows": per_method}

@@ -33,9 +33,12 @@ from dpolens.evaluate import (MIN_PPL_WINDOWS, paired_bootstrap, paired_gap_shar
                               resample_units)
 from dpolens.textquality import OVERUSE
 
-VERDICTS = ("holds", "contradicted", "inconclusive")
+VERDICTS = ("holds", "contradicted", "inconclusive", "precondition failed")
 RULE = ("holds iff the 95% interval of the effect excludes zero in the paper's direction; contradicted iff it "
-        "excludes zero in the opposite direction; otherwise inconclusive. A row without an interval is never holds.")
+        "excludes zero in the opposite direction; otherwise inconclusive. A row without an interval is never holds. "
+        "A cost guard passes only when its whole interval is inside its bound (wholly outside: contradicted). A "
+        "mechanism claim holds only where it also differs from placebos of the alignment's size in the paper's "
+        "direction. A row resting on a claim that does not hold reads precondition failed.")
 PPL_BOUND = 1.10  # "small / comparable perplexity": within ×1.10 (issue #15's bound for DPO)
 MIN_GUARD_WINDOWS = 20  # a perplexity guard passes only on an interval over this many windows
 F1_MARGIN = 0.02  # "small F1 cost": F1 falls by less than this (absolute; the paper's F1 is ~0.19)
@@ -55,6 +58,23 @@ def verdict(ci95, paper_sign: int) -> str:
 
 def counts(rows: list[dict]) -> dict[str, int]:
     return {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+
+
+def apply_preconditions(rows: list[dict], claims: dict[str, Claim]) -> list[dict]:
+    """A row whose claim rests on another (`Claim.requires`) that does not hold reads `precondition
+    failed`, with the failed row's verdict and effect; its own verdict is kept as `verdict_as_measured`."""
+    by_id = {r["id"]: r for r in rows}
+    for r in rows:
+        c = claims.get(r["id"])
+        failed = [by_id[q] for q in (c.requires if c else ()) if q in by_id and by_id[q]["verdict"] != "holds"]
+        if failed:
+            f = failed[0]
+            r["verdict_as_measured"] = r["verdict"]
+            r["diagnosis"] = (f"precondition failed: it rests on '{f['id']}' ({f['claim']}), which is {f['verdict']} "
+                              f"({effect_text(f)}); as measured: {r['verdict']}"
+                              + (f"; {r['diagnosis']}" if r["diagnosis"] else ""))
+            r["verdict"] = "precondition failed"
+    return rows
 
 
 class StageNotRun(Exception):
@@ -127,6 +147,8 @@ class Claim:
     # a claim about how the alignment works (not what it does): it holds only where the alignment's
     # effect holds and differs from a placebo's in the paper's direction (`Measured.control`)
     mechanism: bool = False
+    # claims (ids) this one rests on: where one of them does not hold, this row reads `precondition failed`
+    requires: tuple[str, ...] = ()
 
 
 def decide(c: Claim, ctx: StageContext) -> dict:

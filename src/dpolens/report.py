@@ -11,22 +11,35 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpolens.artifacts import DpolensError, check_output, read_json, write_text
+from dpolens.ledger import effect_text
 from dpolens.stages import REGISTRY
 from dpolens.webpage import esc, table
 
 
+def _placebo_text(row: dict) -> str:
+    """A mechanism row's placebo effect and the alignment − placebo difference, or why there is none."""
+    p = row.get("placebo")
+    if not p:
+        return "no control measured" if row.get("mechanism") else "–"
+    return (f"{effect_text({'effect': p.get('effect'), 'ci95': p.get('ci95')})}; aligned − placebo "
+            f"{effect_text({'effect': p.get('diff'), 'ci95': p.get('diff_ci95')})}")
+
+
 def claims_section(run: Path) -> str:
     """The claims ledger (dpolens.claims) as the page's first table; built when claims.json is missing."""
-    from dpolens.claims import effect_text, write_claims
+    from dpolens.claims import write_claims
 
     ledger = read_json(run / "claims.json") or write_claims(run)
     rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
-             "effect [95% CI]": effect_text(r), "verdict": r["verdict"], "diagnosis": r["diagnosis"]}
+             "effect [95% CI]": effect_text(r), "placebo [95% CI]": _placebo_text(r), "verdict": r["verdict"],
+             "diagnosis": r["diagnosis"]}
             for r in ledger["rows"]]
-    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "verdict", "diagnosis"]
+    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "diagnosis"]
     counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
     html = "<h2>Claims</h2>" + table(rows, cols,
                                      f"Which of the seeds' claims hold on this run ({counts}). Rule: {ledger['rule']} "
+                                     "Placebo: the same statistic for placebos (the base plus noise of the alignment's "
+                                     "size, tensor by tensor) on the same units. "
                                      f"Intervals: seeded bootstraps ({ledger['n_boot']} resamples, seed "
                                      f"{ledger['seed']}); models, scorer and data of each row in claims.json.")
     if methods := ledger.get("method_rows"):

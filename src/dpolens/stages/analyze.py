@@ -511,7 +511,8 @@ CLAIMS = (
           PAPER["activation_drop"], -1,
           "effect = signed contribution along the probe, m·cos(v, probe), aligned − base on the same tokens, "
           "paired over prompts (the raw activation m is reported too); paper: < 0",
-          ("analysis.json",), activation_drop, mechanism=True),
+          ("analysis.json",), activation_drop, mechanism=True,
+          requires=("vectors_toxic_tokens",)),
     Claim("offset_grows", "Lee", "the residual offset δx grows over layers", PAPER["offset_grows"], +1,
           "effect = least-squares slope of ‖δx_l‖/‖x_l‖ over layers (bootstrap over prompts); paper: > 0",
           ("analysis.json",), offset_grows, mechanism=True),

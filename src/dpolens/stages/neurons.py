@@ -466,7 +466,8 @@ CLAIMS = (
           "effect = share of the four groups' reduction from the top toxic neurons that were active and dampened, "
           "minus 0.5 (less than half), both chosen on one half of the fit prompts and measured on the other; the "
           "in-sample shares of the positive and net reduction are reported; paper: < 0",
-          ("groups.json",), toxic_neurons_small_share, mechanism=True),
+          ("groups.json",), toxic_neurons_small_share, mechanism=True,
+          requires=("vectors_toxic_tokens",)),
     Claim("reduction_spreads", "Yang", "the reduction spreads over the four neuron groups (TP−, TN+, AP+, AN−)",
           PAPER["groups"], +1,
           "effect = the smallest of the four groups' shares of their joint reduction, the groups chosen on one half "

@@ -246,7 +246,7 @@ CLAIMS = (
           "when the base−aligned gap is not significant); paper: > 0 (more than half the gap back); holds only with "
           f"the un-aligned PPL within ×{PPL_BOUND} of the aligned model's (paired over windows; Table 4 names it). The "
           "verdict uses the paper's key scaling; the sign-aware variant is reported beside it", ("table.json",),
-          unalign_restores),
+          unalign_restores, requires=("vectors_toxic_tokens",)),
 )
 
 
