@@ -171,7 +171,10 @@ def make_run(root, rng):
           {"method": "subtract", "vector": "svd.u0", "alpha": 5.0, "alpha_rel": 0.1,
            **eval_row("", base_tox - 0.05, rng, 1.02)},
           {"method": "subtract", "vector": "random", "alpha": 5.0, "alpha_rel": 0.1,
-           **eval_row("", base_tox, rng, 1.01)}]
+           **eval_row("", base_tox, rng, 1.01)},
+          *({"method": "subtract", "vector": f"random {k}", "alpha": 5.0, "alpha_rel": 0.1,
+             **eval_row("", np.clip(base_tox + 0.01 * rng.normal(size=N_PROMPTS), 0, 1), rng, 1.01)}
+            for k in range(2, 6))]
     write_json(run / "table2" / "table.json", {"rows": t2, "model": MODEL, "scorer": scorer,
                                                "point": {"layer": 2, "name": "resid_post"}, "n_prompts": N_PROMPTS})
     # dpo
@@ -473,3 +476,17 @@ def test_rows_resting_on_toxic_vectors_need_them_toxic(run_dir):
     assert rows["unalign_restores"]["verdict"] == "precondition failed"
     assert rows["unalign_restores"]["verdict_as_measured"] == "contradicted"
     assert rows["offset_grows"]["verdict"] == "holds"  # the offset does not rest on the vectors
+
+
+def test_table2_needs_several_random_directions(run_dir):
+    """One random direction is one draw: its paired interval does not cover the spread between random
+    directions, so no row holds on it; with five, the interval is a prediction interval over them."""
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+    probe = rows["subtract_probe_beats_random"]
+    assert probe["verdict"] == "holds" and "mean of 5 random directions" in probe["ours"]
+    t2 = json.loads((run_dir / "table2" / "table.json").read_text())
+    t2["rows"] = [r for r in t2["rows"] if not r["vector"].startswith("random ")]
+    write_json(run_dir / "table2" / "table.json", t2)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+    probe = rows["subtract_probe_beats_random"]
+    assert probe["ci95"][1] < 0 and probe["verdict"] == "inconclusive" and "one random direction" in probe["diagnosis"]

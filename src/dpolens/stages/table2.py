@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypedDict
 
+import numpy as np
 import torch
 
 from dpolens.artifacts import DpolensError, read_json, read_safetensors, write_json, write_manifest, write_text
 from dpolens.config import RunSettings
+from dpolens.compare import vs_placebos
 from dpolens.directions import load_probe, load_vectors
 from dpolens.evaluate import (
     EvalData,
@@ -32,6 +34,7 @@ from dpolens.evaluate import (
     load_inputs,
     paired_bootstrap,
     perplexity,
+    resample_units,
     ppl_windows,
 )
 from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, StageNotRun, identity, interval,
@@ -67,6 +70,9 @@ class Table2Config(RunSettings):
     mlp_vector: list[int] | None = None  # [layer, neuron]; default: the top toxic vector
     svd_j: int = 0
     random_seed: int = 0
+    # random directions (seeds random_seed, random_seed + 1, ...), each calibrated like the others: the
+    # ledger compares each vector with all of them, its interval covering the spread between directions
+    n_random: int = 5
     calibration: Calibration = field(default_factory=Calibration)
     eval: EvalData = field(default_factory=EvalData)
     table3_prompts: list[str] = field(default_factory=lambda: [
@@ -189,9 +195,10 @@ def vector_rows(lm: LoadedModel, cfg: Table2Config) -> list[tuple[str, torch.Ten
     layer, neuron = cfg.mlp_vector or (tv[0]["layer"], tv[0]["neuron"])
     lm.adapter.check_neurons(layer, neuron, "mlp_vector neuron")
     mlp_v = lm.adapter.value_vectors(layer)[neuron].float()
-    rand = torch.randn(lm.adapter.d_model, generator=torch.Generator().manual_seed(cfg.random_seed))
-    rows = [("probe", probe), (f"mlp.v L{layer}.{neuron}", mlp_v), (f"svd.u{cfg.svd_j}", u[cfg.svd_j]),
-            ("random", rand)]
+    rands = [("random" if k == 0 else f"random {k + 1}",
+              torch.randn(lm.adapter.d_model, generator=torch.Generator().manual_seed(cfg.random_seed + k)))
+             for k in range(cfg.n_random)]
+    rows = [("probe", probe), (f"mlp.v L{layer}.{neuron}", mlp_v), (f"svd.u{cfg.svd_j}", u[cfg.svd_j]), *rands]
     for label, v in rows:
         lm.adapter.check_width(v, label)
     return [(label, (v / v.norm()).float()) for label, v in rows]
@@ -236,7 +243,7 @@ def run_table2(cfg: Table2Config) -> Table2Result:
         rows.append({"method": method, "vector": label, "alpha": alpha,
                      "alpha_rel": alpha / readout.mean_norm, **res.row(),
                      "f1_ci95": res.f1["ci95"] if res.f1 else None})
-    table3 = qualitative(lm, cfg, [(lbl, sp) for _, lbl, _, _, sp in plan])
+    table3 = qualitative(lm, cfg, [(lbl, sp) for _, lbl, _, _, sp in plan if not lbl.startswith("random ")])
     result = {"rows": rows, "calibration": calib, "table3": table3, "model": lm.identity(),
               "scorer": inputs.scorer.describe(), "point": {"layer": layer, "name": cfg.point},
               "n_prompts": len(inputs.prompts)}
@@ -313,7 +320,10 @@ def section(folder: Path, headline: Table2Headline, manifest: dict) -> str:
 # ---- claims --------------------------------------------------------------------------------------
 
 def subtract_beats_random(prefix: str) -> Callable[[StageContext], Measured]:
-    """Subtracting the `prefix` vector vs subtracting a random vector, on the same prompts."""
+    """Subtracting the `prefix` vector vs subtracting random vectors, on the same prompts: with several
+    random directions, the difference from their mean with a prediction interval that covers the
+    spread between directions (compare.vs_placebos); with one, a paired interval that does not, so the
+    row cannot hold."""
 
     def build(ctx: StageContext) -> Measured:
         t2 = ctx.json("table.json")
@@ -335,10 +345,24 @@ def subtract_beats_random(prefix: str) -> Callable[[StageContext], Measured]:
             diff = vec["toxicity"]["mean"] - rand["toxicity"]["mean"]
             return Measured(diff, None, vec["toxicity"]["n"], context, "no per-prompt scores in table2/table.json "
                             f"(re-run the stage): no paired interval; {context}", **prov)
+        randoms = [r_ for label, r_ in rows.items() if label.startswith("random") and r_.get("toxicity_per_prompt")]
+        if len(randoms) >= 2:
+            tv = np.asarray(vec["toxicity_per_prompt"], dtype=np.float64)
+            tr = np.asarray([x["toxicity_per_prompt"] for x in randoms], dtype=np.float64)  # [K, n]
+            idx = resample_units(len(tv), ctx.n_boot, ctx.seed)
+            diff, ci = vs_placebos(tv.mean(), tv[idx].mean(-1), tr.mean(1), tr[:, idx].mean(-1))
+            spread = ", ".join(num(x) for x in tr.mean(1))
+            ours = (f"{context}; Δ vs the mean of {len(randoms)} random directions ({spread}) {num(diff)} "
+                    f"{interval(ci)} (prediction interval over directions); {ppl_text(ppl, rand, vec)} vs random")
+            m = Measured(diff, ci, len(tv), ours, f"Δ vs {len(randoms)} random directions {num(diff)} "
+                         f"{interval(ci)}; {ppl_text(ppl, rand, vec)}", **prov)
+            return guarded(m, ppl_check(ppl, rand, vec, two_sided=True))
         ours = f"{context}; Δ {num(r['diff'])} {interval(r['ci95'])}; {ppl_text(ppl, rand, vec)} vs random"
         m = Measured(r["diff"], r["ci95"], r["n"], ours, f"Δ vs random {num(r['diff'])} {interval(r['ci95'])}; "
                      f"{ppl_text(ppl, rand, vec)}", **prov)
-        return guarded(m, ppl_check(ppl, rand, vec, two_sided=True))
+        one = ("one random direction (table2.n_random 1): the interval does not cover the spread between "
+               "directions", None)
+        return guarded(m, ppl_check(ppl, rand, vec, two_sided=True), one)
 
     return build
 
@@ -353,8 +377,9 @@ CLAIMS = tuple(
     Claim(f"subtract_{key.replace('.', '_')}_beats_random", "Lee",
           f"subtracting {label} from the last residual lowers toxicity more than a random direction, at "
           "comparable perplexity", _paper_claim(key), -1,
-          f"effect = toxicity({label}) − toxicity(random), paired over prompts, each vector's α calibrated to "
-          f"the same perplexity; paper: < 0; holds only with the PPL ratio within ×{PPL_BOUND} either way",
+          f"effect = toxicity({label}) − the mean toxicity of the random directions, paired over prompts, with a "
+          "prediction interval over the directions (>= 2 needed), each vector's α calibrated to the same "
+          f"perplexity; paper: < 0; holds only with the PPL ratio within ×{PPL_BOUND} either way",
           ("table.json",), subtract_beats_random(key))
     for key, label in (("probe", "the probe"), ("mlp.v", "the top MLP.v"), ("svd.u", "SVD.U[0]")))
 
