@@ -204,3 +204,34 @@ def test_neurons_pairs_path_is_in_the_key_only_when_fitted_on_pairs():
     assert _key(NeuronsConfig(pairs="runs/x/pairs/pairs.jsonl"), []) == _key(NeuronsConfig(), [])
     assert _key(NeuronsConfig(fit_from="pairs", pairs="runs/x/pairs/pairs.jsonl"), []) != \
         _key(NeuronsConfig(fit_from="pairs"), [])
+
+
+@pytest.fixture
+def tied_llama(tmp_path, tokenizer):
+    """A tiny Llama with SmolLM2's shape features: tied embeddings and grouped-query attention."""
+    import transformers as tf
+
+    from conftest import make_model
+
+    model = make_model("llama", len(tokenizer))
+    cfg = tf.LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})
+    torch_model = tf.LlamaForCausalLM(cfg)
+    torch_model.load_state_dict(model.state_dict(), strict=False)
+    torch_model.tie_weights()
+    d = tmp_path / "tied-llama"
+    torch_model.eval().save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_every_stage_runs_on_a_tied_gqa_llama(study_file, tied_llama, jigsaw_cached):
+    """Every stage and the ledger on a Llama with tied embeddings and 4 query / 2 KV heads (issue #33)."""
+    from dpolens import load_model
+
+    lm = load_model(tied_llama)
+    assert lm.model.config.tie_word_embeddings and lm.model.config.num_key_value_heads == 2
+    assert lm.model.get_input_embeddings().weight is lm.model.get_output_embeddings().weight
+    r = run_study(load_study(study_file, ["device=cpu", f"model={tied_llama}", "name=tied"]))
+    assert set(STAGES) <= set(r) and all(r[s] for s in STAGES)
+    assert r["dpo"]["models"]["base"]["family"] == "llama"
+    assert sum(r["claims"].values()) == 18

@@ -156,12 +156,14 @@ def test_table2_rows(tiny_dirs, tmp_path, eval_files, jigsaw_cached):
                                   vectors=str(tmp_path / "vec"), out=str(tmp_path / "t2"), eval=eval_files,
                                   table3_prompts=["Holy"], calibration=Calibration(alpha=2.0)))
     rows = res["rows"]
-    assert [r["vector"] for r in rows][0] == "none" and len(rows) == 5
-    assert [r["vector"] for r in rows][1:] == ["probe", rows[2]["vector"], "svd.u0", "random"]
+    assert [r["vector"] for r in rows][0] == "none" and len(rows) == 9
+    assert [r["vector"] for r in rows][1:] == ["probe", rows[2]["vector"], "svd.u0", "random", "random 2", "random 3",
+                                               "random 4", "random 5"]  # n_random 5: seeds 0..4
     norm = res["calibration"]["mean_resid_norm"]
     assert all(r["alpha"] == 2.0 and r["alpha_rel"] == pytest.approx(2.0 / norm) for r in rows[1:])
-    assert len({r["perplexity"] for r in rows}) == 5  # every intervention changed the model
-    assert len(res["table3"]) == 5 and (tmp_path / "t2" / "table2.md").exists()
+    assert len({r["perplexity"] for r in rows}) == 9  # every intervention changed the model
+    assert len({tuple(r["toxicity_per_prompt"]) + (r["perplexity"],) for r in rows[4:]}) == 5  # 5 directions
+    assert len(res["table3"]) == 5 and (tmp_path / "t2" / "table2.md").exists()  # one random row in Table 3
 
 
 def test_standardized_space_matches_definition(tiny_dirs):
