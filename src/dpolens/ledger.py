@@ -133,6 +133,15 @@ class Measured:
     # {"effect", "ci95"} of the placebo and {"diff", "diff_ci95"} aligned − placebo (paired where the units are)
     control: dict | None = None
 
+    def against_placebo(self, effect, ci95, diff, diff_ci95, digits: int = 5) -> "Measured":
+        """Record the placebo's statistic and aligned − placebo, and say them in `ours` and the diagnosis."""
+        self.control = {"effect": effect, "ci95": ci95, "diff": diff, "diff_ci95": diff_ci95}
+        text = (f"; placebo {num(effect, digits)} {interval(ci95, digits)}, aligned − placebo {num(diff, digits)} "
+                f"{interval(diff_ci95, digits)}")
+        self.ours += text
+        self.diagnosis += text
+        return self
+
 
 @dataclass(frozen=True)
 class Claim:

@@ -409,14 +409,11 @@ def activation_drop(ctx: StageContext) -> Measured:
                         **_prov(a))
     signed_text = (f"contribution along the probe (m·cos(v, w)) {num(signed['base'], 5)} → "
                    f"{num(signed['aligned'], 5)}, Δ {num(signed['diff'], 5)} {interval(signed['ci95'], 5)}")
-    ctl = None
+    m = Measured(signed["diff"], signed["ci95"], signed["n"], f"{signed_text}; {raw_text}",
+                 f"{signed_text}; {raw_text}; {sign_text}", **_prov(a))
     if (c := d.get("control")) and c["signed"]["diff"] is not None:
-        ctl = {"effect": c["signed"]["diff"], "ci95": c["signed"]["ci95"], "diff": c["vs_control"]["diff"],
-               "diff_ci95": c["vs_control"]["ci95"]}
-        signed_text += (f"; placebo Δ {num(ctl['effect'], 5)} {interval(ctl['ci95'], 5)}, aligned − placebo "
-                        f"{num(ctl['diff'], 5)} {interval(ctl['diff_ci95'], 5)}")
-    return Measured(signed["diff"], signed["ci95"], signed["n"], f"{signed_text}; {raw_text}",
-                    f"{signed_text}; {raw_text}; {sign_text}", control=ctl, **_prov(a))
+        m.against_placebo(c["signed"]["diff"], c["signed"]["ci95"], c["vs_control"]["diff"], c["vs_control"]["ci95"])
+    return m
 
 
 def _offset_control(m: Measured, stats: dict | None, key: str, digits: int = 5) -> Measured:
@@ -424,12 +421,7 @@ def _offset_control(m: Measured, stats: dict | None, key: str, digits: int = 5) 
     if not (stats and stats.get("control")):
         return m
     c, d = stats["control"][key], stats["vs_control"][key]
-    m.control = {"effect": c["mean"], "ci95": c["ci95"], "diff": d["mean"], "diff_ci95": d["ci95"]}
-    text = (f"; placebo {num(c['mean'], digits)} {interval(c['ci95'], digits)}, aligned − placebo "
-            f"{num(d['mean'], digits)} {interval(d['ci95'], digits)}")
-    m.ours += text
-    m.diagnosis += text
-    return m
+    return m.against_placebo(c["mean"], c["ci95"], d["mean"], d["ci95"], digits)
 
 
 def offset_grows(ctx: StageContext) -> Measured:
@@ -476,13 +468,8 @@ def _shift_control(m: Measured, stats: dict, key: str, offset: float = 0.0) -> M
     if not d or d["mean"] is None:
         return m
     c = d["control"]
-    m.control = {"effect": c["mean"] + offset, "ci95": [x + offset for x in c["ci95"]] if c["ci95"] else None,
-                 "diff": d["mean"], "diff_ci95": d["ci95"]}
-    text = (f"; placebo {num(c['mean'], 5)} {interval(c['ci95'], 5)}, aligned − placebo {num(d['mean'], 5)} "
-            f"{interval(d['ci95'], 5)}")
-    m.ours += text
-    m.diagnosis += text
-    return m
+    return m.against_placebo(c["mean"] + offset, [x + offset for x in c["ci95"]] if c["ci95"] else None, d["mean"],
+                             d["ci95"])
 
 
 def value_shifts_contribute(ctx: StageContext) -> Measured:
