@@ -490,3 +490,12 @@ def test_table2_needs_several_random_directions(run_dir):
     rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
     probe = rows["subtract_probe_beats_random"]
     assert probe["ci95"][1] < 0 and probe["verdict"] == "inconclusive" and "one random direction" in probe["diagnosis"]
+
+
+def test_a_guard_without_a_finite_interval_does_not_pass():
+    from dpolens.ledger import f1_check, ppl_check
+
+    nan = float("nan")
+    assert ppl_check({"ratio": 1.0, "ci95": [nan, nan], "n": 50}, {}, {})[0] is not None
+    assert f1_check({"ci95": [nan, nan]}, "F1 x")[0] is not None
+    assert ppl_check({"ratio": 1.0, "ci95": [0.99, 1.01], "n": 50}, {}, {}) == (None, None)

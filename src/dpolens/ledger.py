@@ -294,7 +294,7 @@ def ppl_check(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> tupl
                                   else None)
     if value is None:
         return "perplexity not measured: the cost cannot be bounded", None
-    if not (r and r["ci95"] and r["n"] >= MIN_GUARD_WINDOWS):
+    if not (r and r["ci95"] and all(map(finite, r["ci95"])) and r["n"] >= MIN_GUARD_WINDOWS):
         return (f"perplexity ×{num(value)} has no interval over at least {MIN_GUARD_WINDOWS} windows "
                 f"({ppl_text(r, a, b)}): it cannot be shown within ×{PPL_BOUND}"), None
     lo, hi = r["ci95"]
@@ -307,7 +307,7 @@ def ppl_check(r: dict | None, a: dict, b: dict, two_sided: bool = False) -> tupl
 
 def f1_check(f1: dict | None, text: str) -> tuple[str | None, str | None]:
     """The F1 guard (aligned − base, paired over rows) as (guard, violation), by F1_MARGIN."""
-    if not (f1 and f1["ci95"]):
+    if not (f1 and f1["ci95"] and all(map(finite, f1["ci95"]))):
         return f"{text}: the F1 cost cannot be bounded", None
     lo, hi = f1["ci95"]
     if hi < -F1_MARGIN:
