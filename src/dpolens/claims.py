@@ -47,13 +47,17 @@ def run_scorer(run: Path) -> str:
     return DEFAULT_SCORER
 
 
+def _study_config(run: Path) -> dict:
+    """The study config recorded in results.json ({} without a readable one)."""
+    try:
+        return ((read_json(run / "results.json") or {}).get("provenance") or {}).get("config") or {}
+    except DpolensError:
+        return {}
+
+
 def run_seed(run: Path) -> int:
     """The study's seed (results.json's config), which the ledger's bootstraps use; 0 without one."""
-    try:
-        cfg = ((read_json(run / "results.json") or {}).get("provenance") or {}).get("config") or {}
-    except DpolensError:
-        return 0
-    return int(cfg.get("seed", 0))
+    return int(_study_config(run).get("seed", 0))
 
 
 def method_rows(run: Path, context: Callable[[Path], StageContext]) -> list[dict]:
@@ -115,11 +119,7 @@ def write_claims(run_dir: str | Path, **kwargs) -> dict:
 
 def run_model(run: Path) -> str:
     """The model a run studied (results.json's config), else the run folder's name."""
-    try:
-        cfg = ((read_json(run / "results.json") or {}).get("provenance") or {}).get("config") or {}
-    except DpolensError:
-        cfg = {}
-    return str(cfg.get("model") or run.name)
+    return str(_study_config(run).get("model") or run.name)
 
 
 def across_runs(ledgers: list[dict], labels: list[str]) -> dict:

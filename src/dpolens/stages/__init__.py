@@ -72,10 +72,14 @@ class Stage:
         return tuple(getattr(self.module, "CLAIMS", ()))
 
     @property
+    def named(self) -> set[str]:
+        """Every `{name}` the wiring's templates use."""
+        return {f for t in self.wires.values() for _, f, _, _ in string.Formatter().parse(t) if f}
+
+    @property
     def inputs(self) -> tuple[str, ...]:
         """The stages whose folders the wiring names, in registry order (not the stage itself)."""
-        named = {f for t in self.wires.values() for _, f, _, _ in string.Formatter().parse(t) if f}
-        return tuple(s.name for s in REGISTRY if s.name in named and s.name != self.name)
+        return tuple(s.name for s in REGISTRY if s.name in self.named and s.name != self.name)
 
     def headline(self, folder: Path) -> dict:
         return self.module.headline(folder)
@@ -155,8 +159,7 @@ def check_registry(registry: list[Stage]) -> None:
                 missing.append(f"{_camel(st.name)}Config" if what == "config_class" else f"run_{st.name}")
         if missing:
             raise DpolensError(f"stage module {st.module.__name__} lacks {', '.join(missing)}")
-        named = {f for t in st.wires.values() for _, f, _, _ in string.Formatter().parse(t) if f}
-        late = sorted(named - set(seen) - {st.name, "model", "run", "device"})
+        late = sorted(st.named - set(seen) - {st.name, "model", "run", "device"})
         if late:
             raise DpolensError(f"stage '{st.name}' reads '{late[0]}', which is not an earlier stage "
                                f"(run order: {', '.join(s.name for s in registry)})")

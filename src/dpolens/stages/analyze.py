@@ -251,8 +251,10 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
+    given = None  # a control model folder: loaded and checked before any compute
     if cfg.control and cfg.control != "placebo":
-        check_pair(base, load_model(cfg.control, dtype=cfg.dtype, device=cfg.device))  # fail before any compute
+        given = load_model(cfg.control, dtype=cfg.dtype, device=cfg.device)
+        check_pair(base, given)
     probe, _ = load_probe(cfg.probe, base)
     token_id = single_token(base, cfg.lens_token)
     a = base.adapter
@@ -283,8 +285,7 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     # the control draws, one model at a time: their stats on the base tokens and their value shifts
     controls, control_ids = [], []
     for k in range(cfg.control_draws if cfg.control == "placebo" else 1 if cfg.control else 0):
-        c = placebo(base, aligned, cfg.seed + k) if cfg.control == "placebo" else \
-            load_model(cfg.control, dtype=cfg.dtype, device=cfg.device)
+        c = given or placebo(base, aligned, cfg.seed + k)
         st = continuation_stats(c, same, (), cfg.batch_size, f"control {k}, base tokens", x_layers=all_layers,
                                 neurons=top)
         dvc = {j: c.adapter.value_vectors(j).float() - a.value_vectors(j).float() for j in range(a.n_layers)}

@@ -37,7 +37,7 @@ import numpy as np
 from dpolens.activations import bootstrap_counts
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
 from dpolens.attribution import (MIRRORS, assign_groups, crossfit_shares, dampened_toxic, group_shares, neuron_edits,
-                                 neuron_table)
+                                 neuron_table, set_sums)
 from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
@@ -184,11 +184,7 @@ def group_intervals(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int
             "positive": np.isin(labels, GROUPS), "net": np.ones(len(labels), dtype=bool)}
     member = np.stack(list(sets.values()), 1).astype(np.float64)  # [n_neurons, n_sets]
 
-    def set_sums(name: str) -> np.ndarray:  # [n_prompts, n_sets] per-prompt projection sums of each set
-        pp = t[f"prompt_p_{name}"]
-        return np.concatenate([pp[i:i + 256].astype(np.float64) @ member for i in range(0, len(pp), 256)])
-
-    sums_b, sums_a = set_sums("base"), set_sums("aligned")
+    sums_b, sums_a = set_sums(t["prompt_p_base"], member), set_sums(t["prompt_p_aligned"], member)
     tok_b, tok_a = t["prompt_tokens_base"], t["prompt_tokens_aligned"]
     reductions = np.concatenate([counts @ sums_b / (counts @ tok_b)[:, None] - counts @ sums_a / (counts @ tok_a)[:, None]
                                  for counts in bootstrap_counts(len(tok_b), n_boot, seed)])  # [n_boot, n_sets]
