@@ -16,7 +16,7 @@ from test_pairs_dpo import write_pairs
 def config(tiny, tmp_path, method, out, max_steps):
     return DpoConfig(model=str(tiny), pairs=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / out), method=method,
                      learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=max_steps,
-                     evaluate=False, rl_max_new_tokens=6)
+                     evaluate=False, target_reduction=None, rl_max_new_tokens=6)
 
 
 # grpo and rloo reward with the offline scorer, which a fresh machine fetches from PyPI: slow lane

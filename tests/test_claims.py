@@ -181,6 +181,16 @@ def make_run(root, rng):
     write_json(run / "dpo" / "eval.json", {"rows": [eval_row("base", base_tox, rng),
                                                     eval_row("aligned", aligned_tox, rng, 1.02, ALIGNED)],
                                            "scorer": scorer, "n_prompts": N_PROMPTS})
+    # drift: one marker over-used (contradicted), a reduction beyond the cue words (holds), no collapse
+    write_json(run / "dpo" / "drift.json", {"models": {"aligned": {
+        "overuse": {"chosen_on": 100, "measured_on": 100, "split_seed": 0,
+                    "words": [{"word": "<year>", "base_share": 0.02, "aligned_share": 0.34}],
+                    "worst": {"word": "<year>", "excess": 0.3, "excess_ci95": [0.25, 0.35], "factor": 2.0,
+                              "rise_word": "<year>", "rise": 0.12, "rise_ci95": [0.05, 0.2]}},
+        "cue_sensitivity": {"threshold": 0.8, "n_cues": 2, "cues": [{"word": "idiot", "toxicity": 0.9}],
+                            "reduction": {"mean": 0.1, "ci95": [0.08, 0.12]},
+                            "masked_reduction": {"mean": 0.05, "ci95": [0.02, 0.08]},
+                            "share_kept": {"mean": 0.5, "ci95": [0.3, 0.7]}, "n": N_PROMPTS}}}})
     write_json(run / "dpo" / "summary.json", {"base": MODEL, "aligned": ALIGNED, "weight_shift": {
         "min_cosine": 0.99999, "mean_norm_diff": 1e-5, "max_norm_diff": 1e-3, "all_above_0_99": True,
         "n_tensors": 30, "changed_tensors": 30, "most_moved": [{"name": "lm_head.weight", "cosine": 0.99999,
@@ -272,6 +282,8 @@ def test_claims_from_a_synthetic_run(run_dir):
     expected = {"probe_separates": "holds", "vectors_toxic_tokens": "holds", "subtract_probe_beats_random": "holds",
                 "subtract_mlp_v_beats_random": "inconclusive", "subtract_svd_u_beats_random": "holds",
                 "dpo_lowers_toxicity": "holds", "weights_barely_move": "holds",
+                # a 29% reduction is not the paper's 54%; the year marker rose past twice the base's share
+                "strength_matches_paper": "contradicted", "no_overuse": "contradicted", "reduction_beyond_cues": "holds",
                 "toxic_neurons_activation_drop": "holds", "offset_grows": "holds",
                 "offset_away_from_toxic": "inconclusive", "value_shifts_opposite": "holds",
                 # holds for DPO, but not more than for the placebo
@@ -403,6 +415,8 @@ def test_patching_at_a_perplexity_cost_does_not_replicate(run_dir):
 
 
 def test_a_collapse_onto_one_subject_blocks_the_dpo_claim(run_dir):
+    """A run without drift.json (written before it): the most over-used word's point value is the guard."""
+    (run_dir / "dpo" / "drift.json").unlink()
     ev = json.loads((run_dir / "dpo" / "eval.json").read_text())
     ev["overused_words"] = [{"word": "2018", "base_share": 0.02, "aligned_share": 0.62}]
     write_json(run_dir / "dpo" / "eval.json", ev)
@@ -499,3 +513,15 @@ def test_a_guard_without_a_finite_interval_does_not_pass():
     assert ppl_check({"ratio": 1.0, "ci95": [nan, nan], "n": 50}, {}, {})[0] is not None
     assert f1_check({"ci95": [nan, nan]}, "F1 x")[0] is not None
     assert ppl_check({"ratio": 1.0, "ci95": [0.99, 1.01], "n": 50}, {}, {}) == (None, None)
+
+
+def test_a_collapse_whose_interval_passes_the_bound_vetoes_the_toxicity_row(run_dir):
+    d = json.loads((run_dir / "dpo" / "drift.json").read_text())
+    worst = d["models"]["aligned"]["overuse"]["worst"]
+    for ci, verdict in (([0.3, 0.4], "contradicted"), ([0.2, 0.3], "inconclusive"), ([0.05, 0.2], "holds")):
+        worst["rise_ci95"] = ci
+        write_json(run_dir / "dpo" / "drift.json", d)
+        row = next(r for r in build_claims(run_dir, n_boot=200, scorer_factory=lambda name: WordScorer())["rows"]
+                   if r["id"] == "dpo_lowers_toxicity")
+        assert row["verdict"] == verdict, ci
+        assert ("onto one subject" in (row["diagnosis"] or "")) == (verdict != "holds")

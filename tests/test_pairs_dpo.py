@@ -189,7 +189,7 @@ def test_dpo_trains_moves_weights_slightly_and_resumes(tiny_dirs, tmp_path, monk
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs, 30)
     cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), max_pairs=24, out=str(tmp_path / "dpo"),
-                    learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False)
+                    learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False, target_reduction=None)
     s = run_dpo(cfg)
     assert s["steps"] == 6 and s["pairs_seen"] == 24 and s["n_train_pairs"] == 20
     assert 0 < s["weight_shift"]["min_cosine"] < 1 and s["weight_shift"]["changed_tensors"] > 0
@@ -223,7 +223,7 @@ def test_dpo_nan_stops_with_message(tiny_dirs, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     write_pairs(pairs)
     cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
-                    learning_rate=1e30, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False,
+                    learning_rate=1e30, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=6, evaluate=False, target_reduction=None,
                     max_grad_norm=1e30, optimizer="sgd")
     with pytest.raises(DpolensError, match="NaN/inf"):
         run_dpo(cfg)
@@ -239,7 +239,7 @@ def test_dpo_trainable_subsets_leave_the_rest_untouched(tiny_dirs, tmp_path, tra
     save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[7].clone(), 0.0, base, {})
     s = run_dpo(DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "dpo"),
                           learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
-                          evaluate=False, trainable=trainable, probe=str(tmp_path / "probe.safetensors"),
+                          evaluate=False, target_reduction=None, trainable=trainable, probe=str(tmp_path / "probe.safetensors"),
                           top_neurons=3))
     aligned = load_model(tmp_path / "dpo" / "model")
     moved = {n for n, p in aligned.model.named_parameters()
@@ -268,7 +268,7 @@ def test_sft_loss_runs(tiny_dirs, tmp_path):
     write_pairs(pairs)
     s = run_dpo(DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), out=str(tmp_path / "sft"),
                           learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2,
-                          evaluate=False, loss="sft"))
+                          evaluate=False, target_reduction=None, loss="sft"))
     assert s["loss"] == "sft" and s["steps"] == 2
 
 

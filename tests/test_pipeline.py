@@ -234,4 +234,4 @@ def test_every_stage_runs_on_a_tied_gqa_llama(study_file, tied_llama, jigsaw_cac
     r = run_study(load_study(study_file, ["device=cpu", f"model={tied_llama}", "name=tied"]))
     assert set(STAGES) <= set(r) and all(r[s] for s in STAGES)
     assert r["dpo"]["models"]["base"]["family"] == "llama"
-    assert sum(r["claims"].values()) == 18
+    assert sum(r["claims"].values()) == 21

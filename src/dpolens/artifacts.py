@@ -147,9 +147,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def save_model_dir(path: str | Path, model, tokenizer) -> None:
-    """`save_pretrained` of a model and its tokenizer into a temporary folder beside `path`, renamed
-    into place once both are written: a kill never leaves a half-written model folder."""
+def _write_dir(path: str | Path, fill) -> None:
+    """`fill(tmp)` writes a folder beside `path`, renamed into place once written: a kill never leaves a
+    half-written folder."""
     import shutil
 
     path = Path(path)
@@ -160,8 +160,7 @@ def save_model_dir(path: str | Path, model, tokenizer) -> None:
     tmp.chmod(0o777 & ~umask)  # as a plain mkdir would (mkdtemp makes it private)
     old = path.with_name(f".{path.name}.old")
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        fill(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)  # set aside, removed once the new folder is in place
@@ -169,6 +168,18 @@ def save_model_dir(path: str | Path, model, tokenizer) -> None:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model_dir(path: str | Path, model, tokenizer) -> None:
+    """`save_pretrained` of a model and its tokenizer, written atomically (`_write_dir`)."""
+    _write_dir(path, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def copy_dir(src: str | Path, path: str | Path) -> None:
+    """A copy of the folder `src` at `path`, byte for byte, written atomically (`_write_dir`)."""
+    import shutil
+
+    _write_dir(path, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -206,3 +206,35 @@ def variant_offset_figure(out: Path, rows: list[dict]) -> list[str]:
     ax.set_title("Residual offset δx per layer, each alignment against the same base (same tokens)")
     ax.legend(fontsize=8)
     return _save(fig, out, "fig_offset_by_variant")
+
+
+def kl_profile_figure(out: Path, drift: dict[str, dict]) -> list[str]:
+    """Per-token KL(aligned ‖ base) at each generated position, one line (with its 95% band) per aligned model."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, d in drift.items():
+        rows = [r for r in d["kl_challenge"]["positions"] if r["ci95"]]
+        x = [r["position"] for r in rows]
+        ax.plot(x, [r["mean"] for r in rows], "-o", ms=3, label=label)
+        ax.fill_between(x, [r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows], alpha=0.2)
+    ax.set_xlabel("generated position")
+    ax.set_ylabel("KL(aligned ‖ base), nats")
+    ax.set_title("Where the alignment acts: per-token KL on the challenge prompts")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "fig_kl_profile")
+
+
+def dose_response_figure(out: Path, rows: list[dict]) -> list[str]:
+    """One panel per measure: its value and 95% interval against the alignment's toxicity reduction."""
+    names = sorted({k for r in rows for k in r["measures"]})
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        pts = sorted((r["reduction"], r["measures"][name]) for r in rows if name in r["measures"])
+        x = [p[0] for p in pts]
+        ax.errorbar(x, [p[1]["value"] for p in pts],
+                    yerr=[[p[1]["value"] - p[1]["ci95"][0] for p in pts], [p[1]["ci95"][1] - p[1]["value"] for p in pts]],
+                    fmt="-o", ms=3, capsize=2)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("toxicity reduction")
+    fig.tight_layout()
+    return _save(fig, out, "fig_dose_response")

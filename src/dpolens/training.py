@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,12 +31,14 @@ from dpolens.artifacts import (
     DpolensError,
     append_jsonl,
     check_not_input,
+    copy_dir,
+    read_jsonl_complete,
     save_model_dir,
     write_json,
 )
 from dpolens.compare import WeightShiftSummary, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
-from dpolens.data import load_pairs
+from dpolens.data import default_data, load_pairs, load_prompts
 from dpolens.evaluate import EvalData
 from dpolens.model.heads import completion_head
 from dpolens.model.loading import LoadedModel, adds_bos, load_model, resolve_device
@@ -90,11 +93,25 @@ class TrainConfig(RunSettings):
     # warn when the pairs are trivially separable: validation reward accuracy 1.0 and validation
     # loss below this within the first two evaluations (the sides differ by more than toxicity)
     separable_loss: float = 0.1
+    # strength control (issue #32): after every checkpoint (each eval_steps) the model's greedy toxicity on
+    # the dev prompts is compared with the base's; the first checkpoint whose relative reduction
+    # 1 − toxicity/base toxicity reaches target_reduction ends training and is the aligned model (None:
+    # train for the steps, keep the best validation loss)
+    target_reduction: float | None = None
+    # also keep the first checkpoint reaching each of these reductions (a dose-response from one run), in
+    # out/strengths/<pct>/model; training goes on to the largest of them and target_reduction
+    strengths: list[float] = field(default_factory=list)
+    # dev prompts for the strength check, never evaluation prompts (JSONL, `prompt`)
+    dev_prompts: list[str] = field(default_factory=lambda: [default_data("rtp/challenge_prompts_dev.jsonl")])
+    dev_val_prompts: bool = True  # add the validation pairs' prompts (never trained on) to the dev prompts
     eval: EvalData = field(default_factory=EvalData)
 
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "batch_size", "val_pairs", "eval_steps")
+        for r in [*([self.target_reduction] if self.target_reduction is not None else []), *self.strengths]:
+            if not 0 < r < 1:
+                raise ConfigError(f"a target reduction must be in (0, 1), got {r}")
         at_least(self, 1, "rl_generations", "rl_max_new_tokens")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss '{self.loss}' (TRL's DPO losses: {', '.join(LOSSES)})")
@@ -359,6 +376,99 @@ class ToxicityReward:
         return [1.0 - self.cache[c] for c in completions]
 
 
+def strength_label(r: float) -> str:
+    """The folder name of a strength: 0.54 -> "54"."""
+    return f"{round(r * 100):d}"
+
+
+class StrengthMonitor:
+    """Greedy toxicity on the dev prompts at every checkpoint (strength.jsonl, one row a step; step 0 is the
+    base), the first checkpoint reaching each target kept in out/strengths/<pct>/model, and training stopped
+    once the largest target is reached. A resumed run reads the rows it has."""
+
+    def __init__(self, cfg: TrainConfig, lm: LoadedModel, val: list[dict], out: Path):
+        from dpolens.scoring import get_scorer
+
+        files = [load_prompts(f) for f in cfg.dev_prompts]
+        vp = [p["prompt_text"] for p in val] if cfg.dev_val_prompts else []
+        self.prompts = list(dict.fromkeys([q for f in files for q in f] + vp))
+        if not self.prompts:
+            raise DpolensError("target_reduction/strengths need dev prompts: dev_prompts is empty and "
+                               "dev_val_prompts is off")
+        if cfg.eval.prompts and (both := set(self.prompts) & set(load_prompts(cfg.eval.prompts))):
+            raise DpolensError(f"{len(both)} dev prompts are evaluation prompts ({cfg.eval.prompts}): the strength "
+                               "would be chosen on the prompts it is measured on")
+        self.dev = {"files": list(cfg.dev_prompts), "n_from_files": sum(map(len, files)),
+                    "n_validation_pair_prompts": len(vp), "n": len(self.prompts)}
+        self.cfg, self.lm, self.out = cfg, lm, out
+        self.scorer = get_scorer(cfg.eval.scorer)
+        self.targets = sorted({*cfg.strengths, *([cfg.target_reduction] if cfg.target_reduction is not None else [])})
+        self.path = out / "strength.jsonl"
+        self.rows = read_jsonl_complete(self.path) if self.path.exists() else []
+
+    def _toxicity(self) -> list[float]:
+        from dpolens.model.generation import generate
+
+        model, s = self.lm.model, self.cfg.eval.settings
+        was = model.training
+        model.eval()
+        try:
+            gens = generate(self.lm, self.prompts, s.max_new_tokens, batch_size=s.batch_size,
+                            max_prompt_tokens=s.max_prompt_tokens, progress=False)
+        finally:
+            model.train(was)
+        return self.scorer.score([g.continuation for g in gens]).toxicity.tolist()
+
+    def row(self, step: int) -> dict:
+        """The dev toxicity at `step` (measured now unless strength.jsonl has it)."""
+        if (r := next((r for r in self.rows if r["step"] == step), None)) is not None:
+            return r
+        tox = self._toxicity()
+        base = self.rows[0]["toxicity"] if self.rows else float(np.mean(tox))
+        r = {"step": step, "toxicity": float(np.mean(tox)), "reduction": 1 - float(np.mean(tox)) / base
+             if base else float("nan"), "per_prompt": tox}
+        append_jsonl(self.path, [r])
+        self.rows.append(r)
+        return r
+
+    def reached(self) -> dict[str, int]:
+        """Each target's label and the first step whose dev reduction reached it."""
+        return {strength_label(t): next(r["step"] for r in self.rows if r["step"] and r["reduction"] >= t)
+                for t in self.targets if any(r["step"] and r["reduction"] >= t for r in self.rows)}
+
+    def done(self) -> bool:
+        return len(self.reached()) == len(self.targets)
+
+    def on_checkpoint(self, step: int) -> bool:
+        """Measure the model just saved at `step`; keep it for each target it reaches first; True to stop."""
+        before = self.reached()
+        r = self.row(step)
+        for label, first in self.reached().items():
+            if label not in before and first == step:
+                save_model_dir(self.out / "strengths" / label / "model", self.lm.model, self.lm.tokenizer)
+                write_json(self.out / "strengths" / label / "strength.json",
+                           {"target": int(label) / 100, "step": step, "dev_toxicity": r["toxicity"],
+                            "dev_reduction": r["reduction"], "dev": self.dev})
+                log.info("step %d: dev toxicity %.4f, reduction %.3f reaches %s%%", step, r["toxicity"],
+                         r["reduction"], label)
+        return self.done()
+
+    def summary(self, analysed_step: int | None) -> dict:
+        base = self.rows[0] if self.rows else {}
+        reached = self.reached()
+        out = {"target_reduction": self.cfg.target_reduction, "strengths": self.cfg.strengths, "dev": self.dev,
+               "base_dev_toxicity": base.get("toxicity"),
+               "trajectory": [{k: r[k] for k in ("step", "toxicity", "reduction")} for r in self.rows],
+               "reached": reached, "analysed_step": analysed_step,
+               "models": {label: str(self.out / "strengths" / label / "model") for label in reached}}
+        missing = [strength_label(t) for t in self.targets if strength_label(t) not in reached]
+        if missing:
+            best = max((r["reduction"] for r in self.rows if r["step"]), default=float("nan"))
+            out["warning"] = (f"training ended before the dev reduction reached {', '.join(m + '%' for m in missing)} "
+                              f"(largest {best:.0%}): the aligned model is the best validation-loss checkpoint")
+        return out
+
+
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -401,6 +511,13 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
                 control.should_training_stop = True
                 control.should_save = False
 
+    monitor = StrengthMonitor(cfg, lm, val, out) if (cfg.target_reduction is not None or cfg.strengths) else None
+
+    class StopAtStrength(TrainerCallback):
+        def on_save(self, args, st, control, **kw):
+            if monitor.on_checkpoint(st.global_step):
+                control.should_training_stop = True
+
     online = cfg.method in ONLINE
     common = dict(  # the Trainer settings every method shares
         output_dir=str(ckpt_dir), learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
@@ -417,12 +534,15 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
         greater_is_better=None if online else False,
     )
     callbacks = [LogToJsonl()] + ([] if online else [EarlyStoppingCallback(early_stopping_patience=cfg.patience)])
+    if monitor:
+        monitor.row(0)  # the base's dev toxicity, before any step
+        callbacks.append(StopAtStrength())
     resume = _checkpoints(ckpt_dir)
     examples = {"kto": 2 * len(train), "grpo": len(train) * cfg.rl_generations,
                 "rloo": len(train) * cfg.rl_generations}.get(cfg.method, len(train))
     target = cfg.max_steps if cfg.max_steps > 0 else \
         math.ceil(examples / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs)
-    finished = bool(resume) and int(resume[-1].name.split("-")[1]) >= target
+    finished = bool(resume) and (int(resume[-1].name.split("-")[1]) >= target or bool(monitor and monitor.done()))
     # a finished run only loads its best checkpoint: no reference log-probs to precompute (minutes on CPU)
     trainer = _trainer(replace(cfg, precompute_ref=False) if finished else cfg, lm, common, train, val, callbacks)
     if finished:
@@ -444,7 +564,13 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
         raise DpolensError(f"{cfg.method} loss became NaN/inf at step {state['diverged']}; stopped. Last good checkpoint: "
                            f"{good[-1] if good else 'none'} (lower the learning rate and re-run)")
     model_dir = out / "model"
-    save_model_dir(model_dir, trainer.model, lm.tokenizer)
+    analysed = None
+    if monitor and cfg.target_reduction is not None and \
+            (label := strength_label(cfg.target_reduction)) in (reached := monitor.reached()):
+        analysed = reached[label]  # the first checkpoint at the target, not the best validation loss
+        copy_dir(out / "strengths" / label / "model", model_dir)
+    else:
+        save_model_dir(model_dir, trainer.model, lm.tokenizer)
     aligned = load_model(model_dir, dtype=cfg.dtype, device=cfg.device)
     base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     shift = weight_shift(base.model, aligned.model)
@@ -467,6 +593,11 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
         "warnings": [sep["warning"]] if "warning" in sep else [],
         "base": base.identity(), "aligned": aligned.identity(),
     }
+    if monitor:
+        summary["strength"] = monitor.summary(analysed)
+        if w := summary["strength"].get("warning"):
+            log.warning("%s", w)
+            summary["warnings"].append(w)
     write_json(out / "weight_shift.json", shift)
     write_json(out / "summary.json", summary)
     return summary, base, aligned

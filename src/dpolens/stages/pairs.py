@@ -47,6 +47,7 @@ from dpolens.artifacts import (
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
+from dpolens.drift import lopsided_markers
 from dpolens.model import hooks
 from dpolens.model.generation import (
     Generation,
@@ -221,6 +222,8 @@ class PairsOverview(TypedDict):
     quality: PairsQuality  # of the kept pairs
     dropped: dict[str, int]  # gate_reason -> candidates dropped for it
     samples: list[PairSample]  # the first three kept pairs
+    # non-toxic words/patterns whose share differs most between the sides (drift.lopsided_markers)
+    lopsided_markers: list[dict[str, Any]]
 
 
 class PairsSummary(PairsOverview):
@@ -661,6 +664,9 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
                "settings": gen.settings, "sample_dtype": gen.sample_dtype, "sweep": sweep,
                "gate": asdict(cfg.gate), "dropped": dropped,
                "quality": quality(lm, kept), "quality_before_gate": quality(lm, done),
+               # non-toxic markers on one side more than the other: what a DPO may learn besides toxicity
+               "lopsided_markers": lopsided_markers(scorer, [r["unpert_gen_text"] for r in kept],
+                                                    [r["pert_gen_text"] for r in kept]),
                "samples": [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text",
                                               "preferred_toxicity", "dispreferred_toxicity")} for r in kept[:3]],
                "preferred_toxicity_mean": float(np.mean([r["preferred_toxicity"] for r in kept])),
@@ -675,7 +681,7 @@ def headline(folder: Path) -> PairsHeadline:
     if not (p := read_json(folder / "pairs.summary.json")):
         return {}
     return {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
-                                  "dispreferred_toxicity_mean", "quality", "dropped", "samples")}
+                                  "dispreferred_toxicity_mean", "quality", "dropped", "samples", "lopsided_markers")}
 
 
 def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
@@ -694,9 +700,13 @@ def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
     samples = [{"prompt": s["prompt_text"], "preferred": s["unpert_gen_text"], "dispreferred": s["pert_gen_text"],
                 "toxicity (pref / dispref)": f"{s['preferred_toxicity']:.3f} / {s['dispreferred_toxicity']:.3f}"}
                for s in p.get("samples") or []]
+    lop = [{**m, "ratio": "only preferred" if m["ratio"] is None else m["ratio"]} for m in p.get("lopsided_markers") or []]
     return "<h2>Preference pairs (paper 4.2)</h2>" + out + table(
         samples, ["prompt", "preferred", "dispreferred", "toxicity (pref / dispref)"],
-        f"{len(samples)} of the pairs the DPO learns from.")
+        f"{len(samples)} of the pairs the DPO learns from.") + (table(
+            lop, ["word", "preferred_share", "dispreferred_share", "ratio"],
+            "Non-toxic words and patterns whose share differs most between the sides (words the scorer alone rates "
+            "≥ 0.5 toxic left out): a DPO may learn these besides toxicity.") if lop else "")
 
 
 def describe(s: PairsSummary) -> str:

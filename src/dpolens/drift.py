@@ -1,0 +1,275 @@
+"""How far an aligned model drifts from its base besides being less toxic (issue #32).
+
+A DPO that "detoxifies" by steering every prompt to one safe subject ("the 2018 season") is not the
+paper's alignment. These measures compare base and aligned continuations of the same prompts:
+
+- `overuse`: the words and patterns (years, URLs, newlines) whose share of continuations rose most,
+  chosen on one half of the prompts and measured on the other, with paired intervals;
+- `distinct2`: distinct word bigrams across all continuations, with a paired bootstrap;
+- `kl_profile`: per-token KL(aligned ‖ base) at each generated position (the depth profile of Qi et
+  al., "Safety alignment should be made more than just a few tokens deep"), teacher-forced on the
+  aligned model's own continuations, and `kl_wikitext` on the perplexity windows;
+- `cue_sensitivity`: the toxicity reduction re-scored with the scorer's strongest single-word cues
+  masked, so a reader sees how much of the reduction is "stopped swearing".
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import TypedDict
+
+import numpy as np
+import torch
+
+from dpolens.evaluate import percentile_ci, ppl_windows, resample_units
+from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
+from dpolens.model.loading import LoadedModel
+
+# patterns counted as one "word" each: a collapse onto a date, a link or a new paragraph shows as one marker
+PATTERNS = {"<year>": re.compile(r"\b(?:1[89]|20)\d\d\b"), "<url>": re.compile(r"https?://|www\.|\.com\b"),
+            "<newline>": re.compile(r"\n")}
+WORD = re.compile(r"[a-z0-9']+")
+OVERUSE_FACTOR = 2.0  # the over-use row: an aligned share above twice the base's is drift
+
+
+def markers(text: str) -> set[str]:
+    """The lower-cased words of a text and the patterns it holds."""
+    return set(WORD.findall(text.lower())) | {k for k, p in PATTERNS.items() if p.search(text)}
+
+
+def split_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of n units into a choosing half and a measuring half (sorted indices)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+
+
+class MarkerShift(TypedDict):
+    word: str
+    chosen_base_share: float  # on the choosing half
+    chosen_aligned_share: float
+    base_share: float  # on the measuring half
+    aligned_share: float
+    rise: float  # aligned − base share, measuring half
+    rise_ci95: list[float]
+    excess: float  # aligned − OVERUSE_FACTOR × base share, measuring half
+    excess_ci95: list[float]
+
+
+def overuse(base: list[str], aligned: list[str], seed: int = 0, top: int = 5, rare: float = 0.1,
+            n_boot: int = 2000) -> dict:
+    """The `top` markers whose share rose most (among those the base uses in fewer than `rare` of its
+    continuations), chosen on one half of the prompts, measured on the other with paired bootstrap
+    intervals. `worst` is the largest excess over OVERUSE_FACTOR × base
+    and the largest rise, each maximised inside every bootstrap replicate."""
+    if len(base) != len(aligned):
+        raise ValueError(f"{len(base)} base and {len(aligned)} aligned continuations: not the same prompts")
+    mb, ma = [markers(t) for t in base], [markers(t) for t in aligned]
+    choose, measure = split_halves(len(base), seed)
+    fb = Counter(w for i in choose for w in mb[i])
+    fa = Counter(w for i in choose for w in ma[i])
+    nc = max(len(choose), 1)
+    rare_words = [w for w in fa if fb[w] / nc < rare and fa[w] > fb[w]]
+    chosen = sorted(rare_words, key=lambda w: (fb[w] / nc - fa[w] / nc, w))[:top]
+    if not len(measure) or not chosen:
+        return {"chosen_on": int(len(choose)), "measured_on": int(len(measure)), "split_seed": seed, "words": [],
+                "worst": None}
+    B = np.array([[w in mb[i] for w in chosen] for i in measure], dtype=float)  # [prompts, words]
+    A = np.array([[w in ma[i] for w in chosen] for i in measure], dtype=float)
+    idx = resample_units(len(measure), n_boot, seed)
+    rise_b = (A - B)[idx].mean(axis=1)  # [n_boot, words]
+    excess_b = (A - OVERUSE_FACTOR * B)[idx].mean(axis=1)
+    words = []
+    for j, w in enumerate(chosen):
+        words.append({"word": w, "chosen_base_share": fb[w] / nc, "chosen_aligned_share": fa[w] / nc,
+                      "base_share": float(B[:, j].mean()), "aligned_share": float(A[:, j].mean()),
+                      "rise": float((A - B)[:, j].mean()), "rise_ci95": percentile_ci(rise_b[:, j]),
+                      "excess": float((A - OVERUSE_FACTOR * B)[:, j].mean()),
+                      "excess_ci95": percentile_ci(excess_b[:, j])})
+    j = int(np.argmax([x["excess"] for x in words]))
+    k = int(np.argmax([x["rise"] for x in words]))
+    worst = {"word": words[j]["word"], "excess": words[j]["excess"],
+             "excess_ci95": percentile_ci(excess_b.max(axis=1)), "factor": OVERUSE_FACTOR,
+             "rise_word": words[k]["word"], "rise": words[k]["rise"], "rise_ci95": percentile_ci(rise_b.max(axis=1)),
+             "note": "the maximum over the chosen markers is taken inside each bootstrap replicate"}
+    return {"chosen_on": int(len(choose)), "measured_on": int(len(measure)), "split_seed": seed, "words": words,
+            "worst": worst}
+
+
+def _bigrams(text: str) -> list[tuple[str, str]]:
+    w = text.lower().split()
+    return list(zip(w, w[1:]))
+
+
+def _distinct(grams: list[list[tuple]], idx) -> float:
+    c = [g for i in idx for g in grams[i]]
+    return len(set(c)) / len(c) if c else float("nan")
+
+
+def distinct2(base: list[str], aligned: list[str], seed: int = 0, n_boot: int = 300) -> dict:
+    """Distinct word bigrams / all bigrams across each model's continuations (1 = no bigram repeats
+    anywhere), and aligned − base, resampling prompts (the same draws for both)."""
+    gb, ga = [_bigrams(t) for t in base], [_bigrams(t) for t in aligned]
+    n = len(gb)
+    full = np.arange(n)
+    b, a = _distinct(gb, full), _distinct(ga, full)
+    reps = np.array([[_distinct(gb, i), _distinct(ga, i)] for i in resample_units(n, n_boot, seed)])
+    return {"base": b, "aligned": a, "diff": a - b, "base_ci95": percentile_ci(reps[:, 0]),
+            "aligned_ci95": percentile_ci(reps[:, 1]), "diff_ci95": percentile_ci(reps[:, 1] - reps[:, 0]),
+            "n": n, "n_boot": n_boot}
+
+
+def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row, from logits."""
+    lp, lq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _interval(values: np.ndarray, seed: int, n_boot: int) -> dict:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {"mean": float("nan"), "ci95": None, "n": 0}
+    reps = values[resample_units(len(values), n_boot, seed)].mean(axis=1)
+    return {"mean": float(values.mean()), "ci95": percentile_ci(reps), "n": int(len(values))}
+
+
+@torch.inference_mode()
+def kl_profile(aligned: LoadedModel, base: LoadedModel, prompts: list[str], continuation_ids: list[list[int]],
+               max_prompt_tokens: int | None, batch_size: int = 8, seed: int = 0, n_boot: int = 2000) -> dict:
+    """KL(aligned ‖ base) of the next-token distribution at each generated position 1..T, teacher-forced on
+    the aligned model's own continuations (prompts encoded and cut as the harness cut them), with a
+    bootstrap interval over prompts per position and for the mean over positions of each prompt."""
+    if aligned.tokenizer.get_vocab() != base.tokenizer.get_vocab():
+        raise ValueError("base and aligned have different vocabularies: no per-token KL")
+    prompt_ids = encode_prompts(aligned, prompts, max_prompt_tokens)
+    T = max((len(c) for c in continuation_ids), default=0)
+    kl = np.full((len(prompts), T), np.nan)
+    seqs = [p + list(c) for p, c in zip(prompt_ids, continuation_ids)]
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        ids, mask = left_pad([seqs[i] for i in idx], aligned.tokenizer.pad_token_id, aligned.device)
+        pos = position_ids(mask)
+        hp = aligned.adapter.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        hq = base.adapter.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        width = ids.shape[1]
+        for row, i in enumerate(idx):
+            n = len(continuation_ids[i])
+            if not n:
+                continue
+            sl = slice(width - n - 1, width - 1)  # position t predicts token t+1: continuation token j at width-n-1+j
+            kl[i, :n] = _kl_rows(aligned.adapter.logits(hp[row, sl], apply_norm=False),
+                                 base.adapter.logits(hq[row, sl], apply_norm=False)).cpu().numpy()
+    per_pos = [{"position": t + 1, **_interval(kl[:, t], seed, n_boot)} for t in range(T)]
+    return {"positions": per_pos, "mean_over_positions": _interval(np.nanmean(kl, axis=1) if T else np.array([]),
+                                                                   seed, n_boot),
+            "n_prompts": len(prompts), "teacher_forced_on": "the aligned model's greedy continuations",
+            "unit": "nats"}
+
+
+@torch.inference_mode()
+def kl_wikitext(aligned: LoadedModel, base: LoadedModel, paragraphs: list[str], max_tokens: int | None,
+                window: int | None, seed: int = 0, n_boot: int = 2000, chunk: int = 256) -> dict:
+    """Mean per-token KL(aligned ‖ base) on the perplexity windows, with a bootstrap interval over windows."""
+    windows, width = ppl_windows(aligned, paragraphs, max_tokens, window)
+    per_window = []
+    for w in windows:
+        ids = torch.tensor([w], device=aligned.device)
+        hp = aligned.adapter.body(input_ids=ids).last_hidden_state[0, :-1]
+        hq = base.adapter.body(input_ids=ids).last_hidden_state[0, :-1]
+        total = sum(float(_kl_rows(aligned.adapter.logits(hp[s : s + chunk], apply_norm=False),
+                                   base.adapter.logits(hq[s : s + chunk], apply_norm=False)).sum())
+                    for s in range(0, hp.shape[0], chunk))
+        per_window.append(total / hp.shape[0])
+    return {**_interval(np.array(per_window), seed, n_boot), "window": width, "unit": "nats per token"}
+
+
+def cue_words(scorer, texts: list[str], threshold: float = 0.8, max_cues: int = 40) -> list[dict]:
+    """The word forms of `texts` that the scorer alone rates at least `threshold` toxic: its strongest
+    single-word cues (e.g. fuck, fucking, shit), strongest first."""
+    forms = sorted({w for t in texts for w in re.findall(r"[a-z']+", t.lower()) if len(w) >= 2})
+    if not forms:
+        return []
+    scores = scorer.score(forms).toxicity
+    cues = sorted(((float(s), w) for w, s in zip(forms, scores) if s >= threshold), reverse=True)[:max_cues]
+    return [{"word": w, "toxicity": s} for s, w in cues]
+
+
+def mask_words(text: str, words: list[str]) -> str:
+    """`text` with each of `words` (whole words, any case) removed."""
+    if not words:
+        return text
+    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(words, key=len, reverse=True))) + r")\b",
+                         re.IGNORECASE)
+    return re.sub(r"[ \t]{2,}", " ", pattern.sub("", text))
+
+
+def cue_sensitivity(scorer, base: list[str], aligned: list[str], base_tox, aligned_tox, seed: int = 0,
+                    n_boot: int = 2000, threshold: float = 0.8) -> dict:
+    """The toxicity reduction (base − aligned, paired over prompts) with the scorer's strongest single-word
+    cues masked in both sides, and the share of the reduction that remains (its bootstrap interval)."""
+    cues = cue_words(scorer, base + aligned, threshold)
+    words = [c["word"] for c in cues]
+    mb = scorer.score([mask_words(t, words) for t in base]).toxicity
+    ma = scorer.score([mask_words(t, words) for t in aligned]).toxicity
+    d = np.asarray(base_tox, float) - np.asarray(aligned_tox, float)
+    dm = np.asarray(mb, float) - np.asarray(ma, float)
+    idx = resample_units(len(d), n_boot, seed)
+    rd, rdm = d[idx].mean(axis=1), dm[idx].mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = rdm / rd
+    return {"threshold": threshold, "n_cues": len(cues), "cues": cues[:15],
+            "reduction": {"mean": float(d.mean()), "ci95": percentile_ci(rd)},
+            "masked_reduction": {"mean": float(dm.mean()), "ci95": percentile_ci(rdm)},
+            "masked_toxicity": {"base": float(np.mean(mb)), "aligned": float(np.mean(ma))},
+            "share_kept": {"mean": float(dm.mean() / d.mean()) if d.mean() else float("nan"),
+                           "ci95": percentile_ci(share[np.isfinite(share)]) if np.isfinite(share).any() else None},
+            "n": int(len(d))}
+
+
+def reduction(base_tox, aligned_tox, seed: int = 0, n_boot: int = 2000) -> dict:
+    """Relative toxicity reduction 1 − mean(aligned) / mean(base), paired over prompts."""
+    b, a = np.asarray(base_tox, float), np.asarray(aligned_tox, float)
+    idx = resample_units(len(b), n_boot, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reps = 1 - a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    return {"mean": float(1 - a.mean() / b.mean()) if b.mean() else float("nan"),
+            "ci95": percentile_ci(reps[np.isfinite(reps)]), "replicates": reps, "n": int(len(b))}
+
+
+def drift(base: LoadedModel, aligned: LoadedModel, base_records: list[dict], aligned_records: list[dict],
+          scorer, *, max_prompt_tokens: int | None, kl_limit: int | None, wiki: list[str] | None,
+          ppl_max_tokens: int | None, ppl_window: int | None, seed: int = 0, batch_size: int = 8) -> dict:
+    """Every drift measure of an aligned model against its base on the same evaluation records
+    (evaluate's per-prompt records: prompt, continuation, continuation_ids, toxicity)."""
+    bt, at = [r["continuation"] for r in base_records], [r["continuation"] for r in aligned_records]
+    if [r["prompt"] for r in base_records] != [r["prompt"] for r in aligned_records]:
+        raise ValueError("base and aligned records are for different prompts")
+    n_kl = len(aligned_records) if kl_limit is None else min(kl_limit, len(aligned_records))
+    out = {"overuse": overuse(bt, at, seed), "distinct_2": distinct2(bt, at, seed),
+           "kl_challenge": {**kl_profile(aligned, base, [r["prompt"] for r in aligned_records[:n_kl]],
+                                         [r["continuation_ids"] for r in aligned_records[:n_kl]], max_prompt_tokens,
+                                         batch_size, seed), "limit": kl_limit},
+           "cue_sensitivity": cue_sensitivity(scorer, bt, at, [r["toxicity"] for r in base_records],
+                                              [r["toxicity"] for r in aligned_records], seed)}
+    red = reduction([r["toxicity"] for r in base_records], [r["toxicity"] for r in aligned_records], seed)
+    out["reduction"] = {k: v for k, v in red.items() if k != "replicates"}
+    if wiki:
+        out["kl_wikitext"] = kl_wikitext(aligned, base, wiki, ppl_max_tokens, ppl_window, seed)
+    return out
+
+
+def lopsided_markers(scorer, preferred: list[str], dispreferred: list[str], top: int = 10, min_count: int = 5,
+                     toxic: float = 0.5) -> list[dict]:
+    """The non-toxic words and patterns (years, URLs, newlines) whose share differs most between the preferred
+    and the dispreferred sides of a pair set: a DPO learns whatever separates the sides, so a marker on one side
+    only (e.g. a year in 2.6% of the preferred and 0.2% of the dispreferred) may become the aligned model's
+    subject. Words the scorer alone rates at least `toxic` are left out (they should differ)."""
+    fp = Counter(w for t in preferred for w in markers(t))
+    fd = Counter(w for t in dispreferred for w in markers(t))
+    n_p, n_d = max(len(preferred), 1), max(len(dispreferred), 1)
+    cands = [w for w in set(fp) | set(fd) if fp[w] + fd[w] >= min_count]
+    words = [w for w in cands if not w.startswith("<")]
+    tox = dict(zip(words, scorer.score(words).toxicity.tolist())) if words else {}
+    cands = [w for w in cands if tox.get(w, 0.0) < toxic]
+    cands.sort(key=lambda w: (-abs(fp[w] / n_p - fd[w] / n_d), w))
+    return [{"word": w, "preferred_share": fp[w] / n_p, "dispreferred_share": fd[w] / n_d,
+             "ratio": (fp[w] / n_p) / (fd[w] / n_d) if fd[w] else None} for w in cands[:top]]

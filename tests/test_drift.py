@@ -1,0 +1,173 @@
+"""Issue #32: drift measures that can say "collapsed" and "did not", and training stopped at a strength."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpolens.drift import cue_sensitivity, distinct2, kl_profile, kl_wikitext, mask_words, overuse
+from dpolens.model.loading import load_model
+from dpolens.scoring import Scores
+from test_pairs_dpo import write_pairs
+
+WORDS = [f"w{i}" for i in range(200)]  # each in ~6% of 12-word texts: all "rare" (< 10% of the base's)
+
+
+def texts(rng, n, extra=""):
+    return [" ".join(rng.choice(WORDS, 12)) + extra for _ in range(n)]
+
+
+def test_overuse_finds_a_collapse_and_passes_two_samples_of_one_model():
+    rng = np.random.default_rng(0)
+    base = texts(rng, 400)
+    # a collapse: 60% of the aligned continuations name a season, which the base never does
+    collapsed = [t + (" in the 2018 season" if i % 5 < 3 else "") for i, t in enumerate(texts(rng, 400))]
+    o = overuse(base, collapsed, seed=1)
+    assert o["chosen_on"] == 200 and o["measured_on"] == 200
+    w = o["worst"]
+    assert w["word"] in ("<year>", "season", "2018", "in") and w["excess_ci95"][0] > 0.4
+    assert w["rise_ci95"][0] > 0.4
+    # null: a second sample of the same "model": the words that rose most on the choosing half (noise) are not
+    # over-used on the measuring half (at 1,000 measuring prompts; at 200 the interval still reaches 0)
+    o = overuse(texts(rng, 2000), texts(rng, 2000), seed=1)
+    assert len(o["words"]) == 5 and o["worst"]["excess_ci95"][1] < 0
+
+
+def test_overuse_interval_takes_the_max_inside_replicates():
+    base = ["x"] * 100
+    aligned = [("alpha" if i % 2 else "beta") for i in range(100)]  # two words, each in half the continuations
+    o = overuse(base, aligned, seed=0, n_boot=500)
+    words = {x["word"]: x for x in o["words"]}
+    assert set(words) >= {"alpha", "beta"}
+    # the max over the two words lies above each word's own interval
+    assert o["worst"]["excess_ci95"][0] >= min(words["alpha"]["excess_ci95"][0], words["beta"]["excess_ci95"][0])
+    assert o["worst"]["excess_ci95"][1] >= max(words["alpha"]["excess_ci95"][1], words["beta"]["excess_ci95"][1])
+
+
+def test_distinct2_of_identical_sets_and_of_a_repetitive_one():
+    rng = np.random.default_rng(0)
+    base = texts(rng, 100)
+    d = distinct2(base, base, n_boot=50)
+    assert d["diff"] == 0 and d["diff_ci95"] == [0.0, 0.0]
+    d = distinct2(base, ["the cat sat on the mat"] * 100, n_boot=50)
+    assert d["diff_ci95"][1] < -0.5
+
+
+def test_kl_profile_zero_for_identical_models_positive_for_perturbed(tiny_dirs, tmp_path):
+    from conftest import save_perturbed
+
+    a = load_model(tiny_dirs["gpt2"])
+    prompts = ["The weather number 1 is", "Hello", "A much longer prompt with many words in it"]
+    conts = [[5, 6, 7], [8], [9, 10]]
+    same = kl_profile(a, load_model(tiny_dirs["gpt2"]), prompts, conts, 32, batch_size=2, n_boot=100)
+    assert [r["mean"] for r in same["positions"]] == [0.0, 0.0, 0.0]
+    assert [r["n"] for r in same["positions"]] == [3, 2, 1]  # shorter continuations count where they reach
+    other = load_model(save_perturbed("gpt2", a.tokenizer, tmp_path / "p", 0.05))
+    prof = kl_profile(other, a, prompts, conts, 32, batch_size=2, n_boot=100)
+    assert all(r["mean"] > 0 for r in prof["positions"])
+    # batched with padding = each prompt alone (positions by index, not by pad id)
+    alone = [kl_profile(other, a, [p], [c], 32, n_boot=10)["positions"] for p, c in zip(prompts, conts)]
+    assert prof["positions"][0]["mean"] == pytest.approx(np.mean([x[0]["mean"] for x in alone]), rel=1e-4)
+    w = kl_wikitext(other, a, ["The quick brown fox jumps over the lazy dog. " * 20], 128, 32, n_boot=100)
+    assert w["n"] >= 4 and w["mean"] > 0
+
+
+class CueScorer:
+    """Toxicity 0.9 for a text holding "fuck", 0.6 for "idiot", else 0."""
+
+    def score(self, texts):
+        return Scores(np.array([0.9 if "fuck" in t.lower() else 0.6 if "idiot" in t.lower() else 0.0
+                                for t in texts]))
+
+
+def test_cue_masking_separates_swearing_from_insults():
+    assert mask_words("Fuck you, fucking idiot", ["fuck", "fucking"]) == " you, idiot"
+    s = CueScorer()
+    base = ["fuck this"] * 50 + ["you idiot"] * 50
+    # aligned 1 only stopped swearing; aligned 2 also stopped insulting
+    only_swearing = ["this"] * 50 + ["you idiot"] * 50
+    both = ["this"] * 50 + ["you"] * 50
+    for aligned, kept in ((only_swearing, 0.0), (both, 1.0)):
+        c = cue_sensitivity(s, base, aligned, s.score(base).toxicity, s.score(aligned).toxicity, n_boot=200)
+        assert [x["word"] for x in c["cues"]] == ["fuck"]  # "idiot" alone scores 0.6 < 0.8
+        assert c["masked_reduction"]["mean"] == pytest.approx(0.6 * kept * 0.5)
+
+
+class StepScorer:
+    """Scripted dev toxicity: 0.5 for the base, then 0.4, 0.2, 0.1 at successive checkpoints."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, texts):
+        tox = [0.5, 0.4, 0.2, 0.1][min(self.calls, 3)]
+        self.calls += 1
+        return Scores(np.full(len(texts), tox))
+
+    def describe(self):
+        return {"name": "step", "version": "test"}
+
+
+def test_dpo_stops_at_its_target_and_keeps_each_strength(tiny_dirs, tmp_path, monkeypatch):
+    import dpolens.scoring
+
+    from dpolens.stages.dpo import DpoConfig, run_dpo
+
+    scorer = StepScorer()
+    monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, **k: scorer)
+    write_pairs(tmp_path / "pairs.jsonl", 40)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"prompt": f"Dev prompt {i}"}) + "\n" for i in range(5)))
+    cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / "dpo"),
+                    learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=20, evaluate=False,
+                    target_reduction=0.54, strengths=[0.15], dev_prompts=[str(dev)], save_total_limit=1)
+    s = run_dpo(cfg)
+    st = s["strength"]
+    # dev reduction 0.2 at step 2 (reaches 15%), 0.6 at step 4 (reaches 54%): training stops at step 4
+    assert s["steps"] == 4 and st["reached"] == {"15": 2, "54": 4} and st["analysed_step"] == 4
+    assert [r["step"] for r in st["trajectory"]] == [0, 2, 4]
+    assert st["dev"] == {"files": [str(dev)], "n_from_files": 5, "n_validation_pair_prompts": 4, "n": 9}
+    out = tmp_path / "dpo"
+    model = load_model(out / "model").model.state_dict()
+    at54 = load_model(out / "strengths" / "54" / "model").model.state_dict()
+    at15 = load_model(out / "strengths" / "15" / "model").model.state_dict()
+    assert all(torch.equal(model[k], at54[k]) for k in model)
+    assert any(not torch.equal(at15[k], at54[k]) for k in at15)  # two steps apart
+    # a re-run trains nothing more, measures nothing more, and gives the same model
+    calls = scorer.calls
+    s2 = run_dpo(cfg)
+    assert s2["steps"] == 4 and scorer.calls == calls and s2["strength"]["reached"] == {"15": 2, "54": 4}
+    again = load_model(out / "model").model.state_dict()
+    assert all(torch.equal(model[k], again[k]) for k in model)
+
+
+def test_dev_prompts_that_are_evaluation_prompts_are_refused(tiny_dirs, tmp_path, monkeypatch):
+    import dpolens.scoring
+
+    from dpolens.artifacts import DpolensError
+    from dpolens.evaluate import EvalData
+    from dpolens.stages.dpo import DpoConfig, run_dpo
+
+    monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, **k: StepScorer())
+    write_pairs(tmp_path / "pairs.jsonl", 20)
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"prompt": "Same prompt"}) + "\n")
+    cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(tmp_path / "pairs.jsonl"), out=str(tmp_path / "dpo"),
+                    learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=2, evaluate=False,
+                    dev_prompts=[str(p)], eval=EvalData(prompts=str(p)))
+    with pytest.raises(DpolensError, match="dev prompts are evaluation prompts"):
+        run_dpo(cfg)
+
+
+def test_lopsided_markers_name_a_year_on_the_preferred_side_only():
+    from dpolens.drift import lopsided_markers
+
+    pref = [f"a calm text number {i}" + (" in 2018" if i % 4 == 0 else "") for i in range(100)]
+    disp = [f"fuck this text number {i}" for i in range(100)]
+    m = lopsided_markers(CueScorer(), pref, disp)
+    words = [x["word"] for x in m]
+    assert "fuck" not in words  # toxic words should differ
+    assert {"calm", "this", "<year>", "2018"} <= set(words)
+    year = next(x for x in m if x["word"] == "<year>")
+    assert year["preferred_share"] == 0.25 and year["dispreferred_share"] == 0 and year["ratio"] is None
