@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpolens.artifacts import DpolensError, write_json
-from dpolens.claims import build_claims, registered_claims, render_text
+from dpolens.claims import build_claims, registered_claims, render_text, write_claims
 from dpolens.ledger import VERDICTS, verdict
 
 CLAIMS = [c for _, c in registered_claims()]
@@ -525,3 +525,36 @@ def test_a_collapse_whose_interval_passes_the_bound_vetoes_the_toxicity_row(run_
                    if r["id"] == "dpo_lowers_toxicity")
         assert row["verdict"] == verdict, ci
         assert ("onto one subject" in (row["diagnosis"] or "")) == (verdict != "holds")
+
+
+def test_holm_adjusts_only_what_the_family_cannot_carry():
+    from dpolens.ledger import approx_p, holm
+
+    assert approx_p(1.0, [0.5, 1.5]) < 1e-4 and approx_p(0.0, [-1, 1]) == 1.0 and approx_p(0.01, [0.01, 0.01]) == 0
+    assert approx_p(0.3, [0.0, 0.6]) == pytest.approx(0.05, abs=1e-3)  # a 95% interval touching 0: p = 0.05
+    rows = [{"id": "strong", "effect": 1.0, "ci95": [0.8, 1.2], "verdict": "holds"},
+            # just excludes 0: holds alone, not among 3 tests
+            {"id": "weak", "effect": 0.3, "ci95": [0.02, 0.58], "verdict": "holds"},
+            {"id": "against", "effect": -1.0, "ci95": [-1.2, -0.8], "verdict": "contradicted"},
+            {"id": "none", "effect": 0.1, "ci95": [-0.1, 0.3], "verdict": "inconclusive"},
+            {"id": "no interval", "effect": 0.1, "ci95": None, "verdict": "inconclusive"},
+            # a mechanism row: its placebo difference is weak, so the row is as weak as that
+            {"id": "mech", "effect": 1.0, "ci95": [0.8, 1.2], "verdict": "holds", "mechanism": True,
+             "placebo": {"diff": 0.3, "diff_ci95": [0.02, 0.58]}}]
+    holm(rows)
+    got = {r["id"]: r["verdict_holm"] for r in rows}
+    assert got == {"strong": "holds", "weak": "inconclusive", "against": "contradicted", "none": "inconclusive",
+                   "no interval": "inconclusive", "mech": "inconclusive"}
+    assert rows[4]["p_approx"] is None and rows[5]["p_approx"] == rows[1]["p_approx"]
+
+
+def test_ledger_rows_name_their_function_and_the_report_links_artifacts(run_dir):
+    from dpolens.report import claims_section
+
+    ledger = write_claims(run_dir, n_boot=200, scorer_factory=lambda name: WordScorer())
+    row = next(r for r in ledger["rows"] if r["id"] == "dpo_lowers_toxicity")
+    assert row["function"] == "dpolens.stages.dpo.dpo_lowers_toxicity" and row["verdict_holm"] in VERDICTS
+    assert sum(ledger["counts_holm"].values()) == len(ledger["rows"])
+    assert ledger["counts_holm"]["holds"] <= ledger["counts"]["holds"]
+    html = claims_section(run_dir)
+    assert '<a href="dpo/eval.json">dpo/eval.json</a>' in html and "Holm-adjusted" in html

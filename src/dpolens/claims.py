@@ -21,7 +21,18 @@ from pathlib import Path
 from typing import Callable
 
 from dpolens.artifacts import DpolensError, read_json, write_json
-from dpolens.ledger import RULE, Claim, StageContext, apply_preconditions, counts, decide, effect_text
+from dpolens.ledger import (
+    HOLM_ALPHA,
+    RULE,
+    VERDICTS,
+    Claim,
+    StageContext,
+    apply_preconditions,
+    counts,
+    decide,
+    effect_text,
+    holm,
+)
 from dpolens.stages import REGISTRY, Stage
 
 log = logging.getLogger(__name__)
@@ -104,8 +115,12 @@ def build_claims(run_dir: str | Path, n_boot: int = 2000, seed: int | None = Non
         if ctx._scorer is not None:
             shared["scorer"] = ctx._scorer
     apply_preconditions(rows, {c.id: c for _, c in registered_claims()})
+    holm(rows)
     per_method = method_rows(run, context)
     return {"run": run.name, "rule": RULE, "n_boot": n_boot, "seed": seed, "counts": counts(rows), "rows": rows,
+            "counts_holm": {v: sum(r["verdict_holm"] == v for r in rows) for v in VERDICTS},
+            "holm": f"Holm's step-down over the {sum(r['p_approx'] is not None for r in rows)} rows with an interval, "
+                    f"family-wise level {HOLM_ALPHA}; p read off each 95% interval (normal approximation)",
             "method_counts": counts(per_method), "method_rows": per_method}
 
 
@@ -157,7 +172,11 @@ def render_across(table: dict) -> str:
 def render_text(ledger: dict) -> str:
     """The ledger as plain text, one block per claim (for the terminal)."""
     lines = [f"claims of run {ledger['run']}: " + ", ".join(f"{v} {n}" for v, n in ledger["counts"].items()),
-             f"rule: {ledger['rule']}", ""]
+             f"rule: {ledger['rule']}"]
+    if "counts_holm" in ledger:
+        lines.append("Holm-adjusted: " + ", ".join(f"{v} {n}" for v, n in ledger["counts_holm"].items()) +
+                     f" ({ledger['holm']})")
+    lines.append("")
     methods = ledger.get("method_rows") or []
     if methods:
         lines[0] += "; per variant of `alternatives`: " + ", ".join(
@@ -165,7 +184,9 @@ def render_text(ledger: dict) -> str:
     for r in [*ledger["rows"], *methods]:
         lines += [f"[{r['verdict']}] ({r['source']}) {r['claim']}",
                   f"    paper: {r['paper']}", f"    ours:  {r['ours']}",
-                  f"    n {r['n'] if r['n'] is not None else '–'}, effect {effect_text(r)}"]
+                  f"    n {r['n'] if r['n'] is not None else '–'}, effect {effect_text(r)}"
+                  + (f", Holm-adjusted: {r['verdict_holm']}" if r.get("verdict_holm", r["verdict"]) != r["verdict"]
+                     else "")]
         if r["diagnosis"]:
             lines.append(f"    why:   {r['diagnosis']}")
     return "\n".join(lines) + "\n"

@@ -77,6 +77,42 @@ def apply_preconditions(rows: list[dict], claims: dict[str, Claim]) -> list[dict
     return rows
 
 
+HOLM_ALPHA = 0.05
+
+
+def approx_p(effect, ci) -> float | None:
+    """Two-sided p of "effect = 0" read off a 95% percentile interval by the normal approximation
+    (se = width / 3.92); a zero-width interval (a deterministic effect) gives 0 unless the effect is 0."""
+    if not (finite(effect) and ci and all(map(finite, ci))):
+        return None
+    se = (ci[1] - ci[0]) / (2 * 1.959964)
+    if se <= 0:
+        return 0.0 if effect != 0 else 1.0
+    return math.erfc(abs(effect) / se / math.sqrt(2))
+
+
+def holm(rows: list[dict], alpha: float = HOLM_ALPHA) -> list[dict]:
+    """Holm's step-down over the ledger's rows: each row gets `p_approx` (for a mechanism row the larger of its
+    effect's and its aligned − placebo difference's: both must hold) and `verdict_holm`, its verdict where Holm
+    rejects at family-wise level `alpha`, else `inconclusive` for a row that held or was contradicted."""
+    for r in rows:
+        p = approx_p(r.get("effect"), r.get("ci95"))
+        if p is not None and r.get("mechanism") and r.get("placebo"):
+            q = approx_p(r["placebo"].get("diff"), r["placebo"].get("diff_ci95"))
+            p = None if q is None else max(p, q)
+        r["p_approx"] = p
+    tested = sorted((r for r in rows if r["p_approx"] is not None), key=lambda r: r["p_approx"])
+    rejected, m = set(), len(tested)
+    for i, r in enumerate(tested):
+        if r["p_approx"] > alpha / (m - i):
+            break
+        rejected.add(id(r))
+    for r in rows:
+        r["verdict_holm"] = (r["verdict"] if r["verdict"] not in ("holds", "contradicted") or id(r) in rejected
+                             else "inconclusive")
+    return rows
+
+
 class StageNotRun(Exception):
     """An artifact the claim needs is missing."""
 
@@ -194,6 +230,7 @@ def decide(c: Claim, ctx: StageContext) -> dict:
             "diagnosis": diagnosis, "paper_direction": "> 0" if c.sign > 0 else "< 0", "models": m.models,
             "scorer": m.scorer, "data": m.data, "seed": ctx.seed, "n_boot": ctx.n_boot,
             "artifacts": [f"{ctx.stage}/{a}" for a in c.artifacts], "mechanism": c.mechanism,
+            "function": f"{c.build.__module__}.{c.build.__qualname__}",
             "placebo": ({**m.control, "difference_verdict": verdict(m.control.get("diff_ci95"), c.sign)}
                         if m.control else None)}
 

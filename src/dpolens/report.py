@@ -13,7 +13,7 @@ from pathlib import Path
 from dpolens.artifacts import DpolensError, check_output, read_json, write_text
 from dpolens.ledger import effect_text
 from dpolens.stages import REGISTRY
-from dpolens.webpage import esc, table
+from dpolens.webpage import Markup, esc, table
 
 
 def _placebo_text(row: dict) -> str:
@@ -25,6 +25,12 @@ def _placebo_text(row: dict) -> str:
             f"{effect_text({'effect': p.get('diff'), 'ci95': p.get('diff_ci95')})}")
 
 
+def _sources(row: dict) -> str:
+    """The function that measured a row and links to the artifact files it read (relative to the run folder)."""
+    links = ", ".join(f'<a href="{esc(a)}">{esc(a)}</a>' for a in row.get("artifacts") or [])
+    return (f"<code>{esc(row['function'])}</code>; " if row.get("function") else "") + links
+
+
 def claims_section(run: Path) -> str:
     """The claims ledger (dpolens.claims) as the page's first table; built when claims.json is missing."""
     from dpolens.claims import write_claims
@@ -32,10 +38,14 @@ def claims_section(run: Path) -> str:
     ledger = read_json(run / "claims.json") or write_claims(run)
     rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
              "effect [95% CI]": effect_text(r), "placebo [95% CI]": _placebo_text(r), "verdict": r["verdict"],
-             "diagnosis": r["diagnosis"]}
+             "Holm": r.get("verdict_holm", "–"), "diagnosis": r["diagnosis"],
+             "from": Markup(_sources(r))}
             for r in ledger["rows"]]
-    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "diagnosis"]
+    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", "diagnosis",
+            "from"]
     counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
+    if "counts_holm" in ledger:
+        counts += "; Holm-adjusted: " + ", ".join(f"{n} {v}" for v, n in ledger["counts_holm"].items())
     html = "<h2>Claims</h2>" + table(rows, cols,
                                      f"Which of the seeds' claims hold on this run ({counts}). Rule: {ledger['rule']} "
                                      "Placebo: the same statistic for placebos (the base plus noise of the alignment's "

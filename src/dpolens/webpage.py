@@ -8,6 +8,10 @@ import html
 from pathlib import Path
 
 
+class Markup(str):
+    """A cell that is already HTML (built from escaped parts): `fmt` leaves it as it is."""
+
+
 def esc(x) -> str:
     return html.escape(str(x))
 
@@ -17,6 +21,8 @@ def fmt(x) -> str:
     {mean, ci95} block as `mean [lo, hi]`, None as a dash."""
     if x is None:
         return "–"
+    if isinstance(x, Markup):
+        return str(x)
     if isinstance(x, float):
         return f"{x:.7f}" if 0.999 < abs(x) < 1 else f"{x:.4g}"  # cosines near 1 must not print as 1
     if isinstance(x, dict) and "mean" in x:
