@@ -260,7 +260,8 @@ def make_run(root, rng):
                      "retention": [level] * 4, "retention_mean": float((per_prompt * tokens).sum() / tokens.sum()),
                      "retention_ci95": [level - 0.02, level + 0.02], "retention_per_prompt": per_prompt.tolist(),
                      "tokens_per_prompt": tokens.tolist()})
-    write_json(run / "robustness" / "table.json", {"rows": rows, "scorer": scorer, "n_prompts": 30})
+    write_json(run / "robustness" / "table.json", {"rows": rows, "scorer": scorer, "n_prompts": 60,
+                                                   "split": {"fit": 30, "measure": 30, "seed": 0}})
     return run
 
 
@@ -518,13 +519,13 @@ def test_a_guard_without_a_finite_interval_does_not_pass():
 def test_a_collapse_whose_interval_passes_the_bound_vetoes_the_toxicity_row(run_dir):
     d = json.loads((run_dir / "dpo" / "drift.json").read_text())
     worst = d["models"]["aligned"]["overuse"]["worst"]
-    for ci, verdict in (([0.3, 0.4], "contradicted"), ([0.2, 0.3], "inconclusive"), ([0.05, 0.2], "holds")):
+    for ci, expected in (([0.3, 0.4], "contradicted"), ([0.2, 0.3], "inconclusive"), ([0.05, 0.2], "holds")):
         worst["rise_ci95"] = ci
         write_json(run_dir / "dpo" / "drift.json", d)
         row = next(r for r in build_claims(run_dir, n_boot=200, scorer_factory=lambda name: WordScorer())["rows"]
                    if r["id"] == "dpo_lowers_toxicity")
-        assert row["verdict"] == verdict, ci
-        assert ("onto one subject" in (row["diagnosis"] or "")) == (verdict != "holds")
+        assert row["verdict"] == expected, ci
+        assert ("onto one subject" in (row["diagnosis"] or "")) == (expected != "holds")
 
 
 def test_holm_adjusts_only_what_the_family_cannot_carry():
@@ -558,3 +559,19 @@ def test_ledger_rows_name_their_function_and_the_report_links_artifacts(run_dir)
     assert ledger["counts_holm"]["holds"] <= ledger["counts"]["holds"]
     html = claims_section(run_dir)
     assert '<a href="dpo/eval.json">dpo/eval.json</a>' in html and "Holm-adjusted" in html
+
+
+def test_offset_weakening_is_paired_against_held_out_plain_prompts(run_dir):
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300)["rows"]}
+    enc, multi = rows["transforms_weaken_offset"], rows["multi_turn_weakens_offset"]
+    # plain keeps 1.0 on the held-out half, the encodings 0.5, multi-turn 1.0
+    assert enc["effect"] == pytest.approx(0.5, abs=0.03) and enc["ci95"][0] > 0.4 and enc["n"] == 30
+    assert multi["ci95"][0] < 0 < multi["ci95"][1] and "held-out plain prompts" in enc["ours"]
+    assert enc["data"]["split"] == {"fit": 30, "measure": 30, "seed": 0}
+    # a table.json from before the split: δx̂ was estimated on the prompts it was measured on
+    t = json.loads((run_dir / "robustness" / "table.json").read_text())
+    del t["split"]
+    write_json(run_dir / "robustness" / "table.json", t)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300)["rows"]}
+    assert rows["transforms_weaken_offset"]["ci95"] is None and rows["transforms_weaken_offset"]["verdict"] == "inconclusive"
+    assert "estimated on the prompts it is measured on" in rows["transforms_weaken_offset"]["diagnosis"]

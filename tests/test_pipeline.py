@@ -235,3 +235,46 @@ def test_every_stage_runs_on_a_tied_gqa_llama(study_file, tied_llama, jigsaw_cac
     assert set(STAGES) <= set(r) and all(r[s] for s in STAGES)
     assert r["dpo"]["models"]["base"]["family"] == "llama"
     assert sum(r["claims"].values()) == 21
+
+
+def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monkeypatch):
+    """dpo keeps a checkpoint at 25% and stops at 54% (scripted dev toxicity); the study repeats the stages after
+    dpo on the 25% checkpoint and decides every ledger row at both strengths (issue #32)."""
+    from dpolens.training import StrengthMonitor
+
+    dev = iter([0.5, 0.35, 0.2, 0.1])  # base, then each checkpoint: 30% and 60% removed
+
+    def scripted(self):
+        return [next(dev)] * len(self.prompts)
+
+    monkeypatch.setattr(StrengthMonitor, "_toxicity", scripted)
+    study = yaml.safe_load(study_file.read_text())
+    study["dpo"].update({"strengths": [0.25], "max_steps": 4})
+    study["dose_response"] = ["analyze", "unalign", "neurons", "robustness"]
+    study_file.write_text(yaml.safe_dump(study))
+    r = run_study(load_study(study_file, ["device=cpu"]))
+    run = tmp_path / "runs" / "tiny"
+    assert r["dpo"]["training"]["steps"] == 2 and r["dpo"]["strength"]["reached"] == {"25": 1, "54": 2}
+    for s in study["dose_response"]:
+        assert (run / "strength-25" / s / ".dpolens-stage.json").exists(), s
+        assert r["provenance"]["stage_times"][f"{s}@25"]["skipped"] is False
+    man = json.loads((run / "strength-25" / "analyze" / "manifest.json").read_text())
+    assert man["config"]["aligned"] == str(run / "dpo" / "strengths" / "25" / "model")
+    rob = json.loads((run / "strength-25" / "robustness" / "manifest.json").read_text())
+    assert rob["config"]["unaligned"] == str(run / "strength-25" / "unalign" / "model")
+    d = json.loads((run / "dose_response.json").read_text())
+    assert [s["strength"] for s in d["strengths"]] in (["25%", "analysed"], ["analysed", "25%"])
+    ledger = json.loads((run / "claims.json").read_text())
+    assert len(d["claims"]) == len(ledger["rows"]) and all(len(c["at"]) == 2 for c in d["claims"])
+    at25 = {c["id"]: next(a for a in c["at"] if a["strength"] == "25%") for c in d["claims"]}
+    analysed = {c["id"]: next(a for a in c["at"] if a["strength"] == "analysed") for c in d["claims"]}
+    # the rows read the 25% model's own artifacts: its weights moved less than the analysed model's
+    assert at25["weights_barely_move"]["effect"] > analysed["weights_barely_move"]["effect"]
+    assert {k: v for k, v in analysed["probe_separates"].items() if k != "strength"} == \
+        {k: v for k, v in at25["probe_separates"].items() if k != "strength"}  # shared stages: the same row
+    assert r["dose_response"]["flip"] == [c["id"] for c in d["claims"] if c["flips"]]
+    page = write_report(run).read_text()
+    assert "Claims at each strength of the alignment" in page and (run / "fig_dose_response_claims.png").exists()
+    # a re-run skips the repeated stages too
+    again = run_study(load_study(study_file, ["device=cpu"]))
+    assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())

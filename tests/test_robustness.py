@@ -46,13 +46,15 @@ def test_run_robustness_retention(tiny_dirs, tmp_path, tokenizer, jigsaw_cached)
     rows = r["rows"]
     assert {(x["transform"], x["model"]) for x in rows} == {
         (t, m) for t in [*TRANSFORMS, "multi_turn"] for m in ("base", "aligned", "unaligned")}
+    # δx̂ from one prompt, every retention on the other two: plain retention is measured, not 1 by construction
+    assert r["split"]["fit"] == 1 and r["split"]["measure"] == 2
     plain = next(x for x in rows if x["transform"] == "plain" and x["model"] == "aligned")
-    assert plain["retention"] == pytest.approx([1.0] * 3)  # by definition on plain prompts
+    assert plain["retention"] != pytest.approx([1.0] * 3)
     assert all(len(x["retention"]) == 3 for x in rows if x["model"] != "base")
     for x in rows:  # per-prompt retention, token-weighted, averages to the per-layer retention's mean
         if x["model"] != "base":
             assert x["retention_mean"] == pytest.approx(sum(x["retention"]) / 3, rel=1e-4, abs=1e-6)
-            assert len(x["retention_per_prompt"]) == len(x["tokens_per_prompt"]) == 3
+            assert len(x["retention_per_prompt"]) == len(x["tokens_per_prompt"]) == 2
             assert x["retention_ci95"][0] <= x["retention_ci95"][1]
     assert (tmp_path / "r" / "robustness.md").exists() and (tmp_path / "r" / "fig_retention.png").exists()
 
@@ -67,3 +69,38 @@ def test_long_prompts_keep_bos_and_final_turn(tiny_dirs):
     (ids,) = encode_prompts(lm, [text], 16, keep_last=True)
     assert len(ids) == 16 and ids[0] == full[0] == lm.tokenizer.bos_token_id and ids[1:] == full[-15:]
     assert encode_prompts(lm, [text], 16)[0] == full[:16]
+
+
+def test_multi_turn_is_measured_on_its_final_turn(tiny_dirs):
+    from dpolens import load_model
+    from dpolens.transforms import final_turn_seqs
+
+    lm = load_model(tiny_dirs["llama"])
+    texts = ["User: you are bad\nAssistant: The sky is blue.\nUser: the final turn",
+             "User: " + "word " * 200 + "\nUser: another last turn here"]
+    seqs = final_turn_seqs(lm, texts, 64)
+    for (ctx, turn), t in zip(seqs, texts):
+        assert lm.tokenizer.decode(turn).strip() == t[t.rfind("\nUser:"):].strip()
+        assert len(ctx) + len(turn) <= 64 and ctx[0] == lm.tokenizer.bos_token_id
+
+
+def test_subset_offsets_average_to_the_whole():
+    """subset_mean on every prompt is mean_x; the δx̂ of one half, applied to the other, is what retention reads."""
+    import torch
+
+    from dpolens.activations import Stats
+    from dpolens.transforms import offset_retention, subset_mean
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([3.0, 5.0, 2.0, 4.0])
+    per = {l: torch.randn(4, 6, generator=g) for l in range(2)}
+    x_sum = torch.stack([(per[l] * tokens[:, None]).sum(0) for l in range(2)])
+    base = Stats(torch.zeros(2, 1), torch.zeros(2, 1), x_sum, int(tokens.sum()), tokens, per)
+    assert torch.allclose(subset_mean(base, range(4)), base.mean_x, atol=1e-6)
+    shift = torch.randn(2, 6, generator=g)  # a model that adds the same offset to every prompt
+    moved = Stats(torch.zeros(2, 1), torch.zeros(2, 1), x_sum + shift * tokens.sum(), int(tokens.sum()), tokens,
+                  {l: per[l] + shift[l] for l in range(2)})
+    delta = subset_mean(moved, [0, 1]) - subset_mean(base, [0, 1])
+    r = offset_retention(delta, base, moved, 0, units=[2, 3])
+    assert r["retention"] == pytest.approx([1.0, 1.0]) and r["retention_mean"] == pytest.approx(1.0)
+    assert len(r["retention_per_prompt"]) == 2

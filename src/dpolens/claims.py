@@ -37,7 +37,7 @@ from dpolens.stages import REGISTRY, Stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_claims", "write_claims", "render_text", "registered_claims", "effect_text", "RULE", "across_runs",
+__all__ = ["build_claims", "write_claims", "dose_response", "write_dose_response", "render_text", "registered_claims", "effect_text", "RULE", "across_runs",
            "render_across"]
 
 
@@ -93,35 +93,89 @@ def method_rows(run: Path, context: Callable[[Path], StageContext]) -> list[dict
 
 
 def build_claims(run_dir: str | Path, n_boot: int = 2000, seed: int | None = None,
-                 scorer_factory: Callable | None = None) -> dict:
+                 scorer_factory: Callable | None = None, folders: dict[str, str | Path] | None = None) -> dict:
     """The ledger of a run directory: every claim's row, the rule, and the count per verdict. The
-    bootstrap seed is the study's (`run_seed`) unless given."""
+    bootstrap seed is the study's (`run_seed`) unless given. `folders` reads some stages from elsewhere
+    than run/<stage> (a dose-response strength); the variants of `alternatives` are then left out."""
     run = Path(run_dir)
     if not run.is_dir():
         raise DpolensError(f"run directory not found: {run}")
     seed = run_seed(run) if seed is None else seed
     scorer_name, shared = run_scorer(run), {}
+    where = {st.name: run / st.name for st in REGISTRY} | {k: Path(v) for k, v in (folders or {}).items()}
 
     def context(folder: Path) -> StageContext:
-        ctx = StageContext(folder, n_boot, seed, scorer_name, scorer_factory)
+        ctx = StageContext(folder, n_boot, seed, scorer_name, scorer_factory, run)
         if "scorer" in shared:  # one scorer for the whole ledger, made at most once
             ctx._scorer = shared["scorer"]
         return ctx
 
     rows = []
     for st in REGISTRY:
-        ctx = context(run / st.name)
+        ctx = context(where[st.name])
         rows += [decide(c, ctx) for c in st.claims]
         if ctx._scorer is not None:
             shared["scorer"] = ctx._scorer
     apply_preconditions(rows, {c.id: c for _, c in registered_claims()})
     holm(rows)
-    per_method = method_rows(run, context)
+    per_method = [] if folders else method_rows(run, context)
     return {"run": run.name, "rule": RULE, "n_boot": n_boot, "seed": seed, "counts": counts(rows), "rows": rows,
             "counts_holm": {v: sum(r["verdict_holm"] == v for r in rows) for v in VERDICTS},
             "holm": f"Holm's step-down over the {sum(r['p_approx'] is not None for r in rows)} rows with an interval, "
                     f"family-wise level {HOLM_ALPHA}; p read off each 95% interval (normal approximation)",
             "method_counts": counts(per_method), "method_rows": per_method}
+
+
+def dose_response(run_dir: str | Path, stages: list[str], n_boot: int = 2000, seed: int | None = None,
+                  scorer_factory: Callable | None = None) -> dict:
+    """Every ledger row at each strength of the alignment: the analysed model's ledger (claims.json) and, per
+    checkpoint dpo kept (dpo/strengths/<pct>), the ledger with dpo's rows from that checkpoint's evaluation and
+    `stages` from runs/<name>/strength-<pct>/ (the other stages are shared). Per claim: the effect, interval and
+    verdict at each strength against the toxicity reduction on the evaluation prompts, and whether the
+    verdict flips."""
+    from dpolens.pipeline import kept_strengths, strength_folders
+
+    run = Path(run_dir)
+
+    def reduction(dpo: Path) -> float | None:
+        ev = read_json(dpo / "eval.json") or {}
+        rows = {r["model"]: r for r in ev.get("rows") or []}
+        b, a = rows.get("base"), rows.get("aligned")
+        return 1 - a["toxicity"]["mean"] / b["toxicity"]["mean"] if b and a and b["toxicity"]["mean"] else None
+
+    points = [{"strength": "analysed", "reduction": reduction(run / "dpo"),
+               "ledger": build_claims(run, n_boot, seed, scorer_factory)}]
+    for label in kept_strengths(run):
+        folders = strength_folders(run, label, stages)
+        points.append({"strength": f"{label}%", "reduction": reduction(Path(folders["dpo"])),
+                       "ledger": build_claims(run, n_boot, seed, scorer_factory, folders)})
+    points.sort(key=lambda p: (p["reduction"] is None, p["reduction"] or 0.0))
+    claims = []
+    for r in points[0]["ledger"]["rows"]:
+        at = [{"strength": p["strength"], "reduction": p["reduction"],
+               **{k: row[k] for k in ("effect", "ci95", "verdict")}}
+              for p in points for row in p["ledger"]["rows"] if row["id"] == r["id"]]
+        claims.append({"id": r["id"], "claim": r["claim"], "source": r["source"], "at": at,
+                       "flips": len({x["verdict"] for x in at}) > 1})
+    keep = [c["id"] for c in claims if not c["flips"]]
+    return {"run": run.name, "stages_repeated": stages,
+            "strengths": [{"strength": p["strength"], "reduction": p["reduction"], "counts": p["ledger"]["counts"]}
+                          for p in points],
+            "claims": claims,
+            "summary": {"strengths": [p["strength"] for p in points], "keep_verdict": keep,
+                        "flip": [c["id"] for c in claims if c["flips"]]}}
+
+
+def write_dose_response(run_dir: str | Path, stages: list[str], **kwargs) -> dict:
+    """`dose_response` into RUN_DIR/dose_response.json, with its figure (one panel per claim)."""
+    from dpolens import figures
+
+    d = dose_response(run_dir, stages, **kwargs)
+    d["figures"] = figures.claims_dose_figure(Path(run_dir), d["claims"]) if len(d["strengths"]) > 1 else []
+    write_json(Path(run_dir) / "dose_response.json", d)
+    log.info("dose-response over %d strengths: %d claims keep their verdict, %d flip", len(d["strengths"]),
+             len(d["summary"]["keep_verdict"]), len(d["summary"]["flip"]))
+    return d
 
 
 def write_claims(run_dir: str | Path, **kwargs) -> dict:

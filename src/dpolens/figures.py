@@ -228,7 +228,7 @@ def dose_response_figure(out: Path, rows: list[dict]) -> list[str]:
     names = sorted({k for r in rows for k in r["measures"]})
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):
-        pts = sorted((r["reduction"], r["measures"][name]) for r in rows if name in r["measures"])
+        pts = sorted(((r["reduction"], r["measures"][name]) for r in rows if name in r["measures"]), key=lambda p: p[0])
         x = [p[0] for p in pts]
         ax.errorbar(x, [p[1]["value"] for p in pts],
                     yerr=[[p[1]["value"] - p[1]["ci95"][0] for p in pts], [p[1]["ci95"][1] - p[1]["value"] for p in pts]],
@@ -238,3 +238,28 @@ def dose_response_figure(out: Path, rows: list[dict]) -> list[str]:
         ax.set_xlabel("toxicity reduction")
     fig.tight_layout()
     return _save(fig, out, "fig_dose_response")
+
+
+def claims_dose_figure(out: Path, claims: list[dict]) -> list[str]:
+    """One small panel per ledger claim: its effect and 95% interval at each strength of the alignment (x: the
+    toxicity reduction on the evaluation prompts), coloured by verdict; the title says when the verdict flips."""
+    colors = {"holds": "#2ca02c", "contradicted": "#d62728", "inconclusive": "#7f7f7f", "precondition failed": "#ff7f0e"}
+    n = len(claims)
+    cols = 4
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.3 * cols, 2.4 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, c in zip(axes.flat, claims):
+        pts = [a for a in c["at"] if a["reduction"] is not None and a["effect"] is not None]
+        for a in pts:
+            lo, hi = a["ci95"] or (a["effect"], a["effect"])
+            ax.errorbar([a["reduction"]], [a["effect"]], yerr=[[a["effect"] - lo], [hi - a["effect"]]], fmt="o",
+                        ms=4, capsize=2, color=colors.get(a["verdict"], "black"))
+        ax.plot([a["reduction"] for a in pts], [a["effect"] for a in pts], lw=0.6, color="black")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(c["id"] + (" (flips)" if c["flips"] else ""), fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.supxlabel("toxicity reduction of the aligned model (evaluation prompts)", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, "fig_dose_response_claims")

@@ -127,10 +127,13 @@ class StageContext:
     seed: int = 0
     scorer_name: str | None = None  # the scorer the run's evaluations used
     scorer_factory: Callable | None = None
+    run: Path | None = None  # the run folder: artifacts are named relative to it (else by the stage folder's name)
     _scorer: object = None
 
     @property
     def stage(self) -> str:
+        if self.run is not None and self.folder.is_relative_to(self.run):
+            return self.folder.relative_to(self.run).as_posix()
         return self.folder.name
 
     def json(self, name: str, required: bool = True):
@@ -456,9 +459,13 @@ def growth(offset: list[dict], stats: dict | None, n_prompts: int | None, prov: 
     return Measured(slope, ci, stats["slope"].get("n"), text, text, **prov)
 
 
-def weakening(rows: list[dict], n_prompts: int | None, prov: dict, ctx: StageContext, where: str) -> Measured:
-    """1 − the mean over `rows` (one per transform) of the token-weighted retention, bootstrapped
-    over the prompts they share."""
+def weakening(rows: list[dict], n_prompts: int | None, prov: dict, ctx: StageContext, where: str,
+              plain: dict | None = None) -> Measured:
+    """1 − the mean over `rows` (one per transform) of the token-weighted retention, bootstrapped over the
+    prompts they share; with `plain` (the plain prompts' row on the same held-out prompts), its retention
+    minus theirs, paired in each resample."""
+    if plain is not None:
+        return _weakening_vs_plain(rows, plain, n_prompts, prov, ctx, where)
     each = "; ".join(f"{r['transform']} {num(r.get('retention_mean', float(np.mean(r['retention']))))}"
                      f"{' ' + interval(r['retention_ci95']) if r.get('retention_ci95') else ''}" for r in rows)
     point = 1 - float(np.mean([r.get("retention_mean", np.mean(r["retention"])) for r in rows]))
@@ -474,3 +481,24 @@ def weakening(rows: list[dict], n_prompts: int | None, prov: dict, ctx: StageCon
     ci = percentile_ci(np.mean(weak, axis=0))
     ours = f"1 − retention {num(point)} {interval(ci)}; retention {each}"
     return Measured(point, ci, len(rows[0]["retention_per_prompt"]), ours, ours, **prov)
+
+
+def _weakening_vs_plain(rows: list[dict], plain: dict, n_prompts: int | None, prov: dict, ctx: StageContext,
+                        where: str) -> Measured:
+    def ratio(r, idx=None):
+        t = np.asarray(r["tokens_per_prompt"], dtype=np.float64)
+        k = np.asarray(r["retention_per_prompt"], dtype=np.float64) * t
+        return k.sum() / t.sum() if idx is None else k[idx].sum(1) / t[idx].sum(1)
+
+    each = "; ".join(f"{r['transform']} {num(ratio(r))}" for r in rows)
+    point = ratio(plain) - float(np.mean([ratio(r) for r in rows]))
+    n = len(plain["retention_per_prompt"])
+    if any(len(r["retention_per_prompt"]) != n for r in rows):
+        return Measured(point, None, n, f"plain {num(ratio(plain))}; {each}",
+                        f"the transforms were measured on other prompts than plain ({where}): no paired interval",
+                        **prov)
+    idx = resample_units(n, ctx.n_boot, ctx.seed)
+    ci = percentile_ci(ratio(plain, idx) - np.mean([ratio(r, idx) for r in rows], axis=0))
+    ours = (f"retention on {n} held-out plain prompts {num(ratio(plain))} − on them transformed = {num(point)} "
+            f"{interval(ci)}; transformed: {each}")
+    return Measured(point, ci, n, ours, ours, **prov)

@@ -39,6 +39,9 @@ def study_class() -> type:
         ("device", str, field(default="auto")),
         ("seed", int, field(default=0)),  # every stage's seed, its evaluations' intervals and the ledger's bootstrap
         ("stages", list[str], field(default_factory=lambda: [s.name for s in REGISTRY if not s.optional])),
+        # the stages after dpo to repeat on each checkpoint dpo kept (dpo.strengths), into runs/<name>/strength-<pct>/,
+        # so that every ledger row is decided at each strength (dose_response.json); [] = none
+        ("dose_response", list[str], field(default_factory=list)),
         *[(s.name, dict, field(default_factory=dict)) for s in REGISTRY],  # each stage's settings
     ])
 
@@ -56,15 +59,33 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> Any:
     unknown = [s for s in study.stages if s not in names]
     if unknown:
         raise ConfigError(f"unknown stage '{unknown[0]}' (stages: {', '.join(names)})")
+    repeatable = [st.name for st in REGISTRY if "dpo" in st.inputs]
+    if (bad := [s for s in study.dose_response if s not in repeatable or s not in study.stages]):
+        raise ConfigError(f"dose_response: '{bad[0]}' is not a stage of this study that reads the dpo model "
+                          f"({', '.join(s for s in repeatable if s in study.stages)})")
     return study
 
 
-def stage_configs(study: Any) -> dict[str, Any]:
-    """Each stage's resolved dataclass config (wiring, then the study's section; unknown keys fail)."""
+def stage_configs(study: Any, folders: dict[str, str] | None = None) -> dict[str, Any]:
+    """Each stage's resolved dataclass config (wiring, then the study's section; unknown keys fail); `folders`
+    as in `Stage.wired`."""
     run = Path(study.root) / study.name
-    return {st.name: from_dict(st.config_class, merge(st.wired(study.model, study.device, run, study.seed),
+    return {st.name: from_dict(st.config_class, merge(st.wired(study.model, study.device, run, study.seed, folders),
                                                       getattr(study, st.name)), prefix=f"{st.name}.")
             for st in REGISTRY if st.name in study.stages or not st.optional}
+
+
+def strength_folders(run: Path, label: str, stages: list[str]) -> dict[str, str]:
+    """The folders of a dose-response at strength `label`: dpo's kept checkpoint, and the repeated stages."""
+    return {"dpo": str(run / "dpo" / "strengths" / label),
+            **{s: str(run / f"strength-{label}" / s) for s in stages}}
+
+
+def kept_strengths(run: Path) -> list[str]:
+    """The strengths (labels, e.g. "25") dpo kept a checkpoint and an evaluation of, besides the analysed one."""
+    d = run / "dpo" / "strengths"
+    return sorted((p.name for p in d.iterdir() if (p / "model").is_dir() and (p / "eval.json").exists()),
+                  key=int) if d.is_dir() else []
 
 
 def _explicit(cfg: Any) -> dict:
@@ -149,49 +170,62 @@ def run_study(study: Any, only: list[str] | None = None, start: str | None = Non
     for st in order:
         s = st.name
         keys[s] = _key(cfgs[s], [keys.get(u, "") for u in st.inputs])
-        folder = run / s
-        marker = folder / MARKER
-        if s not in selected:
-            continue
-        try:
-            done = None if s in (force or []) else read_json(marker)
-        except InputFileError:
-            raise InputFileError(f"the stage marker {marker} is damaged: redo the stage with --force {s}") from None
-        if done and done.get("key") == keys[s] and done.get("finished") and s not in (force or []):
-            log.info("stage %s: finished earlier (key %s), skipped", s, keys[s])
-            timings[s] = {"wall_time_s": done.get("wall_time_s"), "skipped": True}
-            continue
-        if done and done.get("key") != keys[s] and folder.exists():
-            log.info("stage %s: config or inputs changed, starting it afresh", s)
-            shutil.rmtree(folder)
-        if s in (force or []) and folder.exists():
-            shutil.rmtree(folder)
-        fresh = not folder.exists()
-        earlier = 0.0 if fresh else earlier_attempts_s(folder, done)  # a changed key removed the folder
-        folder.mkdir(parents=True, exist_ok=True)
-        began = time.time()
-        attempt = {"stage": s, "key": keys[s], "finished": False, "started": began, "earlier_attempts_s": earlier}
-        write_json(marker, attempt)
-        log.info("stage %s: running (key %s)", s, keys[s])
-        try:
-            with heartbeat(marker, attempt):
-                st.run_fn(cfgs[s])
-        except DpolensError:
-            if fresh:  # refused before it wrote anything a resume could use: leave no trace
-                remove_if_no_files(folder, ignore=(MARKER,))
-            raise
-        wall = time.time() - began + earlier
-        write_json(marker, {"stage": s, "key": keys[s], "finished": True, "wall_time_s": wall,
-                            "earlier_attempts_s": earlier})
-        timings[s] = {"wall_time_s": wall, "skipped": False}
+        if s in selected:
+            timings[s] = _run_stage(st, cfgs[s], keys[s], run / s, s in (force or []))
+    repeat = [st for st in order if st.name in study.dose_response and st.name in selected]
+    for label in kept_strengths(run) if repeat else []:  # every ledger row at each kept strength
+        folders = strength_folders(run, label, study.dose_response)
+        sub_cfgs = stage_configs(study, folders)
+        sub_keys = {**keys, "dpo": f"{keys['dpo']}@{label}"}
+        for st in repeat:
+            s = st.name
+            sub_keys[s] = _key(sub_cfgs[s], [sub_keys.get(u, "") for u in st.inputs])
+            timings[f"{s}@{label}"] = _run_stage(st, sub_cfgs[s], sub_keys[s], Path(folders[s]), s in (force or []))
     results = collect_results(run, study, keys, timings, time.time() - t0)
     write_json(run / "results.json", results)
-    from dpolens.claims import write_claims
+    from dpolens.claims import write_claims, write_dose_response
 
     # the ledger reads the stages' artifacts, not results.json
     results["claims"] = write_claims(run, seed=study.seed)["counts"]
+    if repeat:
+        results["dose_response"] = write_dose_response(run, study.dose_response, seed=study.seed)["summary"]
     write_json(run / "results.json", results)
     return results
+
+
+def _run_stage(st, cfg: Any, key: str, folder: Path, forced: bool) -> dict:
+    """Run one stage into `folder` unless its marker says it finished with this key; its timing."""
+    s = st.name
+    marker = folder / MARKER
+    try:
+        done = None if forced else read_json(marker)
+    except InputFileError:
+        raise InputFileError(f"the stage marker {marker} is damaged: redo the stage with --force {s}") from None
+    if done and done.get("key") == key and done.get("finished") and not forced:
+        log.info("stage %s: finished earlier (key %s), skipped", s, key)
+        return {"wall_time_s": done.get("wall_time_s"), "skipped": True}
+    if done and done.get("key") != key and folder.exists():
+        log.info("stage %s: config or inputs changed, starting it afresh", s)
+        shutil.rmtree(folder)
+    if forced and folder.exists():
+        shutil.rmtree(folder)
+    fresh = not folder.exists()
+    earlier = 0.0 if fresh else earlier_attempts_s(folder, done)  # a changed key removed the folder
+    folder.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    attempt = {"stage": s, "key": key, "finished": False, "started": began, "earlier_attempts_s": earlier}
+    write_json(marker, attempt)
+    log.info("stage %s: running into %s (key %s)", s, folder, key)
+    try:
+        with heartbeat(marker, attempt):
+            st.run_fn(cfg)
+    except DpolensError:
+        if fresh:  # refused before it wrote anything a resume could use: leave no trace
+            remove_if_no_files(folder, ignore=(MARKER,))
+        raise
+    wall = time.time() - began + earlier
+    write_json(marker, {"stage": s, "key": key, "finished": True, "wall_time_s": wall, "earlier_attempts_s": earlier})
+    return {"wall_time_s": wall, "skipped": False}
 
 
 def collect_results(run: Path, study: Any, keys: dict, timings: dict, wall: float) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 from dpolens.artifacts import DpolensError, check_output, read_json, write_text
 from dpolens.ledger import effect_text
 from dpolens.stages import REGISTRY
-from dpolens.webpage import Markup, esc, table
+from dpolens.webpage import Markup, esc, image, table
 
 
 def _placebo_text(row: dict) -> str:
@@ -62,9 +62,28 @@ def claims_section(run: Path) -> str:
     return html
 
 
+def dose_section(run: Path) -> str:
+    """Every ledger row at each strength of the alignment (dose_response.json), when the study made one."""
+    if not (d := read_json(run / "dose_response.json")):
+        return ""
+    labels = [f"{s['strength']} ({s['reduction']:.0%} removed)" if s["reduction"] is not None else s["strength"]
+              for s in d["strengths"]]
+    rows = [{"claim": c["id"], **{lab: f"{a['verdict']}: {effect_text(a)}" for lab, a in zip(labels, c["at"])},
+             "flips": "yes" if c["flips"] else ""} for c in d["claims"]]
+    fig = run / "fig_dose_response_claims.png"
+    return ("<h2>Claims at each strength of the alignment</h2>" +
+            table(rows, ["claim", *labels, "flips"],
+                  f"Every ledger row decided at each checkpoint dpo kept ({', '.join(d['stages_repeated'])} repeated "
+                  f"on it; the other stages shared). {len(d['summary']['keep_verdict'])} claims keep their verdict, "
+                  f"{len(d['summary']['flip'])} flip: a verdict that flips with strength describes that strength, "
+                  "not DPO.") +
+            (image(fig, "Each claim's effect and 95% interval against the toxicity reduction (green holds, red "
+                        "contradicted, grey inconclusive, orange precondition failed).") if fig.exists() else ""))
+
+
 def render(run: Path) -> str:
     res = read_json(run / "results.json") or {}  # a damaged file fails here, before claims.json is written
-    parts = [f"<h1>dpolens study: {esc(run.name)}</h1>", claims_section(run)]
+    parts = [f"<h1>dpolens study: {esc(run.name)}</h1>", claims_section(run), dose_section(run)]
     parts += [st.section(run / st.name, res.get(st.name) or st.headline(run / st.name),
                          read_json(run / st.name / "manifest.json") or {})
               for st in REGISTRY if (run / st.name).exists()]

@@ -91,6 +91,33 @@ def prompt_token_seqs(lm: LoadedModel, texts: list[str], max_prompt_tokens: int)
     return [(x[:1], x[1:]) for x in ids]
 
 
+def final_turn_seqs(lm: LoadedModel, texts: list[str], max_prompt_tokens: int,
+                    marker: str = "\nUser:") -> list[tuple[list[int], list[int]]]:
+    """Each multi-turn prompt as (everything before its final turn, the final turn's tokens): only the final
+    turn (from its last `marker` on, the label included) is measured, as the plain prompt's tokens are. The
+    split is by token count: the tokens of the text before the marker, with BOS."""
+    ids = encode_prompts(lm, texts, min(max_prompt_tokens, lm.adapter.context_length), keep_last=True)
+    full = lm.tokenizer(texts, add_special_tokens=True)["input_ids"]  # uncut (encode_prompts cuts to the context)
+    heads = lm.tokenizer([t[: t.rfind(marker)] if marker in t else "" for t in texts],
+                         add_special_tokens=True)["input_ids"]
+    out = []
+    for x, f, h in zip(ids, full, heads):
+        n = min(len(f) - len(h), len(x) - 1)  # the final turn's tokens, at least the first token left as context
+        if n < 1:
+            raise ValueError("a multi-turn prompt has no final-turn tokens after its context")
+        out.append((x[:-n], x[-n:]))
+    return out
+
+
+def subset_mean(stats: Stats, units) -> torch.Tensor:
+    """[n_layers, d_model] resid_mid mean over the measured tokens of the prompts `units` only (per-prompt
+    means weighted by their token counts): what `mean_x` would be on those prompts alone."""
+    units = torch.as_tensor(np.asarray(units), dtype=torch.long)
+    w = stats.prompt_tokens[units].double()
+    return torch.stack([(stats.per_prompt_x[l][units].double() * w[:, None]).sum(0) / w.sum()
+                        for l in sorted(stats.per_prompt_x)]).to(stats.x_sum.dtype)
+
+
 def prompt_stats(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]], batch_size: int) -> Stats:
     """resid_mid means over the measured tokens, overall and per prompt, at every layer."""
     return continuation_stats(lm, seqs, (), batch_size, progress=False, x_layers=range(lm.adapter.n_layers))
@@ -104,16 +131,19 @@ class Retention(TypedDict):
     tokens_per_prompt: list[float]  # the weights of retention_mean
 
 
-def offset_retention(delta: torch.Tensor, base: Stats, model: Stats, seed: int) -> Retention:
+def offset_retention(delta: torch.Tensor, base: Stats, model: Stats, seed: int, units=None) -> Retention:
     """Retention of the plain-prompt offset `delta` [n_layers, d_model] in `model` against `base`,
-    both measured on the same (transformed) prompt tokens with `prompt_stats`."""
+    both measured on the same (transformed) prompt tokens with `prompt_stats`; with `units`, on those
+    prompts only (e.g. the half δx was not estimated on)."""
+    n = len(base.prompt_tokens)
+    units = np.arange(n) if units is None else np.asarray(units)
     norm = delta.norm(dim=-1).clamp(min=1e-30)  # [n_layers]
     d_hat = delta / norm.unsqueeze(-1)
-    per_layer = ((model.mean_x - base.mean_x) * d_hat).sum(-1) / norm
+    per_layer = ((subset_mean(model, units) - subset_mean(base, units)) * d_hat).sum(-1) / norm
     layers = sorted(base.per_prompt_x)
-    shift_proj = np.stack([((model.per_prompt_x[l] - base.per_prompt_x[l]) @ d_hat[l]).numpy() / float(norm[l])
-                           for l in layers], 1)  # [n_prompts, n_layers]
-    tokens = base.prompt_tokens.double().numpy()
+    shift_proj = np.stack([((model.per_prompt_x[l][units] - base.per_prompt_x[l][units]) @ d_hat[l]).numpy()
+                           / float(norm[l]) for l in layers], 1)  # [n_prompts, n_layers]
+    tokens = base.prompt_tokens[units].double().numpy()
     return {"retention": per_layer.tolist(), **retention_per_prompt(shift_proj, tokens, seed)}
 
 

@@ -87,9 +87,10 @@ class Stage:
     def section(self, folder: Path, headline: dict, manifest: dict) -> str:
         return self.module.section(folder, headline, manifest)
 
-    def wired(self, model: str, device: str, run: Path, seed: int = 0) -> dict:
-        """This stage's config values from the study graph, as a nested dict."""
-        folders = {s.name: str(run / s.name) for s in REGISTRY}
+    def wired(self, model: str, device: str, run: Path, seed: int = 0, folders: dict[str, str] | None = None) -> dict:
+        """This stage's config values from the study graph, as a nested dict; `folders` puts some stages'
+        folders elsewhere than run/<stage> (a dose-response repeats stages on another aligned model)."""
+        folders = {**{s.name: str(run / s.name) for s in REGISTRY}, **(folders or {})}
         out: dict = {"device": device, "seed": seed}  # the study's device and seed reach every stage
         if _evaluates(self.config_class):
             out["eval"] = {"settings": {"seed": seed}}  # and its evaluation's intervals

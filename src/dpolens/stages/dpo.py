@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from dpolens.artifacts import read_json, write_json, write_manifest
-from dpolens.compare import WeightShiftSummary
+from dpolens.compare import WeightShiftSummary, weight_shift
 from dpolens.drift import OVERUSE_FACTOR, drift
 from dpolens.drift import reduction as relative_reduction
 from dpolens.evaluate import evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, percentile_ci
@@ -114,6 +114,20 @@ def run_dpo(cfg: DpoConfig) -> DPOResult:
             write_json(out / "drift.json", {"models": drifts, "dose_response": dose, "figures": figs,
                                             "seed": cfg.seed, "scorer": inputs.scorer.describe(),
                                             "n_prompts": len(inputs.prompts)})
+        # each kept strength as a dpo folder of its own (its model as "aligned"): the ledger's dpo rows at that
+        # strength, and the wiring of the stages a study repeats there (`dose_response`)
+        for (label, m), path in zip(models[2:], (p for _, p in strength_models(cfg, summary))):
+            folder = Path(path).parent
+            row = {**row_of(rows, label), "model": "aligned"}
+            write_json(folder / "eval.json", {"rows": [row_of(rows, "base"), row], "scorer": inputs.scorer.describe(),
+                                              "n_prompts": len(inputs.prompts), "strength_of": str(out)})
+            if cfg.drift:
+                write_json(folder / "drift.json", {"models": {"aligned": drifts[label]}, "seed": cfg.seed,
+                                                   "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts)})
+            shift = weight_shift(base.model, m.model)
+            write_json(folder / "summary.json", {"weight_shift": {k: v for k, v in shift.items() if k != "per_tensor"},
+                                                 "base": base.identity(), "aligned": m.identity(),
+                                                 **(read_json(folder / "strength.json") or {})})
     write_manifest(out, "dpo", cfg, base=base.identity(), aligned=aligned.identity())
     return summary
 

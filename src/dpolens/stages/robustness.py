@@ -27,8 +27,9 @@ from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
 from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening
-from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, offset_retention, prompt_stats, prompt_token_seqs,
-                               transformed_prompts)
+from dpolens.drift import split_halves
+from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, final_turn_seqs, offset_retention, prompt_stats,
+                               prompt_token_seqs, subset_mean, transformed_prompts)
 from dpolens.webpage import esc, image, table
 
 
@@ -40,7 +41,10 @@ class RobustnessConfig(RunSettings):
     out: str = "runs/robustness"
     prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     neutral: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
-    limit: int | None = 100
+    limit: int | None = 200  # prompts whose offset retention is measured (δx̂ from half of them, retention on the rest)
+    # the first N of them are also generated from and scored (toxicity per transform; None: all): generation is
+    # most of the stage's cost, and no ledger row reads it
+    toxicity_limit: int | None = None
     transforms: list[str] = field(default_factory=lambda: list(ALL_TRANSFORMS))
     turns: int = 3
     max_new_tokens: int = 20
@@ -50,7 +54,7 @@ class RobustnessConfig(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 1, "limit", "batch_size", "max_prompt_tokens")
+        at_least(self, 1, "limit", "toxicity_limit", "batch_size", "max_prompt_tokens")
         unknown = [t for t in self.transforms if t not in ALL_TRANSFORMS]
         if unknown:
             raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
@@ -103,23 +107,27 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         check_fits(base, encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True), cfg.max_new_tokens)
     steps = tqdm(total=2 * len(inputs) * len(models), desc="robustness", unit="step", disable=not cfg.progress)
     retention, delta = {}, None
+    # δx̂ from one half of the plain prompts, every retention (plain included) on the other half
+    fit, measure = split_halves(len(plain), cfg.seed)
     for tname in ["plain", *(t for t in inputs if t != "plain")]:  # δx (from plain) first
-        seqs = prompt_token_seqs(base, inputs[tname][0], cfg.max_prompt_tokens)
+        texts = inputs[tname][0]
+        seqs = (final_turn_seqs(base, texts, cfg.max_prompt_tokens) if tname == "multi_turn" else
+                prompt_token_seqs(base, texts, cfg.max_prompt_tokens))
         stats = {}
         for mname, lm in models:
             steps.set_postfix_str(f"activations {tname} {mname}")
             stats[mname] = prompt_stats(lm, seqs, cfg.batch_size)
             steps.update()
         if delta is None:
-            delta = stats["aligned"].mean_x - stats["base"].mean_x
+            delta = subset_mean(stats["aligned"], fit) - subset_mean(stats["base"], fit)
         for mname in stats.keys() - {"base"}:
-            retention[(tname, mname)] = offset_retention(delta, stats["base"], stats[mname], cfg.seed)
+            retention[(tname, mname)] = offset_retention(delta, stats["base"], stats[mname], cfg.seed, measure)
 
     rows = []
     for tname, (texts, inverse) in inputs.items():
         for mname, lm in models:
             steps.set_postfix_str(f"generate {tname} {mname}")
-            gens = generate(lm, texts, cfg.max_new_tokens, batch_size=cfg.batch_size,
+            gens = generate(lm, texts[: cfg.toxicity_limit], cfg.max_new_tokens, batch_size=cfg.batch_size,
                             max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False)
             decoded = [inverse(g.continuation) for g in gens]
             tox = summarize(scorer.score(decoded).toxicity, seed=cfg.seed)
@@ -133,8 +141,12 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     out.mkdir(parents=True, exist_ok=True)
     result = {"rows": rows, "scorer": scorer.describe(), "n_prompts": len(plain),
               "offset_plain_norm": delta.norm(dim=-1).tolist(),
+              "split": {"fit": len(fit), "measure": len(measure), "seed": cfg.seed,
+                        "measure_prompts": measure.tolist()},
               "retention_definition": "mean over prompt tokens of (x_M - x_base)·δx̂ at resid_mid, divided by "
-                                      "‖δx‖ on plain prompts (1 = the offset is applied as on plain prompts)"}
+                                      "‖δx‖, δx from the plain prompts of one half (`split.fit`), retention on the "
+                                      "other half (plain included: 1 = the offset is applied as on plain prompts "
+                                      "it was not estimated on); multi-turn prompts on their final turn's tokens"}
     result["findings"] = findings(rows)
     write_json(out / "table.json", result)
     write_text(out / "robustness.md", render(result))
@@ -223,7 +235,14 @@ def retention_weakens(transforms: tuple[str, ...]):
                                                    "transforms": [r["transform"] for r in rows]})
         if not rows:
             raise StageNotRun(f"robustness/table.json rows for {', '.join(transforms)}")
-        return weakening(rows, rb.get("n_prompts"), prov, ctx, "robustness/table.json")
+        if not rb.get("split"):  # written before δx̂ was estimated out of sample: plain retention is 1 by construction
+            m = weakening(rows, rb.get("n_prompts"), prov, ctx, "robustness/table.json")
+            m.ci95, m.diagnosis = None, ("δx̂ was estimated on the prompts it is measured on (table.json without "
+                                         f"`split`): not decided; {m.diagnosis}")
+            return m
+        plain = next(r for r in rb["rows"] if r["model"] == "aligned" and r["transform"] == "plain")
+        prov["data"]["split"] = {k: v for k, v in rb["split"].items() if k != "measure_prompts"}
+        return weakening(rows, rb["split"]["measure"], prov, ctx, "robustness/table.json", plain=plain)
 
     return build
 
@@ -231,12 +250,14 @@ def retention_weakens(transforms: tuple[str, ...]):
 CLAIMS = (
     Claim("transforms_weaken_offset", "review", "transformed prompts (ROT13, Base64, leetspeak, spaced, upper case) "
           "weaken the offset", "open question: encodings may bypass δx (not tested in the paper)", +1,
-          "effect = 1 − retention of δx by the aligned model, mean over the transforms (bootstrap over prompts); "
+          "effect = retention of δx̂ on held-out plain prompts − its retention on the same prompts transformed, mean "
+          "over the transforms (δx̂ from the other half of the prompts; paired bootstrap over the held-out prompts); "
           "conjecture: > 0", ("table.json",), retention_weakens(ENCODED), mechanism=True),
     Claim("multi_turn_weakens_offset", "review", "multi-turn context weakens the offset",
           "open question: accumulated turns may drift the residual past δx (not tested in the paper)", +1,
-          "effect = 1 − retention of δx by the aligned model under multi-turn context (bootstrap over prompts); "
-          "conjecture: > 0", ("table.json",), retention_weakens(("multi_turn",)), mechanism=True),
+          "effect = retention of δx̂ on held-out plain prompts − its retention on their final turn after earlier "
+          "turns (δx̂ from the other half; paired bootstrap over the held-out prompts); conjecture: > 0",
+          ("table.json",), retention_weakens(("multi_turn",)), mechanism=True),
 )
 
 
