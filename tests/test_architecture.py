@@ -74,7 +74,7 @@ def test_claims_module_names_no_stage_file():
     names = "|".join(s.name for s in REGISTRY)
     assert not re.findall(rf"[\"'](?:{names})/\w", text)
     assert not re.findall(r"\w+\.json", text.replace("claims.json", "").replace("results.json", "")
-                          .replace("manifest.json", ""))
+                          .replace("manifest.json", "").replace("dose_response.json", ""))
 
 
 STAGE_SOURCE = '''

@@ -135,13 +135,10 @@ def dose_response(run_dir: str | Path, stages: list[str], n_boot: int = 2000, se
     verdict flips."""
     from dpolens.pipeline import kept_strengths, strength_folders
 
-    run = Path(run_dir)
+    from dpolens.stages import stage
 
-    def reduction(dpo: Path) -> float | None:
-        ev = read_json(dpo / "eval.json") or {}
-        rows = {r["model"]: r for r in ev.get("rows") or []}
-        b, a = rows.get("base"), rows.get("aligned")
-        return 1 - a["toxicity"]["mean"] / b["toxicity"]["mean"] if b and a and b["toxicity"]["mean"] else None
+    run = Path(run_dir)
+    reduction = stage("dpo").module.reduction_of  # the relative toxicity reduction a dpo folder evaluated
 
     points = [{"strength": "analysed", "reduction": reduction(run / "dpo"),
                "ledger": build_claims(run, n_boot, seed, scorer_factory)}]

@@ -206,6 +206,13 @@ def dpo_lowers_toxicity(ctx: StageContext) -> Measured:
                          collapse=(d or {}).get("overuse", {}).get("worst"))
 
 
+def reduction_of(folder: Path) -> float | None:
+    """1 − toxicity(aligned) / toxicity(base) on the evaluation prompts of a dpo folder (or a kept strength's)."""
+    rows = {r["model"]: r for r in (read_json(Path(folder) / "eval.json") or {}).get("rows") or []}
+    b, a = rows.get("base"), rows.get("aligned")
+    return 1 - a["toxicity"]["mean"] / b["toxicity"]["mean"] if b and a and b["toxicity"]["mean"] else None
+
+
 def _eval_prov(ctx: StageContext) -> tuple[dict, dict, dict, dict]:
     ev = ctx.json("eval.json")
     base, aligned = row_of(ev["rows"], "base"), row_of(ev["rows"], "aligned")
