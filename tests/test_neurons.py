@@ -11,9 +11,9 @@ from dpolens import load_model
 from dpolens.artifacts import DpolensError
 from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
+from dpolens.attribution import GATED_GROUPS, MIRRORS
 from dpolens.stages.neurons import (
     GROUPS,
-    MIRRORS,
     NeuronsConfig,
     assign_groups,
     fit_split,
@@ -138,6 +138,14 @@ def test_groups_partition_the_positive_reduction():
     tp = (t["cosine"] > 0) & (t["ms_base"] >= 0) & (t["ms_aligned"] < t["ms_base"])
     assert (labels[tp] == "TP-").all()  # here Δ comes from activations only: names agree fully
     assert all(s["groups"][g]["agreement"] == 1.0 for g in GROUPS)
+    # gated: two sign-invariant groups, the unions of TP-/AN- and TN+/AP+, with the same reductions
+    gl = assign_groups(t, gated=True)
+    gs = group_shares(t, gl, top_toxic=50, gated=True)
+    assert set(gs["groups"]) == {"TP-/AN-", "TN+/AP+", "TP+/AN+", "TN-/AP-"} and gs["mlp"] == "gated"
+    assert gs["groups"]["TP-/AN-"]["reduction"] == pytest.approx(s["groups"]["TP-"]["reduction"] +
+                                                                s["groups"]["AN-"]["reduction"])
+    assert sum(gs["groups"][g]["share_of_positive"] for g in GATED_GROUPS) == pytest.approx(1.0)
+    assert all(gs["groups"][g]["agreement"] == 1.0 for g in GATED_GROUPS)
 
 
 @pytest.mark.parametrize("patch", ["set", "shift"])
@@ -158,13 +166,14 @@ def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached,
     assert g["four_groups_share_of_positive"] == pytest.approx(1.0)
     assert set(g["toxic_neurons"]) >= {"share_of_positive", "share_of_net", "ci95_share_of_positive",
                                        "ci95_share_of_net"}
-    for name in GROUPS:
+    assert g["mlp"] == "gated" and set(g["groups"]) == {"TP-/AN-", "TN+/AP+", "TP+/AN+", "TN-/AP-"}
+    for name in GATED_GROUPS:  # Gemma's MLP is gated: two sign-invariant groups
         x = g["groups"][name]
         if x["share_of_positive"] is not None:
             assert len(x["ci95_share_of_positive"]) == 2 and len(x["ci95_share_of_net"]) == 2
     assert g["bootstrap"]["n"] == 3 and g["bootstrap"]["unit"] == "fit prompts"
     p = json.loads((tmp_path / "n" / "patching.json").read_text())
-    assert [s["groups"][-1] for s in p["steps"]] == ["TP-", "AN-", "TN+", "AP+"]
+    assert [s["groups"][-1] for s in p["steps"]] == ["TP-/AN-", "TN+/AP+"]
     assert p["n_eval_prompts"] == 3  # disjoint from the 3 fit prompts
     assert p["mode"] == patch
     assert (tmp_path / "n" / "editing.json").exists() and all((tmp_path / "n" / f).exists() for f in r["figures"])
@@ -181,9 +190,9 @@ def test_patch_steps_endpoint_is_the_cumulative_last_step(pair, tiny_dirs, tmp_p
                             eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
                                           progress=False, settings=EvalSettings(max_new_tokens=4)))
         steps[mode] = run_neurons(cfg)["patching"]["steps"]
-    assert len(steps["cumulative"]) == 4 and len(steps["endpoint"]) == 1
+    assert len(steps["cumulative"]) == 2 and len(steps["endpoint"]) == 1
     last, end = steps["cumulative"][-1], steps["endpoint"][0]
-    assert end["groups"] == ["TP-", "AN-", "TN+", "AP+"] and end["n_neurons"] == last["n_neurons"]
+    assert end["groups"] == ["TP-/AN-", "TN+/AP+"] and end["n_neurons"] == last["n_neurons"]
     assert end["toxicity"] == last["toxicity"] and end["toxicity_per_prompt"] == last["toxicity_per_prompt"]
 
 

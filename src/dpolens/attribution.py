@@ -16,6 +16,17 @@ from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel
 
 MIRRORS = ("TP+", "TN-", "AP-", "AN+")
+# gated MLPs (Gemma, Llama): flipping a neuron's up row and down column changes nothing in the model but swaps
+# TP− with AN− and TN+ with AP+, so only their unions are properties of the model: a neuron whose base
+# contribution along the probe (m/s)(v·ŵ) is positive (pushes toward toxic) or negative, and whose contribution
+# fell (Δ > 0) or rose
+GATED_GROUPS = ("TP-/AN-", "TN+/AP+")
+GATED_MIRRORS = ("TP+/AN+", "TN-/AP-")
+
+
+def group_names(gated: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the groups that reduce the projection, their mirrors) for a GELU (four) or a gated (two) MLP."""
+    return (GATED_GROUPS, GATED_MIRRORS) if gated else (GROUPS, MIRRORS)
 
 
 @torch.inference_mode()
@@ -50,7 +61,7 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
     return out
 
 
-def assign_groups(t: dict[str, np.ndarray]) -> np.ndarray:
+def assign_groups(t: dict[str, np.ndarray], gated: bool = False) -> np.ndarray:
     """Group label per neuron ('' when the cosine or Δ_i is exactly zero).
 
     Letters: sign of cos(v, w) in the base model (T > 0, A < 0) and of the base activation
@@ -60,6 +71,12 @@ def assign_groups(t: dict[str, np.ndarray]) -> np.ndarray:
     as the name says (Δ_i also carries the aligned model's own small value-vector change)."""
     cos, m, delta = t["cosine"], t["ms_base"], t["delta"]
     labels = np.full(len(cos), "", dtype=object)
+    if gated:  # sign-invariant: by the sign of the base contribution cos·m (that of (m/s)(v·ŵ)) and of Δ
+        c = np.sign(cos) * np.sign(m)
+        for name, sel in ((GATED_GROUPS[0], (c > 0) & (delta > 0)), (GATED_GROUPS[1], (c < 0) & (delta > 0)),
+                          (GATED_MIRRORS[0], (c > 0) & (delta < 0)), (GATED_MIRRORS[1], (c < 0) & (delta < 0))):
+            labels[sel] = name
+        return labels
     names = {("T", "P", True): "TP-", ("T", "N", True): "TN+", ("A", "P", True): "AP+", ("A", "N", True): "AN-",
              ("T", "P", False): "TP+", ("T", "N", False): "TN-", ("A", "P", False): "AP-", ("A", "N", False): "AN+"}
     for tox, cos_ok in (("T", cos > 0), ("A", cos < 0)):
@@ -73,6 +90,10 @@ def _agreement(t, labels: np.ndarray, g: str) -> float | None:
     sel = labels == g
     if not sel.any():
         return None
+    if "/" in g:  # gated: did the contribution's magnitude along its base sign move as the name says?
+        along = (t["ms_aligned"] * np.sign(t["ms_base"]))[sel]
+        grows = along > np.abs(t["ms_base"][sel])
+        return float(np.mean(grows if g in ("TN+/AP+", "TP+/AN+") else ~grows))
     dm = (t["ms_aligned"] - t["ms_base"])[sel]
     grows = dm > 0 if g[1] == "P" else dm < 0
     return float(np.mean(grows if g[2] == "+" else ~grows))
@@ -85,31 +106,48 @@ def set_sums(per_prompt: np.ndarray, member: np.ndarray, rows: np.ndarray | None
     return np.concatenate([pp[i:i + 256].astype(np.float64) @ member for i in range(0, len(pp), 256)])
 
 
-def dampened_toxic(t: dict[str, np.ndarray], top_toxic: int) -> np.ndarray:
-    """Indices of the top `top_toxic` neurons by cosine that were active (m̄_base > 0) and dampened."""
-    top = np.argsort(-t["cosine"])[:top_toxic]
-    return top[(t["ms_base"][top] > 0) & (t["ms_aligned"][top] < t["ms_base"][top])]
+def dampened_toxic(t: dict[str, np.ndarray], top_toxic: int, gated: bool = False) -> np.ndarray:
+    """Indices of the top `top_toxic` neurons by cosine that were active (m̄_base > 0) and dampened. Gated: by
+    the effective cosine cos(v, ŵ)·sign(m̄_base) (the direction the neuron writes when it fires, which a sign
+    flip of its up row and down column leaves alone), dampened along its base sign."""
+    if not gated:
+        top = np.argsort(-t["cosine"])[:top_toxic]
+        return top[(t["ms_base"][top] > 0) & (t["ms_aligned"][top] < t["ms_base"][top])]
+    sign = np.sign(t["ms_base"])
+    top = np.argsort(-(t["cosine"] * sign), kind="stable")[:top_toxic]
+    return top[(sign[top] != 0) & (t["ms_aligned"][top] * sign[top] < np.abs(t["ms_base"][top]))]
 
 
-def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int) -> dict:
+def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int, gated: bool = False) -> dict:
     delta = t["delta"]
     positive, net = float(delta[delta > 0].sum()), float(delta.sum())
     groups = {}
-    for g in GROUPS + MIRRORS:
+    reducing, mirrors = group_names(gated)
+    for g in reducing + mirrors:
         sel = labels == g
         red = float(delta[sel].sum())
         groups[g] = {"count": int(sel.sum()), "reduction": red, "share_of_positive": red / positive if positive else None,
-                     "share_of_net": red / net if net else None, "reduces_toxicity": g in GROUPS,
+                     "share_of_net": red / net if net else None, "reduces_toxicity": g in reducing,
                      "agreement": _agreement(t, labels, g)}
-    dampened = dampened_toxic(t, top_toxic)
+    dampened = dampened_toxic(t, top_toxic, gated)
     tox_red = float(delta[dampened].sum())
-    return {"groups": groups, "totals": {"positive": positive, "net": net},
-            "four_groups_share_of_positive": sum(groups[g]["reduction"] for g in GROUPS) / positive if positive else None,
+    return {"groups": groups, "totals": {"positive": positive, "net": net}, "mlp": "gated" if gated else "gelu",
+            "group_definition": GROUP_DEFINITION["gated" if gated else "gelu"],
+            "four_groups_share_of_positive": sum(groups[g]["reduction"] for g in reducing) / positive if positive else None,
             "toxic_neurons": {"count": int(len(dampened)), "top_n": top_toxic, "reduction": tox_red,
                               "share_of_positive": tox_red / positive if positive else None,
                               "share_of_net": tox_red / net if net else None,
-                              "definition": f"top {top_toxic} by cos(v, probe) that were active (m̄_base > 0) "
-                                            "and dampened by alignment"}}
+                              "definition": (f"top {top_toxic} by cos(v, probe)·sign(m̄_base), dampened along their "
+                                             "base sign" if gated else f"top {top_toxic} by cos(v, probe) that were "
+                                             "active (m̄_base > 0) and dampened by alignment")}}
+
+
+GROUP_DEFINITION = {
+    "gelu": "Yang et al.'s four groups: sign of cos(v, ŵ) (T > 0, A < 0) and of the base activation (P >= 0, N < 0), "
+            "among the neurons whose projection fell (Δ > 0)",
+    "gated": "a gated MLP's activation sign is a convention (flipping a neuron's up row and down column changes "
+             "nothing but swaps TP− with AN− and TN+ with AP+), so the four groups are two: TP−/AN−, a contribution "
+             "toward the probe ((m/s)(v·ŵ) > 0) that fell, and TN+/AP+, a contribution away from it that grew"}
 
 
 def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> list[dict]:
@@ -123,7 +161,8 @@ def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> 
     return edits
 
 
-def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000, seed: int = 0) -> dict:
+def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000, seed: int = 0,
+                    gated: bool = False) -> dict:
     """Cross-fitted group shares: the four groups and the dampened toxic neurons are chosen on one half
     of the prompts (a seeded split) from that half's mean activations and projections, and their
     reductions are measured on the other half, with a bootstrap over its prompts. A share is of the
@@ -152,10 +191,11 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
     with np.errstate(divide="ignore", invalid="ignore"):
         ms_b = np.where(t["vw_base"] != 0, p_b / t["vw_base"], 0.0)
         ms_a = np.where(t["vw_aligned"] != 0, p_a / t["vw_aligned"], 0.0)
-    labels = assign_groups({"cosine": t["cosine"], "ms_base": ms_b, "delta": p_b - p_a})
+    labels = assign_groups({"cosine": t["cosine"], "ms_base": ms_b, "delta": p_b - p_a}, gated)
     toxic = np.zeros(len(labels), dtype=bool)
-    toxic[dampened_toxic({"cosine": t["cosine"], "ms_base": ms_b, "ms_aligned": ms_a}, top_toxic)] = True
-    sets = {**{g: labels == g for g in GROUPS}, "toxic_neurons": toxic, "four_groups": np.isin(labels, GROUPS)}
+    toxic[dampened_toxic({"cosine": t["cosine"], "ms_base": ms_b, "ms_aligned": ms_a}, top_toxic, gated)] = True
+    groups = group_names(gated)[0]
+    sets = {**{g: labels == g for g in groups}, "toxic_neurons": toxic, "four_groups": np.isin(labels, groups)}
     member = np.stack(list(sets.values()), 1).astype(np.float64)
     sb, sa = set_sums(pb, member, measure), set_sums(pa, member, measure)
     tok_b, tok_a = tb[measure], ta[measure]
@@ -168,13 +208,13 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
     col = {k: i for i, k in enumerate(sets)}
     with np.errstate(divide="ignore", invalid="ignore"):
         share = lambda r, k: r[..., col[k]] / r[..., col["four_groups"]]
-        smallest = np.min(np.stack([share(reps, g) for g in GROUPS]), axis=0)
+        smallest = np.min(np.stack([share(reps, g) for g in groups]), axis=0)
         out = {g: {"count": int(sets[g].sum()), "share": _finite(share(point, g)),
-                   "ci95": percentile_ci(share(reps, g))} for g in GROUPS}
-        point_shares = {g: out[g]["share"] for g in GROUPS}
-        low = min(GROUPS, key=lambda g: point_shares[g] if point_shares[g] is not None else np.inf)
-        return {"groups": out,
-                "min": {"group": low, "share": _finite(min(share(point, g) for g in GROUPS)),
+                   "ci95": percentile_ci(share(reps, g))} for g in groups}
+        point_shares = {g: out[g]["share"] for g in groups}
+        low = min(groups, key=lambda g: point_shares[g] if point_shares[g] is not None else np.inf)
+        return {"groups": out, "mlp": "gated" if gated else "gelu",
+                "min": {"group": low, "share": _finite(min(share(point, g) for g in groups)),
                         "ci95": percentile_ci(smallest)},
                 "toxic_neurons": {"count": int(toxic.sum()), "share": _finite(share(point, "toxic_neurons")),
                                   "ci95": percentile_ci(share(reps, "toxic_neurons"))},

@@ -131,7 +131,8 @@ def analysis_figures(out: Path, lens, drop, offset, stats, fig_layers, top, delt
 
 
 GROUP_COLORS = {"TP-": "#d62728", "TN+": "#ff7f0e", "AP+": "#1f77b4", "AN-": "#17becf",
-                "TP+": "#f7b6d2", "TN-": "#ffbb78", "AP-": "#aec7e8", "AN+": "#9edae5", "": "#c7c7c7"}
+                "TP+": "#f7b6d2", "TN-": "#ffbb78", "AP-": "#aec7e8", "AN+": "#9edae5", "": "#c7c7c7",
+                "TP-/AN-": "#d62728", "TN+/AP+": "#1f77b4", "TP+/AN+": "#f7b6d2", "TN-/AP-": "#aec7e8"}
 
 
 def neuron_figures(out: Path, t: dict, labels: np.ndarray, shares: dict) -> list[str]:
@@ -140,7 +141,7 @@ def neuron_figures(out: Path, t: dict, labels: np.ndarray, shares: dict) -> list
     L = int(t["layer"].max()) + 1
     fig, ax = plt.subplots(figsize=(9, 4))
     bottom_pos, bottom_neg = np.zeros(L), np.zeros(L)
-    for g in ("TP-", "TN+", "AP+", "AN-", "TP+", "TN-", "AP-", "AN+"):
+    for g in [g for g in GROUP_COLORS if g and (labels == g).any()]:
         per_layer = np.array([t["delta"][(labels == g) & (t["layer"] == l)].sum() for l in range(L)])
         base = np.where(per_layer >= 0, bottom_pos, bottom_neg)
         ax.bar(range(L), per_layer, bottom=base, color=GROUP_COLORS[g], label=g)
@@ -166,7 +167,7 @@ def neuron_figures(out: Path, t: dict, labels: np.ndarray, shares: dict) -> list
 
     fig, ax = plt.subplots(figsize=(6, 5))
     dm = t["ms_aligned"] - t["ms_base"]
-    for g in ("", "TP+", "TN-", "AP-", "AN+", "TP-", "TN+", "AP+", "AN-"):
+    for g in ["", *(g for g in GROUP_COLORS if g and (labels == g).any())]:
         sel = labels == g
         ax.scatter(t["cosine"][sel], dm[sel], s=2, color=GROUP_COLORS[g], label=g or "none", alpha=0.6)
     ax.axhline(0, color="black", lw=0.5)

@@ -276,6 +276,20 @@ class Adapter:
         out.append((proj.weight, 0 if self.family == "gpt2" else 1))
         return out
 
+    @torch.no_grad()
+    def flip_neurons(self, layer: int, neurons) -> None:
+        """Gated MLPs: negate the neurons' up_proj rows (m_i → −m_i) and down_proj columns (v_i → −v_i). The
+        model computes exactly what it did: the sign of a gated neuron's activation is a convention, and a
+        statistic that changes under this says nothing about the model."""
+        if self.mlp_kind != "gated":
+            raise ValueError(f"{self.family}'s MLP is not gated: its activation's sign is not a convention")
+        idx = torch.as_tensor(list(neurons), dtype=torch.long)
+        ks = self.key_slice(layer)
+        ks.weight[idx] *= -1
+        if ks.bias is not None:
+            ks.bias[idx] *= -1
+        self.mlp_out_proj(layer).weight[:, idx] *= -1
+
     def key_vectors(self, layer: int) -> torch.Tensor:
         """[d_mlp, d_model] key vectors (GELU: the fc input weights; gated: up_proj rows)."""
         ks = self.key_slice(layer)

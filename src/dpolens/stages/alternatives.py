@@ -19,8 +19,8 @@ import numpy as np
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
-from dpolens.attribution import assign_groups, group_shares, neuron_edits, neuron_table
-from dpolens.compare import GROUPS, check_pair, offset_stats, residual_offset, value_shift_stats, weight_shift
+from dpolens.attribution import assign_groups, group_names, group_shares, neuron_edits, neuron_table
+from dpolens.compare import check_pair, offset_stats, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, toxic_keys
@@ -181,11 +181,13 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         retention = _retention(m, transformed, tf_base, cfg)
         t = neuron_table(base, m, probe, fit_prompts or prompts, cfg.batch_size, cfg.max_new_tokens,
                          cfg.eval.progress)
-        labels = assign_groups(t)
-        shares = group_shares(t, labels, cfg.top_toxic)
+        gated = base.adapter.mlp_kind == "gated"  # two sign-invariant groups (attribution.GATED_GROUPS)
+        labels = assign_groups(t, gated)
+        shares = group_shares(t, labels, cfg.top_toxic, gated)
+        reducing = group_names(gated)[0]
         patched = None
         if cfg.patch and fit_prompts:  # the four groups' mean activation change added in the base
-            spec = neuron_edits(t, np.isin(labels, GROUPS), t["m_aligned"] - t["m_base"], "shift")
+            spec = neuron_edits(t, np.isin(labels, reducing), t["m_aligned"] - t["m_base"], "shift")
             patched = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"{label} patched").row()
         targets = toxic_keys(m, cfg.probe, cfg.k, cfg.space)
         with keys_scaled(m, targets, cfg.scale, cfg.key):
@@ -207,7 +209,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
             "offset_stats": growth, "retention": retention, "overused_words": overused,
             "value_shift_stats": shift_stats,
-            "neuron_groups": {"share_of_positive": {g: shares["groups"][g]["share_of_positive"] for g in GROUPS},
+            "neuron_groups": {"share_of_positive": {g: shares["groups"][g]["share_of_positive"] for g in reducing},
                               "four_groups_share_of_positive": shares["four_groups_share_of_positive"],
                               "toxic_neurons_share_of_positive": shares["toxic_neurons"]["share_of_positive"],
                               "toxic_neurons_share_of_net": shares["toxic_neurons"]["share_of_net"]},
@@ -341,6 +343,7 @@ def headline(folder: Path) -> AlternativesHeadline:
 def section(folder: Path, headline: AlternativesHeadline, manifest: dict) -> str:
     if not (alt := headline.get("rows")):
         return ""
+    groups = list(dict.fromkeys(g for r in alt for g in (r.get("neuron_groups") or {}).get("share_of_positive") or {}))
     rows = [{**r, "min_cosine": r.get("weight_shift", {}).get("min_cosine"),
              "toxicity − base": {"mean": d["diff"], "ci95": d["ci95"]} if (d := (r.get("vs_base") or {}).get(
                  "toxicity_diff")) else None,
@@ -353,7 +356,7 @@ def section(folder: Path, headline: AlternativesHeadline, manifest: dict) -> str
              **{k: {"mean": r[k], "ci95": r.get(f"{k}_ci95")} if r.get(k) is not None else None
                 for k in ("patch_replicates", "unalign_recovery")},
              "dv_anti_aligned": (r.get("value_shift_stats") or {}).get("share_anti_aligned"),
-             **{f"share {g}": r.get("neuron_groups", {}).get("share_of_positive", {}).get(g) for g in GROUPS},
+             **{f"share {g}": r.get("neuron_groups", {}).get("share_of_positive", {}).get(g) for g in groups},
              "share toxic neurons": r.get("neuron_groups", {}).get("toxic_neurons_share_of_positive"),
              **{f"retention {t}": {"mean": v["retention_mean"], "ci95": v["retention_ci95"]}
                 for t, v in (r.get("retention") or {}).items()}} for r in alt]
@@ -362,7 +365,7 @@ def section(folder: Path, headline: AlternativesHeadline, manifest: dict) -> str
             table(rows, ["variant", "method", "trainable", "loss", "toxicity", "toxicity − base", "perplexity",
                          "PPL / base", "F1", "min_cosine", "offset_mean_relative_norm", "offset_slope",
                          "final_cos_probe", "dv_anti_aligned",
-                         *[f"share {g}" for g in GROUPS], "share toxic neurons", "patch_replicates",
+                         *[f"share {g}" for g in groups], "share toxic neurons", "patch_replicates",
                          "toxicity_unaligned", "unalign_recovery"],
                   "Variants and alignment methods trained from the same base and pairs; offset_slope = least-squares "
                   "slope of ‖δx‖/‖x‖ over layers (> 0: the offset grows with depth, as DPO's in the paper); "

@@ -36,8 +36,8 @@ import numpy as np
 
 from dpolens.activations import bootstrap_counts
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
-from dpolens.attribution import (MIRRORS, assign_groups, crossfit_shares, dampened_toxic, group_shares, neuron_edits,
-                                 neuron_table, set_sums)
+from dpolens.attribution import (GATED_GROUPS, assign_groups, crossfit_shares, dampened_toxic, group_names,
+                                 group_shares, neuron_edits, neuron_table, set_sums)
 from dpolens.compare import GROUPS, check_pair
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
@@ -172,16 +172,17 @@ class NeuronsHeadline(TypedDict, total=False):  # each part empty without its fi
 
 
 def group_intervals(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int, n_boot: int = 2000,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, gated: bool = False) -> dict:
     """95% intervals of each group's and the toxic neurons' share_of_positive and share_of_net, by a
     seeded bootstrap over the fit prompts (both models resampled with the same prompts). The neuron
     sets stay as fitted; each replicate recomputes their reductions from the resampled prompts'
     projection sums, token-weighted like the point values. Returns {set: {"ci95_share_of_positive",
     "ci95_share_of_net"}} for the eight groups and "toxic_neurons"."""
     toxic = np.zeros(len(labels), dtype=bool)
-    toxic[dampened_toxic(t, top_toxic)] = True
-    sets = {**{g: labels == g for g in GROUPS + MIRRORS}, "toxic_neurons": toxic,
-            "positive": np.isin(labels, GROUPS), "net": np.ones(len(labels), dtype=bool)}
+    toxic[dampened_toxic(t, top_toxic, gated)] = True
+    reducing, mirrors = group_names(gated)
+    sets = {**{g: labels == g for g in reducing + mirrors}, "toxic_neurons": toxic,
+            "positive": np.isin(labels, reducing), "net": np.ones(len(labels), dtype=bool)}
     member = np.stack(list(sets.values()), 1).astype(np.float64)  # [n_neurons, n_sets]
 
     sums_b, sums_a = set_sums(t["prompt_p_base"], member), set_sums(t["prompt_p_aligned"], member)
@@ -248,8 +249,8 @@ def edit_neurons(cfg: NeuronsConfig, base: LoadedModel, inputs: EvalInputs, t: d
     reduction, their activations scaled towards the aligned model's, evaluated on the base."""
     factors = np.ones(len(labels))
     sel = np.zeros(len(labels), dtype=bool)
-    for g, f in (("TP-", 1 - cfg.edit_alpha), ("TN+", 1 + cfg.edit_alpha), ("AP+", 1 + cfg.edit_alpha),
-                 ("AN-", 1 - cfg.edit_alpha)):
+    down, up = 1 - cfg.edit_alpha, 1 + cfg.edit_alpha  # a scaling of m: the same whatever the sign convention
+    for g, f in (("TP-", down), ("TN+", up), ("AP+", up), ("AN-", down), ("TP-/AN-", down), ("TN+/AP+", up)):
         idx = np.where(labels == g)[0]
         idx = idx[np.argsort(-t["delta"][idx])][: int(round(cfg.edit_beta * len(idx)))]
         sel[idx], factors[idx] = True, f
@@ -275,22 +276,23 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress)
-    labels = assign_groups(t)
+    gated = base.adapter.mlp_kind == "gated"  # the sign of m is then a convention: two sign-invariant groups
+    labels = assign_groups(t, gated)
     df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],
                        "m_base": t["m_base"], "m_aligned": t["m_aligned"], "ms_base": t["ms_base"],
                        "ms_aligned": t["ms_aligned"], "p_base": t["p_base"], "p_aligned": t["p_aligned"],
                        "delta": t["delta"], "group": labels.astype(str)})
     with atomic_path(out / "neurons.parquet") as tmp:
         df.to_parquet(tmp, index=False)
-    shares = group_shares(t, labels, cfg.top_toxic)
-    for name, ci in group_intervals(t, labels, cfg.top_toxic, cfg.n_boot, cfg.seed).items():
+    shares = group_shares(t, labels, cfg.top_toxic, gated)
+    for name, ci in group_intervals(t, labels, cfg.top_toxic, cfg.n_boot, cfg.seed, gated).items():
         target = shares["toxic_neurons"] if name == "toxic_neurons" else shares["groups"][name]
         for key, bounds in ci.items():  # no interval where the share itself is undefined (0 denominator)
             target[key] = bounds if target[key.removeprefix("ci95_")] is not None else None
     shares["bootstrap"] = {"unit": "fit prompts", "n": len(fit_prompts), "n_boot": cfg.n_boot, "seed": cfg.seed,
                            "rule": "groups held as fitted; each replicate recomputes the reductions from the "
                                    "resampled prompts' per-prompt projection sums (token-weighted); percentile"}
-    shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed)
+    shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed, gated)
     for k in ("prompt_p_base", "prompt_p_aligned"):
         del t[k]  # n_prompts × n_neurons: not needed past the intervals
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
@@ -303,13 +305,14 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
         rows[label] = {"model": label, **evaluate_inputs(m, cfg.eval, inputs, label=label).row()}
     steps, chosen = [], np.zeros(len(labels), dtype=bool)
     how, values = ("value", t["m_aligned"]) if cfg.patch == "set" else ("shift", t["m_aligned"] - t["m_base"])
-    for i, g in enumerate(PATCH_ORDER):
+    order = GATED_GROUPS if gated else PATCH_ORDER
+    for i, g in enumerate(order):
         chosen |= labels == g
-        if cfg.patch_steps == "endpoint" and i < len(PATCH_ORDER) - 1:
+        if cfg.patch_steps == "endpoint" and i < len(order) - 1:
             continue
         spec = neuron_edits(t, chosen, values, how)
         res = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"patch {g}")
-        steps.append({"groups": [x for x in PATCH_ORDER[: PATCH_ORDER.index(g) + 1]],
+        steps.append({"groups": list(order[: i + 1]),
                       "n_neurons": int(chosen.sum()), **res.row()})
     patching = {"base": rows["base"], "aligned": rows["aligned"], "steps": steps,
                 "n_eval_prompts": len(inputs.prompts), "eval_offset": offset,
@@ -410,7 +413,7 @@ def toxic_neurons_small_share(ctx: StageContext) -> Measured:
 
 def reduction_spreads(ctx: StageContext) -> Measured:
     g = ctx.json("groups.json")
-    shares = {k: stat_block(g["groups"][k], "share_of_positive") for k in GROUPS}
+    shares = {k: stat_block(v, "share_of_positive") for k, v in g["groups"].items() if v.get("reduces_toxicity", k in GROUPS)}
     text = "in-sample: " + "; ".join(f"{k} {pct(v)} ({g['groups'][k]['count']} neurons)"
                                      for k, (v, _) in shares.items())
     prov = _prov(ctx, (g.get("fit") or {}).get("n_prompts"), g.get("fit"))
@@ -424,6 +427,9 @@ def reduction_spreads(ctx: StageContext) -> Measured:
     ci = m["ci95"] if m["share"] is not None and all(map(finite, m["ci95"])) else None
     ours = (f"cross-fitted (groups chosen on {cf['split']['choose']} prompts, measured on {cf['split']['measure']}): "
             f"{each}; smallest {m['group']} {pct(m['share'])}, interval of the minimum {pct_interval(ci)}")
+    if cf.get("mlp") == "gated":
+        ours = ("gated MLP: the sign of an activation is a convention, so the four groups are two sign-invariant "
+                f"ones (TP−/AN−: a contribution toward the probe that fell; TN+/AP+: one away from it that grew); {ours}")
     return Measured(m["share"], ci, cf["split"]["measure"], ours, f"{ours}; {text}", **prov)
 
 
@@ -480,8 +486,8 @@ CLAIMS = (
 def describe(r: NeuronsResult) -> str:
     """The CLI's summary: each group's share, the toxic neurons' share, the patching steps."""
     g = r["groups"]
-    lines = [f"{name:<4} {g['groups'][name]['count']:>6} neurons  "
-             f"{100 * (g['groups'][name]['share_of_positive'] or 0):6.2f}% of positive" for name in GROUPS]
+    lines = [f"{name:<7} {v['count']:>6} neurons  {100 * (v['share_of_positive'] or 0):6.2f}% of positive"
+             for name, v in g["groups"].items() if v.get("reduces_toxicity")]
     tn = g["toxic_neurons"]
     lines.append(f"toxic neurons: {100 * (tn['share_of_positive'] or 0):.2f}% of positive, "
                  f"{100 * (tn['share_of_net'] or 0):.2f}% of net")
