@@ -575,3 +575,19 @@ def test_offset_weakening_is_paired_against_held_out_plain_prompts(run_dir):
     rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300)["rows"]}
     assert rows["transforms_weaken_offset"]["ci95"] is None and rows["transforms_weaken_offset"]["verdict"] == "inconclusive"
     assert "estimated on the prompts it is measured on" in rows["transforms_weaken_offset"]["diagnosis"]
+
+
+def test_patching_must_beat_a_random_neuron_set(run_dir):
+    """A random set of as many neurons, shifted by the groups' norm, that replicates as much: not the groups."""
+    p = json.loads((run_dir / "neurons" / "patching.json").read_text())
+    rng = np.random.default_rng(7)
+    groups = np.asarray(p["steps"][-1]["toxicity_per_prompt"])
+    for random_tox, expected in ((groups + 0.0 * rng.normal(size=len(groups)), "inconclusive"),
+                                 (np.asarray(p["aligned"]["toxicity_per_prompt"]) + 0.1, "holds")):
+        p["random"] = {"n_neurons": 40, **eval_row("", random_tox, rng, 1.06)}
+        write_json(run_dir / "neurons" / "patching.json", p)
+        row = next(r for r in build_claims(run_dir, n_boot=300)["rows"] if r["id"] == "patching_replicates")
+        assert "random set of 40 neurons" in row["ours"]
+        assert row["verdict"] == expected, row["diagnosis"]
+        if expected == "inconclusive":
+            assert "do not replicate more than the null" in row["diagnosis"]

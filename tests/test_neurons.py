@@ -11,7 +11,7 @@ from dpolens import load_model
 from dpolens.artifacts import DpolensError
 from dpolens.directions import save_probe
 from dpolens.evaluate import EvalData, EvalSettings
-from dpolens.attribution import GATED_GROUPS, MIRRORS
+from dpolens.attribution import GATED_GROUPS, MIRRORS, crossfit_shares
 from dpolens.stages.neurons import (
     GROUPS,
     NeuronsConfig,
@@ -176,6 +176,11 @@ def test_run_neurons_writes_everything(pair, tiny_dirs, tmp_path, jigsaw_cached,
     assert [s["groups"][-1] for s in p["steps"]] == ["TP-/AN-", "TN+/AP+"]
     assert p["n_eval_prompts"] == 3  # disjoint from the 3 fit prompts
     assert p["mode"] == patch
+    # the nulls: random neuron sets of the toxic set's size, and a random patch of the groups' size and shift norm
+    assert g["crossfit"] == {"note": "3 prompts: too few to split"}  # random sets: test_crossfit_random_sets
+    rnd = p["random"]
+    assert rnd["n_neurons"] == p["steps"][-1]["n_neurons"] and len(rnd["toxicity_per_prompt"]) == 3
+    assert rnd["scale"] > 0 and rnd["shift_norm"] > 0
     assert (tmp_path / "n" / "editing.json").exists() and all((tmp_path / "n" / f).exists() for f in r["figures"])
 
 
@@ -274,3 +279,15 @@ def test_cross_fitted_groups_fail_on_two_identical_models_and_hold_on_a_real_shi
     assert cf["min"]["share"] == pytest.approx(min(cf["groups"][g]["share"] for g in GROUPS))
     assert cf["min"]["ci95"][1] <= max(cf["groups"][g]["ci95"][1] for g in GROUPS)
     assert row["ci95"] == cf["min"]["ci95"] and "cross-fitted" in row["ours"]
+
+
+def test_crossfit_random_sets_are_the_toxic_neurons_null():
+    t = synthetic_table()
+    t["vw_base"] = t["vw_aligned"] = t["cosine"]  # p = m · (v·ŵ) with v·ŵ = the cosine here
+    cf = crossfit_shares(t, 30, n_boot=200, seed=0)
+    rs = cf["toxic_neurons"]["random_sets"]
+    assert rs["n_sets"] == 20 and rs["count"] == cf["toxic_neurons"]["count"] > 0
+    d = rs["toxic_minus_random"]
+    assert d["diff"] == pytest.approx(cf["toxic_neurons"]["share"] - rs["share"])
+    assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+    assert crossfit_shares(t, 30, n_boot=200, seed=0, n_random=0)["toxic_neurons"]["random_sets"] is None

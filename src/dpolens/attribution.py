@@ -162,7 +162,7 @@ def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> 
 
 
 def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000, seed: int = 0,
-                    gated: bool = False) -> dict:
+                    gated: bool = False, n_random: int = 20) -> dict:
     """Cross-fitted group shares: the four groups and the dampened toxic neurons are chosen on one half
     of the prompts (a seeded split) from that half's mean activations and projections, and their
     reductions are measured on the other half, with a bootstrap over its prompts. A share is of the
@@ -172,7 +172,8 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
     Chosen and measured on the same prompts, every group's share is positive by construction (each
     neuron is put in a group because its reduction there was positive), even for two models that
     differ only by noise; chosen on other prompts, a group's share is positive only where its
-    neurons reduce the projection again."""
+    neurons reduce the projection again. `n_random` random neuron sets of the toxic set's size are the null:
+    their mean share beside the toxic neurons', and the difference, in the same replicates."""
     from dpolens.evaluate import percentile_ci
     from dpolens.activations import bootstrap_counts
 
@@ -196,6 +197,11 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
     toxic[dampened_toxic({"cosine": t["cosine"], "ms_base": ms_b, "ms_aligned": ms_a}, top_toxic, gated)] = True
     groups = group_names(gated)[0]
     sets = {**{g: labels == g for g in groups}, "toxic_neurons": toxic, "four_groups": np.isin(labels, groups)}
+    rng = np.random.default_rng(seed + 1)
+    for i in range(n_random if toxic.any() else 0):  # the null: random sets of the toxic set's size
+        member = np.zeros(len(labels), dtype=bool)
+        member[rng.choice(len(labels), int(toxic.sum()), replace=False)] = True
+        sets[f"random_{i}"] = member
     member = np.stack(list(sets.values()), 1).astype(np.float64)
     sb, sa = set_sums(pb, member, measure), set_sums(pa, member, measure)
     tok_b, tok_a = tb[measure], ta[measure]
@@ -212,12 +218,21 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
         out = {g: {"count": int(sets[g].sum()), "share": _finite(share(point, g)),
                    "ci95": percentile_ci(share(reps, g))} for g in groups}
         point_shares = {g: out[g]["share"] for g in groups}
+        randoms = [k for k in sets if k.startswith("random_")]
+        rand_rep = np.mean([share(reps, k) for k in randoms], axis=0) if randoms else None
+        random_block = {"n_sets": len(randoms), "count": int(toxic.sum()),
+                        "share": _finite(np.mean([share(point, k) for k in randoms])),
+                        "ci95": percentile_ci(rand_rep),
+                        "toxic_minus_random": {"diff": _finite(share(point, "toxic_neurons") -
+                                                               np.mean([share(point, k) for k in randoms])),
+                                               "ci95": percentile_ci(share(reps, "toxic_neurons") - rand_rep)}
+                        } if randoms else None
         low = min(groups, key=lambda g: point_shares[g] if point_shares[g] is not None else np.inf)
         return {"groups": out, "mlp": "gated" if gated else "gelu",
                 "min": {"group": low, "share": _finite(min(share(point, g) for g in groups)),
                         "ci95": percentile_ci(smallest)},
                 "toxic_neurons": {"count": int(toxic.sum()), "share": _finite(share(point, "toxic_neurons")),
-                                  "ci95": percentile_ci(share(reps, "toxic_neurons"))},
+                                  "ci95": percentile_ci(share(reps, "toxic_neurons")), "random_sets": random_block},
                 "four_groups_reduction": {"value": float(point[col["four_groups"]]),
                                           "ci95": percentile_ci(reps[:, col["four_groups"]])},
                 "split": {"choose": int(len(choose)), "measure": int(len(measure)), "seed": seed, "n_boot": n_boot},

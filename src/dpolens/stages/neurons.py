@@ -43,7 +43,7 @@ from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
-                              percentile_ci)
+                              percentile_ci, resample_units)
 from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, finite, gap_share, guarded, identity,
                             interval, more_than_half, num, pct, pct_interval, per_prompt, ppl_check, ppl_ratio,
                             ppl_text, ratio, stat_block)
@@ -77,6 +77,9 @@ class NeuronsConfig(RunSettings):
     # cumulative: patch TP-, then TP-+AN-, ... (one evaluation per group, the paper's table); endpoint: all four
     # groups at once only, the row the claims ledger reads (saves three evaluations)
     patch_steps: Literal["cumulative", "endpoint"] = "cumulative"
+    # the null of patching: as many random neurons as the groups hold, shifted by their own activation change
+    # rescaled to the groups' shift norm (one more evaluation; the ledger's row needs the groups to beat it)
+    patch_random: bool = True
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
@@ -314,7 +317,21 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
         res = evaluate_inputs(base, cfg.eval, inputs, spec, label=f"patch {g}")
         steps.append({"groups": list(order[: i + 1]),
                       "n_neurons": int(chosen.sum()), **res.row()})
-    patching = {"base": rows["base"], "aligned": rows["aligned"], "steps": steps,
+    random_patch = None
+    if cfg.patch_random and chosen.any():
+        rng = np.random.default_rng(cfg.seed)
+        pick = np.zeros(len(labels), dtype=bool)
+        pick[rng.choice(len(labels), int(chosen.sum()), replace=False)] = True
+        shift = t["m_aligned"] - t["m_base"]
+        norm_g, norm_r = float(np.linalg.norm(shift[chosen])), float(np.linalg.norm(shift[pick]))
+        scale = norm_g / norm_r if norm_r > 0 else 0.0
+        res = evaluate_inputs(base, cfg.eval, inputs, neuron_edits(t, pick, shift * scale, "shift"),
+                              label="patch random")
+        random_patch = {"n_neurons": int(pick.sum()), "overlap_with_groups": int((pick & chosen).sum()),
+                        "scale": scale, "shift_norm": norm_g, "seed": cfg.seed,
+                        "rule": "as many neurons as the groups, drawn uniformly; their own mean activation change "
+                                "(aligned − base) rescaled to the groups' shift norm, added in the base", **res.row()}
+    patching = {"base": rows["base"], "aligned": rows["aligned"], "steps": steps, "random": random_patch,
                 "n_eval_prompts": len(inputs.prompts), "eval_offset": offset,
                 "mode": cfg.patch, "patch": PATCH_RULES[cfg.patch]}
     write_json(out / "patching.json", patching)
@@ -406,6 +423,10 @@ def toxic_neurons_small_share(ctx: StageContext) -> Measured:
     ours = (f"cross-fitted: {t['count']} toxic neurons chosen on {cf['split']['choose']} prompts carry "
             f"{pct(t['share'])} "
             f"{pct_interval(t['ci95'])} of the four groups' reduction on the other {cf['split']['measure']}; {text}")
+    if (r := t.get("random_sets")):
+        ours += (f"; {r['n_sets']} random sets of {r['count']} neurons carry {pct(r['share'])} {pct_interval(r['ci95'])}, "
+                 f"toxic − random {pct(r['toxic_minus_random']['diff'])} "
+                 f"{pct_interval(r['toxic_minus_random']['ci95'])}")
     return Measured(None if t["share"] is None else t["share"] - 0.5, ci, cf["split"]["measure"], ours,
                     f"cross-fitted share − 0.5 = {num(None if t['share'] is None else t['share'] - 0.5)} "
                     f"{interval(ci)}; {ours}", **prov)
@@ -458,8 +479,33 @@ def patching_replicates(ctx: StageContext) -> Measured:
     ours += f"; {ppl_text(vs_aligned_ppl, aligned, patched)} vs aligned"
     diag = ours if ci is not None else (f"no toxicity gap to replicate: aligned − base {num(gap['diff'])} "
                                         f"{interval(gap['ci95'])}; {means}")
+    null = (None, None)
+    if (rnd := p.get("random")) and rnd.get("toxicity_per_prompt") and ci is not None:
+        r = _vs_random(tox, rnd["toxicity_per_prompt"], ctx)
+        text = (f"a random set of {rnd['n_neurons']} neurons with the groups' shift norm replicates {pct(r['random'])} "
+                f"{pct_interval(r['random_ci95'])}, groups − random {pct(r['diff'])} {pct_interval(r['diff_ci95'])}")
+        ours += f"; {text}"
+        if not (r["diff_ci95"] and r["diff_ci95"][0] > 0):
+            null = (f"the groups do not replicate more than the null: {text}", None)
     m = more_than_half(share, ci, gap["n"], ours, diag, prov)
-    return guarded(m, ppl_check(vs_aligned_ppl, aligned, patched), suffix=" (patched against aligned)")
+    m = guarded(m, ppl_check(vs_aligned_ppl, aligned, patched), suffix=" (patched against aligned)")
+    if m.guard is None and m.violation is None and null[0]:
+        m.guard = null[0]
+    return m
+
+
+def _vs_random(tox: list, random_tox, ctx: StageContext) -> dict:
+    """Shares of the base − aligned gap that the groups' patch and the random null's close, and their
+    difference, paired over prompts (one bootstrap)."""
+    b, a, g = (np.asarray(x, dtype=float) for x in tox)
+    r = np.asarray(random_tox, dtype=float)
+    idx = resample_units(len(b), ctx.n_boot, ctx.seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = (b - a)[idx].mean(1)
+        sg, sr = (b - g)[idx].mean(1) / gap, (b - r)[idx].mean(1) / gap
+        point = float(((b - r).mean()) / (b - a).mean()) if (b - a).mean() else None
+        dpoint = float(((r - g).mean()) / (b - a).mean()) if (b - a).mean() else None
+    return {"random": point, "random_ci95": percentile_ci(sr), "diff": dpoint, "diff_ci95": percentile_ci(sg - sr)}
 
 
 CLAIMS = (
