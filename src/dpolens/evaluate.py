@@ -34,7 +34,7 @@ from dpolens.artifacts import (
     write_jsonl,
     write_manifest,
 )
-from dpolens.config import at_least, check_device
+from dpolens.config import ConfigError, at_least, check_device
 from dpolens.data import default_data, load_f1_set, load_prompts, load_wikitext
 from dpolens.model import interventions
 from dpolens.model.generation import check_fits, encode_prompts, generate
@@ -294,10 +294,16 @@ class EvalSettings:
     seed: int = 0  # of the bootstrap intervals
     # tokens per perplexity window (None: 1,024 or the context); the ledger's PPL guards need >= 20 windows
     ppl_window: int | None = None
+    # greedy decoding through a bf16 screen of the vocabulary head, the argmax exact in fp32 (heads.screened_head):
+    # auto = where the device computes bf16 natively; on; off. Not part of an evaluation's cache key: the tokens
+    # are plain fp32 greedy's (up to fp32 summation order, benchmarks/bench_screen.py)
+    head_screen: str = "auto"
 
     def __post_init__(self):
         at_least(self, 1, "max_new_tokens", "max_prompt_tokens", "batch_size", "ppl_max_tokens", "ppl_batch_size")
         at_least(self, 2, "ppl_window")
+        if self.head_screen not in ("auto", "on", "off"):
+            raise ConfigError(f"head_screen must be auto, on or off, not '{self.head_screen}'")
 
 
 PER_UNIT_KEYS = ("toxicity_per_prompt", "f1_per_row", "ppl_window_nll", "ppl_window_tokens")  # of EvalResult.row()
@@ -341,13 +347,20 @@ def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_
                       unit="chunk"):
         gens = generate(lm, prompts[start : start + chunk], settings.max_new_tokens,
                         batch_size=settings.batch_size, max_prompt_tokens=max_prompt_tokens,
-                        progress=False)
+                        progress=False, head_screen=use_screen(settings, lm))
         rows = [{"prompt": g.prompt, "continuation": g.continuation,
                  "continuation_ids": g.continuation_ids} for g in gens]
         if path:
             append_jsonl(path, rows)
         done += rows
     return done
+
+
+def use_screen(s: EvalSettings, lm: LoadedModel) -> bool:
+    """Whether greedy decoding goes through the bf16 screen of the head (`EvalSettings.head_screen`)."""
+    from dpolens.model.loading import native_bf16
+
+    return s.head_screen == "on" or (s.head_screen == "auto" and native_bf16(lm.device))
 
 
 def generation_identity(lm: LoadedModel, s: EvalSettings, intervention: Any = None) -> dict:
@@ -470,6 +483,7 @@ def eval_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any
     settings = asdict(d.settings)
     if settings["ppl_window"] is None:  # added later: its default keeps the evaluations cached before it
         del settings["ppl_window"]
+    del settings["head_screen"]  # exact: the same tokens as the plain head
     _fingerprint([lm.weight_hash, str(lm.model.dtype), [asdict(e) for e in interventions.parse_spec(intervention)],
                   inputs.prompts, inputs.f1_rows, inputs.wiki, inputs.scorer.describe(), settings], h)
     return h.hexdigest()[:24]

@@ -9,6 +9,8 @@ in the logits: a continuation is text a reader could have written, ended only by
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from dataclasses import dataclass
 
@@ -209,10 +211,15 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     n_samples: int = 1,
+    head_screen: bool = False,
+    screen_stats=None,
 ) -> list[Generation]:
     """Greedy (default; transformers' generate) or sampled (our loop, see `sample_next`)
     continuations of `prompts`, in input order; sampled with `n_samples` > 1, that many per prompt
-    (consecutive), `batch_size` counting continuations (at least one prompt's n_samples a batch)."""
+    (consecutive), `batch_size` counting continuations (at least one prompt's n_samples a batch).
+    `head_screen`: greedy decoding through `heads.screened_head` (a bf16 screen of the vocabulary head, the
+    argmax exact in fp32; `screen_stats` counts its fallbacks), where the head is fp32 and no repetition
+    penalty reads the logits; else the plain head."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
@@ -238,8 +245,12 @@ def generate(
             cont = _sample_loop(lm, input_ids, mask, max_new_tokens, temperature, top_k, top_p,
                                 repetition_penalty, banned_ids, gen, k).tolist()
         else:
-            out = lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
-                                    logits_processor=ban)
+            from dpolens.model.heads import screened_head
+
+            screen = head_screen and repetition_penalty == 1.0 and lm.adapter.unembed.dtype == torch.float32
+            with screened_head(lm.adapter, banned, stats=screen_stats) if screen else contextlib.nullcontext():
+                out = lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
+                                        logits_processor=ban)
             cont = out[:, input_ids.shape[1]:].tolist()
         for row, (i, j) in enumerate((i, j) for i in idx for j in range(k)):
             ids = cont[row]

@@ -100,3 +100,87 @@ def completion_head(model: torch.nn.Module, adapter: Adapter,
             del model.forward
         else:
             model.forward = own
+
+
+# ---- exact greedy decoding with a bf16 screen of the vocabulary head (issue #34) --------------------------
+
+BF16_U = 2.0 ** -8  # bfloat16's unit roundoff (8 significant bits)
+
+
+class ScreenStats:
+    """Rows the screened head decided, and those it handed to the full fp32 head."""
+
+    def __init__(self):
+        self.rows = 0
+        self.fallbacks = 0
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "fallbacks": self.fallbacks}
+
+
+def screened_logits(x: torch.Tensor, weight: torch.Tensor, weight_bf16: torch.Tensor, bias: torch.Tensor | None,
+                    banned: torch.Tensor | None, k: int, w_norm_max: float, stats: ScreenStats | None = None,
+                    force_fallback: bool = False) -> torch.Tensor:
+    """Logits for greedy decoding whose argmax is the fp32 head's: bf16 logits over the whole vocabulary pick
+    `k` candidates (banned ids excluded), their logits are recomputed in fp32 from the fp32 hidden state, and
+    every other entry is −inf. A row whose best exact candidate does not beat the (k+1)-th bf16 logit by more
+    than the bf16 error bound gets the full fp32 head instead.
+
+    Bound: a bf16 product of bf16-rounded operands, accumulated in fp32 and rounded to bf16, is within
+    (2u + u² + d·2⁻²⁴)·Σ|x_i w_i| + u·|logit| of the fp32 logit (u = 2⁻⁸), and Σ|x_i w_i| <= ‖x‖·max_v ‖w_v‖."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    n, d = flat.shape
+    lb = (flat.to(torch.bfloat16) @ weight_bf16.T).float()  # [n, V]
+    if bias is not None:
+        lb += bias.float()
+    if banned is not None and len(banned):
+        lb.index_fill_(1, banned, -float("inf"))
+    top = lb.topk(k + 1, dim=-1)
+    cand, next_best = top.indices[:, :k], top.values[:, k]
+    exact = torch.einsum("nd,nkd->nk", flat.float(), weight[cand].float())  # fp32, from the fp32 hidden state
+    if bias is not None:
+        exact += bias.float()[cand]
+    c = 2 * BF16_U + BF16_U ** 2 + d * 2.0 ** -24
+    eps = c * flat.float().norm(dim=-1) * w_norm_max + BF16_U * next_best.abs()
+    safe = exact.max(-1).values > next_best + eps
+    if force_fallback:
+        safe[:] = False
+    out = torch.full((n, lb.shape[1]), -float("inf"), dtype=torch.float32, device=x.device)
+    out.scatter_(1, cand, exact)
+    if not bool(safe.all()):
+        rows = (~safe).nonzero()[:, 0]
+        full = flat[rows].float() @ weight.float().T
+        if bias is not None:
+            full += bias.float()
+        out[rows] = full
+    if stats is not None:
+        stats.rows += n
+        stats.fallbacks += int((~safe).sum())
+    return out.reshape(*shape[:-1], lb.shape[1])
+
+
+@contextmanager
+def screened_head(adapter: Adapter, banned: list[int] | None = None, k: int = 16, stats: ScreenStats | None = None,
+                  force_fallback: bool = False):
+    """While active, the model's unembedding returns `screened_logits`: only for greedy decoding (argmax), with
+    no logits processor that reads other entries (repetition penalty). A final soft-cap (tanh) keeps the order."""
+    head = adapter.unembed_module
+    weight = head.weight.detach()
+    if weight.dtype != torch.float32:
+        raise ValueError(f"the screened head needs an fp32 unembedding, not {weight.dtype}")
+    weight_bf16 = weight.to(torch.bfloat16)
+    bias = getattr(head, "bias", None)
+    bias = None if bias is None else bias.detach()
+    ban = torch.tensor(sorted(banned or []), dtype=torch.long, device=weight.device)
+    w_norm_max = float(weight.norm(dim=-1).max())
+    original = head.forward
+
+    def forward(self, x):
+        return screened_logits(x, weight, weight_bf16, bias, ban, k, w_norm_max, stats, force_fallback)
+
+    head.forward = MethodType(forward, head)
+    try:
+        yield stats
+    finally:
+        head.forward = original
