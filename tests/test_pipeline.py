@@ -278,3 +278,11 @@ def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monke
     # a re-run skips the repeated stages too
     again = run_study(load_study(study_file, ["device=cpu"]))
     assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())
+
+
+def test_dose_response_names_stages_that_read_the_dpo_model(study_file):
+    from dpolens.config import ConfigError
+
+    with pytest.raises(ConfigError, match="dose_response: 'probe' is not a stage of this study that reads the dpo"):
+        load_study(study_file, ["dose_response=[probe]"])
+    assert load_study(study_file, ["dose_response=[analyze, neurons]"]).dose_response == ["analyze", "neurons"]
