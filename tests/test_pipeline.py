@@ -275,6 +275,13 @@ def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monke
     assert r["dose_response"]["flip"] == [c["id"] for c in d["claims"] if c["flips"]]
     page = write_report(run).read_text()
     assert "Claims at each strength of the alignment" in page and (run / "fig_dose_response_claims.png").exists()
+    # with only analyze repeated, the other stages' rows at 25% would describe the analysed model: not measured
+    from dpolens.claims import dose_response
+
+    part = {c["id"]: {a["strength"]: a["verdict"] for a in c["at"]} for c in dose_response(run, ["analyze"],
+                                                                                            n_boot=100)["claims"]}
+    assert part["unalign_restores"]["25%"] == "not measured" and part["offset_grows"]["25%"] != "not measured"
+    assert part["dpo_lowers_toxicity"]["25%"] != "not measured" and part["probe_separates"]["25%"] != "not measured"
     # a re-run skips the repeated stages too
     again = run_study(load_study(study_file, ["device=cpu"]))
     assert all(t["skipped"] for t in again["provenance"]["stage_times"].values())

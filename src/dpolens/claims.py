@@ -147,13 +147,19 @@ def dose_response(run_dir: str | Path, stages: list[str], n_boot: int = 2000, se
         points.append({"strength": f"{label}%", "reduction": reduction(Path(folders["dpo"])),
                        "ledger": build_claims(run, n_boot, seed, scorer_factory, folders)})
     points.sort(key=lambda p: (p["reduction"] is None, p["reduction"] or 0.0))
+    # rows of stages that read the aligned model but were not repeated describe the analysed model only
+    stage_of = {c.id: st.name for st, c in registered_claims()}
+    unrepeated = {st.name for st in REGISTRY if "dpo" in st.inputs} - set(stages)
     claims = []
     for r in points[0]["ledger"]["rows"]:
         at = [{"strength": p["strength"], "reduction": p["reduction"],
-               **{k: row[k] for k in ("effect", "ci95", "verdict")}}
+               **({k: row[k] for k in ("effect", "ci95", "verdict")}
+                  if p["strength"] == "analysed" or stage_of.get(r["id"]) not in unrepeated
+                  else {"effect": None, "ci95": None, "verdict": "not measured"})}
               for p in points for row in p["ledger"]["rows"] if row["id"] == r["id"]]
+        measured = {x["verdict"] for x in at if x["verdict"] != "not measured"}
         claims.append({"id": r["id"], "claim": r["claim"], "source": r["source"], "at": at,
-                       "flips": len({x["verdict"] for x in at}) > 1})
+                       "flips": len(measured) > 1})
     keep = [c["id"] for c in claims if not c["flips"]]
     return {"run": run.name, "stages_repeated": stages,
             "strengths": [{"strength": p["strength"], "reduction": p["reduction"], "counts": p["ledger"]["counts"]}
