@@ -38,7 +38,7 @@ from dpolens.artifacts import (
 )
 from dpolens.compare import WeightShiftSummary, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
-from dpolens.data import default_data, load_pairs, load_prompts
+from dpolens.data import load_pairs, load_prompts
 from dpolens.evaluate import EvalData
 from dpolens.model.heads import completion_head
 from dpolens.model.loading import LoadedModel, adds_bos, load_model, resolve_device
@@ -101,9 +101,10 @@ class TrainConfig(RunSettings):
     # also keep the first checkpoint reaching each of these reductions (a dose-response from one run), in
     # out/strengths/<pct>/model; training goes on to the largest of them and target_reduction
     strengths: list[float] = field(default_factory=list)
-    # dev prompts for the strength check, never evaluation prompts (JSONL, `prompt`)
-    dev_prompts: list[str] = field(default_factory=lambda: [default_data("rtp/challenge_prompts_dev.jsonl")])
-    dev_val_prompts: bool = True  # add the validation pairs' prompts (never trained on) to the dev prompts
+    # more dev prompts for the strength check (JSONL, `prompt`), never evaluation prompts: a file that shares one
+    # with eval.prompts is refused (rtp/challenge_prompts_dev.jsonl's 50 prompts are all among the 1,199)
+    dev_prompts: list[str] = field(default_factory=list)
+    dev_val_prompts: bool = True  # the validation pairs' prompts (never trained on) are dev prompts
     eval: EvalData = field(default_factory=EvalData)
 
     def __post_init__(self):
