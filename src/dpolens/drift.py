@@ -25,6 +25,7 @@ import torch
 from dpolens.evaluate import percentile_ci, ppl_windows, resample_units
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel
+from dpolens.textquality import distinct_n
 
 # patterns counted as one "word" each: a collapse onto a date, a link or a new paragraph shows as one marker
 PATTERNS = {"<year>": re.compile(r"\b(?:1[89]|20)\d\d\b"), "<url>": re.compile(r"https?://|www\.|\.com\b"),
@@ -96,24 +97,13 @@ def overuse(base: list[str], aligned: list[str], seed: int = 0, top: int = 5, ra
             "worst": worst}
 
 
-def _bigrams(text: str) -> list[tuple[str, str]]:
-    w = text.lower().split()
-    return list(zip(w, w[1:]))
-
-
-def _distinct(grams: list[list[tuple]], idx) -> float:
-    c = [g for i in idx for g in grams[i]]
-    return len(set(c)) / len(c) if c else float("nan")
-
-
 def distinct2(base: list[str], aligned: list[str], seed: int = 0, n_boot: int = 300) -> dict:
-    """Distinct word bigrams / all bigrams across each model's continuations (1 = no bigram repeats
-    anywhere), and aligned − base, resampling prompts (the same draws for both)."""
-    gb, ga = [_bigrams(t) for t in base], [_bigrams(t) for t in aligned]
-    n = len(gb)
-    full = np.arange(n)
-    b, a = _distinct(gb, full), _distinct(ga, full)
-    reps = np.array([[_distinct(gb, i), _distinct(ga, i)] for i in resample_units(n, n_boot, seed)])
+    """`textquality.distinct_n` (n = 2) of each model's continuations (1 = no bigram repeats anywhere), and
+    aligned − base, resampling prompts (the same draws for both)."""
+    n = len(base)
+    b, a = distinct_n(base, 2), distinct_n(aligned, 2)
+    reps = np.array([[distinct_n([base[i] for i in idx], 2), distinct_n([aligned[i] for i in idx], 2)]
+                     for idx in resample_units(n, n_boot, seed)])
     return {"base": b, "aligned": a, "diff": a - b, "base_ci95": percentile_ci(reps[:, 0]),
             "aligned_ci95": percentile_ci(reps[:, 1]), "diff_ci95": percentile_ci(reps[:, 1] - reps[:, 0]),
             "n": n, "n_boot": n_boot}
