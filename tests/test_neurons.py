@@ -9,7 +9,7 @@ from conftest import save_perturbed
 
 from dpolens import load_model
 from dpolens.artifacts import DpolensError
-from dpolens.directions import save_probe
+from dpolens.directions import load_probe, neuron_signs, save_probe
 from dpolens.evaluate import EvalData, EvalSettings
 from dpolens.attribution import GATED_GROUPS, MIRRORS, crossfit_shares
 from dpolens.stages.neurons import (
@@ -24,9 +24,11 @@ from dpolens.stages.neurons import (
 )
 
 
-def naive_table(base, aligned, probe, prompts, n_new):
-    """Slow reference: recompute the whole sequence for each generated token, per-token lists."""
-    w = probe / probe.norm()
+def naive_table(base, aligned, probe, prompts, n_new, space="raw"):
+    """Slow reference: recompute the whole sequence for each generated token, per-token lists. The projection is
+    on w (raw) or on the direction the probe reads after the final norm, γ ⊙ w (standardized)."""
+    w = probe * (base.adapter.final_norm_gain() if space == "standardized" else 1.0)
+    w = w / w.norm()
     res = {}
     for name, lm in (("base", base), ("aligned", aligned)):
         a = lm.adapter
@@ -70,15 +72,19 @@ def pair(tiny_dirs, tokenizer, tmp_path):
     base = load_model(tiny_dirs["gemma3"])
     save_perturbed("gemma3", tokenizer, tmp_path / "aligned", 2e-2)
     probe = torch.randn(32, generator=torch.Generator().manual_seed(3))
-    save_probe(tmp_path / "probe.safetensors", probe, 0.0, base, {})
+    std = torch.rand(32, generator=torch.Generator().manual_seed(4)) + 0.5
+    save_probe(tmp_path / "probe.safetensors", probe, 0.0, base, {}, std,
+               neuron_signs(base, ["You are such an idiot", "Holy shit, what a mess"]))
     return base, load_model(tmp_path / "aligned"), probe
 
 
-def test_streamed_table_matches_naive_reference(pair):
+@pytest.mark.parametrize("space", ["raw", "standardized"])
+def test_streamed_table_matches_naive_reference(pair, space, tmp_path):
     base, aligned, probe = pair
     prompts = ["Holy", "You are such a piece of", "The weather in Paris"]
-    t = neuron_table(base, aligned, probe, prompts, batch_size=3, max_new_tokens=4, progress=False)
-    ref = naive_table(base, aligned, probe, prompts, 4)
+    t = neuron_table(base, aligned, probe, prompts, batch_size=3, max_new_tokens=4, progress=False,
+                     meta=load_probe(tmp_path / "probe.safetensors")[1], space=space)
+    ref = naive_table(base, aligned, probe, prompts, 4, space)
     for k in ("m_base", "m_aligned", "p_base", "p_aligned", "prompt_p_base", "prompt_p_aligned"):
         np.testing.assert_allclose(t[k], ref[k], atol=1e-5, rtol=1e-4)
     for k in ("base", "aligned"):
@@ -259,7 +265,7 @@ def spreads_verdict(tmp_path, t) -> dict:
     (tmp_path / "neurons").mkdir(exist_ok=True)
     (tmp_path / "neurons" / "groups.json").write_text(json.dumps(shares))
     claim = next(c for c in neurons.CLAIMS if c.id == "reduction_spreads")
-    assert claim.mechanism  # the stage measures no placebo yet: decided here on the statistic alone
+    assert claim.mechanism  # decided here on the statistic alone (the placebo rule: test_mechanism_rows_do_not_hold...)
     return shares, decide(dataclasses.replace(claim, mechanism=False), StageContext(tmp_path / "neurons", n_boot=400))
 
 
@@ -291,3 +297,41 @@ def test_crossfit_random_sets_are_the_toxic_neurons_null():
     assert d["diff"] == pytest.approx(cf["toxic_neurons"]["share"] - rs["share"])
     assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     assert crossfit_shares(t, 30, n_boot=200, seed=0, n_random=0)["toxic_neurons"]["random_sets"] is None
+
+
+def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, tiny_dirs, tmp_path, jigsaw_cached):
+    """Issue #31: the "aligned" model here is the base plus noise, i.e. a placebo. The neurons stage measures its
+    mechanism rows for placebos too (same halves, same replicates); neither row may read holds."""
+    from dpolens.ledger import StageContext, decide
+    from dpolens.stages import neurons
+
+    prompts = ["Holy", "You are", "So I am", "The weather", "Holy cow", "Nice", "What a", "Go away", "Shut up",
+               "Later on", "I think", "They said"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    cfg = NeuronsConfig(base=str(tiny_dirs["gemma3"]), aligned=str(tmp_path / "aligned"),
+                        probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "n"), fit_prompts=8,
+                        top_toxic=16, cluster_sample=200, patch="shift", patch_steps="endpoint", edit=False,
+                        patch_random=False, control_draws=3, n_boot=300,
+                        eval=EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None,
+                                      progress=False, settings=EvalSettings(max_new_tokens=4)))
+    run_neurons(cfg)
+    g = json.loads((tmp_path / "n" / "groups.json").read_text())
+    ctl = g["crossfit"]["control"]
+    assert ctl["draws"] == 3 and len(ctl["models"]) == 3 and len({m["weight_sha256"] for m in ctl["models"]}) == 3
+    assert "_replicates" not in g["crossfit"]
+    for stat in ("toxic_neurons", "min"):
+        assert len(ctl[stat]["draws"]) == 3
+        if ctl[stat]["diff"] is not None:  # aligned − mean placebo
+            point = g["crossfit"]["toxic_neurons"]["share"] if stat == "toxic_neurons" else g["crossfit"]["min"]["share"]
+            assert ctl[stat]["diff"] == pytest.approx(point - np.mean(ctl[stat]["draws"]))
+    ctx = StageContext(tmp_path / "n", n_boot=300)
+    alone = []
+    for claim in neurons.CLAIMS:
+        if claim.mechanism:
+            row = decide(claim, ctx)
+            assert row["verdict"] != "holds", row
+            assert row["placebo"] and row["placebo"]["difference_verdict"] != "holds", row
+            alone.append(decide(dataclasses.replace(claim, mechanism=False), ctx)["verdict"])
+    # measured (2026-12-06): on its own statistic each row holds for this placebo-like model (toxic share − 0.5
+    # −0.51 [−0.79, −0.43]; smallest group 0.33 [0.22, 0.39]): the placebo comparison is what keeps them from holding
+    assert alone == ["holds", "holds"]

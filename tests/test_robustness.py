@@ -104,3 +104,35 @@ def test_subset_offsets_average_to_the_whole():
     r = offset_retention(delta, base, moved, 0, units=[2, 3])
     assert r["retention"] == pytest.approx([1.0, 1.0]) and r["retention_mean"] == pytest.approx(1.0)
     assert len(r["retention_per_prompt"]) == 2
+
+
+def test_robustness_rows_are_compared_with_placebos(tiny_dirs, tmp_path, tokenizer, jigsaw_cached):
+    """Issue #31: the "aligned" model here is a placebo (the base plus noise). Its offset retention is compared with
+    that of placebo draws on the same halves and resamples; the mechanism rows must not read holds."""
+    import dataclasses
+
+    from dpolens.ledger import StageContext, decide
+    from dpolens.stages import robustness
+
+    save_perturbed("llama", tokenizer, tmp_path / "aligned", 1e-2)
+    prompts = ["Holy cow", "You are such a piece of", "So I am", "The weather", "Nice to", "What a", "Go away now",
+               "I think that", "They said", "Later on we"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")
+    r = run_robustness(RobustnessConfig(base=str(tiny_dirs["llama"]), aligned=str(tmp_path / "aligned"),
+                                        out=str(tmp_path / "r"), prompts=str(tmp_path / "p.jsonl"),
+                                        neutral=[str(tmp_path / "w.raw")], max_new_tokens=3, batch_size=5,
+                                        max_prompt_tokens=120, toxicity_limit=2, control_draws=3))
+    ctl = r["control"]
+    n_transforms = len({x["transform"] for x in r["rows"]})
+    assert ctl["draws"] == 3 and len(ctl["rows"]) == 3 * n_transforms
+    assert len({m["weight_sha256"] for m in ctl["models"]}) == 3
+    assert all(len(x["retention_per_prompt"]) == r["split"]["measure"] for x in ctl["rows"])
+    ctx = StageContext(tmp_path / "r", n_boot=500)
+    for claim in robustness.CLAIMS:
+        row = decide(claim, ctx)
+        assert claim.mechanism and row["verdict"] != "holds", row
+        assert row["placebo"] is not None and row["placebo"]["difference_verdict"] != "holds", row
+        # measured (2026-12-06): on its own statistic each row holds for this placebo (plain − encoded retention
+        # 0.39 [0.24, 0.53], plain − multi-turn 0.63 [0.43, 0.93]); placebos weaken the same way
+        assert decide(dataclasses.replace(claim, mechanism=False), ctx)["verdict"] == "holds"

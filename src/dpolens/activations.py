@@ -33,6 +33,7 @@ class Stats:
     per_prompt_x: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n_prompts, d_model] mean
     per_prompt_m: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [n_prompts, d_mlp] mean
     per_prompt_neuron_m: torch.Tensor | None = None  # [n_prompts, n_neurons]  Σ_t m over the `neurons` asked for
+    per_prompt_neuron_ms: torch.Tensor | None = None  # [n_prompts, n_neurons]  Σ_t m/s over the same neurons
     per_prompt_ms: torch.Tensor | None = None  # [n_prompts, n_layers, d_mlp]  Σ_t m/s (only when asked)
 
     @property
@@ -65,7 +66,7 @@ def continuation_stats(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]],
                prompt_tokens=torch.tensor([len(c) for _, c in seqs], dtype=torch.float32),
                per_prompt_x={l: torch.zeros(n, a.d_model) for l in x_layers},
                per_prompt_m={l: torch.zeros(n, a.d_mlp) for l in fig_layers},
-               per_prompt_neuron_m=torch.zeros(n, len(neurons)),
+               per_prompt_neuron_m=torch.zeros(n, len(neurons)), per_prompt_neuron_ms=torch.zeros(n, len(neurons)),
                per_prompt_ms=torch.zeros(n, L, a.d_mlp) if per_prompt_ms else None)
     # layer -> (neuron ids, their columns in per_prompt_neuron_m)
     neuron_cols = {l: (torch.tensor([i for (k, i) in neurons if k == l]),
@@ -99,6 +100,9 @@ def continuation_stats(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]],
                 st.m_over_s_sum[layer] += m_over_s.sum((0, 1)).cpu()
                 if st.per_prompt_ms is not None:
                     st.per_prompt_ms[rows, layer] = m_over_s.sum(1).cpu()
+                if layer in neuron_cols:
+                    ids_l, cols = neuron_cols[layer]
+                    st.per_prompt_neuron_ms[rows.unsqueeze(1), cols] = m_over_s[..., ids_l.to(t.device)].sum(1).cpu()
             else:
                 x = t.float() * cont.unsqueeze(-1)
                 st.x_sum[layer] += x.sum((0, 1)).cpu()

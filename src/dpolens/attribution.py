@@ -11,7 +11,7 @@ import torch
 
 from dpolens.activations import continuation_stats
 from dpolens.compare import GROUPS
-from dpolens.directions import all_value_vectors
+from dpolens.directions import all_value_vectors, rank_by_probe, read_direction, toxic_scores
 from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel
 
@@ -31,14 +31,24 @@ def group_names(gated: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 @torch.inference_mode()
 def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, prompts: list[str],
-                 batch_size: int = 32, max_new_tokens: int = 20, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, m, m/s, p for both models; and
-    per prompt, `prompt_p_*` [n_prompts, n_layers * d_mlp], the sums over the prompt's continuation
-    tokens of each neuron's projection (m/s)·(v·ŵ), and `prompt_tokens_*` [n_prompts]."""
+                 batch_size: int = 32, max_new_tokens: int = 20, progress: bool = True, *,
+                 meta: dict | None = None, space: str = "raw", base_from: dict | None = None) -> dict[str, np.ndarray]:
+    """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, toxic_score, m, m/s, p for both
+    models; and per prompt, `prompt_p_*` [n_prompts, n_layers * d_mlp], the sums over the prompt's
+    continuation tokens of each neuron's projection (m/s)·(v·ŵ), and `prompt_tokens_*` [n_prompts].
+
+    ŵ is the direction the probe reads (`directions.read_direction`: γ ⊙ w in `space: standardized`,
+    w in `raw`), v the value vector after post-MLP norms and m/s its activation as it reaches the
+    residual; `cosine` is cos(v, probe) in `space` (its sign is that of v·ŵ) and `toxic_score` the
+    ranking every stage uses (`directions.toxic_scores`, which needs the probe's `meta`). `base_from`: a
+    table of the same base, probe and prompts whose base half is reused (a placebo beside the aligned model)."""
     a = base.adapter
-    w_hat = probe.float() / probe.float().norm()
+    w_hat = read_direction(base, probe, space)
     out = {}
     for name, lm in (("base", base), ("aligned", aligned)):
+        if name == "base" and base_from is not None:
+            out.update({k: v for k, v in base_from.items() if k.endswith("_base") or k in ("cosine", "toxic_score")})
+            continue
         gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
                         desc=f"generate {name}")
         st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
@@ -52,7 +62,9 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
         out[f"prompt_tokens_{name}"] = st.prompt_tokens.double().numpy()
         out[f"vw_{name}"] = vw.flatten().numpy()  # v·ŵ with the model's own value vectors
         if name == "base":
-            out["cosine"] = (vw / values.norm(dim=-1).clamp(min=1e-30)).flatten().numpy()
+            out["cosine"] = rank_by_probe(lm, probe, space, (meta or {}).get("feature_std")).flatten().numpy()
+            if meta is not None:
+                out["toxic_score"] = toxic_scores(lm, probe, meta, space).flatten().numpy()
             out["n_tokens_base"] = st.count
     L, d = a.n_layers, a.d_mlp
     out["layer"] = np.repeat(np.arange(L), d)
@@ -107,14 +119,17 @@ def set_sums(per_prompt: np.ndarray, member: np.ndarray, rows: np.ndarray | None
 
 
 def dampened_toxic(t: dict[str, np.ndarray], top_toxic: int, gated: bool = False) -> np.ndarray:
-    """Indices of the top `top_toxic` neurons by cosine that were active (m̄_base > 0) and dampened. Gated: by
-    the effective cosine cos(v, ŵ)·sign(m̄_base) (the direction the neuron writes when it fires, which a sign
-    flip of its up row and down column leaves alone), dampened along its base sign."""
+    """Indices of the top `top_toxic` neurons by the shared ranking `toxic_score` (directions.toxic_scores; by
+    the cosine where the table lacks it) that were active (m̄_base > 0) and dampened. Gated: the ranking
+    is cos(v, ŵ) times the neuron's sign from the probe's toxic texts (without it, sign(m̄_base)): the
+    direction the neuron writes when it fires, which a sign flip of its up row and down column leaves
+    alone; dampened along its base sign."""
+    score = t.get("toxic_score")  # the shared ranking (directions.toxic_scores), where the table has it
     if not gated:
-        top = np.argsort(-t["cosine"])[:top_toxic]
+        top = np.argsort(-(t["cosine"] if score is None else score), kind="stable")[:top_toxic]
         return top[(t["ms_base"][top] > 0) & (t["ms_aligned"][top] < t["ms_base"][top])]
     sign = np.sign(t["ms_base"])
-    top = np.argsort(-(t["cosine"] * sign), kind="stable")[:top_toxic]
+    top = np.argsort(-(t["cosine"] * sign if score is None else score), kind="stable")[:top_toxic]
     return top[(sign[top] != 0) & (t["ms_aligned"][top] * sign[top] < np.abs(t["ms_base"][top]))]
 
 
@@ -162,7 +177,7 @@ def neuron_edits(t, sel: np.ndarray, values: np.ndarray, how: str = "value") -> 
 
 
 def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000, seed: int = 0,
-                    gated: bool = False, n_random: int = 20) -> dict:
+                    gated: bool = False, n_random: int = 20, replicates: bool = False) -> dict:
     """Cross-fitted group shares: the four groups and the dampened toxic neurons are chosen on one half
     of the prompts (a seeded split) from that half's mean activations and projections, and their
     reductions are measured on the other half, with a bootstrap over its prompts. A share is of the
@@ -194,7 +209,8 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
         ms_a = np.where(t["vw_aligned"] != 0, p_a / t["vw_aligned"], 0.0)
     labels = assign_groups({"cosine": t["cosine"], "ms_base": ms_b, "delta": p_b - p_a}, gated)
     toxic = np.zeros(len(labels), dtype=bool)
-    toxic[dampened_toxic({"cosine": t["cosine"], "ms_base": ms_b, "ms_aligned": ms_a}, top_toxic, gated)] = True
+    toxic[dampened_toxic({"cosine": t["cosine"], "ms_base": ms_b, "ms_aligned": ms_a,
+                          **({"toxic_score": t["toxic_score"]} if "toxic_score" in t else {})}, top_toxic, gated)] = True
     groups = group_names(gated)[0]
     sets = {**{g: labels == g for g in groups}, "toxic_neurons": toxic, "four_groups": np.isin(labels, groups)}
     rng = np.random.default_rng(seed + 1)
@@ -236,6 +252,9 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
                 "four_groups_reduction": {"value": float(point[col["four_groups"]]),
                                           "ci95": percentile_ci(reps[:, col["four_groups"]])},
                 "split": {"choose": int(len(choose)), "measure": int(len(measure)), "seed": seed, "n_boot": n_boot},
+                # `replicates`: per replicate (numpy, not for JSON), what a placebo comparison pairs
+                **({"_replicates": {"toxic_neurons": share(reps, "toxic_neurons"), "min": smallest}}
+                   if replicates else {}),
                 "rule": "groups and dampened toxic neurons chosen on one half of the fit prompts, reductions "
                         "measured on the other half (token-weighted); shares of the four chosen groups' joint "
                         "reduction there; bootstrap over the measuring half, the minimum taken in each replicate"}

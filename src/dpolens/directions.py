@@ -19,9 +19,11 @@ from dpolens.model.loading import LoadedModel
 log = logging.getLogger(__name__)
 
 def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedModel, extra: dict,
-               feature_std: torch.Tensor | None = None) -> None:
+               feature_std: torch.Tensor | None = None, neuron_sign: torch.Tensor | None = None) -> None:
     """The probe vector, the per-dimension std of its training features (for the standardised
-    cosine of `dpolens vectors`), and the model it belongs to."""
+    cosine of `dpolens vectors`), the sign of every neuron's mean activation on the probe's toxic
+    training texts (`neuron_signs`: what fixes a gated neuron's direction in `toxic_scores`), and the
+    model it belongs to."""
     from safetensors.torch import save_file
 
     meta = {"model_ref": lm.ref, "weight_sha256": lm.weight_hash, "model_type": lm.adapter.model_type,
@@ -32,6 +34,8 @@ def save_probe(path: str | Path, probe: torch.Tensor, bias: float, lm: LoadedMod
         tensors = {"probe": probe.float().contiguous()}
         if feature_std is not None:
             tensors["feature_std"] = feature_std.float().contiguous()
+        if neuron_sign is not None:
+            tensors["neuron_sign"] = neuron_sign.float().contiguous()
         save_file(tensors, str(tmp), metadata=meta)
 
 
@@ -48,8 +52,9 @@ def load_probe(path: str | Path, lm: LoadedModel | None = None) -> tuple[torch.T
         raise DpolensError(f"the probe in {p} must be one vector, got shape {tuple(vec.shape)}")
     if not torch.isfinite(vec).all() or not vec.abs().sum():
         raise DpolensError(f"the probe in {p} holds NaN, infinite or only zero values")
-    if "feature_std" in tensors:
-        meta["feature_std"] = tensors["feature_std"]
+    for extra in ("feature_std", "neuron_sign"):
+        if extra in tensors:
+            meta[extra] = tensors[extra]
     if lm is not None:
         a = lm.adapter
         if vec.shape[-1] != a.d_model:
@@ -90,9 +95,65 @@ def rank_by_probe(lm: LoadedModel, probe: torch.Tensor, space: str = "raw",
 
 
 def top_probe_neurons(lm: LoadedModel, probe: torch.Tensor, k: int, space: str = "raw",
-                      feature_std: torch.Tensor | None = None) -> list[tuple[int, int, float]]:
-    """(layer, neuron, cosine) of the k value vectors most cosine-similar to the probe, best first."""
-    return top_neurons(rank_by_probe(lm, probe, space, feature_std).flatten(), k, lm.adapter.d_mlp)
+                      meta: dict | None = None) -> list[tuple[int, int, float]]:
+    """(layer, neuron, score) of the k neurons with the highest `toxic_scores`, best first."""
+    return top_neurons(toxic_scores(lm, probe, meta or {}, space).flatten(), k, lm.adapter.d_mlp)
+
+
+def neuron_signs(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batch_size: int = 32,
+                 progress: bool = False) -> torch.Tensor:
+    """[n_layers, d_mlp] sign (+1/-1) of each neuron's mean activation m over the tokens of `texts`
+    (after the first). On a gated MLP the sign of m is a convention: flipping a neuron's up row and
+    down column changes nothing in the model but the sign of m and of v. sign(m̄)·v, the direction
+    the neuron writes when it fires on these texts, is a property of the model."""
+    from dpolens.activations import continuation_stats
+
+    ids = [x[:max_tokens] for x in lm.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    seqs = [(x[:1], x[1:]) for x in ids if len(x) > 1]
+    mean = continuation_stats(lm, seqs, (), batch_size, "neuron signs", progress).mean_m
+    return torch.where(mean < 0, -1.0, 1.0)
+
+
+def uses_signs(lm: LoadedModel) -> bool:
+    """Whether a neuron's activation sign is a convention here (gate · up MLPs), so rankings use the
+    probe's `neuron_sign`."""
+    return lm.adapter.mlp_kind == "gated"
+
+
+def toxic_scores(lm: LoadedModel, probe: torch.Tensor, meta: dict, space: str = "standardized") -> torch.Tensor:
+    """[n_layers, d_mlp] THE ranking of toxic neurons, the one every stage uses (vectors, table2,
+    analyze, unalign, neurons, alternatives, training's `toxic-neurons`): the cosine of each
+    residual-space value vector (after post-MLP norms) with the probe in `space` (`standardized`: the
+    direction the probe reads, γ ⊙ w, see `dpolens.stages.vectors`), times, on a gated MLP, the sign
+    of the neuron's mean activation on the probe's toxic texts (`meta['neuron_sign']`), so that a
+    reparametrisation flipping a neuron's up row and down column leaves the ranking unchanged. A
+    gated model's probe without signs (fitted before they existed) ranks by the plain cosine, with a
+    warning: refit the probe."""
+    cos = rank_by_probe(lm, probe, space, meta.get("feature_std"))
+    if not uses_signs(lm):
+        return cos
+    sign = meta.get("neuron_sign")
+    if sign is None or tuple(sign.shape) != tuple(cos.shape):
+        log.warning("the probe has no neuron signs for this gated model: toxic neurons are ranked by the plain "
+                    "cosine, which depends on the sign convention of each up row (refit the probe)")
+        return cos
+    return cos * sign.to(cos)
+
+
+def signs_of(lm: LoadedModel, meta: dict) -> torch.Tensor:
+    """[n_layers, d_mlp] the signs `toxic_scores` applied (all +1 where it applied none)."""
+    sign = meta.get("neuron_sign")
+    shape = (lm.adapter.n_layers, lm.adapter.d_mlp)
+    if uses_signs(lm) and sign is not None and tuple(sign.shape) == shape:
+        return sign.float()
+    return torch.ones(shape)
+
+
+def read_direction(lm: LoadedModel, probe: torch.Tensor, space: str = "standardized") -> torch.Tensor:
+    """[d_model] unit residual direction whose dot product with a residual vector is what the probe
+    reads of it: γ ⊙ w for a probe after the final norm (`standardized`), w itself (`raw`, the paper's)."""
+    d = probe.float() * (lm.adapter.final_norm_gain() if space != "raw" else 1.0)
+    return d / d.norm().clamp(min=1e-30)
 
 
 def top_neurons(scores: torch.Tensor, k: int, d_mlp: int) -> list[tuple[int, int, float]]:
@@ -148,17 +209,24 @@ def probe_top_tokens(lm: LoadedModel, probe: torch.Tensor, k_tokens: int) -> lis
     return (lm.adapter.unembed.float() @ probe.float()).topk(k_tokens).indices.tolist()
 
 
-def top_token_writers(lm: LoadedModel, probe: torch.Tensor, k: int, k_tokens: int) -> list[tuple[int, int, float]]:
+def signed_values(lm: LoadedModel, meta: dict | None = None) -> torch.Tensor:
+    """[n_layers, d_mlp, d_model] sign·v: on a gated MLP the direction each neuron writes when it fires
+    on the probe's toxic texts (`toxic_scores`); the value vectors themselves elsewhere."""
+    return all_value_vectors(lm) * signs_of(lm, meta or {})[..., None]
+
+
+def top_token_writers(lm: LoadedModel, probe: torch.Tensor, k: int, k_tokens: int,
+                      meta: dict | None = None) -> list[tuple[int, int, float]]:
     """(layer, neuron, score) of the k value vectors that most promote the probe's top k_tokens tokens."""
-    scores = token_writer_scores(lm, all_value_vectors(lm).flatten(0, 1), probe_top_tokens(lm, probe, k_tokens))
+    scores = token_writer_scores(lm, signed_values(lm, meta).flatten(0, 1), probe_top_tokens(lm, probe, k_tokens))
     return top_neurons(scores, k, lm.adapter.d_mlp)
 
 
 def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tokens: int, n: int,
-                  projection: str) -> dict:
+                  projection: str, meta: dict | None = None) -> dict:
     """The n value vectors that most promote the probe's top k_tokens tokens, with their cosine rank."""
     d_mlp = lm.adapter.d_mlp
-    values = all_value_vectors(lm).flatten(0, 1)  # [n_layers * d_mlp, d_model]
+    values = signed_values(lm, meta).flatten(0, 1)  # [n_layers * d_mlp, d_model]
     token_ids = probe_top_tokens(lm, probe, k_tokens)
     best = top_neurons(token_writer_scores(lm, values, token_ids), n, d_mlp)
     cos = cos.flatten()
@@ -205,8 +273,8 @@ def toxic_keys(lm: LoadedModel, probe_path: str, k: int, space: str, rank: str =
     cosine-similar to the probe, or (`rank: token-writers`) most promoting its top tokens."""
     probe, meta = load_probe(probe_path, lm)
     if rank == "cosine":
-        return top_probe_neurons(lm, probe, k, space, meta.get("feature_std"))
-    return top_token_writers(lm, probe, k, writer_tokens)
+        return top_probe_neurons(lm, probe, k, space, meta)
+    return top_token_writers(lm, probe, k, writer_tokens, meta)
 
 
 @contextlib.contextmanager

@@ -483,13 +483,25 @@ def weakening(rows: list[dict], n_prompts: int | None, prov: dict, ctx: StageCon
     return Measured(point, ci, len(rows[0]["retention_per_prompt"]), ours, ours, **prov)
 
 
+def _retention_ratio(r: dict, idx=None):
+    """Token-weighted retention of a row (per resample with `idx`)."""
+    t = np.asarray(r["tokens_per_prompt"], dtype=np.float64)
+    k = np.asarray(r["retention_per_prompt"], dtype=np.float64) * t
+    return k.sum() / t.sum() if idx is None else k[idx].sum(1) / t[idx].sum(1)
+
+
+def weakening_replicates(rows: list[dict], plain: dict, ctx: StageContext) -> tuple[float, np.ndarray]:
+    """Plain retention − the mean of `rows`' retention: the point value and its [n_boot] resamples over
+    the held-out prompts (`resample_units(n, ctx.n_boot, ctx.seed)`: the same resamples for every model
+    measured on the same prompts, so a placebo's replicates pair with the aligned model's)."""
+    idx = resample_units(len(plain["retention_per_prompt"]), ctx.n_boot, ctx.seed)
+    point = _retention_ratio(plain) - float(np.mean([_retention_ratio(r) for r in rows]))
+    return point, _retention_ratio(plain, idx) - np.mean([_retention_ratio(r, idx) for r in rows], axis=0)
+
+
 def _weakening_vs_plain(rows: list[dict], plain: dict, n_prompts: int | None, prov: dict, ctx: StageContext,
                         where: str) -> Measured:
-    def ratio(r, idx=None):
-        t = np.asarray(r["tokens_per_prompt"], dtype=np.float64)
-        k = np.asarray(r["retention_per_prompt"], dtype=np.float64) * t
-        return k.sum() / t.sum() if idx is None else k[idx].sum(1) / t[idx].sum(1)
-
+    ratio = _retention_ratio
     each = "; ".join(f"{r['transform']} {num(ratio(r))}" for r in rows)
     point = ratio(plain) - float(np.mean([ratio(r) for r in rows]))
     n = len(plain["retention_per_prompt"])
@@ -497,8 +509,7 @@ def _weakening_vs_plain(rows: list[dict], plain: dict, n_prompts: int | None, pr
         return Measured(point, None, n, f"plain {num(ratio(plain))}; {each}",
                         f"the transforms were measured on other prompts than plain ({where}): no paired interval",
                         **prov)
-    idx = resample_units(n, ctx.n_boot, ctx.seed)
-    ci = percentile_ci(ratio(plain, idx) - np.mean([ratio(r, idx) for r in rows], axis=0))
+    ci = percentile_ci(weakening_replicates(rows, plain, ctx)[1])
     ours = (f"retention on {n} held-out plain prompts {num(ratio(plain))} − on them transformed = {num(point)} "
             f"{interval(ci)}; transformed: {each}")
     return Measured(point, ci, n, ours, ours, **prov)

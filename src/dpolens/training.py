@@ -229,8 +229,7 @@ def restrict_training(lm: LoadedModel, cfg: TrainConfig) -> Trainable:
         if not cfg.probe:
             raise DpolensError("trainable 'toxic-neurons' needs probe=...")
         probe, meta = load_probe(cfg.probe, lm)
-        top = top_probe_neurons(lm, probe, cfg.top_neurons, "standardized" if "feature_std" in meta else "raw",
-                                meta.get("feature_std"))
+        top = top_probe_neurons(lm, probe, cfg.top_neurons, "standardized" if "feature_std" in meta else "raw", meta)
         by_layer: dict[int, list[int]] = {}
         for layer, neuron, _ in top:
             by_layer.setdefault(layer, []).append(neuron)

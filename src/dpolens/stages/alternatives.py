@@ -23,7 +23,7 @@ from dpolens.attribution import assign_groups, group_names, group_shares, neuron
 from dpolens.compare import check_pair, offset_stats, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import ConfigError, RunSettings
 from dpolens.data import default_data, load_prompts, wikitext_prompts
-from dpolens.directions import keys_scaled, load_probe, toxic_keys
+from dpolens.directions import keys_scaled, load_probe, read_direction, toxic_keys
 from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
                               paired_ppl_ratio, summarize)
 from dpolens.ledger import StageContext, StageNotRun, growth, identity, toxicity_drop, weakening, weights_moved
@@ -51,7 +51,7 @@ class AlternativesConfig(RunSettings):
     out: str = "runs/alternatives"
     k: int = 7
     scale: float = 10.0
-    space: str = "standardized"
+    space: str = "standardized"  # the cosine space of rankings and the direction offsets are read along
     key: str = "gate"  # as in dpolens.stages.unalign
     # also add the four groups' mean activation change (fitted on the challenge prompts after the
     # evaluation's) to the base, and report the share of the variant's toxicity gap that replicates
@@ -148,8 +148,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     fit_prompts = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows)[len(inputs.prompts):][: cfg.offset_limit]
     variants = {**cfg.variants, **train_methods(cfg)}
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
-    probe, _ = load_probe(cfg.probe, base)
-    w_hat = probe.float() / probe.float().norm()
+    probe, probe_meta = load_probe(cfg.probe, base)
+    w_hat = read_direction(base, probe, cfg.space)
     base_full = evaluate_inputs(base, cfg.eval, inputs, label="base")
     base_eval, base_texts = base_full.row(), [r["continuation"] for r in base_full.records]
     prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit)
@@ -180,7 +180,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         shift_stats = value_shift_stats(dv, stats.mean_x - st_base.mean_x, stats.mean_m_over_s, cfg.n_boot, cfg.seed)
         retention = _retention(m, transformed, tf_base, cfg)
         t = neuron_table(base, m, probe, fit_prompts or prompts, cfg.batch_size, cfg.max_new_tokens,
-                         cfg.eval.progress)
+                         cfg.eval.progress, meta=probe_meta, space=cfg.space)
         gated = base.adapter.mlp_kind == "gated"  # two sign-invariant groups (attribution.GATED_GROUPS)
         labels = assign_groups(t, gated)
         shares = group_shares(t, labels, cfg.top_toxic, gated)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from dpolens.compare import (
 )
 from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
-from dpolens.directions import load_probe, load_vectors
+from dpolens.directions import load_probe, load_vectors, read_direction
 from dpolens.evaluate import paired_bootstrap, percentile_ci, resample_units
 from dpolens.ledger import Claim, Measured, StageContext, growth, identity, interval, num, pct, pct_interval, stat_block
 from dpolens.model import hooks
@@ -74,6 +74,9 @@ class AnalyzeConfig(RunSettings):
     batch_size: int = 32
     figure_layers: int = 3
     n_boot: int = 2000
+    # the direction δx is compared with (directions.read_direction): standardized, the one the probe reads (γ ⊙ w,
+    # after the final norm's gain); raw, the probe vector w itself (the paper's)
+    space: Literal["raw", "standardized"] = "standardized"
     # the control alignment every statistic is also measured for, on the same tokens: placebo (the base plus
     # seeded noise of the aligned model's size, tensor by tensor), a model folder, or none
     control: str | None = "placebo"
@@ -118,7 +121,7 @@ class ActivationDrop(ActivationMeans):
     n_neurons: int
     per_neuron: list[NeuronActivation]
     raw: PairedDrop  # mean m
-    signed: PairedDrop  # mean m · cos(v, probe): the contribution along the probe
+    signed: PairedDrop  # mean (m/s) · cos(v, probe): the contribution along the probe, after post-norms
     verdict_uses: str  # "signed"
     definition: str
     per_prompt: dict[str, list[Any]]  # raw_/signed_ base/aligned per-prompt means (None: no tokens), n_tokens
@@ -162,10 +165,11 @@ class AnalysisHeadline(TypedDict, total=False):  # empty without analysis.json
     offset: list[OffsetLayer]
 
 
-def per_prompt_means(st: Stats, weights: torch.Tensor) -> list[float | None]:
+def per_prompt_means(st: Stats, weights: torch.Tensor, residual: bool = False) -> list[float | None]:
     """Per prompt, the mean over its continuation tokens of the chosen neurons' weighted mean
-    activation (1/N Σ_i w_i m_i); None for a prompt without continuation tokens. weights: [N]."""
-    sums = (st.per_prompt_neuron_m * weights).mean(1)  # [n_prompts]
+    activation (1/N Σ_i w_i m_i; `residual`: of m_i/s, the activation as it reaches the residual after
+    a post-MLP norm, method.md section 0); None for a prompt without continuation tokens. weights: [N]."""
+    sums = ((st.per_prompt_neuron_ms if residual else st.per_prompt_neuron_m) * weights).mean(1)  # [n_prompts]
     return [float(s / n) if n > 0 else None for s, n in zip(sums, st.prompt_tokens)]
 
 
@@ -260,13 +264,16 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     a = base.adapter
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    w_hat = probe.float() / probe.float().norm()
+    w_hat = read_direction(base, probe, cfg.space)
 
     shift = weight_shift(base.model, aligned.model)
     write_json(out / "weight_shift.json", shift)
 
     top = [(r["layer"], r["neuron"]) for r in tv]
-    cosines = torch.tensor([r["cosine"] for r in tv])  # [N] the cosines the ranking used
+    # [N] each neuron's sign (gated MLPs: from the probe's toxic texts, directions.toxic_scores; else 1) and the
+    # cosine of its value vector v itself, so that m·sign and m·cos(v) do not depend on a gated neuron's convention
+    signs = torch.tensor([float(r.get("sign", 1)) for r in tv])
+    cosines = torch.tensor([r["cosine"] for r in tv]) * signs
     fig_layers = sorted({l for l, _ in top[: cfg.figure_layers]})
     all_layers = range(a.n_layers)
 
@@ -294,10 +301,14 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
         control_ids.append(c.identity())
         del c
     mean_m = {k: s.mean_m for k, s in stats.items()}
-    per_neuron = [{"layer": l, "neuron": n, "cosine": r["cosine"],
-                   "base": float(mean_m[("base", "same")][l, n]),
-                   "aligned_same_tokens": float(mean_m[("aligned", "same")][l, n]),
-                   "aligned_own_tokens": float(mean_m[("aligned", "own")][l, n])} for (l, n), r in zip(top, tv)]
+    per_neuron = [{"layer": l, "neuron": n, "cosine": r["cosine"], "sign": int(sg),
+                   "base": float(sg * mean_m[("base", "same")][l, n]),
+                   "aligned_same_tokens": float(sg * mean_m[("aligned", "same")][l, n]),
+                   "aligned_own_tokens": float(sg * mean_m[("aligned", "own")][l, n]),
+                   # sign · m/s: the activation as it reaches the residual (after a post-MLP norm)
+                   "residual_base": float(sg * stats[("base", "same")].mean_m_over_s[l, n]),
+                   "residual_aligned_same_tokens": float(sg * stats[("aligned", "same")].mean_m_over_s[l, n])}
+                  for (l, n), r, sg in zip(top, tv, signs.tolist())]
     drop = {"mean_base": float(np.mean([r["base"] for r in per_neuron])),
             "mean_aligned": float(np.mean([r["aligned_same_tokens"] for r in per_neuron])),
             "mean_aligned_own_tokens": float(np.mean([r["aligned_own_tokens"] for r in per_neuron])),
@@ -305,20 +316,22 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
                       "mean_aligned_own_tokens: the aligned model's own continuations",
             "n_neurons": len(per_neuron), "per_neuron": per_neuron}
     sb, sa = stats[("base", "same")], stats[("aligned", "same")]
-    per_prompt = {"raw_base": per_prompt_means(sb, torch.ones_like(cosines)),
-                  "raw_aligned": per_prompt_means(sa, torch.ones_like(cosines)),
-                  "signed_base": per_prompt_means(sb, cosines), "signed_aligned": per_prompt_means(sa, cosines),
+    per_prompt = {"raw_base": per_prompt_means(sb, signs), "raw_aligned": per_prompt_means(sa, signs),
+                  "signed_base": per_prompt_means(sb, cosines, True), "signed_aligned": per_prompt_means(sa, cosines, True),
                   "n_tokens": [int(n) for n in sb.prompt_tokens]}
     drop.update({"raw": paired_drop(per_prompt["raw_base"], per_prompt["raw_aligned"], cfg.n_boot, cfg.seed),
                  "signed": paired_drop(per_prompt["signed_base"], per_prompt["signed_aligned"], cfg.n_boot, cfg.seed),
                  "verdict_uses": "signed",
-                 "definition": "raw: mean m of the top neurons; signed: mean m · cos(v, probe), their contribution "
-                             "along the probe. Means over prompts of per-prompt means over continuation tokens "
+                 "definition": "raw: mean m · sign of the top neurons (sign: 1, or on a gated MLP the sign of the "
+                             "neuron's mean activation on the probe's toxic texts); signed: mean (m/s) · cos(v, probe), "
+                             "their contribution along the probe as it reaches the residual (s: the post-MLP norm's "
+                             "scale, 1 without one). Means over prompts of per-prompt means over continuation tokens "
                              "(same tokens), paired bootstrap over prompts of aligned − base",
                  "per_prompt": per_prompt})
     if controls:
         drop["control"] = paired_vs_draws(per_prompt["signed_base"], per_prompt["signed_aligned"],
-                                          [per_prompt_means(st, cosines) for st, _ in controls], cfg.n_boot, cfg.seed)
+                                          [per_prompt_means(st, cosines, True) for st, _ in controls], cfg.n_boot,
+                                          cfg.seed)
 
     xb, xa = sb.mean_x, sa.mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens

@@ -38,7 +38,7 @@ from dpolens.activations import bootstrap_counts
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
 from dpolens.attribution import (GATED_GROUPS, assign_groups, crossfit_shares, dampened_toxic, group_names,
                                  group_shares, neuron_edits, neuron_table, set_sums)
-from dpolens.compare import GROUPS, check_pair
+from dpolens.compare import GROUPS, check_pair, placebo, vs_placebos
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
@@ -70,6 +70,9 @@ class NeuronsConfig(RunSettings):
     fit_from: Literal["eval", "pairs"] = "eval"
     pairs: str = field(default="runs/pairs/pairs.jsonl", metadata={"in_key_if": ("fit_from", "pairs")})
     top_toxic: int = 128
+    # where a neuron's contribution is projected and toxic neurons ranked (directions.toxic_scores, the ranking
+    # every stage shares): standardized, along the direction the probe reads (γ ⊙ w); raw, along w (the paper's)
+    space: Literal["raw", "standardized"] = "standardized"
     edit: bool = True  # evaluate tuning-free editing too (editing.json; one more evaluation, not in the ledger)
     edit_alpha: float = 0.05
     edit_beta: float = 0.5
@@ -80,6 +83,10 @@ class NeuronsConfig(RunSettings):
     # the null of patching: as many random neurons as the groups hold, shifted by their own activation change
     # rescaled to the groups' shift norm (one more evaluation; the ledger's row needs the groups to beat it)
     patch_random: bool = True
+    # the control of the two mechanism rows: the cross-fitted shares also for placebos (the base plus seeded noise of
+    # the aligned model's size, tensor by tensor; one generation and one forward over the fit prompts each)
+    control: Literal["placebo"] | None = "placebo"
+    control_draws: int = 5  # placebos (seeds seed..seed+K-1); aligned − placebo uses a prediction interval
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
@@ -88,7 +95,7 @@ class NeuronsConfig(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 1, "fit_prompts")
+        at_least(self, 1, "fit_prompts", "control_draws")
 
 
 class Share(TypedDict):
@@ -264,6 +271,40 @@ def edit_neurons(cfg: NeuronsConfig, base: LoadedModel, inputs: EvalInputs, t: d
             "base": rows["base"], "aligned": rows["aligned"], "edited": res.row()}
 
 
+def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, probe, probe_meta: dict,
+                   fit_prompts: list[str], t: dict, cf: dict, gated: bool) -> dict:
+    """The cross-fitted toxic-neuron share and smallest group share of `control_draws` placebos (the base plus
+    noise of the aligned model's size per tensor), on the same fit prompts, split and bootstrap replicates as the
+    aligned model's; aligned − placebo with `compare.vs_placebos`' prediction interval."""
+    from scipy.stats import t as student_t
+
+    draws = []
+    for k in range(cfg.control_draws):
+        c = placebo(base, aligned, cfg.seed + k)
+        tc = neuron_table(base, c, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
+                          meta=probe_meta, space=cfg.space, base_from=t)
+        draws.append((c.identity(), crossfit_shares(tc, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, n_random=0,
+                                                    replicates=True)))
+        del c, tc
+    out = {"kind": "placebo", "draws": len(draws), "models": [i for i, _ in draws],
+           "four_groups_reduction": [d["four_groups_reduction"]["value"] for _, d in draws],
+           "rule": "each placebo's groups and toxic neurons chosen and measured as the aligned model's (same halves, "
+                   "same bootstrap replicates); aligned − mean placebo with a t(K−1) prediction interval"}
+    for stat, point in (("toxic_neurons", cf["toxic_neurons"]["share"]), ("min", cf["min"]["share"])):
+        points = [(d["toxic_neurons"] if stat == "toxic_neurons" else d["min"])["share"] for _, d in draws]
+        if point is None or any(x is None for x in points):
+            out[stat] = {"draws": points, "diff": None, "diff_ci95": None}
+            continue
+        diff, ci = vs_placebos(point, cf["_replicates"][stat], points,
+                               np.stack([d["_replicates"][stat] for _, d in draws]))
+        mean = float(np.mean(points))
+        half = float(student_t.ppf(0.975, len(points) - 1) * np.std(points, ddof=1) / np.sqrt(len(points))) \
+            if len(points) > 1 else None
+        out[stat] = {"draws": points, "mean": mean, "ci95": [mean - half, mean + half] if half is not None else None,
+                     "diff": diff, "diff_ci95": ci if all(map(finite, ci)) else None}
+    return out
+
+
 def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     import pandas as pd
 
@@ -275,10 +316,11 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
-    probe, _ = load_probe(cfg.probe, base)
+    probe, probe_meta = load_probe(cfg.probe, base)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress)
+    t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
+                     meta=probe_meta, space=cfg.space)
     gated = base.adapter.mlp_kind == "gated"  # the sign of m is then a convention: two sign-invariant groups
     labels = assign_groups(t, gated)
     df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],
@@ -295,7 +337,11 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     shares["bootstrap"] = {"unit": "fit prompts", "n": len(fit_prompts), "n_boot": cfg.n_boot, "seed": cfg.seed,
                            "rule": "groups held as fitted; each replicate recomputes the reductions from the "
                                    "resampled prompts' per-prompt projection sums (token-weighted); percentile"}
-    shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed, gated)
+    shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, replicates=True)
+    if cfg.control == "placebo" and "_replicates" in shares["crossfit"]:
+        shares["crossfit"]["control"] = placebo_shares(cfg, base, aligned, probe, probe_meta, fit_prompts, t,
+                                                       shares["crossfit"], gated)
+    shares["crossfit"].pop("_replicates", None)
     for k in ("prompt_p_base", "prompt_p_aligned"):
         del t[k]  # n_prompts × n_neurons: not needed past the intervals
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
@@ -427,9 +473,10 @@ def toxic_neurons_small_share(ctx: StageContext) -> Measured:
         ours += (f"; {r['n_sets']} random sets of {r['count']} neurons carry {pct(r['share'])} {pct_interval(r['ci95'])}, "
                  f"toxic − random {pct(r['toxic_minus_random']['diff'])} "
                  f"{pct_interval(r['toxic_minus_random']['ci95'])}")
-    return Measured(None if t["share"] is None else t["share"] - 0.5, ci, cf["split"]["measure"], ours,
-                    f"cross-fitted share − 0.5 = {num(None if t['share'] is None else t['share'] - 0.5)} "
-                    f"{interval(ci)}; {ours}", **prov)
+    m = Measured(None if t["share"] is None else t["share"] - 0.5, ci, cf["split"]["measure"], ours,
+                 f"cross-fitted share − 0.5 = {num(None if t['share'] is None else t['share'] - 0.5)} "
+                 f"{interval(ci)}; {ours}", **prov)
+    return _against_placebo(m, cf, "toxic_neurons", -0.5)
 
 
 def reduction_spreads(ctx: StageContext) -> Measured:
@@ -451,7 +498,21 @@ def reduction_spreads(ctx: StageContext) -> Measured:
     if cf.get("mlp") == "gated":
         ours = ("gated MLP: the sign of an activation is a convention, so the four groups are two sign-invariant "
                 f"ones (TP−/AN−: a contribution toward the probe that fell; TN+/AP+: one away from it that grew); {ours}")
-    return Measured(m["share"], ci, cf["split"]["measure"], ours, f"{ours}; {text}", **prov)
+    return _against_placebo(Measured(m["share"], ci, cf["split"]["measure"], ours, f"{ours}; {text}", **prov),
+                            cf, "min", 0.0)
+
+
+def _against_placebo(m: Measured, cf: dict, stat: str, shift: float) -> Measured:
+    """Attach groups.json's placebo block for `stat` (the claim's effect is the share + `shift`)."""
+    ctl = (cf.get("control") or {}).get(stat)
+    if not ctl or ctl.get("diff") is None:
+        return m
+    ci = [x + shift for x in ctl["ci95"]] if ctl.get("ci95") else None
+    m.against_placebo(ctl["mean"] + shift, ci, ctl["diff"], ctl["diff_ci95"], 3)
+    reds = cf["control"].get("four_groups_reduction") or []
+    m.diagnosis += (f" ({cf['control']['draws']} placebos; their four groups' reduction on the measuring half: "
+                    + ", ".join(num(x, 5) for x in reds) + ")")
+    return m
 
 
 def patching_replicates(ctx: StageContext) -> Measured:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from dpolens.artifacts import atomic_path, read_json, write_json, write_manifest
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import balanced_sample, default_data, load_labelled
-from dpolens.directions import save_probe
+from dpolens.directions import neuron_signs, save_probe, uses_signs
 from dpolens.evaluate import percentile_ci, resample_units
 from dpolens.ledger import Claim, Measured, StageContext, identity, interval, num
 from dpolens.model.generation import length_batches, position_ids
@@ -50,10 +50,12 @@ class ProbeConfig(RunSettings):
     C: float | None = None  # None: chosen by 5-fold cross-validation on the training split
     Cs: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0, 100.0, 1000.0])
     skip_bad_rows: bool = False
+    sign_texts: int = 256  # gated MLPs: toxic training texts whose mean activation fixes each neuron's sign
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 20, "max_examples")  # a stratified split needs both classes on both sides
+        at_least(self, 20, "max_examples")
+        at_least(self, 1, "sign_texts")  # a stratified split needs both classes on both sides
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
 
@@ -177,8 +179,14 @@ def run_probe(cfg: ProbeConfig) -> ProbeMetrics:
         "seed": cfg.seed,
     }
     w = torch.tensor(clf.coef_[0], dtype=torch.float32)  # direction in residual space
+    sign, sign_note = None, {}
+    if uses_signs(lm):  # gated MLP: fix each neuron's direction by its mean activation on toxic texts
+        toxic = [t for t, l in examples if l == 1][: cfg.sign_texts]
+        sign = neuron_signs(lm, toxic, cfg.max_tokens, cfg.batch_size, cfg.progress)
+        sign_note = {"neuron_sign": f"sign of the mean activation over {len(toxic)} toxic training texts"}
+        metrics["neuron_sign"] = {"texts": len(toxic), "negative_share": float((sign < 0).float().mean())}
     save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]), lm,
-               {"feature_scale": scale, "auroc": metrics["auroc"]}, torch.tensor(feats.std(0)))
+               {"feature_scale": scale, "auroc": metrics["auroc"], **sign_note}, torch.tensor(feats.std(0)), sign)
     write_json(out / "metrics.json", metrics)
     # per-example validation predictions: what a bootstrap interval of accuracy or AUROC needs
     write_json(out / "val_predictions.json", {"label": y_va.tolist(), "prob": prob.tolist(), "threshold": 0.5,

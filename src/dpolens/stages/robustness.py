@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,7 +26,9 @@ from dpolens.evaluate import summarize
 from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
-from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening
+from dpolens.compare import placebo, vs_placebos
+from dpolens.evaluate import percentile_ci
+from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening, weakening_replicates
 from dpolens.drift import split_halves
 from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, final_turn_seqs, offset_retention, prompt_stats,
                                prompt_token_seqs, subset_mean, transformed_prompts)
@@ -51,10 +53,14 @@ class RobustnessConfig(RunSettings):
     max_prompt_tokens: int = 256  # a longer prompt keeps its BOS and last tokens (a multi-turn prompt its final turn)
     batch_size: int = 16
     scorer: str = "jigsaw-lstm"
+    # the control of the two mechanism rows: offset retention also for placebos (the base plus seeded noise of the
+    # aligned model's size per tensor), δx̂ and retention on the same halves; no generation for them
+    control: Literal["placebo"] | None = "placebo"
+    control_draws: int = 5  # placebos (seeds seed..seed+K-1); aligned − placebo uses a prediction interval
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 1, "limit", "toxicity_limit", "batch_size", "max_prompt_tokens")
+        at_least(self, 1, "limit", "toxicity_limit", "batch_size", "max_prompt_tokens", "control_draws")
         unknown = [t for t in self.transforms if t not in ALL_TRANSFORMS]
         if unknown:
             raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
@@ -109,19 +115,40 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     retention, delta = {}, None
     # δx̂ from one half of the plain prompts, every retention (plain included) on the other half
     fit, measure = split_halves(len(plain), cfg.seed)
-    for tname in ["plain", *(t for t in inputs if t != "plain")]:  # δx (from plain) first
+    order = ["plain", *(t for t in inputs if t != "plain")]  # δx (from plain) first
+    seqs_of, base_stats = {}, {}
+    for tname in order:
         texts = inputs[tname][0]
-        seqs = (final_turn_seqs(base, texts, cfg.max_prompt_tokens) if tname == "multi_turn" else
-                prompt_token_seqs(base, texts, cfg.max_prompt_tokens))
+        seqs_of[tname] = seqs = (final_turn_seqs(base, texts, cfg.max_prompt_tokens) if tname == "multi_turn" else
+                                 prompt_token_seqs(base, texts, cfg.max_prompt_tokens))
         stats = {}
         for mname, lm in models:
             steps.set_postfix_str(f"activations {tname} {mname}")
             stats[mname] = prompt_stats(lm, seqs, cfg.batch_size)
             steps.update()
+        base_stats[tname] = stats["base"]
         if delta is None:
             delta = subset_mean(stats["aligned"], fit) - subset_mean(stats["base"], fit)
         for mname in stats.keys() - {"base"}:
             retention[(tname, mname)] = offset_retention(delta, stats["base"], stats[mname], cfg.seed, measure)
+    control = None
+    if cfg.control == "placebo":  # each draw: its own δx̂ from the fit half, retention on the measuring half
+        control = {"kind": "placebo", "draws": cfg.control_draws, "models": [], "rows": [],
+                   "rule": "each placebo's δx̂ (placebo − base, plain prompts of the fit half) and retention on the "
+                           "measuring half, as the aligned model's; aligned − mean placebo with a t(K−1) "
+                           "prediction interval"}
+        for k in range(cfg.control_draws):
+            c = placebo(base, aligned, cfg.seed + k)
+            control["models"].append(c.identity())
+            delta_c = None
+            for tname in order:
+                steps.set_postfix_str(f"activations {tname} placebo {k}")
+                st = prompt_stats(c, seqs_of[tname], cfg.batch_size)
+                if delta_c is None:
+                    delta_c = subset_mean(st, fit) - subset_mean(base_stats["plain"], fit)
+                control["rows"].append({"transform": tname, "draw": k,
+                                        **offset_retention(delta_c, base_stats[tname], st, cfg.seed, measure)})
+            del c
 
     rows = []
     for tname, (texts, inverse) in inputs.items():
@@ -143,6 +170,7 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
               "offset_plain_norm": delta.norm(dim=-1).tolist(),
               "split": {"fit": len(fit), "measure": len(measure), "seed": cfg.seed,
                         "measure_prompts": measure.tolist()},
+              "control": control,
               "retention_definition": "mean over prompt tokens of (x_M - x_base)·δx̂ at resid_mid, divided by "
                                       "‖δx‖, δx from the plain prompts of one half (`split.fit`), retention on the "
                                       "other half (plain included: 1 = the offset is applied as on plain prompts "
@@ -242,7 +270,22 @@ def retention_weakens(transforms: tuple[str, ...]):
             return m
         plain = next(r for r in rb["rows"] if r["model"] == "aligned" and r["transform"] == "plain")
         prov["data"]["split"] = {k: v for k, v in rb["split"].items() if k != "measure_prompts"}
-        return weakening(rows, rb["split"]["measure"], prov, ctx, "robustness/table.json", plain=plain)
+        m = weakening(rows, rb["split"]["measure"], prov, ctx, "robustness/table.json", plain=plain)
+        ctl = rb.get("control")
+        if m.ci95 is None or not ctl or not ctl.get("rows"):
+            return m
+        point, reps = weakening_replicates(rows, plain, ctx)
+        draws = []
+        for k in range(ctl["draws"]):
+            mine = {r["transform"]: r for r in ctl["rows"] if r["draw"] == k}
+            if "plain" not in mine or any(r["transform"] not in mine for r in rows):
+                return m
+            draws.append(weakening_replicates([mine[r["transform"]] for r in rows], mine["plain"], ctx))
+        points = [d[0] for d in draws]
+        diff, ci = vs_placebos(point, reps, points, np.stack([d[1] for d in draws]))
+        mean = float(np.mean(points))
+        spread = percentile_ci(np.mean([d[1] for d in draws], axis=0))  # the mean placebo's sampling interval
+        return m.against_placebo(mean, spread, diff, ci, 3)
 
     return build
 

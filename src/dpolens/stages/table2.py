@@ -194,7 +194,9 @@ def vector_rows(lm: LoadedModel, cfg: Table2Config) -> list[tuple[str, torch.Ten
         raise DpolensError(f"{svd_path} has no row {cfg.svd_j} of U (svd_j counts from 0 below vectors' svd_k)")
     layer, neuron = cfg.mlp_vector or (tv[0]["layer"], tv[0]["neuron"])
     lm.adapter.check_neurons(layer, neuron, "mlp_vector neuron")
-    mlp_v = lm.adapter.value_vectors(layer)[neuron].float()
+    # the direction the neuron writes when it fires (sign·v on a gated MLP, see directions.toxic_scores)
+    sign = next((r.get("sign", 1) for r in tv if (r["layer"], r["neuron"]) == (layer, neuron)), 1)
+    mlp_v = lm.adapter.value_vectors(layer)[neuron].float() * sign
     rands = [("random" if k == 0 else f"random {k + 1}",
               torch.randn(lm.adapter.d_model, generator=torch.Generator().manual_seed(cfg.random_seed + k)))
              for k in range(cfg.n_random)]

@@ -8,6 +8,11 @@ by its cosine with the probe w; MLP.v_Toxic = the top N. Where the cosine is tak
                 the paper, needed on Gemma: its residual has dimensions with final gains up to 301
                 whose raw cosines rank multilingual noise first (measured: 0 of the top 10 toxic
                 in `raw` on gemma-3-270m).
+On a gated MLP (Gemma, Llama) the sign of a neuron's activation is a convention: flipping its up row and
+down column changes nothing in the model but the signs of m and v. There v is replaced by sign·v, the
+direction the neuron writes when it fires on the probe's toxic training texts (sign of its mean
+activation there, saved with the probe), before ranking, projecting and SVD; the `sign` column says
+which. `directions.toxic_scores` is this ranking, and every stage that names toxic neurons uses it.
 The vocabulary projection of a residual-space vector u is the top tokens of the logit lens of u
 through the final norm (`projection: norm`, default) or of E·u (`raw`, the paper's); the probe,
 which lives after the final norm, is always projected raw. SVD.U_Toxic[j] = the j-th right
@@ -35,13 +40,15 @@ import torch
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest, write_text
 from dpolens.config import RunSettings, at_least
 from dpolens.directions import (
-    all_value_vectors,
     load_probe,
     random_vector_tokens,
-    rank_by_probe,
     rank_cos,
+    read_direction,
+    signed_values,
+    signs_of,
     token_writers,
     top_neurons,
+    toxic_scores,
     toxic_svd,
     vocab_projection,
 )
@@ -82,7 +89,7 @@ class TopVector(TypedDict):
 
     layer: int
     neuron: int
-    cosine: float  # with the probe, in `space`
+    cosine: float  # with the probe, in `space`, of sign·v (directions.toxic_scores)
     top_tokens: list[str]
 
 
@@ -90,6 +97,7 @@ class ToxicVector(TopVector):
     """A row of toxic_vectors.json."""
 
     rank: int  # 0 = most similar to the probe
+    sign: int  # gated MLPs: the sign of the neuron's mean activation on the probe's toxic texts (else 1)
     norm: float  # ‖v‖ in residual space
     bottom_tokens: list[str]
 
@@ -123,16 +131,17 @@ def run_vectors(cfg: VectorsConfig) -> VectorsSummary:
     lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     probe, meta = load_probe(cfg.probe, lm)
     a = lm.adapter
-    cos = rank_by_probe(lm, probe, cfg.space, meta.get("feature_std"))
-    probe_grad = probe.float() * (a.final_norm_gain() if cfg.space != "raw" else 1.0)
+    cos = toxic_scores(lm, probe, meta, cfg.space)  # on a gated MLP: cosine · the neuron's sign
+    sign = signs_of(lm, meta)
+    probe_grad = read_direction(lm, probe, cfg.space)
     n = min(cfg.top_n, cos.numel())
     layers, neurons, _ = zip(*top_neurons(cos.flatten(), n, a.d_mlp))
     layers, neurons = list(layers), list(neurons)
-    values = all_value_vectors(lm)
+    values = signed_values(lm, meta)  # sign·v: the direction each neuron writes when it fires
     top_vecs = values[layers, neurons]
     proj = vocab_projection(lm, top_vecs, cfg.n_tokens, cfg.projection)
-    rows = [{"rank": r, "layer": l, "neuron": i, "cosine": float(cos[l, i]), "norm": float(top_vecs[r].norm()),
-             **proj[r]} for r, (l, i) in enumerate(zip(layers, neurons))]
+    rows = [{"rank": r, "layer": l, "neuron": i, "cosine": float(cos[l, i]), "sign": int(sign[l, i]),
+             "norm": float(top_vecs[r].norm()), **proj[r]} for r, (l, i) in enumerate(zip(layers, neurons))]
     unit = top_vecs / top_vecs.norm(dim=-1, keepdim=True)
     u, s = toxic_svd(unit, probe_grad, cfg.svd_k)
     u_proj = vocab_projection(lm, u, cfg.n_tokens, cfg.projection)
@@ -144,7 +153,7 @@ def run_vectors(cfg: VectorsConfig) -> VectorsSummary:
     from safetensors.torch import save_file
 
     with atomic_path(out / "svd.safetensors") as tmp:
-        save_file({"U": u.contiguous(), "S": s.contiguous(), "toxic_vectors": top_vecs.contiguous()},
+        save_file({"U": u.contiguous(), "S": s.contiguous(), "toxic_vectors": top_vecs.contiguous()},  # sign·v
                   str(tmp), metadata={"model_ref": lm.ref, "weight_sha256": lm.weight_hash,
                                       "model_type": a.model_type, "top_n": str(n),
                                       "space": cfg.space, "sign": "U[j] raises the probe logit"})
@@ -152,7 +161,7 @@ def run_vectors(cfg: VectorsConfig) -> VectorsSummary:
     svd_rows = [{"j": j, "singular_value": float(s[j]), "cosine_with_probe": float(svd_cos[j]), **u_proj[j]}
                 for j in range(len(u))]
     write_json(out / "svd.json", svd_rows)
-    writers = token_writers(lm, probe, cos, cfg.n_tokens, cfg.n_writers, cfg.projection)
+    writers = token_writers(lm, probe, cos, cfg.n_tokens, cfg.n_writers, cfg.projection, meta)
     write_json(out / "token_writers.json", writers)
     write_json(out / "random_vectors.json", random_vector_tokens(lm, values, cfg.n_random, cfg.random_seed,
                                                                  cfg.n_tokens, cfg.projection))
