@@ -375,3 +375,24 @@ def test_sample_dtype_samples_from_a_cast_copy_and_measures_at_dtype(tiny_dirs, 
     assert PairsConfig(sample_dtype="bf16").sample_dtype == "bf16"
     with pytest.raises(DpolensError, match="sample_dtype"):
         PairsConfig(sample_dtype="int8")
+
+
+def test_dpo_gets_the_prompt_as_token_ids(tiny_dirs):
+    """Issue #32: handed text, TRL tokenizes prompt and prompt + side and cuts where they diverge, so a prompt
+    whose last token merges with the side's first loses it. dpolens hands the generation-time prompt ids."""
+    from dpolens.model.generation import encode_prompts
+    from dpolens.training import _token_dataset
+
+    lm = load_model(tiny_dirs["gpt2"])
+    tok = lm.tokenizer
+    pairs = [{"prompt_text": "Hel", "unpert_gen_text": "lo world", "pert_gen_text": "lo idiot"},
+             {"prompt_text": "You are", "unpert_gen_text": " kind", "pert_gen_text": " an idiot"}]
+    # the trap: as text, "Hel" + "lo" re-tokenizes across the boundary, so the prompt is not a prefix of prompt + side
+    prompt, joined = tok("Hel")["input_ids"], tok("Hello world")["input_ids"]
+    assert joined[: len(prompt)] != prompt
+    ds = _token_dataset(lm, pairs)
+    assert ds["prompt_ids"] == encode_prompts(lm, [p["prompt_text"] for p in pairs], None)
+    for row, p in zip(ds, pairs):
+        assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id
+        assert tok.decode(row["chosen_ids"][:-1]) == p["unpert_gen_text"]
+        assert tok.decode(row["rejected_ids"][:-1]) == p["pert_gen_text"]
