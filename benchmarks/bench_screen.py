@@ -4,7 +4,8 @@ cannot rule out an outside token falls back to the full fp32 head). Both in this
 tokens/s, the ratio, the share of the fp32 and of the bf16 2048x2048 matmul rooflines (measured here), the
 fallback rate, and the tokens that differ from plain fp32 decoding (goal 0).
 
-  python benchmarks/bench_screen.py [N_PROMPTS]   # default 256 (64 a batch); 1199 for the whole check
+  python benchmarks/bench_screen.py [N_PROMPTS] [--force]   # default 256 (64 a batch); 1199 for the whole
+  check; without native bf16 it stops (the screen is off there) unless --force
 """
 
 import sys
@@ -18,7 +19,13 @@ from dpolens.model.generation import encode_prompts, generate
 from dpolens.model.heads import ScreenStats
 from dpolens.model.loading import native_bf16
 
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+args = [a for a in sys.argv[1:] if a != "--force"]
+n = int(args[0]) if args else 256
+if not native_bf16("cpu") and "--force" not in sys.argv:
+    # measured 2026-12-06 on an AMD EPYC with AVX2 only: torch's bf16 matmul there is the emulated
+    # cpublas path (bf16_dot_with_fp32_arith); 1,199 prompts ran 20 min without finishing both passes
+    sys.exit("no native bf16 on this CPU (no AVX512-BF16/AMX): head_screen 'auto' decodes in fp32 here, so there "
+             "is nothing to compare; --force times the emulated screen anyway")
 mm_s, roof32 = fp32_roofline()
 a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
 a @ b

@@ -133,7 +133,7 @@ def toxic_scores(lm: LoadedModel, probe: torch.Tensor, meta: dict, space: str = 
     if not uses_signs(lm):
         return cos
     sign = meta.get("neuron_sign")
-    if sign is None or tuple(sign.shape) != tuple(cos.shape):
+    if not isinstance(sign, torch.Tensor) or tuple(sign.shape) != tuple(cos.shape):
         log.warning("the probe has no neuron signs for this gated model: toxic neurons are ranked by the plain "
                     "cosine, which depends on the sign convention of each up row (refit the probe)")
         return cos
@@ -144,7 +144,7 @@ def signs_of(lm: LoadedModel, meta: dict) -> torch.Tensor:
     """[n_layers, d_mlp] the signs `toxic_scores` applied (all +1 where it applied none)."""
     sign = meta.get("neuron_sign")
     shape = (lm.adapter.n_layers, lm.adapter.d_mlp)
-    if uses_signs(lm) and sign is not None and tuple(sign.shape) == shape:
+    if uses_signs(lm) and isinstance(sign, torch.Tensor) and tuple(sign.shape) == shape:
         return sign.float()
     return torch.ones(shape)
 
