@@ -152,8 +152,9 @@ def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int, g
             "toxic_neurons": {"count": int(len(dampened)), "top_n": top_toxic, "reduction": tox_red,
                               "share_of_positive": tox_red / positive if positive else None,
                               "share_of_net": tox_red / net if net else None,
-                              "definition": (f"top {top_toxic} by cos(v, probe)·sign(m̄_base), dampened along their "
-                                             "base sign" if gated else f"top {top_toxic} by cos(v, probe) that were "
+                              "definition": (f"top {top_toxic} by cos(v, probe)·sign (the neuron's sign from the "
+                                             "probe's toxic texts, directions.toxic_scores; sign(m̄_base) where the "
+                                             "table has no toxic_score), dampened along their base sign" if gated else f"top {top_toxic} by cos(v, probe) that were "
                                              "active (m̄_base > 0) and dampened by alignment")}}
 
 
