@@ -421,7 +421,8 @@ def activation_drop(ctx: StageContext) -> Measured:
         return Measured(d["mean_aligned"] - d["mean_base"], None, a.get("n_prompts"), raw_text,
                         f"no per-prompt interval (analysis.json activation_drop.signed); {raw_text}; {sign_text}",
                         **_prov(a))
-    signed_text = (f"contribution along the probe (m·cos(v, w)) {num(signed['base'], 5)} → "
+    what = "(m/s)·cos(v, w)" if "(m/s)" in d.get("definition", "") else "m·cos(v, w)"  # older analysis.json: m
+    signed_text = (f"contribution along the probe ({what}) {num(signed['base'], 5)} → "
                    f"{num(signed['aligned'], 5)}, Δ {num(signed['diff'], 5)} {interval(signed['ci95'], 5)}")
     m = Measured(signed["diff"], signed["ci95"], signed["n"], f"{signed_text}; {raw_text}",
                  f"{signed_text}; {raw_text}; {sign_text}", **_prov(a))
@@ -510,7 +511,8 @@ PAPER = {"activation_drop": "Figure 2: mean activations of the top MLP.v_Toxic d
 CLAIMS = (
     Claim("toxic_neurons_activation_drop", "Lee", "the toxic neurons' activations drop after DPO",
           PAPER["activation_drop"], -1,
-          "effect = signed contribution along the probe, m·cos(v, probe), aligned − base on the same tokens, "
+          "effect = signed contribution along the probe as it reaches the residual, (m/s)·cos(v, probe), aligned − "
+          "base on the same tokens, "
           "paired over prompts (the raw activation m is reported too); paper: < 0",
           ("analysis.json",), activation_drop, mechanism=True,
           requires=("vectors_toxic_tokens",)),
