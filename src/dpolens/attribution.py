@@ -154,8 +154,9 @@ def group_shares(t: dict[str, np.ndarray], labels: np.ndarray, top_toxic: int, g
                               "share_of_net": tox_red / net if net else None,
                               "definition": (f"top {top_toxic} by cos(v, probe)·sign (the neuron's sign from the "
                                              "probe's toxic texts, directions.toxic_scores; sign(m̄_base) where the "
-                                             "table has no toxic_score), dampened along their base sign" if gated else f"top {top_toxic} by cos(v, probe) that were "
-                                             "active (m̄_base > 0) and dampened by alignment")}}
+                                             "table has no toxic_score), dampened along their base sign" if gated
+                                             else f"top {top_toxic} by cos(v, probe) that were active (m̄_base > 0) "
+                                             "and dampened by alignment")}}
 
 
 GROUP_DEFINITION = {

@@ -130,22 +130,20 @@ def toxic_scores(lm: LoadedModel, probe: torch.Tensor, meta: dict, space: str = 
     gated model's probe without signs (fitted before they existed) ranks by the plain cosine, with a
     warning: refit the probe."""
     cos = rank_by_probe(lm, probe, space, meta.get("feature_std"))
-    if not uses_signs(lm):
-        return cos
-    sign = meta.get("neuron_sign")
-    if not isinstance(sign, torch.Tensor) or tuple(sign.shape) != tuple(cos.shape):
-        log.warning("the probe has no neuron signs for this gated model: toxic neurons are ranked by the plain "
-                    "cosine, which depends on the sign convention of each up row (refit the probe)")
-        return cos
-    return cos * sign.to(cos)
+    return cos * signs_of(lm, meta).to(cos)
 
 
 def signs_of(lm: LoadedModel, meta: dict) -> torch.Tensor:
-    """[n_layers, d_mlp] the signs `toxic_scores` applied (all +1 where it applied none)."""
+    """[n_layers, d_mlp] the signs `toxic_scores` applies: the probe's `neuron_sign` on a gated MLP, all +1
+    elsewhere, and all +1 with a warning for a gated model's probe that has none (fitted before signs)."""
     sign = meta.get("neuron_sign")
     shape = (lm.adapter.n_layers, lm.adapter.d_mlp)
-    if uses_signs(lm) and isinstance(sign, torch.Tensor) and tuple(sign.shape) == shape:
+    if not uses_signs(lm):
+        return torch.ones(shape)
+    if isinstance(sign, torch.Tensor) and tuple(sign.shape) == shape:
         return sign.float()
+    log.warning("the probe has no neuron signs for this gated model: toxic neurons are ranked by the plain "
+                "cosine, which depends on the sign convention of each up row (refit the probe)")
     return torch.ones(shape)
 
 

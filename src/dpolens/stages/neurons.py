@@ -38,7 +38,7 @@ from dpolens.activations import bootstrap_counts
 from dpolens.artifacts import DpolensError, atomic_path, read_json, write_json, write_manifest
 from dpolens.attribution import (GATED_GROUPS, assign_groups, crossfit_shares, dampened_toxic, group_names,
                                  group_shares, neuron_edits, neuron_table, set_sums)
-from dpolens.compare import GROUPS, check_pair, placebo, vs_placebos
+from dpolens.compare import GROUPS, check_pair, draw_mean, placebo, vs_placebos
 from dpolens.config import RunSettings, at_least
 from dpolens.data import load_pairs, load_prompts
 from dpolens.directions import load_probe
@@ -275,9 +275,8 @@ def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, 
                    fit_prompts: list[str], t: dict, cf: dict, gated: bool) -> dict:
     """The cross-fitted toxic-neuron share and smallest group share of `control_draws` placebos (the base plus
     noise of the aligned model's size per tensor), on the same fit prompts, split and bootstrap replicates as the
-    aligned model's; aligned − placebo with `compare.vs_placebos`' prediction interval."""
-    from scipy.stats import t as student_t
-
+    aligned model's; aligned − placebo with `compare.vs_placebos`' prediction interval, the placebo's own
+    interval over its replicates with a draw picked in each (`compare.draw_mean`, as `analyze`'s)."""
     draws = []
     for k in range(cfg.control_draws):
         c = placebo(base, aligned, cfg.seed + k)
@@ -295,12 +294,10 @@ def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, 
         if point is None or any(x is None for x in points):
             out[stat] = {"draws": points, "diff": None, "diff_ci95": None}
             continue
-        diff, ci = vs_placebos(point, cf["_replicates"][stat], points,
-                               np.stack([d["_replicates"][stat] for _, d in draws]))
-        mean = float(np.mean(points))
-        half = float(student_t.ppf(0.975, len(points) - 1) * np.std(points, ddof=1) / np.sqrt(len(points))) \
-            if len(points) > 1 else None
-        out[stat] = {"draws": points, "mean": mean, "ci95": [mean - half, mean + half] if half is not None else None,
+        reps = np.stack([d["_replicates"][stat] for _, d in draws])
+        diff, ci = vs_placebos(point, cf["_replicates"][stat], points, reps)
+        own = percentile_ci(draw_mean(reps, cfg.seed))
+        out[stat] = {"draws": points, "mean": float(np.mean(points)), "ci95": own if all(map(finite, own)) else None,
                      "diff": diff, "diff_ci95": ci if all(map(finite, ci)) else None}
     return out
 

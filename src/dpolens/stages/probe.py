@@ -54,8 +54,8 @@ class ProbeConfig(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        at_least(self, 20, "max_examples")
-        at_least(self, 1, "sign_texts")  # a stratified split needs both classes on both sides
+        at_least(self, 20, "max_examples")  # a stratified split needs both classes on both sides
+        at_least(self, 1, "sign_texts")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
 

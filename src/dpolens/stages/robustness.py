@@ -26,7 +26,7 @@ from dpolens.evaluate import summarize
 from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
-from dpolens.compare import placebo, vs_placebos
+from dpolens.compare import draw_mean, placebo, vs_placebos
 from dpolens.evaluate import percentile_ci
 from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening, weakening_replicates
 from dpolens.drift import split_halves
@@ -282,10 +282,10 @@ def retention_weakens(transforms: tuple[str, ...]):
                 return m
             draws.append(weakening_replicates([mine[r["transform"]] for r in rows], mine["plain"], ctx))
         points = [d[0] for d in draws]
-        diff, ci = vs_placebos(point, reps, points, np.stack([d[1] for d in draws]))
-        mean = float(np.mean(points))
-        spread = percentile_ci(np.mean([d[1] for d in draws], axis=0))  # the mean placebo's sampling interval
-        return m.against_placebo(mean, spread, diff, ci, 3)
+        ctl_reps = np.stack([d[1] for d in draws])
+        diff, ci = vs_placebos(point, reps, points, ctl_reps)
+        # the placebo's interval: a draw picked in each replicate (compare.draw_mean, as analyze's placebos)
+        return m.against_placebo(float(np.mean(points)), percentile_ci(draw_mean(ctl_reps, ctx.seed)), diff, ci, 3)
 
     return build
 
