@@ -140,3 +140,49 @@ def test_alternatives_trains_methods_from_the_same_pairs(tiny_dirs, tmp_path, ji
         AlternativesConfig(transforms=["plain", "rot14"])
     with pytest.raises(ConfigError, match="must include 'plain'"):
         AlternativesConfig(transforms=["rot13"])
+
+
+def test_a_placebo_variant_holds_no_mechanism_row(tiny_dirs, tmp_path, tokenizer, jigsaw_cached):
+    """Issue #31: a "variant" that is the base plus noise. Its offset growth and offset retention under
+    transforms are measured for placebo draws of its size on the same prompts, halves and resamples; no
+    mechanism row of the variant may read holds, and each row shows the placebo and the difference."""
+    import dataclasses
+
+    from conftest import save_perturbed
+    from dpolens.claims import registered_claims
+    from dpolens.ledger import StageContext, decide
+    from dpolens.stages.alternatives import variant_measures
+
+    base = load_model(tiny_dirs["llama"])
+    save_probe(tmp_path / "probe.safetensors", base.adapter.value_vectors(1)[5].clone(), 0.0, base, {})
+    save_perturbed("llama", tokenizer, tmp_path / "noise" / "model", 1e-2)
+    prompts = ["Holy cow", "You are such a piece of", "So I am", "The weather", "Nice to", "What a", "Go away now",
+               "I think that", "They said", "Later on we", "Oh no", "Why is"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n" * 20)
+    ev = EvalData(prompts=str(tmp_path / "p.jsonl"), f1_data=None, wikitext=None, progress=False, limit=3,
+                  settings=EvalSettings(max_new_tokens=3))
+    cfg = AlternativesConfig(base=str(tiny_dirs["llama"]), variants={"noise": str(tmp_path / "noise")},
+                             probe=str(tmp_path / "probe.safetensors"), out=str(tmp_path / "alt"), k=2, space="raw",
+                             offset_prompts=str(tmp_path / "p.jsonl"), max_new_tokens=4, eval=ev, patch=False,
+                             transforms=["plain", "rot13", "upper", "multi_turn"], neutral=[str(tmp_path / "w.raw")],
+                             n_boot=300, control_draws=3, batch_size=6)
+    res = run_alternatives(cfg)
+    v = res["rows"][1]
+    assert res["split"]["fit"] + res["split"]["measure"] == len(prompts)
+    ctl = v["control"]
+    assert ctl["draws"] == 3 and len({m["weight_sha256"] for m in ctl["models"]}) == 3
+    assert len(ctl["rows"]) == 3 * 4 and all(len(x["retention_per_prompt"]) == res["split"]["measure"]
+                                             for x in ctl["rows"])
+    assert v["offset_stats"]["control"] and v["offset_stats"]["vs_control"]
+    by_id = {c.id: c for _, c in registered_claims()}
+    ctx = StageContext(tmp_path / "alt", n_boot=300)
+    (measures,) = variant_measures(ctx)
+    decided = 0
+    for cid in ("offset_grows", "transforms_weaken_offset", "multi_turn_weakens_offset"):
+        claim = dataclasses.replace(by_id[cid], build=lambda _ctx, b=measures["measures"][cid]: b())
+        row = decide(claim, ctx)
+        assert claim.mechanism and row["verdict"] != "holds", row
+        assert row["placebo"] is not None and row["placebo"]["difference_verdict"] != "holds", row
+        decided += decide(dataclasses.replace(claim, mechanism=False), ctx)["verdict"] == "holds"
+    assert decided >= 1  # at least one row holds on its own statistic for noise: the placebo is what stops it

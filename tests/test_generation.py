@@ -94,3 +94,27 @@ def test_n_samples_reads_each_prompt_once_and_samples_as_repeated_prompts(tiny_l
     batched = generate(tiny_lm, PROMPTS, 4, do_sample=True, seed=1, batch_size=2 * k, progress=False, n_samples=k)
     assert [g.prompt for g in batched] == [p for p in PROMPTS for _ in range(k)]
     assert all(g.prompt_ids == tiny_lm.tokenizer(g.prompt)["input_ids"] for g in batched)
+
+
+def test_sampling_logprobs_are_the_models_and_change_no_token(tiny_lm):
+    """The log-probs read from the sampling loop are log softmax of the model's own logits at each
+    sampled token (a no-cache, unpadded forward of the whole sequence), and asking for them draws the
+    same tokens."""
+    plain = generate(tiny_lm, PROMPTS, 8, do_sample=True, temperature=1.7, top_p=0.9, seed=3, batch_size=8,
+                     n_samples=2, progress=False)
+    with_lp = generate(tiny_lm, PROMPTS, 8, do_sample=True, temperature=1.7, top_p=0.9, seed=3, batch_size=8,
+                       n_samples=2, progress=False, logprobs=True)
+    assert [g.continuation_ids for g in plain] == [g.continuation_ids for g in with_lp]
+    assert all(g.logprobs is None for g in plain)
+    for g in with_lp:
+        assert len(g.logprobs) == len(g.continuation_ids)
+        if not g.continuation_ids:
+            continue
+        ids = torch.tensor([g.prompt_ids + g.continuation_ids])
+        with torch.inference_mode():
+            logp = tiny_lm.model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
+        n = len(g.continuation_ids)
+        want = logp[-n - 1 : -1].gather(1, torch.tensor(g.continuation_ids)[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(g.logprobs), want, atol=1e-4), (g.logprobs, want)
+    with pytest.raises(Exception, match="do_sample"):
+        generate(tiny_lm, PROMPTS, 4, logprobs=True, progress=False)

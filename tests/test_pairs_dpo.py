@@ -396,3 +396,37 @@ def test_dpo_gets_the_prompt_as_token_ids(tiny_dirs):
         assert row["chosen_ids"][-1] == row["rejected_ids"][-1] == tok.eos_token_id
         assert tok.decode(row["chosen_ids"][:-1]) == p["unpert_gen_text"]
         assert tok.decode(row["rejected_ids"][:-1]) == p["pert_gen_text"]
+
+
+def test_sampled_nll_is_the_gate_nll_or_none(tiny_dirs, jigsaw_cached):
+    """pairs reads a side's NLL from its sampling pass: equal to `continuation_nll` (to fp32 summation
+    order) wherever the text re-encodes to the sampled ids, None (recomputed) elsewhere."""
+    from dpolens import load_model
+    from dpolens.model.generation import Generation
+    from dpolens.scoring import get_scorer
+    from dpolens.stages.pairs import PairsConfig, SampleSettings, _Generator, sampled_nll, score_pairs
+    from dpolens.textquality import continuation_nll
+
+    lm = load_model(tiny_dirs["llama"])
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), method="sample", n=4, max_new_tokens=2,
+                      sample=SampleSettings(n_samples=4, temperature=1.5, top_p=0.95), out="unused.jsonl")
+    gen = _Generator(lm, cfg, get_scorer("jigsaw-lstm"))
+    prompts = ["Holy cow, this", "So I am starting", "The weather in", "Wikipedia is a"]
+    made, nll = gen.pairs(prompts, 0)
+    reused = [v for pair in nll for v in pair if v is not None]
+    assert reused, "no side re-encoded to its sampled ids"
+    for side in (0, 1):
+        want = continuation_nll(lm, prompts, [m[side] for m in made])
+        for (pair, w) in zip(nll, want):
+            if pair[side] is not None:
+                assert abs(pair[side] - w) < 1e-4 or (pair[side] != pair[side] and w != w)
+    recs, recomputed = score_pairs(lm, gen.scorer, prompts, made, nll), score_pairs(lm, gen.scorer, prompts, made)
+    for a, b in zip(recs, recomputed):
+        assert abs(a["preferred_nll"] - b["preferred_nll"]) < 1e-4 or a["preferred_nll"] != a["preferred_nll"]
+    # a text whose re-encoding is not the sampled ids: None, so score_pairs computes it
+    ids = lm.tokenizer(" weather", add_special_tokens=False)["input_ids"]
+    odd = [lm.tokenizer.convert_tokens_to_ids(c) for t in lm.tokenizer.convert_ids_to_tokens(ids) for c in t]
+    g = Generation("p", [1], odd, lm.tokenizer.decode(odd), [-1.0] * len(odd))
+    assert odd != ids and lm.tokenizer(g.continuation, add_special_tokens=False)["input_ids"] == ids
+    assert sampled_nll(lm, g) is None
+    assert sampled_nll(lm, Generation("p", [1], ids, lm.tokenizer.decode(ids), [-1.0] * len(ids))) == 1.0

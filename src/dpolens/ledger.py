@@ -499,6 +499,38 @@ def weakening_replicates(rows: list[dict], plain: dict, ctx: StageContext) -> tu
     return point, _retention_ratio(plain, idx) - np.mean([_retention_ratio(r, idx) for r in rows], axis=0)
 
 
+def weakening_against_placebo(m: Measured, rows: list[dict], plain: dict, control: dict | None,
+                              ctx: StageContext) -> Measured:
+    """`m` (`weakening` with `plain`) with the placebos' same statistic and aligned − placebo: `control`
+    holds K draws' retention rows (`transform`, `draw`, per-prompt retention on the same held-out prompts);
+    the difference has `compare.vs_placebos`' prediction interval, the placebo's own interval picks a draw
+    in each replicate (`compare.draw_mean`). Unchanged when a draw lacks a transform of `rows`."""
+    from dpolens.compare import draw_mean, vs_placebos
+
+    if m.ci95 is None or not control or not control.get("rows"):
+        return m
+    point, reps = weakening_replicates(rows, plain, ctx)
+    draws = []
+    for k in range(control["draws"]):
+        mine = {r["transform"]: r for r in control["rows"] if r["draw"] == k}
+        if "plain" not in mine or any(r["transform"] not in mine for r in rows):
+            return m
+        draws.append(weakening_replicates([mine[r["transform"]] for r in rows], mine["plain"], ctx))
+    points = [d[0] for d in draws]
+    ctl_reps = np.stack([d[1] for d in draws])
+    diff, ci = vs_placebos(point, reps, points, ctl_reps)
+    return m.against_placebo(float(np.mean(points)), percentile_ci(draw_mean(ctl_reps, ctx.seed)), diff, ci, 3)
+
+
+def offset_control(m: Measured, stats: dict | None, key: str, digits: int = 5) -> Measured:
+    """`m` with the placebo's `key` offset statistic and the paired difference (`compare.offset_stats` with
+    controls: its `control` and `vs_control` blocks); unchanged without them."""
+    if not (stats and stats.get("control")):
+        return m
+    c, d = stats["control"][key], stats["vs_control"][key]
+    return m.against_placebo(c["mean"], c["ci95"], d["mean"], d["ci95"], digits)
+
+
 def _weakening_vs_plain(rows: list[dict], plain: dict, n_prompts: int | None, prov: dict, ctx: StageContext,
                         where: str) -> Measured:
     ratio = _retention_ratio

@@ -27,6 +27,9 @@ class Generation:
     prompt_ids: list[int]
     continuation_ids: list[int]
     continuation: str
+    # sampled with `logprobs`: log p(token) of each continuation token under the model's own
+    # distribution (no temperature, top-k/p or banned tokens), from the decoding pass itself
+    logprobs: list[float] | None = None
 
 
 # Added tokens that are markers, not text: Gemma's <start_of_image>, <unused7>, <image_soft_token>,
@@ -104,11 +107,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
-                 banned: torch.Tensor, generator: torch.Generator, n_samples: int = 1) -> torch.Tensor:
+                 banned: torch.Tensor, generator: torch.Generator, n_samples: int = 1,
+                 logprobs: list | None = None) -> torch.Tensor:
     """Sampled decoding with the KV cache; returns [batch × n_samples, steps <= max_new_tokens] ids
     (pad after EOS), each prompt's samples in consecutive rows. A prompt is read once and its cache
     repeated for its samples. Greedy decoding stays with transformers' generate, which measured
-    faster here (benchmarks/bench_generation.py)."""
+    faster here (benchmarks/bench_generation.py). `logprobs`, a list, receives one [rows, 1] tensor a
+    step: the log-probability of the sampled token under the raw logits (before any filter)."""
     tok = lm.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
     out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
@@ -127,6 +132,9 @@ def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, m
             logits = logits.scatter(1, seen, torch.where(prev > 0, prev / repetition_penalty,
                                                           prev * repetition_penalty))
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # [batch, 1]
+        if logprobs is not None:
+            raw = out.logits[:, -1].float()
+            logprobs.append(raw.gather(1, nxt) - raw.logsumexp(-1, keepdim=True))
         nxt = torch.where(finished.unsqueeze(1), torch.full_like(nxt, pad), nxt)
         steps.append(nxt)
         if eos is not None:
@@ -213,13 +221,15 @@ def generate(
     n_samples: int = 1,
     head_screen: bool = False,
     screen_stats=None,
+    logprobs: bool = False,
 ) -> list[Generation]:
     """Greedy (default; transformers' generate) or sampled (our loop, see `sample_next`)
     continuations of `prompts`, in input order; sampled with `n_samples` > 1, that many per prompt
     (consecutive), `batch_size` counting continuations (at least one prompt's n_samples a batch).
     `head_screen`: greedy decoding through `heads.screened_head` (a bf16 screen of the vocabulary head, the
     argmax exact in fp32; `screen_stats` counts its fallbacks), where the head is fp32 and no repetition
-    penalty reads the logits; else the plain head."""
+    penalty reads the logits; else the plain head. `logprobs` (sampling only): fill each Generation's
+    `logprobs` from the decoding pass (pairs reuses them as the continuation's NLL)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     tok = lm.tokenizer
@@ -235,15 +245,18 @@ def generate(
         raise DpolensError(f"n_samples must be at least 1, got {n_samples}")
     if n_samples > 1 and not do_sample:
         raise DpolensError("n_samples > 1 needs do_sample: greedy continuations of one prompt are all the same")
+    if logprobs and not do_sample:
+        raise DpolensError("logprobs are read from the sampling loop: they need do_sample")
     k = n_samples
     results: list[Generation | None] = [None] * (len(prompts) * k)
     batches = length_batches([len(p) for p in prompt_ids], max(1, batch_size // k))
     for b, idx in enumerate(tqdm(batches, desc=desc, disable=not progress, unit="batch")):
         input_ids, mask = left_pad([prompt_ids[i] for i in idx], tok.pad_token_id, lm.device)
+        steps: list | None = [] if logprobs else None
         if do_sample:
             gen = torch.Generator(device=lm.device).manual_seed(seed + b)
             cont = _sample_loop(lm, input_ids, mask, max_new_tokens, temperature, top_k, top_p,
-                                repetition_penalty, banned_ids, gen, k).tolist()
+                                repetition_penalty, banned_ids, gen, k, steps).tolist()
         else:
             from dpolens.model.heads import screened_head
 
@@ -252,10 +265,11 @@ def generate(
                 out = lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
                                         logits_processor=ban)
             cont = out[:, input_ids.shape[1]:].tolist()
+        lp = torch.cat(steps, 1).tolist() if steps else None
         for row, (i, j) in enumerate((i, j) for i in idx for j in range(k)):
             ids = cont[row]
             if eos is not None and eos in ids:
                 ids = ids[: ids.index(eos)]
-            results[i * k + j] = Generation(prompts[i], prompt_ids[i], ids,
-                                            tok.decode(ids, skip_special_tokens=True))
+            results[i * k + j] = Generation(prompts[i], prompt_ids[i], ids, tok.decode(ids, skip_special_tokens=True),
+                                            lp[row][: len(ids)] if lp is not None else None)
     return results  # type: ignore[return-value]

@@ -13,27 +13,29 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
 from dpolens.attribution import assign_groups, group_names, group_shares, neuron_edits, neuron_table
-from dpolens.compare import check_pair, offset_stats, residual_offset, value_shift_stats, weight_shift
-from dpolens.config import ConfigError, RunSettings
+from dpolens.compare import check_pair, offset_stats, placebo, residual_offset, value_shift_stats, weight_shift
+from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, read_direction, toxic_keys
 from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
                               paired_ppl_ratio, summarize)
-from dpolens.ledger import StageContext, StageNotRun, growth, identity, toxicity_drop, weakening, weights_moved
+from dpolens.drift import split_halves
+from dpolens.ledger import (StageContext, StageNotRun, growth, identity, offset_control, toxicity_drop, weakening,
+                            weakening_against_placebo, weights_moved)
 from dpolens.model import hooks
 from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
 from dpolens.textquality import overused_words
 from dpolens.training import METHOD_BETA, TrainConfig, train_aligned
-from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, offset_retention, prompt_stats, prompt_token_seqs,
-                               transformed_prompts)
+from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, final_turn_seqs, offset_retention, prompt_stats,
+                               prompt_token_seqs, subset_mean, transformed_prompts)
 from dpolens.webpage import esc, fmt, image, table
 
 log = logging.getLogger(__name__)
@@ -69,10 +71,16 @@ class AlternativesConfig(RunSettings):
     turns: int = 3
     max_prompt_tokens: int = 256
     n_boot: int = 2000
+    # the control of each variant's mechanism rows (offset growth, offset retention under transforms): the same
+    # statistics for placebos, the base plus seeded noise of that variant's size per tensor (compare.placebo);
+    # null: none (the rows cannot hold)
+    control: Literal["placebo"] | None = "placebo"
+    control_draws: int = 3  # placebos per variant (seeds seed..seed+K-1)
     eval: EvalData = field(default_factory=EvalData)
 
     def __post_init__(self):
         super().__post_init__()
+        at_least(self, 1, "control_draws")
         for m in self.methods:
             if m not in METHOD_BETA:
                 raise ConfigError(f"unknown method '{m}' ({', '.join(METHOD_BETA)})")
@@ -157,10 +165,14 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
     layers = range(base.adapter.n_layers)
     st_base = continuation_stats(base, seqs, (), cfg.batch_size, "base", x_layers=layers)
-    transformed = {name: prompt_token_seqs(base, texts, cfg.max_prompt_tokens) for name, (texts, _) in
+    # offset retention as the robustness stage measures it: δx̂ from one half of the offset prompts (plain), every
+    # retention (plain included) on the other half; multi-turn prompts on their final turn's tokens
+    transformed = {name: (final_turn_seqs if name == "multi_turn" else prompt_token_seqs)(
+                       base, texts, cfg.max_prompt_tokens) for name, (texts, _) in
                    transformed_prompts(prompts, cfg.transforms, wikitext_prompts(cfg.neutral) if
                                        "multi_turn" in cfg.transforms else [], cfg.turns, cfg.seed).items()}
     tf_base = {name: prompt_stats(base, ts, cfg.batch_size) for name, ts in transformed.items()}
+    fit, measure = split_halves(len(prompts), cfg.seed)
     rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
     if not fit_prompts:
         log.warning("no challenge prompts beyond the evaluation's: neuron groups fitted on the offset prompts, "
@@ -175,10 +187,21 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         shift = weight_shift(base.model, m.model)
         stats = continuation_stats(m, seqs, (), cfg.batch_size, label, x_layers=layers)
         offset = residual_offset(st_base.mean_x, stats.mean_x, w_hat)
-        growth = offset_stats(st_base, stats, w_hat, offset, cfg.n_boot, cfg.seed)
+        retention = _retention(m, transformed, tf_base, cfg, fit, measure)
+        control, control_stats = None, []
+        if cfg.control == "placebo":  # one draw at a time: its offset on the same tokens and its own retention
+            control = {"kind": "placebo", "draws": cfg.control_draws, "models": [], "rows": []}
+            for k in range(cfg.control_draws):
+                c = placebo(base, m, cfg.seed + k)
+                control["models"].append(c.identity())
+                control_stats.append(continuation_stats(c, seqs, (), cfg.batch_size, f"{label} placebo {k}",
+                                                        x_layers=layers))
+                control["rows"] += [{"transform": t, "draw": k, **r}
+                                    for t, r in _retention(c, transformed, tf_base, cfg, fit, measure).items()]
+                del c
+        growth = offset_stats(st_base, stats, w_hat, offset, cfg.n_boot, cfg.seed, controls=control_stats)
         dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float() for j in layers}
         shift_stats = value_shift_stats(dv, stats.mean_x - st_base.mean_x, stats.mean_m_over_s, cfg.n_boot, cfg.seed)
-        retention = _retention(m, transformed, tf_base, cfg)
         t = neuron_table(base, m, probe, fit_prompts or prompts, cfg.batch_size, cfg.max_new_tokens,
                          cfg.eval.progress, meta=probe_meta, space=cfg.space)
         gated = base.adapter.mlp_kind == "gated"  # two sign-invariant groups (attribution.GATED_GROUPS)
@@ -207,7 +230,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
             "variant": label, "ref": m.ref, "weight_sha256": m.weight_hash, **_training(folder), **res,
             "weight_shift": {k: v for k, v in shift.items() if k not in ("per_tensor", "most_moved")},
             "offset": offset, "offset_mean_relative_norm": float(np.mean([o["relative_norm"] for o in offset])),
-            "offset_stats": growth, "retention": retention, "overused_words": overused,
+            "offset_stats": growth, "retention": retention, "control": control, "overused_words": overused,
             "value_shift_stats": shift_stats,
             "neuron_groups": {"share_of_positive": {g: shares["groups"][g]["share_of_positive"] for g in reducing},
                               "four_groups_share_of_positive": shares["four_groups_share_of_positive"],
@@ -223,6 +246,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         })
     result = {"rows": rows, "k": cfg.k, "scale": cfg.scale, "scorer": inputs.scorer.describe(),
               "n_prompts": len(inputs.prompts), "n_offset_prompts": len(prompts), "base": base.identity(),
+              "split": {"fit": len(fit), "measure": len(measure), "seed": cfg.seed, "measure_prompts": measure.tolist()},
               "unalign_recovery": "(toxicity un-aligned - toxicity variant) / (toxicity base - toxicity variant); "
                                   f"null when the variant cut toxicity by less than {cfg.min_gap:.0%} of the base's"}
     result["finding"] = finding(rows)
@@ -238,13 +262,14 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     return result
 
 
-def _retention(m, transformed: dict, tf_base: dict, cfg: AlternativesConfig) -> dict[str, dict]:
-    """Per transform: the variant's retention of its own plain-prompt offset (transforms.offset_retention)."""
+def _retention(m, transformed: dict, tf_base: dict, cfg: AlternativesConfig, fit, measure) -> dict[str, dict]:
+    """Per transform: the model's retention of its own plain-prompt offset δx̂ (estimated on the `fit` prompts),
+    on the `measure` prompts (transforms.offset_retention), plain included."""
     if not transformed:
         return {}
     tf = {name: prompt_stats(m, ts, cfg.batch_size) for name, ts in transformed.items()}
-    delta = tf["plain"].mean_x - tf_base["plain"].mean_x
-    return {name: offset_retention(delta, tf_base[name], tf[name], cfg.seed) for name in transformed}
+    delta = subset_mean(tf["plain"], fit) - subset_mean(tf_base["plain"], fit)
+    return {name: offset_retention(delta, tf_base[name], tf[name], cfg.seed, measure) for name in transformed}
 
 
 def vs_base(base: dict, row: dict, n_boot: int = 2000, seed: int = 0) -> dict[str, dict | None]:
@@ -318,8 +343,9 @@ def render(result: AlternativesResult) -> str:
                      f"{_share(r.get('unalign_recovery'), r.get('unalign_recovery_ci95'))} |")
     names = list(dict.fromkeys(t for r in result["rows"] for t in r.get("retention") or {}))
     if names:
-        lines += ["", "Offset retention under transformed prompts (each variant's own plain-prompt δx; 1 = fully "
-                  "applied; mean over layers, 95% interval over prompts):", "",
+        lines += ["", "Offset retention under transformed prompts (each variant's own plain-prompt δx̂ from half of the "
+                  "offset prompts; retention on the other half; 1 = fully applied; mean over layers, 95% interval "
+                  "over prompts):", "",
                   "| variant | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
         for r in result["rows"]:
             if ret := r.get("retention"):
@@ -334,8 +360,13 @@ def headline(folder: Path) -> AlternativesHeadline:
     if not (alt := read_json(folder / "alternatives.json")):
         return {}
     per_prompt = ("retention_per_prompt", "tokens_per_prompt")
-    rows = [{**r, "retention": {t: {k: v for k, v in x.items() if k not in per_prompt}
-                                for t, x in r["retention"].items()}} if r.get("retention") else r
+
+    def short(x: dict) -> dict:
+        return {k: v for k, v in x.items() if k not in per_prompt}
+
+    rows = [{**r, **({"retention": {t: short(x) for t, x in r["retention"].items()}} if r.get("retention") else {}),
+             **({"control": {**r["control"], "rows": [short(x) for x in r["control"]["rows"]]}}
+                if r.get("control") else {})}
             for r in headline_rows(with_vs_base(alt["rows"]))]
     return {"rows": rows, "finding": alt.get("finding")}
 
@@ -401,18 +432,26 @@ def variant_measures(ctx: StageContext) -> list[dict]:
                     data={"n_prompts": alt.get("n_prompts"), "n_offset_prompts": alt.get("n_offset_prompts")})
         retention = [{"transform": t, **v} for t, v in (r.get("retention") or {}).items()]
 
-        def weaker(transforms, prov=prov, retention=retention):
+        def weaker(transforms, prov=prov, retention=retention, r=r):
             rows = [x for x in retention if x["transform"] in transforms]
             if not rows:
                 raise StageNotRun(f"{where} retention for {', '.join(transforms)}")
-            return weakening(rows, alt.get("n_offset_prompts"), prov, ctx, where)
+            plain = next((x for x in retention if x["transform"] == "plain"), None)
+            if not alt.get("split") or plain is None:  # δx̂ from the prompts it is measured on: plain retention is 1
+                m = weakening(rows, alt.get("n_offset_prompts"), prov, ctx, where)
+                m.ci95, m.diagnosis = None, ("δx̂ was estimated on the prompts it is measured on (alternatives.json "
+                                             f"without `split`): not decided; {m.diagnosis}")
+                return m
+            m = weakening(rows, alt["split"]["measure"], prov, ctx, where, plain=plain)
+            return weakening_against_placebo(m, rows, plain, r.get("control"), ctx)
 
         out.append({"variant": label, "method": r.get("method"), "artifacts": ("alternatives.json",), "measures": {
             "dpo_lowers_toxicity": lambda r=r, prov=prov: toxicity_drop(base, r, ctx, prov, where,
                                                                         r.get("overused_words")),
             "weights_barely_move": lambda r=r, prov=prov: weights_moved(r["weight_shift"], prov["models"]),
-            "offset_grows": lambda r=r, prov=prov: growth(r["offset"], r.get("offset_stats"),
-                                                          alt.get("n_offset_prompts"), prov, where),
+            "offset_grows": lambda r=r, prov=prov: offset_control(
+                growth(r["offset"], r.get("offset_stats"), alt.get("n_offset_prompts"), prov, where),
+                r.get("offset_stats"), "slope"),
             "transforms_weaken_offset": lambda w=weaker: w(ENCODED),
             "multi_turn_weakens_offset": lambda w=weaker: w(("multi_turn",)),
         }})

@@ -45,7 +45,8 @@ from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.directions import load_probe, load_vectors, read_direction
 from dpolens.evaluate import paired_bootstrap, percentile_ci, resample_units
-from dpolens.ledger import Claim, Measured, StageContext, growth, identity, interval, num, pct, pct_interval, stat_block
+from dpolens.ledger import (Claim, Measured, StageContext, growth, identity, interval, num, offset_control, pct,
+                            pct_interval, stat_block)
 from dpolens.model import hooks
 from dpolens.model.generation import encode_prompts, generate, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, load_model
@@ -431,18 +432,10 @@ def activation_drop(ctx: StageContext) -> Measured:
     return m
 
 
-def _offset_control(m: Measured, stats: dict | None, key: str, digits: int = 5) -> Measured:
-    """`m` with the placebo's `key` offset statistic and the paired difference (analysis.json offset_stats)."""
-    if not (stats and stats.get("control")):
-        return m
-    c, d = stats["control"][key], stats["vs_control"][key]
-    return m.against_placebo(c["mean"], c["ci95"], d["mean"], d["ci95"], digits)
-
-
 def offset_grows(ctx: StageContext) -> Measured:
     a = ctx.json("analysis.json")
     m = growth(a["offset"], a.get("offset_stats"), a.get("n_prompts"), _prov(a), "analysis.json")
-    return _offset_control(m, a.get("offset_stats"), "slope")
+    return offset_control(m, a.get("offset_stats"), "slope")
 
 
 def offset_away_from_toxic(ctx: StageContext) -> Measured:
@@ -455,7 +448,7 @@ def offset_away_from_toxic(ctx: StageContext) -> Measured:
                         f"no per-prompt interval (analysis.json offset_stats); {text}", **_prov(a))
     text = f"cos(δx, probe) at layer {last['layer']}: {num(cos)} {interval(ci)}"
     m = Measured(cos, ci, a["offset_stats"]["final_cosine_with_probe"].get("n"), text, text, **_prov(a))
-    return _offset_control(m, a.get("offset_stats"), "final_cosine_with_probe", 3)
+    return offset_control(m, a.get("offset_stats"), "final_cosine_with_probe", 3)
 
 
 def value_shifts_opposite(ctx: StageContext) -> Measured:

@@ -495,34 +495,60 @@ class _Generator:
         elif c.method == "pplm":
             self.settings["step_size"] = value
 
-    def pairs(self, prompts: list[str], seed: int) -> list[tuple[str, str]]:
+    def pairs(self, prompts: list[str], seed: int) -> tuple[list[tuple[str, str]], list[tuple[float | None, ...]]]:
+        """(preferred, dispreferred) per prompt, and per side the NLL per token read from the sampling
+        pass where it is the one `continuation_nll` computes (else None: computed by `score_pairs`)."""
         c, lm, n = self.cfg, self.lm, len(prompts)
         if c.method == "sample":
             k = c.sample.n_samples
+            # the sampler's log-probs are the gate's NLL only when it samples with the fp32 model itself
+            reuse = self.sampler is lm
             gens = generate(self.sampler, prompts, c.max_new_tokens, do_sample=True, temperature=c.sample.temperature,
                             top_p=c.sample.top_p, seed=seed, batch_size=n * k, max_prompt_tokens=None,
-                            progress=False, n_samples=k)
+                            progress=False, n_samples=k, logprobs=reuse)
             texts = [g.continuation for g in gens]
             tox = self.scorer.score(texts).toxicity.reshape(n, k)
-            return [(texts[i * k + int(tox[i].argmin())], texts[i * k + int(tox[i].argmax())]) for i in range(n)]
+            picks = [(i * k + int(tox[i].argmin()), i * k + int(tox[i].argmax())) for i in range(n)]
+            made = [(texts[a], texts[b]) for a, b in picks]
+            return made, [(sampled_nll(lm, gens[a]), sampled_nll(lm, gens[b])) if reuse else (None, None)
+                          for a, b in picks]
         good = generate(lm, prompts, c.max_new_tokens, batch_size=n, max_prompt_tokens=None, progress=False)
         if c.method == "steer":
             st = SteerSettings(**{k: v for k, v in self.settings.items() if k != "beta"})
             bad = steer_generate(lm, prompts, self.probe, self.settings["beta"], st, c.max_new_tokens, seed, n)
         else:
             bad = pplm_generate(lm, prompts, self.attr, PPLMSettings(**self.settings), c.max_new_tokens, seed, n)
-        return [(g.continuation, b.continuation) for g, b in zip(good, bad)]
+        return [(g.continuation, b.continuation) for g, b in zip(good, bad)], [(None, None)] * n
 
 
-def score_pairs(lm: LoadedModel, scorer, prompts: list[str], made: list[tuple[str, str]]) -> list[Candidate]:
-    """Candidate records: the paper's three fields plus toxicity and NLL per token of both sides."""
+def sampled_nll(lm: LoadedModel, g: Generation) -> float | None:
+    """The continuation's NLL per token from its sampling pass, or None where `continuation_nll` would
+    score other tokens: the text re-encodes to other ids (the gate and DPO read the text's tokens)."""
+    if g.logprobs is None or lm.tokenizer(g.continuation, add_special_tokens=False)["input_ids"] != g.continuation_ids:
+        return None
+    return -float(np.mean(g.logprobs)) if g.logprobs else float("nan")
+
+
+def score_pairs(lm: LoadedModel, scorer, prompts: list[str], made: list[tuple[str, str]],
+                nll: list[tuple[float | None, ...]] | None = None) -> list[Candidate]:
+    """Candidate records: the paper's three fields plus toxicity and NLL per token of both sides.
+    `nll`: per side an NLL already known (from the sampling pass), or None to compute it here."""
     pref, disp = [m[0] for m in made], [m[1] for m in made]
     tox_p, tox_d = scorer.score(pref).toxicity, scorer.score(disp).toxicity
-    nll_p, nll_d = continuation_nll(lm, prompts, pref), continuation_nll(lm, prompts, disp)
+    known = nll or [(None, None)] * len(made)
+    nll_p, nll_d = (_fill_nll(lm, prompts, texts, [x[side] for x in known]) for side, texts in ((0, pref), (1, disp)))
     return [{"prompt_text": p, "unpert_gen_text": a, "pert_gen_text": b,
              "preferred_toxicity": float(tp), "dispreferred_toxicity": float(td),
              "preferred_nll": np_, "dispreferred_nll": nd}
             for p, a, b, tp, td, np_, nd in zip(prompts, pref, disp, tox_p, tox_d, nll_p, nll_d)]
+
+
+def _fill_nll(lm: LoadedModel, prompts: list[str], texts: list[str], known: list[float | None]) -> list[float]:
+    todo = [i for i, v in enumerate(known) if v is None]
+    out = list(known)
+    for i, v in zip(todo, continuation_nll(lm, [prompts[i] for i in todo], [texts[i] for i in todo]) if todo else []):
+        out[i] = v
+    return out  # type: ignore[return-value]
 
 
 def gate_reason(r: dict, gate: QualityGate) -> str | None:
@@ -553,7 +579,7 @@ def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg:
     rows = []
     for value in cfg.sweep:
         gen.set_strength(value, prompts)
-        recs = score_pairs(lm, scorer, prompts, gen.pairs(prompts, cfg.seed))
+        recs = score_pairs(lm, scorer, prompts, *gen.pairs(prompts, cfg.seed))
         tgap = [r["dispreferred_toxicity"] - r["preferred_toxicity"] for r in recs]
         ngap = [r["dispreferred_nll"] - r["preferred_nll"] for r in recs]
         rows.append({"value": value, "toxicity_gap": float(np.mean(tgap)), "nll_gap": float(np.nanmean(ngap)),
@@ -638,7 +664,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     while kept_count(done) < cfg.n and len(done) < len(prompts):
         start = len(done)
         batch = prompts[start : start + cfg.batch_size]
-        recs = score_pairs(lm, scorer, batch, gen.pairs(batch, cfg.seed + start))
+        recs = score_pairs(lm, scorer, batch, *gen.pairs(batch, cfg.seed + start))
         append_jsonl(cand_path, recs)
         done += recs
         bar.update(min(kept_count(done), cfg.n) - bar.n)

@@ -26,9 +26,8 @@ from dpolens.evaluate import summarize
 from dpolens.model.generation import check_fits, encode_prompts, generate
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
-from dpolens.compare import draw_mean, placebo, vs_placebos
-from dpolens.evaluate import percentile_ci
-from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening, weakening_replicates
+from dpolens.compare import placebo
+from dpolens.ledger import Claim, Measured, StageContext, StageNotRun, identity, weakening, weakening_against_placebo
 from dpolens.drift import split_halves
 from dpolens.transforms import (ALL_TRANSFORMS, ENCODED, final_turn_seqs, offset_retention, prompt_stats,
                                prompt_token_seqs, subset_mean, transformed_prompts)
@@ -271,21 +270,7 @@ def retention_weakens(transforms: tuple[str, ...]):
         plain = next(r for r in rb["rows"] if r["model"] == "aligned" and r["transform"] == "plain")
         prov["data"]["split"] = {k: v for k, v in rb["split"].items() if k != "measure_prompts"}
         m = weakening(rows, rb["split"]["measure"], prov, ctx, "robustness/table.json", plain=plain)
-        ctl = rb.get("control")
-        if m.ci95 is None or not ctl or not ctl.get("rows"):
-            return m
-        point, reps = weakening_replicates(rows, plain, ctx)
-        draws = []
-        for k in range(ctl["draws"]):
-            mine = {r["transform"]: r for r in ctl["rows"] if r["draw"] == k}
-            if "plain" not in mine or any(r["transform"] not in mine for r in rows):
-                return m
-            draws.append(weakening_replicates([mine[r["transform"]] for r in rows], mine["plain"], ctx))
-        points = [d[0] for d in draws]
-        ctl_reps = np.stack([d[1] for d in draws])
-        diff, ci = vs_placebos(point, reps, points, ctl_reps)
-        # the placebo's interval: a draw picked in each replicate (compare.draw_mean, as analyze's placebos)
-        return m.against_placebo(float(np.mean(points)), percentile_ci(draw_mean(ctl_reps, ctx.seed)), diff, ci, 3)
+        return weakening_against_placebo(m, rows, plain, rb.get("control"), ctx)
 
     return build
 
