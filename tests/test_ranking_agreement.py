@@ -36,6 +36,12 @@ def test_every_stage_picks_the_same_toxic_neurons(family, tiny_dirs, tmp_path):
     probe, meta = load_probe(probe_path, lm)
     gated = lm.adapter.mlp_kind == "gated"
     assert ("neuron_sign" in meta) == gated  # the probe stage fixes the signs of gated neurons only
+    if gated:  # the sign from both halves' sums is the sign of the mean; the halves' agreement is reported
+        texts = [f"{t} {i}" for i in range(8) for t in TOXIC]
+        sign, agree = neuron_signs(lm, texts, 16, 8, agreement=True)
+        assert torch.equal(sign, neuron_signs(lm, texts, 16, 8)) and 0.5 < agree <= 1
+        metrics = json.loads((probe_path.parent / "metrics.json").read_text())["neuron_sign"]
+        assert 0.5 < metrics["split_half_agreement"] <= 1
     run_vectors(VectorsConfig(model=str(tiny_dirs[family]), probe=str(probe_path), out=str(tmp_path / "vec"),
                               top_n=K, n_random=4, n_writers=3))
     vectors = [(r["layer"], r["neuron"]) for r in load_vectors(tmp_path / "vec")]  # vectors, table2 and analyze

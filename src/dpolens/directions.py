@@ -101,17 +101,24 @@ def top_probe_neurons(lm: LoadedModel, probe: torch.Tensor, k: int, space: str =
 
 
 def neuron_signs(lm: LoadedModel, texts: list[str], max_tokens: int = 64, batch_size: int = 32,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, agreement: bool = False):
     """[n_layers, d_mlp] sign (+1/-1) of each neuron's mean activation m over the tokens of `texts`
     (after the first). On a gated MLP the sign of m is a convention: flipping a neuron's up row and
     down column changes nothing in the model but the sign of m and of v. sign(m̄)·v, the direction
-    the neuron writes when it fires on these texts, is a property of the model."""
+    the neuron writes on average on these texts, is a property of the model. With `agreement`, also
+    the share of neurons whose sign is the same from either half of the texts (the same forward passes):
+    how settled the sign is (`(sign, share)`)."""
     from dpolens.activations import continuation_stats
 
     ids = [x[:max_tokens] for x in lm.tokenizer(texts, add_special_tokens=True)["input_ids"]]
     seqs = [(x[:1], x[1:]) for x in ids if len(x) > 1]
-    mean = continuation_stats(lm, seqs, (), batch_size, "neuron signs", progress).mean_m
-    return torch.where(mean < 0, -1.0, 1.0)
+    if not agreement:
+        mean = continuation_stats(lm, seqs, (), batch_size, "neuron signs", progress).mean_m
+        return torch.where(mean < 0, -1.0, 1.0)
+    half = len(seqs) // 2
+    a, b = (continuation_stats(lm, part, (), batch_size, "neuron signs", progress) for part in (seqs[:half], seqs[half:]))
+    sign = torch.where(a.m_sum + b.m_sum < 0, -1.0, 1.0)
+    return sign, float(((a.m_sum < 0) == (b.m_sum < 0)).float().mean())
 
 
 def uses_signs(lm: LoadedModel) -> bool:

@@ -182,9 +182,11 @@ def run_probe(cfg: ProbeConfig) -> ProbeMetrics:
     sign, sign_note = None, {}
     if uses_signs(lm):  # gated MLP: fix each neuron's direction by its mean activation on toxic texts
         toxic = [t for t, l in examples if l == 1][: cfg.sign_texts]
-        sign = neuron_signs(lm, toxic, cfg.max_tokens, cfg.batch_size, cfg.progress)
+        sign, agree = neuron_signs(lm, toxic, cfg.max_tokens, cfg.batch_size, cfg.progress, agreement=True)
         sign_note = {"neuron_sign_rule": f"sign of the mean activation over {len(toxic)} toxic training texts"}
-        metrics["neuron_sign"] = {"texts": len(toxic), "negative_share": float((sign < 0).float().mean())}
+        # split_half_agreement: the share of neurons given the same sign by either half of the texts
+        metrics["neuron_sign"] = {"texts": len(toxic), "negative_share": float((sign < 0).float().mean()),
+                                  "split_half_agreement": agree}
     save_probe(out / "probe.safetensors", w, float(clf.intercept_[0]), lm,
                {"feature_scale": scale, "auroc": metrics["auroc"], **sign_note}, torch.tensor(feats.std(0)), sign)
     write_json(out / "metrics.json", metrics)
