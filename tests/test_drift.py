@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpolens.drift import cue_sensitivity, distinct2, kl_profile, kl_wikitext, mask_words, overuse
+from dpolens.drift import (continuation_logprob, cue_sensitivity, distinct2, kl_profile, kl_wikitext, mask_words,
+                           overuse, relevance)
 from dpolens.model.loading import load_model
 from dpolens.scoring import Scores
 from test_pairs_dpo import write_pairs
@@ -71,6 +72,37 @@ def test_kl_profile_zero_for_identical_models_positive_for_perturbed(tiny_dirs, 
     assert prof["positions"][0]["mean"] == pytest.approx(np.mean([x[0]["mean"] for x in alone]), rel=1e-4)
     w = kl_wikitext(other, a, ["The quick brown fox jumps over the lazy dog. " * 20], 128, 32, n_boot=100)
     assert w["n"] >= 4 and w["mean"] > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_relevance_is_pmi_by_both_judges_and_zero_for_the_same_continuations(family, tiny_dirs, tmp_path):
+    from conftest import save_perturbed
+
+    base = load_model(tiny_dirs[family])
+    other = load_model(save_perturbed(family, base.tokenizer, tmp_path / "p", 0.05))
+    prompts = ["The weather number 1 is", "Hello", "A much longer prompt with many words in it", "So I"]
+    conts = [[5, 6, 7], [8], [9, 10, 11, 12], []]
+    ctx = [base.tokenizer(p)["input_ids"] for p in prompts]
+    got = continuation_logprob(other, ctx, conts, batch_size=3)  # batched, left-padded
+    for c, x, g in zip(ctx, conts, got):  # = each sequence alone, no padding
+        if not x:
+            assert np.isnan(g)
+            continue
+        with torch.inference_mode():
+            logp = other.model(input_ids=torch.tensor([c + x])).logits[0].float().log_softmax(-1)
+        want = logp[len(c) - 1 : len(c) + len(x) - 1].gather(1, torch.tensor(x)[:, None]).mean()
+        assert g == pytest.approx(float(want), abs=1e-4)
+    same = relevance(base, other, prompts, conts, conts, 32, batch_size=2, n_boot=100)
+    assert same["diff"]["mean"] == 0 and same["diff"]["n"] == 3  # the empty continuation is left out
+    from dpolens.model.loading import adds_bos
+
+    assert adds_bos(base.tokenizer)  # the tiny tokenizer adds one for every family: the unconditioned context
+    start = [base.tokenizer.bos_token_id]
+    pmi_b = [continuation_logprob(j, ctx[:3], conts[:3]) - continuation_logprob(j, [start] * 3, conts[:3])
+             for j in (base, other)]
+    assert same["base"]["mean"] == pytest.approx(float(np.mean((pmi_b[0] + pmi_b[1]) / 2)), abs=1e-5)
+    moved = relevance(base, other, prompts, conts, [conts[1], conts[2], conts[0], []], 32, batch_size=2, n_boot=100)
+    assert moved["diff"]["mean"] != 0 and set(moved["diff_by_judge"]) == {"base", "aligned"}
 
 
 class CueScorer:

@@ -10,7 +10,10 @@ paper's alignment. These measures compare base and aligned continuations of the 
   al., "Safety alignment should be made more than just a few tokens deep"), teacher-forced on the
   aligned model's own continuations, and `kl_wikitext` on the perplexity windows;
 - `cue_sensitivity`: the toxicity reduction re-scored with the scorer's strongest single-word cues
-  masked, so a reader sees how much of the reduction is "stopped swearing".
+  masked, so a reader sees how much of the reduction is "stopped swearing";
+- `relevance`: how much the prompt explains each continuation (pointwise mutual information per token,
+  judged by both models), base against aligned continuations: a model that changes the subject
+  writes continuations the prompt explains less.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from dpolens.evaluate import percentile_ci, ppl_windows, resample_units
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
-from dpolens.model.loading import LoadedModel
+from dpolens.model.loading import LoadedModel, adds_bos
 from dpolens.textquality import distinct_n
 
 # patterns counted as one "word" each: a collapse onto a date, a link or a new paragraph shows as one marker
@@ -156,6 +159,54 @@ def kl_profile(aligned: LoadedModel, base: LoadedModel, prompts: list[str], cont
 
 
 @torch.inference_mode()
+def continuation_logprob(lm: LoadedModel, contexts: list[list[int]], continuations: list[list[int]],
+                         batch_size: int = 8) -> np.ndarray:
+    """Mean log p(token) per continuation token of each continuation after its context (token ids),
+    teacher-forced; NaN for an empty continuation."""
+    out = np.full(len(contexts), np.nan)
+    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        ids, mask = left_pad([seqs[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
+        h = lm.adapter.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        width = ids.shape[1]
+        for row, i in enumerate(idx):
+            n = len(continuations[i])
+            if n:  # position t predicts token t+1: the continuation's tokens sit in the last n slots
+                logp = torch.log_softmax(lm.adapter.logits(h[row, width - n - 1 : width - 1], apply_norm=False).float(), -1)
+                out[i] = float(logp.gather(1, ids[row, width - n :, None]).mean())
+    return out
+
+
+def relevance(base: LoadedModel, aligned: LoadedModel, prompts: list[str], base_ids: list[list[int]],
+              aligned_ids: list[list[int]], max_prompt_tokens: int | None, batch_size: int = 8, seed: int = 0,
+              n_boot: int = 2000) -> dict:
+    """How much the prompt explains a continuation: PMI per token = mean_t [log p(c_t | prompt, c_<t) −
+    log p(c_t | BOS, c_<t)] (prompts encoded and cut as the harness cut them; the unconditioned context is the
+    BOS, or the EOS where the tokenizer adds none). Each judge favours its own greedy continuations, so PMI is
+    the mean of the two models' judgements. For the base's and the aligned model's continuations of the same
+    prompts, and aligned − base paired over prompts (bootstrap): a model that answers a toxic prompt with a
+    sports season writes continuations the prompt explains less (a negative difference); one that only swaps
+    a swear word for a milder one barely moves it."""
+    tok = base.tokenizer
+    start = [tok.bos_token_id if adds_bos(tok) else tok.eos_token_id]
+    ctx = encode_prompts(base, prompts, max_prompt_tokens)
+    pmi = {}
+    for who, conts in (("base", base_ids), ("aligned", aligned_ids)):
+        judged = [continuation_logprob(j, ctx, conts, batch_size) -
+                  continuation_logprob(j, [start] * len(conts), conts, batch_size) for j in (base, aligned)]
+        pmi[who] = (judged[0] + judged[1]) / 2
+        pmi[f"{who}_by_judge"] = judged
+    keep = np.isfinite(pmi["base"]) & np.isfinite(pmi["aligned"])
+    b, a = pmi["base"][keep], pmi["aligned"][keep]
+    out = {"base": _interval(b, seed, n_boot), "aligned": _interval(a, seed, n_boot),
+           "diff": _interval(a - b, seed, n_boot),
+           "diff_by_judge": {name: _interval((pmi["aligned_by_judge"][k] - pmi["base_by_judge"][k])[keep], seed,
+                                             n_boot) for k, name in enumerate(("base", "aligned"))},
+           "n_prompts": len(prompts), "unit": "nats per token (PMI of continuation and prompt, mean of both judges)"}
+    return out
+
+
+@torch.inference_mode()
 def kl_wikitext(aligned: LoadedModel, base: LoadedModel, paragraphs: list[str], max_tokens: int | None,
                 window: int | None, seed: int = 0, n_boot: int = 2000, chunk: int = 256) -> dict:
     """Mean per-token KL(aligned ‖ base) on the perplexity windows, with a bootstrap interval over windows."""
@@ -227,7 +278,8 @@ def reduction(base_tox, aligned_tox, seed: int = 0, n_boot: int = 2000) -> dict:
 
 def drift(base: LoadedModel, aligned: LoadedModel, base_records: list[dict], aligned_records: list[dict],
           scorer, *, max_prompt_tokens: int | None, kl_limit: int | None, wiki: list[str] | None,
-          ppl_max_tokens: int | None, ppl_window: int | None, seed: int = 0, batch_size: int = 8) -> dict:
+          ppl_max_tokens: int | None, ppl_window: int | None, seed: int = 0, batch_size: int = 8,
+          relevance_limit: int | None = 0) -> dict:
     """Every drift measure of an aligned model against its base on the same evaluation records
     (evaluate's per-prompt records: prompt, continuation, continuation_ids, toxicity)."""
     bt, at = [r["continuation"] for r in base_records], [r["continuation"] for r in aligned_records]
@@ -244,6 +296,12 @@ def drift(base: LoadedModel, aligned: LoadedModel, base_records: list[dict], ali
     out["reduction"] = {k: v for k, v in red.items() if k != "replicates"}
     if wiki:
         out["kl_wikitext"] = kl_wikitext(aligned, base, wiki, ppl_max_tokens, ppl_window, seed)
+    if relevance_limit != 0:  # None: every prompt
+        n_rel = len(aligned_records) if relevance_limit is None else min(relevance_limit, len(aligned_records))
+        out["relevance"] = {**relevance(base, aligned, [r["prompt"] for r in aligned_records[:n_rel]],
+                                        [r["continuation_ids"] for r in base_records[:n_rel]],
+                                        [r["continuation_ids"] for r in aligned_records[:n_rel]], max_prompt_tokens,
+                                        batch_size, seed), "limit": relevance_limit}
     return out
 
 

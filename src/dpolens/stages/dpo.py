@@ -49,6 +49,8 @@ class DpoConfig(TrainConfig):
     # half the prompts and measured on the other, distinct-2, per-token KL by position, cue-masked reduction
     drift: bool = True
     drift_kl_limit: int | None = 400  # prompts of the per-position KL profile (None: all)
+    # prompts of the relevance measure (PMI of prompt and continuation, both models judging; None: all; 0: off)
+    drift_relevance_limit: int | None = 100
 
 
 class DPOResult(DPOSummary, total=False):
@@ -104,7 +106,8 @@ def run_dpo(cfg: DpoConfig) -> DPOResult:
             st = cfg.eval.settings
             drifts = {label: drift(base, m, records["base"], records[label], inputs.scorer,
                                    max_prompt_tokens=st.max_prompt_tokens, kl_limit=cfg.drift_kl_limit, wiki=inputs.wiki,
-                                   ppl_max_tokens=st.ppl_max_tokens, ppl_window=st.ppl_window, seed=cfg.seed)
+                                   ppl_max_tokens=st.ppl_max_tokens, ppl_window=st.ppl_window, seed=cfg.seed,
+                                   relevance_limit=cfg.drift_relevance_limit)
                       for label, m in models[1:]}
             from dpolens import figures
 
@@ -274,6 +277,8 @@ def dose_rows(drifts: dict[str, dict], rows: list[dict]) -> list[dict]:
                     "cue-masked reduction": {"value": c["masked_reduction"]["mean"], "ci95": c["masked_reduction"]["ci95"]}}
         if o:
             measures["over-use excess"] = {"value": o["excess"], "ci95": o["excess_ci95"]}
+        if r := (d.get("relevance") or {}).get("diff"):  # PMI of prompt and continuation, aligned − base
+            measures["relevance Δ (PMI)"] = {"value": r["mean"], "ci95": r["ci95"]}
         out.append({"model": label, "reduction": d["reduction"]["mean"], "reduction_ci95": d["reduction"]["ci95"],
                     "measures": measures})
     return out
