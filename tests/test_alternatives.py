@@ -185,4 +185,6 @@ def test_a_placebo_variant_holds_no_mechanism_row(tiny_dirs, tmp_path, tokenizer
         assert claim.mechanism and row["verdict"] != "holds", row
         assert row["placebo"] is not None and row["placebo"]["difference_verdict"] != "holds", row
         decided += decide(dataclasses.replace(claim, mechanism=False), ctx)["verdict"] == "holds"
-    assert decided >= 1  # at least one row holds on its own statistic for noise: the placebo is what stops it
+    # measured (2026-12-06): on its own statistic each row holds for this noise (offset slope 0.20 [0.07, 0.34],
+    # plain − encoded retention 0.24 [0.11, 0.44], plain − multi-turn 0.55 [0.38, 0.81]): the placebo stops all three
+    assert decided == 3
