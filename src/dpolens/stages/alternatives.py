@@ -101,7 +101,9 @@ class AlternativesResult(TypedDict):
     # method, trainable, loss, steps (their dpo summary), overused_words (textquality.WordShift), weight_shift
     # (compare.WeightShiftTotals), offset (compare.OffsetLayer per layer), offset_mean_relative_norm, offset_stats
     # (compare.OffsetStats: the slope of ‖δx‖/‖x‖ over layers and cos(δx, probe) at the last layer, intervals
-    # over prompts), retention (per transform: transforms.Retention; results.json drops its per-prompt lists),
+    # over prompts; with placebos also their `control` and `vs_control` blocks), retention (per transform:
+    # transforms.Retention on the `split`'s measuring half; results.json drops its per-prompt lists), control (the
+    # placebo draws: models, and per draw and transform its own retention rows; None without `control`),
     # value_shift_stats (compare.ValueShiftStats:
     # the share of value-vector shifts anti-aligned with the last layer's δx), neuron_groups (Yang et al.'s
     # accounting on the fit prompts: each group's and the dampened toxic neurons' share of the reduction),
@@ -116,6 +118,7 @@ class AlternativesResult(TypedDict):
     scorer: dict[str, str]  # Scorer.describe()
     n_prompts: int  # evaluation prompts
     n_offset_prompts: int
+    split: dict[str, Any]  # δx̂ from `fit` offset prompts, retention on the other `measure` (their indices)
     base: dict[str, Any]  # LoadedModel.identity()
     unalign_recovery: str  # what the rows' unalign_recovery is
     finding: str  # which variant key scaling undoes least
