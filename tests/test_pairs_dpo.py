@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from dpolens import load_model
 from dpolens.artifacts import DpolensError
 from dpolens.data import tweet_prompts, wikitext_prompts
 from dpolens.directions import save_probe
-from dpolens.model.generation import banned_token_ids, generate
+from dpolens.model.generation import banned_token_ids, encode_prompts, generate
 from dpolens.stages.pairs import (
     PairsConfig,
     PPLMSettings,
@@ -115,6 +117,21 @@ def test_quality_gate_drops_and_counts(tiny_dirs, tmp_path, probe_and_text, jigs
             expect_drop[r] = expect_drop.get(r, 0) + 1
     assert s["dropped"] == expect_drop
     assert s["quality"]["share_dispreferred_more_toxic"] == 1.0
+    # relevance of each side to its prompt: PMI = log p(side | prompt) − log p(side | BOS), per token
+    from dpolens.drift import continuation_logprob
+
+    lm = load_model(tiny_dirs["llama"])
+    kept = [c for c in cands if gate_reason(c, cfg.gate) is None][: cfg.n]
+    pmi = {}
+    for side, key in (("preferred", "unpert_gen_text"), ("dispreferred", "pert_gen_text")):
+        ids = [lm.tokenizer(c[key], add_special_tokens=False)["input_ids"] for c in kept]
+        ctx = encode_prompts(lm, [c["prompt_text"] for c in kept], None)
+        pmi[side] = continuation_logprob(lm, ctx, ids) - continuation_logprob(lm, [[lm.tokenizer.bos_token_id]] * len(ids), ids)
+    rel = s["relevance"]
+    ok = np.isfinite(pmi["preferred"]) & np.isfinite(pmi["dispreferred"])
+    assert rel["preferred"]["mean"] == pytest.approx(float(pmi["preferred"][ok].mean()), abs=1e-4)
+    assert rel["diff"]["mean"] == pytest.approx(float((pmi["preferred"] - pmi["dispreferred"])[ok].mean()), abs=1e-4)
+    assert rel["diff"]["n"] == int(ok.sum())
 
 
 def test_gate_reasons():

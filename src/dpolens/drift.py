@@ -13,7 +13,8 @@ paper's alignment. These measures compare base and aligned continuations of the 
   masked, so a reader sees how much of the reduction is "stopped swearing";
 - `relevance`: how much the prompt explains each continuation (pointwise mutual information per token,
   judged by both models), base against aligned continuations: a model that changes the subject
-  writes continuations the prompt explains less.
+  writes continuations the prompt explains less; `pair_relevance`, the same for the two sides of a
+  pair set before training.
 """
 
 from __future__ import annotations
@@ -204,6 +205,25 @@ def relevance(base: LoadedModel, aligned: LoadedModel, prompts: list[str], base_
                                              n_boot) for k, name in enumerate(("base", "aligned"))},
            "n_prompts": len(prompts), "unit": "nats per token (PMI of continuation and prompt, mean of both judges)"}
     return out
+
+
+def pair_relevance(lm: LoadedModel, preferred: list[str], dispreferred: list[str], preferred_nll, dispreferred_nll,
+                   seed: int = 0, n_boot: int = 2000, batch_size: int = 16) -> dict:
+    """How much each side of a pair set is about its prompt, under the model the pairs were made with: PMI per
+    token = −NLL(side | prompt) (the gate's NLL, per token) − NLL(side | BOS) (EOS where the tokenizer adds no
+    BOS), and preferred − dispreferred paired over pairs. A DPO learns whatever separates the sides: preferred
+    sides the prompt explains less (a change of subject) teach the aligned model to change the subject."""
+    tok = lm.tokenizer
+    start = [tok.bos_token_id if adds_bos(tok) else tok.eos_token_id]
+    out = {}
+    for side, texts, nll in (("preferred", preferred, preferred_nll), ("dispreferred", dispreferred, dispreferred_nll)):
+        ids = tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+        out[side] = -np.asarray(nll, dtype=np.float64) - continuation_logprob(lm, [start] * len(ids), ids, batch_size)
+    keep = np.isfinite(out["preferred"]) & np.isfinite(out["dispreferred"])
+    return {"preferred": _interval(out["preferred"][keep], seed, n_boot),
+            "dispreferred": _interval(out["dispreferred"][keep], seed, n_boot),
+            "diff": _interval((out["preferred"] - out["dispreferred"])[keep], seed, n_boot),
+            "unit": "nats per token (PMI of side and prompt under the pairs' model)"}
 
 
 @torch.inference_mode()

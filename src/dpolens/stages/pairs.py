@@ -47,7 +47,7 @@ from dpolens.artifacts import (
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
-from dpolens.drift import lopsided_markers
+from dpolens.drift import lopsided_markers, pair_relevance
 from dpolens.model import hooks
 from dpolens.model.generation import (
     Generation,
@@ -224,6 +224,9 @@ class PairsOverview(TypedDict):
     samples: list[PairSample]  # the first three kept pairs
     # non-toxic words/patterns whose share differs most between the sides (drift.lopsided_markers)
     lopsided_markers: list[dict[str, Any]]
+    # PMI per token of each side and its prompt under the base model, and preferred − dispreferred
+    # (drift.pair_relevance; absent in summaries written before it)
+    relevance: dict[str, Any]
 
 
 class PairsSummary(PairsOverview):
@@ -693,6 +696,10 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
                # non-toxic markers on one side more than the other: what a DPO may learn besides toxicity
                "lopsided_markers": lopsided_markers(scorer, [r["unpert_gen_text"] for r in kept],
                                                     [r["pert_gen_text"] for r in kept]),
+               # PMI of each side and its prompt: preferred sides the prompt explains less teach a change of subject
+               "relevance": pair_relevance(lm, [r["unpert_gen_text"] for r in kept], [r["pert_gen_text"] for r in kept],
+                                           [r["preferred_nll"] for r in kept], [r["dispreferred_nll"] for r in kept],
+                                           cfg.seed),
                "samples": [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text",
                                               "preferred_toxicity", "dispreferred_toxicity")} for r in kept[:3]],
                "preferred_toxicity_mean": float(np.mean([r["preferred_toxicity"] for r in kept])),
@@ -707,7 +714,8 @@ def headline(folder: Path) -> PairsHeadline:
     if not (p := read_json(folder / "pairs.summary.json")):
         return {}
     return {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
-                                  "dispreferred_toxicity_mean", "quality", "dropped", "samples", "lopsided_markers")}
+                                  "dispreferred_toxicity_mean", "quality", "dropped", "samples", "lopsided_markers",
+                                  "relevance")}
 
 
 def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
@@ -722,7 +730,7 @@ def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
                 f"{q['n']} pairs ({p['method']}, prompts: {p.get('prompt_source')}) kept from {p.get('n_candidates')} "
                 f"candidates (dropped: {dropped}). Dispreferred more toxic in "
                 f"{q['share_dispreferred_more_toxic']:.0%} of pairs, mean toxicity gap {q['mean_toxicity_gap']:.3f}, "
-                f"mean NLL gap {q['mean_nll_gap']:.2f} nats/token under the base model.")
+                f"mean NLL gap {q['mean_nll_gap']:.2f} nats/token under the base model." + _relevance_text(p))
     samples = [{"prompt": s["prompt_text"], "preferred": s["unpert_gen_text"], "dispreferred": s["pert_gen_text"],
                 "toxicity (pref / dispref)": f"{s['preferred_toxicity']:.3f} / {s['dispreferred_toxicity']:.3f}"}
                for s in p.get("samples") or []]
@@ -733,6 +741,15 @@ def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
             lop, ["word", "preferred_share", "dispreferred_share", "ratio"],
             "Non-toxic words and patterns whose share differs most between the sides (words the scorer alone rates "
             "≥ 0.5 toxic left out): a DPO may learn these besides toxicity.") if lop else "")
+
+
+def _relevance_text(p: dict) -> str:
+    if not (r := p.get("relevance")) or not r["diff"].get("ci95"):
+        return ""
+    d = r["diff"]
+    return (f" Relevance to the prompt (PMI per token under the base model): preferred {r['preferred']['mean']:.3f}, "
+            f"dispreferred {r['dispreferred']['mean']:.3f}, preferred − dispreferred {d['mean']:.3f} "
+            f"[{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] (negative: the preferred sides change the subject more).")
 
 
 def describe(s: PairsSummary) -> str:
