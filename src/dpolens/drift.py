@@ -29,7 +29,7 @@ import torch
 from dpolens.evaluate import percentile_ci, ppl_windows, resample_units
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, adds_bos
-from dpolens.textquality import distinct_n
+from dpolens.textquality import continuation_logprob, distinct_n
 
 # patterns counted as one "word" each: a collapse onto a date, a link or a new paragraph shows as one marker
 PATTERNS = {"<year>": re.compile(r"\b(?:1[89]|20)\d\d\b"), "<url>": re.compile(r"https?://|www\.|\.com\b"),
@@ -157,25 +157,6 @@ def kl_profile(aligned: LoadedModel, base: LoadedModel, prompts: list[str], cont
                                                                    seed, n_boot),
             "n_prompts": len(prompts), "teacher_forced_on": "the aligned model's greedy continuations",
             "unit": "nats"}
-
-
-@torch.inference_mode()
-def continuation_logprob(lm: LoadedModel, contexts: list[list[int]], continuations: list[list[int]],
-                         batch_size: int = 8) -> np.ndarray:
-    """Mean log p(token) per continuation token of each continuation after its context (token ids),
-    teacher-forced; NaN for an empty continuation."""
-    out = np.full(len(contexts), np.nan)
-    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
-    for idx in length_batches([len(s) for s in seqs], batch_size):
-        ids, mask = left_pad([seqs[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
-        h = lm.adapter.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        width = ids.shape[1]
-        for row, i in enumerate(idx):
-            n = len(continuations[i])
-            if n:  # position t predicts token t+1: the continuation's tokens sit in the last n slots
-                logp = torch.log_softmax(lm.adapter.logits(h[row, width - n - 1 : width - 1], apply_norm=False).float(), -1)
-                out[i] = float(logp.gather(1, ids[row, width - n :, None]).mean())
-    return out
 
 
 def relevance(base: LoadedModel, aligned: LoadedModel, prompts: list[str], base_ids: list[list[int]],

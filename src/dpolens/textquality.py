@@ -19,30 +19,33 @@ from dpolens.model.loading import LoadedModel
 
 
 @torch.inference_mode()
+def continuation_logprob(lm: LoadedModel, contexts: list[list[int]], continuations: list[list[int]],
+                         batch_size: int = 16) -> np.ndarray:
+    """Mean log p(token) per continuation token of each continuation after its context (token ids),
+    teacher-forced, batched by length with left padding; NaN for an empty continuation. Only the
+    continuation positions are scored, chosen by index."""
+    out = np.full(len(contexts), np.nan)
+    seqs = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        ids, mask = left_pad([seqs[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
+        hidden = lm.adapter.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        width = ids.shape[1]
+        for row, i in enumerate(idx):
+            n = len(continuations[i])
+            if n:  # position t predicts token t+1: the continuation's tokens sit in the last n slots
+                logits = lm.adapter.logits(hidden[row, width - n - 1 : width - 1], apply_norm=False).float()
+                out[i] = -float(torch.nn.functional.cross_entropy(logits, ids[row, width - n :]))
+    return out
+
+
 def continuation_nll(lm: LoadedModel, prompts: list[str], continuations: list[str],
                      batch_size: int = 16) -> list[float]:
     """Mean NLL per token (nats) of each continuation after its prompt under `lm`.
 
     The prompt is encoded as the harness encodes it (with BOS), the continuation without special
-    tokens and appended, as TRL does; only continuation positions are scored, chosen by index."""
-    tok, a = lm.tokenizer, lm.adapter
-    prompt_ids = encode_prompts(lm, prompts, None)
-    cont_ids = tok(continuations, add_special_tokens=False)["input_ids"]
-    seqs = [p + c for p, c in zip(prompt_ids, cont_ids)]
-    out = [float("nan")] * len(prompts)
-    for idx in length_batches([len(s) for s in seqs], batch_size):
-        ids, mask = left_pad([seqs[i] for i in idx], tok.pad_token_id, lm.device)
-        hidden = a.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        width = ids.shape[1]
-        for row, i in enumerate(idx):
-            n_cont = len(cont_ids[i])
-            if n_cont == 0:
-                continue
-            # position t predicts token t+1: the continuation's tokens sit in the last n_cont slots
-            pred = hidden[row, width - n_cont - 1 : width - 1]
-            logits = a.logits(pred, apply_norm=False).float()
-            out[i] = float(torch.nn.functional.cross_entropy(logits, ids[row, width - n_cont:]))
-    return out
+    tokens and appended, as TRL does (`continuation_logprob`)."""
+    cont_ids = lm.tokenizer(continuations, add_special_tokens=False)["input_ids"] if continuations else []
+    return (-continuation_logprob(lm, encode_prompts(lm, prompts, None), cont_ids, batch_size)).tolist()
 
 
 def special_token_flags(lm: LoadedModel, texts: list[str]) -> list[bool]:
