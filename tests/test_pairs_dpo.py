@@ -21,6 +21,7 @@ from dpolens.stages.pairs import (
     SampleSettings,
     gate_reason,
     pplm_generate,
+    relevance_diff,
     run_pairs,
 )
 
@@ -154,6 +155,65 @@ def test_gate_reasons():
     assert gate_reason({**base, "dispreferred_nll": 3.4}, fluent) is None
     no_gap = QualityGate(min_toxicity_gap=0.2, max_nll_gap=None, max_nll=3.6)
     assert gate_reason({**base, "preferred_nll": float("nan")}, no_gap) == "side_nll_above_max"  # no tokens fails
+    # relevance: preferred PMI (prior 5.0 − 3.0 = 2.0) − dispreferred PMI (prior 4.0 − 3.5 = 0.5) = 1.5
+    rel = {**base, "preferred_prior_nll": 5.0, "dispreferred_prior_nll": 4.0}
+    assert relevance_diff(rel) == pytest.approx(1.5)
+    assert gate_reason(rel, QualityGate(min_toxicity_gap=0.2, min_relevance_diff=1.5)) is None
+    assert gate_reason(rel, QualityGate(min_toxicity_gap=0.2, min_relevance_diff=1.6)) == "preferred_off_topic"
+    off_topic = {**rel, "preferred_prior_nll": 2.5}  # the prompt makes the preferred side less likely: −1.0
+    assert gate_reason(off_topic, QualityGate(min_toxicity_gap=0.2, min_relevance_diff=-0.5)) == "preferred_off_topic"
+    assert gate_reason({**rel, "preferred_prior_nll": float("nan")},
+                       QualityGate(min_toxicity_gap=0.2, min_relevance_diff=-9.0)) == "preferred_off_topic"
+    with pytest.raises(DpolensError, match="prior NLL"):  # the gate never judges a candidate it cannot read
+        gate_reason(base, QualityGate(min_toxicity_gap=0.2, min_relevance_diff=0.0))
+
+
+def test_relevance_gate_keeps_only_pairs_about_their_prompt(tiny_dirs, tmp_path, probe_and_text, jigsaw_cached):
+    """Candidates made without the relevance gate resume under it: the prior NLLs are filled for those that
+    pass the rest of the gate, equal an unbatched reference, and every kept pair clears the threshold while
+    some candidates are dropped for it (the threshold sits at the median of the ungated candidates)."""
+    from dpolens.drift import continuation_logprob
+
+    probe, text = probe_and_text
+    open_gate = QualityGate(require_more_toxic=False, min_toxicity_gap=-1.0, max_nll_gap=None)
+    cfg = PairsConfig(model=str(tiny_dirs["llama"]), probe=str(probe), prompts=[str(text)], method="sample",
+                      n=12, max_candidates=12, out=str(tmp_path / "p" / "pairs.jsonl"), max_new_tokens=4,
+                      batch_size=4, progress=False, sample=SampleSettings(n_samples=3), gate=open_gate)
+    s0 = run_pairs(cfg)
+    cand = tmp_path / "p" / "pairs.candidates.jsonl"
+    assert not any("preferred_prior_nll" in json.loads(l) for l in cand.read_text().splitlines())  # off: not computed
+    lm = load_model(tiny_dirs["llama"])
+    bos = [lm.tokenizer.bos_token_id]
+
+    def prior(text):
+        ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return -float(continuation_logprob(lm, [bos], [ids], batch_size=1)[0])
+
+    cands = [json.loads(l) for l in cand.read_text().splitlines()]
+    diffs = [(prior(c["unpert_gen_text"]) - c["preferred_nll"]) - (prior(c["pert_gen_text"]) - c["dispreferred_nll"])
+             for c in cands]
+    ok = [gate_reason(c, open_gate) is None for c in cands]  # e.g. identical sides fail before relevance
+    threshold = float(np.median([d for d, o in zip(diffs, ok) if o]))
+    gated = PairsConfig(**{**cfg.__dict__, "gate": QualityGate(require_more_toxic=False, min_toxicity_gap=-1.0,
+                                                                max_nll_gap=None, min_relevance_diff=threshold)})
+    s = run_pairs(gated)
+    assert s["n_candidates"] == s0["n_candidates"] == 12  # the same candidates, resumed
+    expect = sum(o and not d >= threshold for d, o in zip(diffs, ok))
+    assert 0 < s["dropped"].get("preferred_off_topic", 0) == expect and s["n"] == sum(ok) - expect == s0["n"] - expect
+    kept = [json.loads(l) for l in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    by_text = {(c["prompt_text"], c["unpert_gen_text"], c["pert_gen_text"]): d for c, d in zip(cands, diffs)}
+    assert all(by_text[(k["prompt_text"], k["unpert_gen_text"], k["pert_gen_text"])] >= threshold for k in kept)
+    # the summary's relevance reads the priors the gate computed: the same as drift.pair_relevance's own
+    assert s["relevance"]["diff"]["mean"] == pytest.approx(
+        float(np.mean([by_text[(k["prompt_text"], k["unpert_gen_text"], k["pert_gen_text"])] for k in kept])), abs=1e-4)
+    # new chunks store the priors with the candidate (only where the rest of the gate passes)
+    more = PairsConfig(**{**gated.__dict__, "n": 16, "max_candidates": 16})
+    run_pairs(more)
+    rows = [json.loads(l) for l in cand.read_text().splitlines()]
+    new = [r for r in rows[12:] if gate_reason(r, open_gate) is None]
+    assert len(rows) == 16 and new and all("preferred_prior_nll" in r for r in new)
+    assert all(r["preferred_prior_nll"] == pytest.approx(prior(r["unpert_gen_text"]), abs=1e-4) and
+               r["dispreferred_prior_nll"] == pytest.approx(prior(r["pert_gen_text"]), abs=1e-4) for r in new)
 
 
 def test_generators_never_emit_special_tokens(tiny_lm):

@@ -29,7 +29,7 @@ import torch
 from dpolens.evaluate import percentile_ci, ppl_windows, resample_units
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
 from dpolens.model.loading import LoadedModel, adds_bos
-from dpolens.textquality import continuation_logprob, distinct_n
+from dpolens.textquality import continuation_logprob, distinct_n, prior_nll
 
 # patterns counted as one "word" each: a collapse onto a date, a link or a new paragraph shows as one marker
 PATTERNS = {"<year>": re.compile(r"\b(?:1[89]|20)\d\d\b"), "<url>": re.compile(r"https?://|www\.|\.com\b"),
@@ -189,17 +189,19 @@ def relevance(base: LoadedModel, aligned: LoadedModel, prompts: list[str], base_
 
 
 def pair_relevance(lm: LoadedModel, preferred: list[str], dispreferred: list[str], preferred_nll, dispreferred_nll,
-                   seed: int = 0, n_boot: int = 2000, batch_size: int = 16) -> dict:
+                   seed: int = 0, n_boot: int = 2000, batch_size: int = 16, preferred_prior=None,
+                   dispreferred_prior=None) -> dict:
     """How much each side of a pair set is about its prompt, under the model the pairs were made with: PMI per
-    token = −NLL(side | prompt) (the gate's NLL, per token) − NLL(side | BOS) (EOS where the tokenizer adds no
-    BOS), and preferred − dispreferred paired over pairs. A DPO learns whatever separates the sides: preferred
-    sides the prompt explains less (a change of subject) teach the aligned model to change the subject."""
-    tok = lm.tokenizer
-    start = [tok.bos_token_id if adds_bos(tok) else tok.eos_token_id]
+    token = −NLL(side | prompt) (the gate's NLL, per token) + NLL(side | BOS) (`textquality.prior_nll`; given
+    as `*_prior` where already known), and preferred − dispreferred paired over pairs. A DPO learns whatever
+    separates the sides: preferred sides the prompt explains less (a change of subject) teach the aligned
+    model to change the subject."""
     out = {}
-    for side, texts, nll in (("preferred", preferred, preferred_nll), ("dispreferred", dispreferred, dispreferred_nll)):
-        ids = tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-        out[side] = -np.asarray(nll, dtype=np.float64) - continuation_logprob(lm, [start] * len(ids), ids, batch_size)
+    for side, texts, nll, prior in (("preferred", preferred, preferred_nll, preferred_prior),
+                                    ("dispreferred", dispreferred, dispreferred_nll, dispreferred_prior)):
+        known = prior is not None and all(v is not None for v in prior)
+        prior = np.asarray(prior, dtype=np.float64) if known else prior_nll(lm, texts, batch_size)
+        out[side] = prior - np.asarray(nll, dtype=np.float64)
     keep = np.isfinite(out["preferred"]) & np.isfinite(out["dispreferred"])
     return {"preferred": _interval(out["preferred"][keep], seed, n_boot),
             "dispreferred": _interval(out["dispreferred"][keep], seed, n_boot),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dpolens.model.generation import banned_token_ids, encode_prompts, left_pad, length_batches, position_ids
-from dpolens.model.loading import LoadedModel
+from dpolens.model.loading import LoadedModel, adds_bos
 
 
 @torch.inference_mode()
@@ -46,6 +46,16 @@ def continuation_nll(lm: LoadedModel, prompts: list[str], continuations: list[st
     tokens and appended, as TRL does (`continuation_logprob`)."""
     cont_ids = lm.tokenizer(continuations, add_special_tokens=False)["input_ids"] if continuations else []
     return (-continuation_logprob(lm, encode_prompts(lm, prompts, None), cont_ids, batch_size)).tolist()
+
+
+def prior_nll(lm: LoadedModel, continuations: list[str], batch_size: int = 16) -> np.ndarray:
+    """Mean NLL per token (nats) of each continuation with no prompt: after BOS alone (EOS where the tokenizer
+    adds no BOS). `prior_nll − continuation_nll` is the PMI per token of continuation and prompt: how much the
+    prompt explains the continuation (`drift.pair_relevance`, the pairs gate's `min_relevance_diff`)."""
+    tok = lm.tokenizer
+    start = [tok.bos_token_id if adds_bos(tok) else tok.eos_token_id]
+    ids = tok(list(continuations), add_special_tokens=False)["input_ids"] if continuations else []
+    return -continuation_logprob(lm, [start] * len(ids), ids, batch_size)
 
 
 def special_token_flags(lm: LoadedModel, texts: list[str]) -> list[bool]:

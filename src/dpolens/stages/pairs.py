@@ -25,9 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ from dpolens.model.generation import (
     position_ids,
 )
 from dpolens.model.loading import DTYPES, LoadedModel, cast_copy, load_model, resolve_dtype
-from dpolens.textquality import SideQuality, continuation_nll, side_quality, special_token_flags
+from dpolens.textquality import SideQuality, continuation_nll, prior_nll, side_quality, special_token_flags
 from dpolens.webpage import table
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,11 @@ class QualityGate:
     # kept dispreferred sides below 0.5 contained a profanity or insult 7% of the time (21/297), those
     # at or above 0.5 70% (336/479): below 0.5 the scorer mostly reacts to harmless text
     min_dispreferred_toxicity: float | None = None
+    # preferred − dispreferred relevance must be at least this (None = off): each side's PMI per token with its
+    # prompt under the base, NLL(side | BOS) − NLL(side | prompt) (`textquality.prior_nll`). Best-of-n sampling
+    # picks as preferred the least toxic sample, often one that left the prompt's subject (SmolLM2 study's kept
+    # pairs: preferred − dispreferred −0.33 nats/token on average); a DPO on such pairs learns to change the subject
+    min_relevance_diff: float | None = None
 
 
 @dataclass
@@ -176,6 +181,9 @@ class Candidate(PairSample):
 
     preferred_nll: float  # mean NLL per continuation token (nats) under the base model; NaN without tokens
     dispreferred_nll: float
+    # the same with no prompt (BOS alone): only with gate.min_relevance_diff, only where the rest of the gate passes
+    preferred_prior_nll: NotRequired[float]
+    dispreferred_prior_nll: NotRequired[float]
 
 
 class SweepRow(TypedDict):
@@ -573,7 +581,33 @@ def gate_reason(r: dict, gate: QualityGate) -> str | None:
         return "nll_gap_above_max"
     if gate.max_nll is not None and not max(r["preferred_nll"], r["dispreferred_nll"]) <= gate.max_nll:
         return "side_nll_above_max"
+    if gate.min_relevance_diff is not None and not relevance_diff(r) >= gate.min_relevance_diff:  # NaN fails too
+        return "preferred_off_topic"
     return None
+
+
+def relevance_diff(r: dict) -> float:
+    """Preferred − dispreferred PMI per token of side and prompt under the base (nats): how much more the prompt
+    explains the preferred side. Needs the sides' prior NLLs (`fill_prior_nll`)."""
+    if "preferred_prior_nll" not in r:
+        raise DpolensError("pairs: a candidate has no prior NLL for the relevance gate (fill_prior_nll first)")
+    return (r["preferred_prior_nll"] - r["preferred_nll"]) - (r["dispreferred_prior_nll"] - r["dispreferred_nll"])
+
+
+def fill_prior_nll(lm: LoadedModel, recs: list[dict], gate: QualityGate) -> list[dict]:
+    """Add each side's NLL given BOS alone to the candidates the relevance gate has to judge: with
+    `gate.min_relevance_diff` set, those that pass the rest of the gate and lack it (in place). One
+    teacher-forced pass of the sides, without their prompts; nothing when the gate is off."""
+    if gate.min_relevance_diff is None:
+        return recs
+    rest = replace(gate, min_relevance_diff=None)
+    todo = [r for r in recs if "preferred_prior_nll" not in r and gate_reason(r, rest) is None]
+    if todo:
+        pref = prior_nll(lm, [r["unpert_gen_text"] for r in todo])
+        disp = prior_nll(lm, [r["pert_gen_text"] for r in todo])
+        for r, a, b in zip(todo, pref, disp):
+            r["preferred_prior_nll"], r["dispreferred_prior_nll"] = float(a), float(b)
+    return recs
 
 
 def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg: PairsConfig) -> SweepChoice:
@@ -582,7 +616,7 @@ def calibrate(gen: _Generator, lm: LoadedModel, scorer, prompts: list[str], cfg:
     rows = []
     for value in cfg.sweep:
         gen.set_strength(value, prompts)
-        recs = score_pairs(lm, scorer, prompts, *gen.pairs(prompts, cfg.seed))
+        recs = fill_prior_nll(lm, score_pairs(lm, scorer, prompts, *gen.pairs(prompts, cfg.seed)), cfg.gate)
         tgap = [r["dispreferred_toxicity"] - r["preferred_toxicity"] for r in recs]
         ngap = [r["dispreferred_nll"] - r["preferred_nll"] for r in recs]
         rows.append({"value": value, "toxicity_gap": float(np.mean(tgap)), "nll_gap": float(np.nanmean(ngap)),
@@ -639,6 +673,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     if partial and len(done) < len(prompts):  # a chunk cut by a kill: redo it whole, with its own seed
         done = done[: len(done) - partial]
         write_jsonl(cand_path, done)
+    fill_prior_nll(lm, done, cfg.gate)  # candidates scored before the relevance gate was set
 
     sweep = None
     if cfg.sweep and cfg.method != "sample":
@@ -667,7 +702,7 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     while kept_count(done) < cfg.n and len(done) < len(prompts):
         start = len(done)
         batch = prompts[start : start + cfg.batch_size]
-        recs = score_pairs(lm, scorer, batch, *gen.pairs(batch, cfg.seed + start))
+        recs = fill_prior_nll(lm, score_pairs(lm, scorer, batch, *gen.pairs(batch, cfg.seed + start)), cfg.gate)
         append_jsonl(cand_path, recs)
         done += recs
         bar.update(min(kept_count(done), cfg.n) - bar.n)
@@ -699,7 +734,8 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
                # PMI of each side and its prompt: preferred sides the prompt explains less teach a change of subject
                "relevance": pair_relevance(lm, [r["unpert_gen_text"] for r in kept], [r["pert_gen_text"] for r in kept],
                                            [r["preferred_nll"] for r in kept], [r["dispreferred_nll"] for r in kept],
-                                           cfg.seed),
+                                           cfg.seed, preferred_prior=[r.get("preferred_prior_nll") for r in kept],
+                                           dispreferred_prior=[r.get("dispreferred_prior_nll") for r in kept]),
                "samples": [{k: r[k] for k in ("prompt_text", "unpert_gen_text", "pert_gen_text",
                                               "preferred_toxicity", "dispreferred_toxicity")} for r in kept[:3]],
                "preferred_toxicity_mean": float(np.mean([r["preferred_toxicity"] for r in kept])),
