@@ -166,6 +166,17 @@ def test_gate_reasons():
                        QualityGate(min_toxicity_gap=0.2, min_relevance_diff=-9.0)) == "preferred_off_topic"
     with pytest.raises(DpolensError, match="prior NLL"):  # the gate never judges a candidate it cannot read
         gate_reason(base, QualityGate(min_toxicity_gap=0.2, min_relevance_diff=0.0))
+    # a marker on one side only: the pair goes; on both sides or neither, it stays (the shares become equal)
+    years = QualityGate(min_toxicity_gap=0.2, one_sided_markers=["<year>", "been"])
+    assert gate_reason({**base, "unpert_gen_text": " in the 2018 season"}, years) == "one_sided_marker"
+    assert gate_reason({**base, "pert_gen_text": " you have been an idiot"}, years) == "one_sided_marker"
+    assert gate_reason({**base, "unpert_gen_text": " in 2018", "pert_gen_text": " you idiot of 1999"}, years) is None
+    assert gate_reason({**base, "unpert_gen_text": " a calm 20180 day"}, years) is None  # not a year
+    assert gate_reason({**base, "unpert_gen_text": " a calm day\n"}, years) is None  # not listed
+    from dpolens.config import ConfigError
+    for bad in (["<date>"], ["Been"]):
+        with pytest.raises(ConfigError, match="one_sided_markers"):
+            PairsConfig(gate=QualityGate(one_sided_markers=bad))
 
 
 def test_relevance_gate_keeps_only_pairs_about_their_prompt(tiny_dirs, tmp_path, probe_and_text, jigsaw_cached):

@@ -47,7 +47,7 @@ from dpolens.artifacts import (
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
-from dpolens.drift import lopsided_markers, pair_relevance
+from dpolens.drift import PATTERNS, lopsided_markers, markers, pair_relevance
 from dpolens.model import hooks
 from dpolens.model.generation import (
     Generation,
@@ -119,6 +119,12 @@ class QualityGate:
     # picks as preferred the least toxic sample, often one that left the prompt's subject (SmolLM2 study's kept
     # pairs: preferred − dispreferred −0.33 nats/token on average); a DPO on such pairs learns to change the subject
     min_relevance_diff: float | None = None
+    # drop a pair in which one of these markers is on one side only (lower-case words, or the patterns <year>,
+    # <url>, <newline> of `drift.markers`): their shares become equal on both sides, so DPO cannot learn them as
+    # "preferred". E.g. ["<year>"]: in the 2026-12-04 Gemma study a year was on 2.6% of the preferred and 0.2%
+    # of the dispreferred sides, and 28.9% of the aligned model's continuations held one. Markers listed in
+    # `pairs.summary.json` `lopsided_markers` are the candidates
+    one_sided_markers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +170,10 @@ class PairsConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
+        for m in self.gate.one_sided_markers:
+            if m.startswith("<") and m not in PATTERNS or not m.startswith("<") and m != m.lower():
+                raise ConfigError(f"pairs.gate.one_sided_markers: '{m}' is neither a lower-case word nor one of "
+                                  f"{', '.join(PATTERNS)}")
         if self.sample_dtype not in (None, "auto", *DTYPES):
             raise ConfigError(f"pairs.sample_dtype: unknown dtype '{self.sample_dtype}' (auto, {', '.join(DTYPES)})")
 
@@ -581,6 +591,8 @@ def gate_reason(r: dict, gate: QualityGate) -> str | None:
         return "nll_gap_above_max"
     if gate.max_nll is not None and not max(r["preferred_nll"], r["dispreferred_nll"]) <= gate.max_nll:
         return "side_nll_above_max"
+    if gate.one_sided_markers and (set(gate.one_sided_markers) & (markers(a) ^ markers(b))):
+        return "one_sided_marker"
     if gate.min_relevance_diff is not None and not relevance_diff(r) >= gate.min_relevance_diff:  # NaN fails too
         return "preferred_off_topic"
     return None
