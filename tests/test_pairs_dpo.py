@@ -173,8 +173,10 @@ def test_gate_reasons():
     assert gate_reason({**base, "unpert_gen_text": " in 2018", "pert_gen_text": " you idiot of 1999"}, years) is None
     assert gate_reason({**base, "unpert_gen_text": " a calm 20180 day"}, years) is None  # not a year
     assert gate_reason({**base, "unpert_gen_text": " a calm day\n"}, years) is None  # not listed
+    newline = QualityGate(min_toxicity_gap=0.2, one_sided_markers=["<newline>"])  # on the texts as trained on
+    assert gate_reason({**base, "unpert_gen_text": " a calm day\n"}, newline) == "one_sided_marker"
     from dpolens.config import ConfigError
-    for bad in (["<date>"], ["Been"]):
+    for bad in (["<date>"], ["Been"], [""], ["new york"], ["co-op"]):
         with pytest.raises(ConfigError, match="one_sided_markers"):
             PairsConfig(gate=QualityGate(one_sided_markers=bad))
 
@@ -204,7 +206,8 @@ def test_relevance_gate_keeps_only_pairs_about_their_prompt(tiny_dirs, tmp_path,
     diffs = [(prior(c["unpert_gen_text"]) - c["preferred_nll"]) - (prior(c["pert_gen_text"]) - c["dispreferred_nll"])
              for c in cands]
     ok = [gate_reason(c, open_gate) is None for c in cands]  # e.g. identical sides fail before relevance
-    threshold = float(np.median([d for d, o in zip(diffs, ok) if o]))
+    ranked = sorted(d for d, o in zip(diffs, ok) if o)  # midway between two candidates: no tie at float noise
+    threshold = float((ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2)
     gated = PairsConfig(**{**cfg.__dict__, "gate": QualityGate(require_more_toxic=False, min_toxicity_gap=-1.0,
                                                                 max_nll_gap=None, min_relevance_diff=threshold)})
     s = run_pairs(gated)
@@ -214,6 +217,12 @@ def test_relevance_gate_keeps_only_pairs_about_their_prompt(tiny_dirs, tmp_path,
     kept = [json.loads(l) for l in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
     by_text = {(c["prompt_text"], c["unpert_gen_text"], c["pert_gen_text"]): d for c, d in zip(cands, diffs)}
     assert all(by_text[(k["prompt_text"], k["unpert_gen_text"], k["pert_gen_text"])] >= threshold for k in kept)
+    # the priors filled on resume are written back with the candidates (only where the rest of the gate passes)
+    stored = [json.loads(l) for l in cand.read_text().splitlines()]
+    assert [("preferred_prior_nll" in r) for r in stored] == ok
+    assert all(r["preferred_prior_nll"] == pytest.approx(prior(r["unpert_gen_text"]), abs=1e-4) and
+               r["dispreferred_prior_nll"] == pytest.approx(prior(r["pert_gen_text"]), abs=1e-4)
+               for r in stored if "preferred_prior_nll" in r)
     # the summary's relevance reads the priors the gate computed: the same as drift.pair_relevance's own
     assert s["relevance"]["diff"]["mean"] == pytest.approx(
         float(np.mean([by_text[(k["prompt_text"], k["unpert_gen_text"], k["pert_gen_text"])] for k in kept])), abs=1e-4)

@@ -47,7 +47,7 @@ from dpolens.artifacts import (
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, tweet_prompts, wikitext_prompts
 from dpolens.directions import load_probe
-from dpolens.drift import PATTERNS, lopsided_markers, markers, pair_relevance
+from dpolens.drift import PATTERNS, WORD, lopsided_markers, markers, pair_relevance
 from dpolens.model import hooks
 from dpolens.model.generation import (
     Generation,
@@ -116,8 +116,8 @@ class QualityGate:
     min_dispreferred_toxicity: float | None = None
     # preferred − dispreferred relevance must be at least this (None = off): each side's PMI per token with its
     # prompt under the base, NLL(side | BOS) − NLL(side | prompt) (`textquality.prior_nll`). Best-of-n sampling
-    # picks as preferred the least toxic sample, often one that left the prompt's subject (SmolLM2 study's kept
-    # pairs: preferred − dispreferred −0.33 nats/token on average); a DPO on such pairs learns to change the subject
+    # picks as preferred the least toxic sample, often one that left the prompt's subject (SmolLM2 study's 1,050
+    # kept pairs: preferred − dispreferred −0.28 nats/token on average), which a DPO may learn (README: not measurably)
     min_relevance_diff: float | None = None
     # drop a pair in which one of these markers is on one side only (lower-case words, or the patterns <year>,
     # <url>, <newline> of `drift.markers`): their shares become equal on both sides, so DPO cannot learn them as
@@ -171,7 +171,7 @@ class PairsConfig(RunSettings):
         super().__post_init__()
         at_least(self, 1, "n", "max_new_tokens", "batch_size")
         for m in self.gate.one_sided_markers:
-            if m.startswith("<") and m not in PATTERNS or not m.startswith("<") and m != m.lower():
+            if m not in PATTERNS and not (WORD.fullmatch(m) and m == m.lower()):  # else it could never match
                 raise ConfigError(f"pairs.gate.one_sided_markers: '{m}' is neither a lower-case word nor one of "
                                   f"{', '.join(PATTERNS)}")
         if self.sample_dtype not in (None, "auto", *DTYPES):
@@ -591,7 +591,9 @@ def gate_reason(r: dict, gate: QualityGate) -> str | None:
         return "nll_gap_above_max"
     if gate.max_nll is not None and not max(r["preferred_nll"], r["dispreferred_nll"]) <= gate.max_nll:
         return "side_nll_above_max"
-    if gate.one_sided_markers and (set(gate.one_sided_markers) & (markers(a) ^ markers(b))):
+    # on the texts as trained on (unstripped: a leading or trailing newline counts, as in `lopsided_markers`)
+    if gate.one_sided_markers and (set(gate.one_sided_markers) &
+                                   (markers(r["unpert_gen_text"]) ^ markers(r["pert_gen_text"]))):
         return "one_sided_marker"
     if gate.min_relevance_diff is not None and not relevance_diff(r) >= gate.min_relevance_diff:  # NaN fails too
         return "preferred_off_topic"
@@ -685,7 +687,10 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
     if partial and len(done) < len(prompts):  # a chunk cut by a kill: redo it whole, with its own seed
         done = done[: len(done) - partial]
         write_jsonl(cand_path, done)
-    fill_prior_nll(lm, done, cfg.gate)  # candidates scored before the relevance gate was set
+    if any("preferred_prior_nll" not in r for r in done):  # candidates scored before the relevance gate was set
+        before = sum("preferred_prior_nll" in r for r in done)
+        if sum("preferred_prior_nll" in r for r in fill_prior_nll(lm, done, cfg.gate)) > before:
+            write_jsonl(cand_path, done)  # kept with the candidates: a later resume reads them
 
     sweep = None
     if cfg.sweep and cfg.method != "sample":
