@@ -319,10 +319,11 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     ctl = g["crossfit"]["control"]
     assert ctl["draws"] == 3 and len(ctl["models"]) == 3 and len({m["weight_sha256"] for m in ctl["models"]}) == 3
     assert "_replicates" not in g["crossfit"]
-    for stat in ("toxic_neurons", "min"):
+    for stat in ("toxic_neurons", "min", "min_reduction"):
         assert len(ctl[stat]["draws"]) == 3
-        # aligned − mean placebo (measured here for both statistics: every draw's share is defined)
-        point = g["crossfit"]["toxic_neurons"]["share"] if stat == "toxic_neurons" else g["crossfit"]["min"]["share"]
+        # aligned − mean placebo (measured here for every statistic: every draw's share is defined)
+        point = (g["crossfit"]["toxic_neurons"]["share"] if stat == "toxic_neurons" else
+                 g["crossfit"]["min"]["reduction" if stat == "min_reduction" else "share"])
         assert ctl[stat]["diff"] == pytest.approx(point - np.mean(ctl[stat]["draws"]))
         assert ctl[stat]["ci95"][0] <= ctl[stat]["ci95"][1] and ctl[stat]["mean"] == pytest.approx(
             np.mean(ctl[stat]["draws"]))

@@ -289,8 +289,10 @@ def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, 
            "four_groups_reduction": [d["four_groups_reduction"]["value"] for _, d in draws],
            "rule": "each placebo's groups and toxic neurons chosen and measured as the aligned model's (same halves, "
                    "same bootstrap replicates); aligned − mean placebo with a t(K−1) prediction interval"}
-    for stat, point in (("toxic_neurons", cf["toxic_neurons"]["share"]), ("min", cf["min"]["share"])):
-        points = [(d["toxic_neurons"] if stat == "toxic_neurons" else d["min"])["share"] for _, d in draws]
+    for stat, point in (("toxic_neurons", cf["toxic_neurons"]["share"]), ("min", cf["min"]["share"]),
+                        ("min_reduction", cf["min"]["reduction"])):
+        points = [d["toxic_neurons"]["share"] if stat == "toxic_neurons" else
+                  d["min"]["reduction" if stat == "min_reduction" else "share"] for _, d in draws]
         if point is None or any(x is None for x in points):
             out[stat] = {"draws": points, "diff": None, "diff_ci95": None}
             continue
@@ -495,12 +497,18 @@ def reduction_spreads(ctx: StageContext) -> Measured:
     if cf.get("mlp") == "gated":
         ours = ("gated MLP: the sign of an activation is a convention, so the four groups are two sign-invariant "
                 f"ones (TP−/AN−: a contribution toward the probe that fell; TN+/AP+: one away from it that grew); {ours}")
-    return _against_placebo(Measured(m["share"], ci, cf["split"]["measure"], ours, f"{ours}; {text}", **prov),
-                            cf, "min", 0.0)
+    # against placebos by the smallest group's reduction itself: a placebo's groups reduce ~0 on the measuring
+    # half, so its shares are ratios of noise (intervals of ±100 on the SmolLM2 study); groups.json before it: share
+    by_reduction = "min_reduction" in (cf.get("control") or {})
+    m = Measured(m["share"], ci, cf["split"]["measure"], ours, f"{ours}; {text}", **prov)
+    return _against_placebo(m, cf, "min_reduction" if by_reduction else "min", 0.0,
+                            "placebo column: the smallest group's reduction of the probe projection, not its share"
+                            if by_reduction else "")
 
 
-def _against_placebo(m: Measured, cf: dict, stat: str, shift: float) -> Measured:
-    """Attach groups.json's placebo block for `stat` (the claim's effect is the share + `shift`)."""
+def _against_placebo(m: Measured, cf: dict, stat: str, shift: float, what: str = "") -> Measured:
+    """Attach groups.json's placebo block for `stat` (the claim's effect is the share + `shift`); `what` says what
+    the placebo column measures where it is not the row's own statistic."""
     ctl = (cf.get("control") or {}).get(stat)
     if not ctl or ctl.get("diff") is None:
         return m
@@ -508,7 +516,7 @@ def _against_placebo(m: Measured, cf: dict, stat: str, shift: float) -> Measured
     m.against_placebo(ctl["mean"] + shift, ci, ctl["diff"], ctl["diff_ci95"], 3)
     reds = cf["control"].get("four_groups_reduction") or []
     m.diagnosis += (f" ({cf['control']['draws']} placebos; their four groups' reduction on the measuring half: "
-                    + ", ".join(num(x, 5) for x in reds) + ")")
+                    + ", ".join(num(x, 5) for x in reds) + (f"; {what}" if what else "") + ")")
     return m
 
 
