@@ -332,6 +332,9 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     for claim in neurons.CLAIMS:
         if claim.mechanism:
             row = decide(claim, ctx)
+            if claim.id == "reduction_spreads":  # its placebo column is the smallest group's reduction, not a share
+                assert row["placebo"]["diff"] == pytest.approx(ctl["min_reduction"]["diff"])
+                assert "not its share" in row["diagnosis"]
             assert row["verdict"] != "holds", row
             assert row["placebo"] and row["placebo"]["difference_verdict"] != "holds", row
             alone.append(decide(dataclasses.replace(claim, mechanism=False), ctx)["verdict"])

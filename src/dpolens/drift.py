@@ -28,8 +28,8 @@ import torch
 
 from dpolens.evaluate import percentile_ci, ppl_windows, resample_units
 from dpolens.model.generation import encode_prompts, left_pad, length_batches, position_ids
-from dpolens.model.loading import LoadedModel, adds_bos
-from dpolens.textquality import continuation_logprob, distinct_n, prior_nll
+from dpolens.model.loading import LoadedModel
+from dpolens.textquality import continuation_logprob, distinct_n, prior_logprob, prior_nll
 
 # patterns counted as one "word" each: a collapse onto a date, a link or a new paragraph shows as one marker
 PATTERNS = {"<year>": re.compile(r"\b(?:1[89]|20)\d\d\b"), "<url>": re.compile(r"https?://|www\.|\.com\b"),
@@ -169,13 +169,11 @@ def relevance(base: LoadedModel, aligned: LoadedModel, prompts: list[str], base_
     prompts, and aligned − base paired over prompts (bootstrap): a model that answers a toxic prompt with a
     sports season writes continuations the prompt explains less (a negative difference); one that only swaps
     a swear word for a milder one barely moves it."""
-    tok = base.tokenizer
-    start = [tok.bos_token_id if adds_bos(tok) else tok.eos_token_id]
     ctx = encode_prompts(base, prompts, max_prompt_tokens)
     pmi = {}
     for who, conts in (("base", base_ids), ("aligned", aligned_ids)):
         judged = [continuation_logprob(j, ctx, conts, batch_size) -
-                  continuation_logprob(j, [start] * len(conts), conts, batch_size) for j in (base, aligned)]
+                  prior_logprob(j, conts, batch_size) for j in (base, aligned)]
         pmi[who] = (judged[0] + judged[1]) / 2
         pmi[f"{who}_by_judge"] = judged
     keep = np.isfinite(pmi["base"]) & np.isfinite(pmi["aligned"])

@@ -52,10 +52,16 @@ def prior_nll(lm: LoadedModel, continuations: list[str], batch_size: int = 16) -
     """Mean NLL per token (nats) of each continuation with no prompt: after BOS alone (EOS where the tokenizer
     adds no BOS). `prior_nll − continuation_nll` is the PMI per token of continuation and prompt: how much the
     prompt explains the continuation (`drift.pair_relevance`, the pairs gate's `min_relevance_diff`)."""
+    ids = lm.tokenizer(list(continuations), add_special_tokens=False)["input_ids"] if continuations else []
+    return -prior_logprob(lm, ids, batch_size)
+
+
+def prior_logprob(lm: LoadedModel, continuations: list[list[int]], batch_size: int = 16) -> np.ndarray:
+    """`continuation_logprob` of token ids after no prompt: the BOS alone, or the EOS where the tokenizer adds no
+    BOS (the one unconditioned context of `prior_nll` and `drift.relevance`)."""
     tok = lm.tokenizer
     start = [tok.bos_token_id if adds_bos(tok) else tok.eos_token_id]
-    ids = tok(list(continuations), add_special_tokens=False)["input_ids"] if continuations else []
-    return -continuation_logprob(lm, [start] * len(ids), ids, batch_size)
+    return continuation_logprob(lm, [start] * len(continuations), continuations, batch_size)
 
 
 def special_token_flags(lm: LoadedModel, texts: list[str]) -> list[bool]:
