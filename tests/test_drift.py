@@ -159,7 +159,8 @@ def test_dpo_stops_at_its_target_and_keeps_each_strength(tiny_dirs, tmp_path, mo
     # dev reduction 0.2 at step 2 (reaches 15%), 0.6 at step 4 (reaches 54%): training stops at step 4
     assert s["steps"] == 4 and st["reached"] == {"15": 2, "54": 4} and st["analysed_step"] == 4
     assert [r["step"] for r in st["trajectory"]] == [0, 2, 4]
-    assert st["dev"] == {"files": [str(dev)], "n_from_files": 5, "n_validation_pair_prompts": 4, "n": 9}
+    assert st["dev"] == {"files": [str(dev)], "n_from_files": 5, "n_held_out_evaluation_prompts": 0,
+                         "n_validation_pair_prompts": 4, "n": 9}
     out = tmp_path / "dpo"
     model = load_model(out / "model").model.state_dict()
     at54 = load_model(out / "strengths" / "54" / "model").model.state_dict()
@@ -190,6 +191,39 @@ def test_dev_prompts_that_are_evaluation_prompts_are_refused(tiny_dirs, tmp_path
                     dev_prompts=[str(p)], eval=EvalData(prompts=str(p)))
     with pytest.raises(DpolensError, match="dev prompts are evaluation prompts"):
         run_dpo(cfg)
+
+
+def test_dev_holdout_is_the_evaluation_prompts_no_stage_evaluates(tmp_path, monkeypatch):
+    import dpolens.scoring
+
+    from dpolens.config import ConfigError
+    from dpolens.data import holdout_split, load_holdout, load_prompts
+    from dpolens.evaluate import EvalData, load_inputs
+    from dpolens.stages.analyze import AnalyzeConfig
+    from dpolens.stages.neurons import NeuronsConfig, fit_split
+    from dpolens.training import StrengthMonitor, TrainConfig
+
+    monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, **k: StepScorer())
+    p = tmp_path / "challenge.jsonl"
+    everything = [f"Challenge prompt {i}" for i in range(30)]
+    p.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in everything))
+    kept, held = holdout_split(everything, 7)
+    assert len(held) == 7 and sorted(kept + held) == sorted(everything) and not set(kept) & set(held)
+    assert held != everything[-7:] and held != everything[:7]  # a sample, not the file's head or tail
+    assert holdout_split(everything, 7) == (kept, held)  # fixed: every stage holds out the same prompts
+    assert kept == [q for q in everything if q in set(kept)]  # file order
+    ev = EvalData(prompts=str(p), holdout=7, f1_data=None, wikitext=None)
+    assert load_inputs(ev).prompts == kept == load_prompts(p, holdout=7) and load_holdout(p, 7) == held
+    cfg = TrainConfig(model="m", pairs="x", out=str(tmp_path / "o"), dev_holdout=True, dev_val_prompts=False,
+                      target_reduction=0.5, eval=ev)
+    monitor = StrengthMonitor(cfg, None, [{"prompt_text": "a tweet"}], tmp_path)
+    assert monitor.prompts == held and monitor.dev["n_held_out_evaluation_prompts"] == 7
+    # the stages that read the challenge prompts themselves leave the same ones out
+    assert AnalyzeConfig(prompts=str(p), holdout=7, limit=None).holdout == 7
+    fit, skip = fit_split(NeuronsConfig(fit_from="eval", fit_prompts=5, eval=ev))
+    assert fit == kept[:5] and skip == 5 and load_inputs(ev, offset=skip).prompts == kept[5:]
+    with pytest.raises(ConfigError, match="eval.holdout"):
+        TrainConfig(model="m", pairs="x", out="o", dev_holdout=True)
 
 
 def test_lopsided_markers_name_a_year_on_the_preferred_side_only():

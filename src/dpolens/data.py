@@ -119,10 +119,31 @@ def _validate(obj, fields: dict[str, type], where: str) -> dict:
     return obj
 
 
-def load_prompts(path: str | Path, limit: int | None = None, skip_bad_rows: bool = False) -> list[str]:
-    """`{"prompt": str}` JSONL (RealToxicityPrompts' nested `{"prompt": {"text"}}` too)."""
+HOLDOUT_SEED = 0  # fixed, not the study's seed: every stage and every study holds out the same prompts
+
+
+def holdout_split(prompts: list[str], n: int) -> tuple[list[str], list[str]]:
+    """(kept, held out): `n` prompts drawn with a fixed seed are held out (e.g. the DPO strength control's dev
+    prompts, never evaluated on); both lists keep the file's order."""
+    if n <= 0:
+        return list(prompts), []
+    if n >= len(prompts):
+        raise DpolensError(f"holdout {n} leaves no prompts: the file has {len(prompts)}")
+    held = set(random.Random(HOLDOUT_SEED).sample(range(len(prompts)), n))
+    return ([p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held])
+
+
+def load_prompts(path: str | Path, limit: int | None = None, skip_bad_rows: bool = False,
+                 holdout: int = 0) -> list[str]:
+    """`{"prompt": str}` JSONL (RealToxicityPrompts' nested `{"prompt": {"text"}}` too); `holdout` prompts
+    (`holdout_split`) left out before the limit."""
     rows = read_jsonl(path, {"prompt": str}, skip_bad_rows)
-    return [r["prompt"] for r in rows][:limit]
+    return holdout_split([r["prompt"] for r in rows], holdout)[0][:limit]
+
+
+def load_holdout(path: str | Path, n: int, skip_bad_rows: bool = False) -> list[str]:
+    """The `n` prompts that `load_prompts(path, holdout=n)` leaves out."""
+    return holdout_split(load_prompts(path, None, skip_bad_rows), n)[1]
 
 
 def load_f1_set(path: str | Path, limit: int | None = None, skip_bad_rows: bool = False) -> list[dict]:

@@ -423,6 +423,9 @@ class EvalData:
     f1_data: str | None = field(default_factory=lambda: default_data("wiki/wiki_samples.jsonl"))  # None: no F1
     wikitext: str | None = field(default_factory=lambda: default_data("wikitext-2-raw/wiki.test.raw"))  # PPL text
     limit: int | None = None  # evaluate on the first N prompts (None: all)
+    # N prompts (a fixed-seed sample, data.holdout_split) never evaluated on: the DPO strength control's dev
+    # prompts (dpo.dev_holdout), so that the strength is chosen on prompts of the evaluation's kind
+    holdout: int = 0
     f1_limit: int | None = None  # F1 rows used (None: as many as `limit`, or all)
     scorer: str = "jigsaw-lstm"  # toxicity scorer (dpolens.scoring)
     skip_bad_rows: bool = False  # skip and count malformed rows instead of stopping
@@ -435,6 +438,7 @@ class EvalData:
 
     def __post_init__(self):
         at_least(self, 1, "limit", "f1_limit")
+        at_least(self, 0, "holdout")
 
 
 @dataclass
@@ -449,7 +453,7 @@ def load_inputs(d: EvalData, offset: int = 0) -> EvalInputs:
     """Read the data once; `offset` skips prompts (e.g. those used to fit something)."""
     from dpolens.scoring import get_scorer
 
-    prompts = load_prompts(d.prompts, None, d.skip_bad_rows)[offset:]
+    prompts = load_prompts(d.prompts, None, d.skip_bad_rows, d.holdout)[offset:]
     prompts = prompts[: d.limit] if d.limit else prompts
     f1_rows = load_f1_set(d.f1_data, d.f1_limit or d.limit, d.skip_bad_rows) if d.f1_data else None
     wiki = load_wikitext(d.wikitext) if d.wikitext else None

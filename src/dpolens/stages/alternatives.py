@@ -156,7 +156,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     inputs = load_inputs(cfg.eval)  # read before training: a bad file fails now
     # the neuron accounting is fitted on challenge prompts the evaluation does not use (patching is
     # evaluated on those); with none left, the offset prompts serve and patching is skipped
-    fit_prompts = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows)[len(inputs.prompts):][: cfg.offset_limit]
+    fit_prompts = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows,
+                               cfg.eval.holdout)[len(inputs.prompts):][: cfg.offset_limit]
     variants = {**cfg.variants, **train_methods(cfg)}
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     probe, probe_meta = load_probe(cfg.probe, base)

@@ -66,6 +66,7 @@ class AnalyzeConfig(RunSettings):
     out: str = "runs/analyze"
     prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     limit: int | None = 200
+    holdout: int = 0  # prompts left out (data.holdout_split): the DPO strength control's dev prompts (eval.holdout)
     lens_token: str = " shit"
     lens_search: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
     lens_search_limit: int = 2000  # challenge prompts first, then WikiText sentences
@@ -86,6 +87,7 @@ class AnalyzeConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "limit", "lens_search_limit", "top_neurons", "control_draws")
+        at_least(self, 0, "holdout")
 
 
 class NeuronActivation(TypedDict):
@@ -251,7 +253,7 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     from dpolens import figures
 
     cfg.require_float32("base and aligned are compared")
-    prompts = load_prompts(cfg.prompts, cfg.limit)  # inputs read before any model or output
+    prompts = load_prompts(cfg.prompts, cfg.limit, holdout=cfg.holdout)  # inputs read before any model or output
     tv = load_vectors(cfg.vectors)[: cfg.top_neurons]
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
@@ -339,7 +341,7 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     offset = residual_offset(xb, xa, w_hat)
     offset_ci = offset_stats(sb, sa, w_hat, offset, cfg.n_boot, cfg.seed, controls=[st for st, _ in controls])
 
-    search = (load_prompts(cfg.prompts) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
+    search = (load_prompts(cfg.prompts, holdout=cfg.holdout) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
     lens_prompts = find_lens_prompts(base, search, token_id, cfg.batch_size)
     lens = {"token": cfg.lens_token, "n_prompts": len(lens_prompts), "prompts": lens_prompts[:20]}
     if lens_prompts:

@@ -171,7 +171,8 @@ def section(folder: Path, headline: DPOHeadline, manifest: dict) -> str:
         parts.append(table([{"step": r["step"], "dev toxicity": r["toxicity"], "reduction": r["reduction"]}
                             for r in st.get("trajectory") or []], ["step", "dev toxicity", "reduction"],
                            f"Strength control: greedy toxicity on {st['dev']['n']} dev prompts (never evaluation "
-                           f"prompts: {st['dev']['n_from_files']} from {', '.join(Path(f).name for f in st['dev']['files'])}, "
+                           f"prompts: {st['dev']['n_from_files']} from {', '.join(Path(f).name for f in st['dev']['files']) or 'no file'}, "
+                           f"{st['dev'].get('n_held_out_evaluation_prompts', 0)} held out of the evaluation prompts, "
                            f"{st['dev']['n_validation_pair_prompts']} validation pairs' prompts) at each checkpoint. "
                            f"Target {st.get('target_reduction')}; reached: {reached}; analysed step: "
                            f"{st.get('analysed_step')}."))

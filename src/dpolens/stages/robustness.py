@@ -42,6 +42,7 @@ class RobustnessConfig(RunSettings):
     out: str = "runs/robustness"
     prompts: str = field(default_factory=lambda: default_data("rtp/challenge_prompts.jsonl"))
     neutral: list[str] = field(default_factory=lambda: [default_data("wikitext-2-raw/wiki.test.raw")])
+    holdout: int = 0  # prompts left out (data.holdout_split): the DPO strength control's dev prompts (eval.holdout)
     limit: int | None = 200  # prompts whose offset retention is measured (δx̂ from half of them, retention on the rest)
     # the first N of them are also generated from and scored (toxicity per transform; None: all): generation is
     # most of the stage's cost, and no ledger row reads it
@@ -60,6 +61,7 @@ class RobustnessConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         at_least(self, 1, "limit", "toxicity_limit", "batch_size", "max_prompt_tokens", "control_draws")
+        at_least(self, 0, "holdout")
         unknown = [t for t in self.transforms if t not in ALL_TRANSFORMS]
         if unknown:
             raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
@@ -106,7 +108,7 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     if cfg.unaligned:
         models.append(("unaligned", load_model(cfg.unaligned, dtype=cfg.dtype, device=cfg.device)))
     scorer = get_scorer(cfg.scorer)
-    plain = load_prompts(cfg.prompts, cfg.limit)
+    plain = load_prompts(cfg.prompts, cfg.limit, holdout=cfg.holdout)
     inputs = transformed_prompts(plain, cfg.transforms, wikitext_prompts(cfg.neutral), cfg.turns, cfg.seed)
     for texts, _ in inputs.values():  # before any compute: every prompt must leave room for the continuation
         check_fits(base, encode_prompts(base, texts, cfg.max_prompt_tokens, keep_last=True), cfg.max_new_tokens)
@@ -115,11 +117,15 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     # δx̂ from one half of the plain prompts, every retention (plain included) on the other half
     fit, measure = split_halves(len(plain), cfg.seed)
     order = ["plain", *(t for t in inputs if t != "plain")]  # δx (from plain) first
+    # only plain prompts fit δx̂: every other transform is run on the measuring half alone (units None), which
+    # gives the same per-prompt statistics and halves their forward passes, the placebos' included
+    units_of = {t: measure if t == "plain" else None for t in order}
     seqs_of, base_stats = {}, {}
     for tname in order:
         texts = inputs[tname][0]
-        seqs_of[tname] = seqs = (final_turn_seqs(base, texts, cfg.max_prompt_tokens) if tname == "multi_turn" else
-                                 prompt_token_seqs(base, texts, cfg.max_prompt_tokens))
+        seqs = (final_turn_seqs(base, texts, cfg.max_prompt_tokens) if tname == "multi_turn" else
+                prompt_token_seqs(base, texts, cfg.max_prompt_tokens))
+        seqs_of[tname] = seqs = seqs if tname == "plain" else [seqs[i] for i in measure]
         stats = {}
         for mname, lm in models:
             steps.set_postfix_str(f"activations {tname} {mname}")
@@ -129,7 +135,8 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         if delta is None:
             delta = subset_mean(stats["aligned"], fit) - subset_mean(stats["base"], fit)
         for mname in stats.keys() - {"base"}:
-            retention[(tname, mname)] = offset_retention(delta, stats["base"], stats[mname], cfg.seed, measure)
+            retention[(tname, mname)] = offset_retention(delta, stats["base"], stats[mname], cfg.seed,
+                                                         units_of[tname])
     control = None
     if cfg.control == "placebo":  # each draw: its own δx̂ from the fit half, retention on the measuring half
         control = {"kind": "placebo", "draws": cfg.control_draws, "models": [], "rows": [],
@@ -146,7 +153,8 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
                 if delta_c is None:
                     delta_c = subset_mean(st, fit) - subset_mean(base_stats["plain"], fit)
                 control["rows"].append({"transform": tname, "draw": k,
-                                        **offset_retention(delta_c, base_stats[tname], st, cfg.seed, measure)})
+                                        **offset_retention(delta_c, base_stats[tname], st, cfg.seed,
+                                                           units_of[tname])})
             del c
 
     rows = []
