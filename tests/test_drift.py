@@ -219,11 +219,65 @@ def test_dev_holdout_is_the_evaluation_prompts_no_stage_evaluates(tmp_path, monk
     monitor = StrengthMonitor(cfg, None, [{"prompt_text": "a tweet"}], tmp_path)
     assert monitor.prompts == held and monitor.dev["n_held_out_evaluation_prompts"] == 7
     # the stages that read the challenge prompts themselves leave the same ones out
-    assert AnalyzeConfig(prompts=str(p), holdout=7, limit=None).holdout == 7
+    from dpolens.stages import analyze, robustness
+
+    class Read(Exception):
+        pass
+
+    def reading(module):  # the stage's prompts, then stop it before any model is needed
+        got = []
+        real = module.load_prompts
+        monkeypatch.setattr(module, "load_prompts", lambda *a, **k: got.append(real(*a, **k)) or got[-1])
+        return got
+
+    got = reading(analyze)
+    monkeypatch.setattr(analyze, "load_vectors", lambda *a, **k: (_ for _ in ()).throw(Read()))
+    with pytest.raises(Read):
+        analyze.run_analyze(AnalyzeConfig(prompts=str(p), holdout=7, limit=None))
+    assert got == [kept]
+    got = reading(robustness)
+    monkeypatch.setattr(robustness, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(robustness, "transformed_prompts", lambda *a, **k: (_ for _ in ()).throw(Read()))
+    with pytest.raises(Read):
+        robustness.run_robustness(robustness.RobustnessConfig(prompts=str(p), holdout=7, limit=None))
+    assert got == [kept]
     fit, skip = fit_split(NeuronsConfig(fit_from="eval", fit_prompts=5, eval=ev))
     assert fit == kept[:5] and skip == 5 and load_inputs(ev, offset=skip).prompts == kept[5:]
+    # fitted on pair prompts: none of the challenge prompts, the held-out ones included
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt_text": q, "unpert_gen_text": " a", "pert_gen_text": " b"}) + "\n"
+                             for q in [held[0], "tweet one", kept[0], "tweet two"]))
+    assert fit_split(NeuronsConfig(fit_from="pairs", fit_prompts=2, pairs=str(pairs), eval=ev)) == (
+        ["tweet one", "tweet two"], 0)
     with pytest.raises(ConfigError, match="eval.holdout"):
         TrainConfig(model="m", pairs="x", out="o", dev_holdout=True)
+
+
+def test_study_stages_after_dpo_leave_out_the_dev_prompts():
+    from dpolens.config import ConfigError
+    from dpolens.pipeline import load_study, stage_configs
+
+    for f in ("configs/study-gemma-3-270m.yaml", "configs/study-smollm2-135m.yaml"):
+        c = stage_configs(load_study(f))
+        assert c["dpo"].dev_holdout and not c["dpo"].dev_val_prompts and c["dpo"].eval.holdout == 200
+        assert c["unalign"].eval.holdout == c["neurons"].eval.holdout == c["analyze"].holdout == \
+            c["robustness"].holdout == 200 and c["table2"].eval.holdout == 0
+        for wrong in ("analyze.holdout=100", "neurons.eval.holdout=0", "dpo.eval.holdout=100"):
+            with pytest.raises(ConfigError, match="holdout"):
+                load_study(f, [wrong])
+
+
+
+def test_alternatives_refuse_dev_prompts_they_would_evaluate():
+    from dpolens.config import ConfigError
+    from dpolens.evaluate import EvalData
+    from dpolens.stages.alternatives import AlternativesConfig
+    from dpolens.training import TrainConfig
+
+    train = TrainConfig(model="m", pairs="x", out="o", dev_holdout=True, eval=EvalData(holdout=200))
+    assert AlternativesConfig(methods=["dpo"], train=train, eval=EvalData(holdout=200)).eval.holdout == 200
+    with pytest.raises(ConfigError, match="dev_holdout"):
+        AlternativesConfig(methods=["dpo"], train=train, eval=EvalData())
 
 
 def test_lopsided_markers_name_a_year_on_the_preferred_side_only():

@@ -142,6 +142,7 @@ def test_transforms_measured_on_the_measuring_half_alone_read_as_on_all_prompts(
                                                                                 jigsaw_cached):
     """Issue #34: the stage runs each transform other than plain on the measuring half only; its retention must be
     what the whole set's statistics give on that half (the definition before the cut)."""
+    from dpolens.compare import placebo
     from dpolens.data import load_prompts, wikitext_prompts
     from dpolens.drift import split_halves
     from dpolens.model.loading import load_model
@@ -155,8 +156,8 @@ def test_transforms_measured_on_the_measuring_half_alone_read_as_on_all_prompts(
     (tmp_path / "w.raw").write_text("The quick brown fox jumps over the lazy dog again today.\n")
     cfg = RobustnessConfig(base=str(tiny_dirs["llama"]), aligned=str(tmp_path / "aligned"), out=str(tmp_path / "r"),
                            prompts=str(tmp_path / "p.jsonl"), neutral=[str(tmp_path / "w.raw")], max_new_tokens=2,
-                           batch_size=4, max_prompt_tokens=120, toxicity_limit=1, transforms=["plain", "rot13",
-                                                                                              "multi_turn"])
+                           batch_size=4, max_prompt_tokens=120, toxicity_limit=1, control_draws=1,
+                           transforms=["plain", "rot13", "multi_turn"])
     r = run_robustness(cfg)
     base, aligned = load_model(cfg.base), load_model(cfg.aligned)
     inputs = transformed_prompts(load_prompts(cfg.prompts), cfg.transforms, wikitext_prompts(cfg.neutral), cfg.turns,
@@ -167,9 +168,15 @@ def test_transforms_measured_on_the_measuring_half_alone_read_as_on_all_prompts(
     sb = {t: prompt_stats(base, s, 3) for t, s in full.items()}  # another batch size, every prompt
     sa = {t: prompt_stats(aligned, s, 3) for t, s in full.items()}
     delta = subset_mean(sa["plain"], fit) - subset_mean(sb["plain"], fit)
+    c = placebo(base, aligned, cfg.seed)  # the stage's one draw, on the same prompts
+    sc = {t: prompt_stats(c, s, 3) for t, s in full.items()}
+    delta_c = subset_mean(sc["plain"], fit) - subset_mean(sb["plain"], fit)
     by = {x["transform"]: x for x in r["rows"] if x["model"] == "aligned"}
+    drawn = {x["transform"]: x for x in r["control"]["rows"] if x["draw"] == 0}
     for t in inputs:
-        want = offset_retention(delta, sb[t], sa[t], cfg.seed, measure)
-        assert by[t]["retention"] == pytest.approx(want["retention"], rel=1e-4, abs=1e-6), t
-        assert by[t]["retention_per_prompt"] == pytest.approx(want["retention_per_prompt"], rel=1e-4, abs=1e-6), t
-        assert by[t]["retention_ci95"] == pytest.approx(want["retention_ci95"], rel=1e-4, abs=1e-6), t
+        for got, want in ((by[t], offset_retention(delta, sb[t], sa[t], cfg.seed, measure)),
+                          (drawn[t], offset_retention(delta_c, sb[t], sc[t], cfg.seed, measure))):
+            assert got["retention"] == pytest.approx(want["retention"], rel=1e-4, abs=1e-6), t
+            assert got["retention_per_prompt"] == pytest.approx(want["retention_per_prompt"], rel=1e-4, abs=1e-6), t
+            assert got["retention_ci95"] == pytest.approx(want["retention_ci95"], rel=1e-4, abs=1e-6), t
+    assert r["split"]["holdout"] == 0

@@ -146,6 +146,11 @@ def load_holdout(path: str | Path, n: int, skip_bad_rows: bool = False) -> list[
     return holdout_split(load_prompts(path, None, skip_bad_rows), n)[1]
 
 
+def same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two data paths name one file (a holdout of one applies to the other)."""
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
 def load_f1_set(path: str | Path, limit: int | None = None, skip_bad_rows: bool = False) -> list[dict]:
     """`{"prompt": str, "gold": str}` JSONL: prefixes and their true continuations."""
     rows = read_jsonl(path, {"prompt": str, "gold": str}, skip_bad_rows)

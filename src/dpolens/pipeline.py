@@ -63,7 +63,26 @@ def load_study(path: str | Path, sets: list[str] | None = None) -> Any:
     if (bad := [s for s in study.dose_response if s not in repeatable or s not in study.stages]):
         raise ConfigError(f"dose_response: '{bad[0]}' is not a stage of this study that reads the dpo model "
                           f"({', '.join(s for s in repeatable if s in study.stages)})")
+    check_holdouts(stage_configs(study), repeatable)
     return study
+
+
+def check_holdouts(cfgs: dict[str, Any], after_dpo: list[str]) -> None:
+    """With `dpo.dev_holdout`, every stage that reads the dpo model and the same prompt file as dpo's evaluation
+    (its `eval`, or its own `prompts`) must hold out the same prompts: they chose the strength."""
+    from dpolens.data import same_file
+
+    dpo = cfgs.get("dpo")
+    if dpo is None or not getattr(dpo, "dev_holdout", False):
+        return
+    for name in after_dpo:
+        c = cfgs.get(name)
+        for field_, (path, n) in (("eval", (c.eval.prompts, c.eval.holdout) if hasattr(c, "eval") else (None, 0)),
+                                  ("", (getattr(c, "prompts", None), getattr(c, "holdout", 0)))):
+            if isinstance(path, str) and same_file(path, dpo.eval.prompts) and n != dpo.eval.holdout:
+                key = f"{name}.{field_ + '.' if field_ else ''}holdout"
+                raise ConfigError(f"{key} is {n}, dpo.eval.holdout {dpo.eval.holdout}: with dpo.dev_holdout every "
+                                  "stage after dpo must leave out the same dev prompts of that file")
 
 
 def stage_configs(study: Any, folders: dict[str, str] | None = None) -> dict[str, Any]:

@@ -424,14 +424,14 @@ class StrengthMonitor:
         from dpolens.scoring import get_scorer
 
         files = [load_prompts(f) for f in cfg.dev_prompts]
-        held = load_holdout(cfg.eval.prompts, cfg.eval.holdout) if cfg.dev_holdout else []
+        held = load_holdout(cfg.eval.prompts, cfg.eval.holdout, cfg.eval.skip_bad_rows) if cfg.dev_holdout else []
         vp = [p["prompt_text"] for p in val] if cfg.dev_val_prompts else []
         self.prompts = list(dict.fromkeys([q for f in files for q in f] + held + vp))
         if not self.prompts:
             raise DpolensError("target_reduction/strengths need dev prompts: dev_prompts is empty and "
                                "dev_val_prompts and dev_holdout are off")
-        if cfg.eval.prompts and (both := set(self.prompts) & set(load_prompts(cfg.eval.prompts,
-                                                                                holdout=cfg.eval.holdout))):
+        if cfg.eval.prompts and (both := set(self.prompts) & set(load_prompts(
+                cfg.eval.prompts, None, cfg.eval.skip_bad_rows, cfg.eval.holdout))):
             raise DpolensError(f"{len(both)} dev prompts are evaluation prompts ({cfg.eval.prompts}): the strength "
                                "would be chosen on the prompts it is measured on")
         self.dev = {"files": list(cfg.dev_prompts), "n_from_files": sum(map(len, files)),

@@ -22,7 +22,7 @@ from dpolens.artifacts import DpolensError, read_json, write_json, write_manifes
 from dpolens.attribution import assign_groups, group_names, group_shares, neuron_edits, neuron_table
 from dpolens.compare import check_pair, offset_stats, placebo, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
-from dpolens.data import default_data, load_prompts, wikitext_prompts
+from dpolens.data import same_file, default_data, load_prompts, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, read_direction, toxic_keys
 from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
                               paired_ppl_ratio, summarize)
@@ -92,6 +92,11 @@ class AlternativesConfig(RunSettings):
             raise ConfigError(f"unknown transform '{unknown[0]}' ({', '.join(ALL_TRANSFORMS)})")
         if self.transforms and "plain" not in self.transforms:
             raise ConfigError("transforms must include 'plain': the offset δx is measured on plain prompts")
+        if self.train.dev_holdout and (self.train.eval.holdout, same_file(self.train.eval.prompts, self.eval.prompts)) \
+                != (self.eval.holdout, True):
+            raise ConfigError("train.dev_holdout: train.eval must hold out the same prompts as eval (prompts and "
+                              f"holdout), or dev prompts would be evaluated on (train.eval.holdout "
+                              f"{self.train.eval.holdout}, eval.holdout {self.eval.holdout})")
 
 
 class AlternativesResult(TypedDict):
@@ -164,7 +169,9 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     w_hat = read_direction(base, probe, cfg.space)
     base_full = evaluate_inputs(base, cfg.eval, inputs, label="base")
     base_eval, base_texts = base_full.row(), [r["continuation"] for r in base_full.records]
-    prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit)
+    # the evaluation's held-out (dev) prompts stay out of the offset prompts too when both read the same file
+    prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit, cfg.eval.skip_bad_rows,
+                           cfg.eval.holdout if same_file(cfg.offset_prompts, cfg.eval.prompts) else 0)
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
     layers = range(base.adapter.n_layers)

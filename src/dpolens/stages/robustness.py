@@ -176,7 +176,8 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     result = {"rows": rows, "scorer": scorer.describe(), "n_prompts": len(plain),
               "offset_plain_norm": delta.norm(dim=-1).tolist(),
               "split": {"fit": len(fit), "measure": len(measure), "seed": cfg.seed,
-                        "measure_prompts": measure.tolist()},
+                        # indices into the prompts left after the holdout (data.holdout_split) of `holdout`
+                        "measure_prompts": measure.tolist(), "holdout": cfg.holdout},
               "control": control,
               "retention_definition": "mean over prompt tokens of (x_M - x_base)·δx̂ at resid_mid, divided by "
                                       "‖δx‖, δx from the plain prompts of one half (`split.fit`), retention on the "
@@ -267,6 +268,7 @@ def retention_weakens(transforms: tuple[str, ...]):
         prov = dict(models={"base": identity(man.get("base")), "aligned": identity(man.get("aligned"))},
                     scorer=rb.get("scorer"), data={"prompts": man.get("config", {}).get("prompts"),
                                                    "n_prompts": rb.get("n_prompts"),
+                                                   "holdout": man.get("config", {}).get("holdout", 0),
                                                    "transforms": [r["transform"] for r in rows]})
         if not rows:
             raise StageNotRun(f"robustness/table.json rows for {', '.join(transforms)}")
