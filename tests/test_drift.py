@@ -267,7 +267,6 @@ def test_study_stages_after_dpo_leave_out_the_dev_prompts():
                 load_study(f, [wrong])
 
 
-
 def test_alternatives_refuse_dev_prompts_they_would_evaluate():
     from dpolens.config import ConfigError
     from dpolens.evaluate import EvalData

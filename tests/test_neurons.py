@@ -308,7 +308,6 @@ def test_reduction_spreads_against_placebos_holds_for_a_real_shift_and_not_for_n
         def identity(self):
             return {"weight_sha256": f"draw {self.k}"}
 
-    draws = iter(range(3))
     monkeypatch.setattr(neurons, "placebo", lambda base, aligned, seed: Draw(seed))
     cfg = neurons.NeuronsConfig(top_toxic=40, n_boot=400, control_draws=3)
     verdicts = {}
@@ -316,8 +315,8 @@ def test_reduction_spreads_against_placebos_holds_for_a_real_shift_and_not_for_n
         t = noisy_table(effect)
         if effect == 0.0:
             t = redrawn(t, 99)  # a placebo-like model: no shift, only a draw of the noise
+        draws = iter(range(3))  # the same 3 placebo draws for both models
         monkeypatch.setattr(neurons, "neuron_table", lambda *a, base_from, **k: redrawn(base_from, next(draws)))
-        draws = iter(range(3))
         labels = assign_groups(t)
         shares = group_shares(t, labels, top_toxic=40)
         for name, ci in group_intervals(t, labels, 40, n_boot=400, seed=0).items():

@@ -22,7 +22,7 @@ from dpolens.artifacts import DpolensError, read_json, write_json, write_manifes
 from dpolens.attribution import assign_groups, group_names, group_shares, neuron_edits, neuron_table
 from dpolens.compare import check_pair, offset_stats, placebo, residual_offset, value_shift_stats, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
-from dpolens.data import same_file, default_data, load_prompts, wikitext_prompts
+from dpolens.data import default_data, load_prompts, same_file, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, read_direction, toxic_keys
 from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
                               paired_ppl_ratio, summarize)

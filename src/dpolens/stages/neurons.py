@@ -40,7 +40,7 @@ from dpolens.attribution import (GATED_GROUPS, assign_groups, crossfit_shares, d
                                  group_shares, neuron_edits, neuron_table, set_sums)
 from dpolens.compare import GROUPS, check_pair, draw_mean, placebo, vs_placebos
 from dpolens.config import RunSettings, at_least
-from dpolens.data import load_pairs, load_prompts
+from dpolens.data import holdout_split, load_pairs, load_prompts
 from dpolens.directions import load_probe
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
                               percentile_ci, resample_units)
@@ -238,14 +238,15 @@ def clustering_check(t, labels: np.ndarray, sample: int, seed: int) -> dict:
 def fit_split(cfg: NeuronsConfig) -> tuple[list[str], int]:
     """The prompts that fit the groups, and how many evaluation prompts to skip so that none is evaluated
     on: the head of the evaluation prompts, or the DPO pairs' prompts (then every evaluation prompt stays)."""
-    eval_prompts = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows, cfg.eval.holdout)
+    every = load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows)
+    eval_prompts = holdout_split(every, cfg.eval.holdout)[0]  # as load_inputs reads them
     if cfg.fit_from == "eval":
         if len(eval_prompts) <= cfg.fit_prompts:
             raise DpolensError(f"fit_prompts {cfg.fit_prompts} leaves no evaluation prompts: {cfg.eval.prompts} "
                                f"has {len(eval_prompts)}")
         return eval_prompts[: cfg.fit_prompts], cfg.fit_prompts
     prompts = list(dict.fromkeys(p["prompt_text"] for p in load_pairs(cfg.pairs, cfg.eval.skip_bad_rows)))
-    held_out = set(load_prompts(cfg.eval.prompts, None, cfg.eval.skip_bad_rows))  # the holdout's too
+    held_out = set(every)  # the holdout's too
     fit = [p for p in prompts if p not in held_out][: cfg.fit_prompts]
     if len(fit) < cfg.fit_prompts:
         raise DpolensError(f"{cfg.pairs} has {len(fit)} distinct prompts outside the evaluation prompts; "
