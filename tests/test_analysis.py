@@ -2,6 +2,8 @@ import json
 
 import numpy as np
 import pytest
+
+from dpolens.artifacts import write_json
 import torch
 from conftest import save_perturbed
 
@@ -146,6 +148,32 @@ def test_analyze_writes_json_and_figures(tiny_dirs, pair):
     assert 0 <= v["share_anti_aligned"]["ci95"][0] <= v["share_anti_aligned"]["mean"] <= v["share_anti_aligned"]["ci95"][1] <= 1
     assert v["contribution_along_offset"]["unit"] == "neurons"
     assert v["contribution_along_offset"]["n"] == round(v["share_anti_aligned"]["mean"] * 128)
+
+    # the token writers are measured in the same passes (their own columns): given the top toxic vectors as the
+    # "writers", their drop and its placebo block equal the toxic vectors', and the toxic vectors' are unchanged
+    assert len(d["writers"]["neurons"]) == 4 and d["writers"]["control"]["draws"] == 5
+    tv = json.loads((t / "vec" / "toxic_vectors.json").read_text())[:4]
+    assert [(r["layer"], r["neuron"]) for r in d["writers"]["neurons"]] != [(r["layer"], r["neuron"]) for r in tv]
+    write_json(t / "vec" / "token_writers.json", {"rows": [{**r, "score": 1.0} for r in tv]})
+    run_analyze(AnalyzeConfig(base=str(tiny_dirs["gemma3"]), aligned=str(t / "aligned"),
+                              probe=str(t / "probe.safetensors"), vectors=str(t / "vec"), out=str(t / "an2"),
+                              prompts=str(t / "p.jsonl"), lens_search=[str(t / "w.raw")],
+                              lens_token="Holy", top_neurons=4, max_new_tokens=4, figure_layers=2))
+    d2 = json.loads((t / "an2" / "analysis.json").read_text())["activation_drop"]
+    # (equal up to fp32 summation order: the per-layer gathers hold other columns)
+    close = lambda x, y: np.testing.assert_allclose(_flat(x), _flat(y), rtol=1e-5, atol=1e-8)  # noqa: E731
+    close(d2["signed"], d["signed"]), close(d2["raw"], d["raw"]), close(d2["control"], d["control"])
+    close(d2["writers"]["signed"], d["signed"]), close(d2["writers"]["control"], d["control"])
+    assert not np.allclose(_flat(d["writers"]["signed"]), _flat(d["signed"]))
+
+
+def _flat(x) -> list[float]:
+    """The numbers of a nested dict/list, in key order (None and strings left out)."""
+    if isinstance(x, dict):
+        return [v for k in sorted(x) for v in _flat(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [v for e in x for v in _flat(e)]
+    return [float(x)] if isinstance(x, (int, float)) and not isinstance(x, bool) else []
 
 
 def test_bad_inputs(tiny_dirs, tmp_path):

@@ -591,3 +591,72 @@ def test_patching_must_beat_a_random_neuron_set(run_dir):
         assert row["verdict"] == expected, row["diagnosis"]
         if expected == "inconclusive":
             assert "do not replicate more than the null" in row["diagnosis"]
+
+
+def _writers_measured(run_dir, rng, writer_tokens):
+    """The run with non-toxic cosine vectors and token writers whose top tokens are `writer_tokens`; the rows
+    that rest on the vectors measured for the writers too: their activation drops against placebos, their keys
+    scaled bring the whole gap back at no perplexity cost, they carry a small share of the reduction."""
+    tv = json.loads((run_dir / "vectors" / "toxic_vectors.json").read_text())
+    for r in tv:
+        r["top_tokens"] = [" the", " a", " cat", " of"]
+    write_json(run_dir / "vectors" / "toxic_vectors.json", tv)
+    write_json(run_dir / "vectors" / "token_writers.json", {
+        "probe_tokens": [" idiot"], "median_cosine_rank": 900.0,
+        "rows": [{"layer": 1, "neuron": i, "score": 3.0, "cosine": 0.01, "cosine_rank": 900,
+                  "top_tokens": writer_tokens} for i in range(10)]})
+    a = json.loads((run_dir / "analyze" / "analysis.json").read_text())
+    a["activation_drop"]["writers"] = {
+        "neurons": [], "signed": {"base": 0.02, "aligned": 0.01, "diff": -0.01, "ci95": [-0.012, -0.008], "n": 200},
+        "control": {"signed": {"diff": 0.0, "ci95": [-0.001, 0.001], "n": 200},
+                    "vs_control": {"diff": -0.01, "ci95": [-0.012, -0.008], "n": 200}}}
+    write_json(run_dir / "analyze" / "analysis.json", a)
+    u = json.loads((run_dir / "unalign" / "table.json").read_text())
+    base = next(r for r in u["rows"] if r["model"] == "base")
+    aligned = next(r for r in u["rows"] if r["model"] == "aligned")
+    writers = {**eval_row("unaligned-token-writers", base["toxicity_per_prompt"], rng), "model": "unaligned-token-writers",
+               "ppl_window_nll": aligned["ppl_window_nll"], "ppl_window_tokens": aligned["ppl_window_tokens"]}
+    u["rows"].append(writers)
+    write_json(run_dir / "unalign" / "table.json", u)
+    g = json.loads((run_dir / "neurons" / "groups.json").read_text())
+    g["crossfit_writers"] = {**g["crossfit"], "toxic_neurons": {"count": 7, "share": 0.1, "ci95": [0.05, 0.15]},
+                             "control": {"draws": 3, "four_groups_reduction": [0.1, 0.2, 0.1], "toxic_neurons": {
+                                 "mean": 0.5, "ci95": [0.4, 0.6], "diff": -0.4, "diff_ci95": [-0.5, -0.3]}}}
+    write_json(run_dir / "neurons" / "groups.json", g)
+    return {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+
+
+def test_rows_resting_on_the_vectors_are_reported_for_the_token_writers(run_dir):
+    """Where the cosine ranking's vectors are not toxic, the rows resting on them read `precondition failed`
+    and report the same claim for the token writers, judged by the same rule (placebo, guards) and by the
+    writers' own precondition: it holds where the writers' tokens are toxic..."""
+    rows = _writers_measured(run_dir, np.random.default_rng(1), [" idiot", " stupid", " moron", " the"])
+    vec = rows["vectors_toxic_tokens"]
+    assert vec["verdict"] != "holds" and vec["alternatives"]["token-writers"]["verdict"] == "holds"
+    for cid in ("toxic_neurons_activation_drop", "unalign_restores", "toxic_neurons_small_share"):
+        r = rows[cid]
+        alt = r["alternatives"]["token-writers"]
+        assert r["verdict"] == "precondition failed", cid
+        assert alt["verdict"] == "holds" and "verdict_as_measured" not in alt, (cid, alt)
+        assert "with the token-writers ranking (whose own precondition is holds" in r["diagnosis"], cid
+    # the mechanism rule applies to the alternative too: without its placebo it cannot hold
+    assert rows["toxic_neurons_activation_drop"]["alternatives"]["token-writers"]["placebo"]["difference_verdict"] == "holds"
+
+
+def test_token_writer_rows_need_their_own_precondition(run_dir):
+    """...and reads `precondition failed` itself where the writers' tokens are no more toxic than random."""
+    rows = _writers_measured(run_dir, np.random.default_rng(1), [" the", " a", " cat", " of"])
+    assert rows["vectors_toxic_tokens"]["alternatives"]["token-writers"]["verdict"] != "holds"
+    for cid in ("toxic_neurons_activation_drop", "unalign_restores", "toxic_neurons_small_share"):
+        alt = rows[cid]["alternatives"]["token-writers"]
+        assert alt["verdict"] == "precondition failed" and alt["verdict_as_measured"] == "holds", (cid, alt)
+
+
+def test_an_alternative_mechanism_without_placebo_does_not_hold(run_dir):
+    rows = _writers_measured(run_dir, np.random.default_rng(1), [" idiot", " stupid", " moron", " the"])
+    a = json.loads((run_dir / "analyze" / "analysis.json").read_text())
+    del a["activation_drop"]["writers"]["control"]
+    write_json(run_dir / "analyze" / "analysis.json", a)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+    alt = rows["toxic_neurons_activation_drop"]["alternatives"]["token-writers"]
+    assert alt["verdict"] == "inconclusive" and "no placebo control" in alt["diagnosis"]

@@ -322,8 +322,8 @@ def test_reduction_spreads_against_placebos_holds_for_a_real_shift_and_not_for_n
         for name, ci in group_intervals(t, labels, 40, n_boot=400, seed=0).items():
             (shares["toxic_neurons"] if name == "toxic_neurons" else shares["groups"][name]).update(ci)
         shares["crossfit"] = crossfit_shares(t, 40, n_boot=400, seed=0, replicates=True)
-        shares["crossfit"]["control"] = neurons.placebo_shares(cfg, None, None, None, {}, [], t, shares["crossfit"],
-                                                               False)
+        shares["crossfit"]["control"], _ = neurons.placebo_shares(cfg, None, None, None, {}, [], t, shares["crossfit"],
+                                                                  False)
         shares["crossfit"].pop("_replicates")
         (tmp_path / "neurons").mkdir(exist_ok=True)
         (tmp_path / "neurons" / "groups.json").write_text(json.dumps(shares))
@@ -392,3 +392,9 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     # measured (2026-12-06): on its own statistic each row holds for this placebo-like model (toxic share − 0.5
     # −0.51 [−0.79, −0.43]; smallest group 0.33 [0.22, 0.39]): the placebo comparison is what keeps them from holding
     assert alone == ["holds", "holds"]
+    # the toxic neurons ranked as token writers: the same cross-fit (same halves and groups) and placebo draws
+    cw = g["crossfit_writers"]
+    assert cw["min"] == g["crossfit"]["min"] and cw["split"] == g["crossfit"]["split"] and "_replicates" not in cw
+    assert cw["control"]["draws"] == 3 and cw["control"]["models"] == ctl["models"]
+    alt = decide(next(c for c in neurons.CLAIMS if c.id == "toxic_neurons_small_share"), ctx)["alternatives"]
+    assert alt["token-writers"]["verdict"] != "holds" and alt["token-writers"]["placebo"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.directions import keys_scaled, save_probe
+from dpolens.directions import keys_scaled, save_probe, toxic_keys
 from dpolens.evaluate import EvalData, EvalSettings, eval_key, load_inputs
 from dpolens.model import hooks
 from dpolens.stages.unalign import UnalignConfig, run_unalign, sign_flip
@@ -76,8 +76,13 @@ def test_unalign_scales_exactly_the_top_keys(tiny_dirs, tmp_path, jigsaw_cached,
             for n in range(a.d_mlp):
                 factor = 10.0 if (layer, n) in scaled else 1.0
                 torch.testing.assert_close(after[n], before[n] * factor)
-        assert [r["model"] for r in res["rows"]] == ["aligned", "unaligned", "unaligned-sign-aware"]
-        spec = res["rows"][-1]["intervention"]
+        assert [r["model"] for r in res["rows"]] == ["aligned", "unaligned", "unaligned-sign-aware",
+                                                     "unaligned-token-writers"]
+        writers = toxic_keys(lm, cfg.probe, 2, "raw", "token-writers")
+        assert [(int(s["module"].split(".")[1]), s["neurons"][0]) for s in res["writers_scaled"]] == \
+            [(l, n) for l, n, _ in writers]
+        assert res["rows"][-1]["weight_sha256"] != res["rows"][0]["weight_sha256"]  # the writers' keys were scaled
+        spec = res["rows"][2]["intervention"]
         assert all(e["kind"] == "scale_positive" and e["factor"] == 10.0 for e in spec)
         assert sorted((e["layer"], n) for e in spec for n in e["neurons"]) == sorted(scaled)
         flips = res["sign_flip"]

@@ -246,4 +246,7 @@ def render_text(ledger: dict) -> str:
                      else "")]
         if r["diagnosis"]:
             lines.append(f"    why:   {r['diagnosis']}")
+        for name, a in (r.get("alternatives") or {}).items():
+            lines.append(f"    {name}: [{a['verdict']}] effect {effect_text(a)}"
+                         + (f" (as measured: {a['verdict_as_measured']})" if a.get("verdict_as_measured") else ""))
     return "\n".join(lines) + "\n"

@@ -66,15 +66,32 @@ def apply_preconditions(rows: list[dict], claims: dict[str, Claim]) -> list[dict
     by_id = {r["id"]: r for r in rows}
     for r in rows:
         c = claims.get(r["id"])
-        failed = [by_id[q] for q in (c.requires if c else ()) if q in by_id and by_id[q]["verdict"] != "holds"]
+        required = [by_id[q] for q in (c.requires if c else ()) if q in by_id]
+        for name, alt in (r.get("alternatives") or {}).items():  # the same rule on the alternative ranking
+            unmet = [q for q in required if ((q.get("alternatives") or {}).get(name) or {}).get("verdict") != "holds"]
+            if unmet:
+                alt["verdict_as_measured"], alt["verdict"] = alt["verdict"], "precondition failed"
+        failed = [q for q in required if q["verdict"] != "holds"]
         if failed:
             f = failed[0]
             r["verdict_as_measured"] = r["verdict"]
             r["diagnosis"] = (f"precondition failed: it rests on '{f['id']}' ({f['claim']}), which is {f['verdict']} "
                               f"({effect_text(f)}); as measured: {r['verdict']}"
-                              + (f"; {r['diagnosis']}" if r["diagnosis"] else ""))
+                              + (f"; {r['diagnosis']}" if r["diagnosis"] else "")
+                              + "".join(f"; {alternative_text(name, alt, f)}"
+                                        for name, alt in (r.get("alternatives") or {}).items()))
             r["verdict"] = "precondition failed"
     return rows
+
+
+def alternative_text(name: str, alt: dict, failed: dict) -> str:
+    """How the row reads on another ranking (`Measured.alternatives`), with that ranking's own precondition
+    (the failed row's alternative of the same name) where it was measured."""
+    pre = (failed.get("alternatives") or {}).get(name)
+    pre_text = (f" (whose own precondition is {pre['verdict']}: {effect_text(pre)})" if pre else
+                " (its precondition was not measured for it)")
+    measured = alt.get("verdict_as_measured", alt["verdict"])
+    return f"with the {name} ranking{pre_text}: {measured} as measured, {effect_text(alt)}"
 
 
 HOLM_ALPHA = 0.05
@@ -171,6 +188,10 @@ class Measured:
     # the same statistic for the control alignment (a placebo of the alignment's size) on the same units:
     # {"effect", "ci95"} of the placebo and {"diff", "diff_ci95"} aligned − placebo (paired where the units are)
     control: dict | None = None
+    # the same claim measured on another choice of its inputs, judged by the same rule (guards, placebo): e.g.
+    # {"token-writers": Measured} where the row rests on the probe's cosine ranking and that ranking's precondition
+    # fails (`apply_preconditions` then names the alternative's verdict)
+    alternatives: dict = field(default_factory=dict)
 
     def against_placebo(self, effect, ci95, diff, diff_ci95, digits: int = 5) -> "Measured":
         """Record the placebo's statistic and aligned − placebo, and say them in `ours` and the diagnosis."""
@@ -199,12 +220,8 @@ class Claim:
     requires: tuple[str, ...] = ()
 
 
-def decide(c: Claim, ctx: StageContext) -> dict:
-    """One ledger row: the claim measured on the stage's folder, or `inconclusive` when it did not run."""
-    try:
-        m = c.build(ctx)
-    except StageNotRun as e:
-        m = Measured(None, None, None, "stage not run", f"stage not run (missing {e})")
+def judge(m: Measured, c: Claim) -> tuple[str, str | None, list | None]:
+    """The ledger's rule on what a builder measured: (verdict, diagnosis, the interval it rests on)."""
     degenerate = m.ci95 is not None and not all(finite(x) for x in m.ci95)  # e.g. every resample 0/0
     ci95 = None if degenerate else m.ci95
     v = verdict(ci95, c.sign)
@@ -228,14 +245,32 @@ def decide(c: Claim, ctx: StageContext) -> dict:
                "no finite interval: " if degenerate else
                "" if ci95 is None else "interval includes zero: ")  # without one, the builder says why
         diagnosis = why + m.diagnosis
+    return v, diagnosis, ci95
+
+
+def placebo_block(m: Measured, c: Claim) -> dict | None:
+    return {**m.control, "difference_verdict": verdict(m.control.get("diff_ci95"), c.sign)} if m.control else None
+
+
+def decide(c: Claim, ctx: StageContext) -> dict:
+    """One ledger row: the claim measured on the stage's folder, or `inconclusive` when it did not run."""
+    try:
+        m = c.build(ctx)
+    except StageNotRun as e:
+        m = Measured(None, None, None, "stage not run", f"stage not run (missing {e})")
+    v, diagnosis, ci95 = judge(m, c)
+    alternatives = {}
+    for name, alt in m.alternatives.items():
+        av, adiag, aci = judge(alt, c)
+        alternatives[name] = {"effect": alt.effect if finite(alt.effect) else None, "ci95": aci, "verdict": av,
+                              "n": alt.n, "ours": alt.ours, "diagnosis": adiag, "placebo": placebo_block(alt, c)}
     return {"id": c.id, "claim": c.claim, "source": c.source, "paper": c.paper, "ours": m.ours, "n": m.n,
             "effect": m.effect if finite(m.effect) else None, "ci95": ci95, "verdict": v, "rule": c.rule,
             "diagnosis": diagnosis, "paper_direction": "> 0" if c.sign > 0 else "< 0", "models": m.models,
             "scorer": m.scorer, "data": m.data, "seed": ctx.seed, "n_boot": ctx.n_boot,
             "artifacts": [f"{ctx.stage}/{a}" for a in c.artifacts], "mechanism": c.mechanism,
             "function": f"{c.build.__module__}.{c.build.__qualname__}",
-            "placebo": ({**m.control, "difference_verdict": verdict(m.control.get("diff_ci95"), c.sign)}
-                        if m.control else None)}
+            "placebo": placebo_block(m, c), "alternatives": alternatives}
 
 
 def finite(x) -> bool:

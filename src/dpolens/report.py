@@ -25,6 +25,14 @@ def _placebo_text(row: dict) -> str:
             f"{effect_text({'effect': p.get('diff'), 'ci95': p.get('diff_ci95')})}")
 
 
+def _alternatives_text(row: dict) -> str:
+    """The row's verdict on other rankings of its inputs (the token writers), or –."""
+    alts = row.get("alternatives") or {}
+    return "; ".join(f"{name}: {a['verdict']}" + (f" (as measured: {a['verdict_as_measured']})"
+                                                  if a.get("verdict_as_measured") else "") + f", {effect_text(a)}"
+                     for name, a in alts.items()) or "–"
+
+
 def _sources(row: dict) -> str:
     """The function that measured a row and links to the artifact files it read (relative to the run folder)."""
     links = ", ".join(f'<a href="{esc(a)}">{esc(a)}</a>' for a in row.get("artifacts") or [])
@@ -38,18 +46,21 @@ def claims_section(run: Path) -> str:
     ledger = read_json(run / "claims.json") or write_claims(run)
     rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
              "effect [95% CI]": effect_text(r), "placebo [95% CI]": _placebo_text(r), "verdict": r["verdict"],
-             "Holm": r.get("verdict_holm", "–"), "diagnosis": r["diagnosis"],
+             "Holm": r.get("verdict_holm", "–"), "other ranking": _alternatives_text(r), "diagnosis": r["diagnosis"],
              "from": Markup(_sources(r))}
             for r in ledger["rows"]]
-    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", "diagnosis",
-            "from"]
+    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", "other ranking",
+            "diagnosis", "from"]
     counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
     if "counts_holm" in ledger:
         counts += "; Holm-adjusted: " + ", ".join(f"{n} {v}" for v, n in ledger["counts_holm"].items())
     html = "<h2>Claims</h2>" + table(rows, cols,
                                      f"Which of the seeds' claims hold on this run ({counts}). Rule: {ledger['rule']} "
                                      "Placebo: the same statistic for placebos (the base plus noise of the alignment's "
-                                     "size, tensor by tensor) on the same units. "
+                                     "size, tensor by tensor) on the same units. Other ranking: the rows that rest "
+                                     "on the toxic vectors, measured again with the toxic neurons ranked as token "
+                                     "writers (the value vectors that most promote the probe's top tokens), each "
+                                     "judged by the same rule and by that ranking's own precondition. "
                                      f"Intervals: seeded bootstraps ({ledger['n_boot']} resamples, seed "
                                      f"{ledger['seed']}); models, scorer and data of each row in claims.json.")
     if methods := ledger.get("method_rows"):

@@ -43,7 +43,7 @@ from dpolens.compare import (
 )
 from dpolens.config import RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
-from dpolens.directions import load_probe, load_vectors, read_direction
+from dpolens.directions import load_probe, load_vectors, read_direction, signs_of
 from dpolens.evaluate import paired_bootstrap, percentile_ci, resample_units
 from dpolens.ledger import (Claim, Measured, StageContext, growth, identity, interval, num, offset_control, pct,
                             pct_interval, stat_block)
@@ -83,6 +83,9 @@ class AnalyzeConfig(RunSettings):
     # seeded noise of the aligned model's size, tensor by tensor), a model folder, or none
     control: str | None = "placebo"
     control_draws: int = 5  # placebos (seeds seed..seed+K-1); intervals resample the draws too
+    # also measure the activation drop for the top `top_neurons` token writers (vectors/token_writers.json), which
+    # the ledger reports where the cosine ranking's precondition (its vectors' tokens are toxic) fails
+    writers: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -168,11 +171,13 @@ class AnalysisHeadline(TypedDict, total=False):  # empty without analysis.json
     offset: list[OffsetLayer]
 
 
-def per_prompt_means(st: Stats, weights: torch.Tensor, residual: bool = False) -> list[float | None]:
+def per_prompt_means(st: Stats, weights: torch.Tensor, residual: bool = False,
+                     cols: slice = slice(None)) -> list[float | None]:
     """Per prompt, the mean over its continuation tokens of the chosen neurons' weighted mean
     activation (1/N Σ_i w_i m_i; `residual`: of m_i/s, the activation as it reaches the residual after
-    a post-MLP norm, method.md section 0); None for a prompt without continuation tokens. weights: [N]."""
-    sums = ((st.per_prompt_neuron_ms if residual else st.per_prompt_neuron_m) * weights).mean(1)  # [n_prompts]
+    a post-MLP norm, method.md section 0); None for a prompt without continuation tokens. weights: [N],
+    for the neurons `cols` of the stats' neuron list."""
+    sums = ((st.per_prompt_neuron_ms if residual else st.per_prompt_neuron_m)[:, cols] * weights).mean(1)
     return [float(s / n) if n > 0 else None for s, n in zip(sums, st.prompt_tokens)]
 
 
@@ -255,6 +260,8 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     cfg.require_float32("base and aligned are compared")
     prompts = load_prompts(cfg.prompts, cfg.limit, holdout=cfg.holdout)  # inputs read before any model or output
     tv = load_vectors(cfg.vectors)[: cfg.top_neurons]
+    wv = ((read_json(Path(cfg.vectors) / "token_writers.json") or {}).get("rows") or [])[: cfg.top_neurons] \
+        if cfg.writers else []
     base = load_model(cfg.base, dtype=cfg.dtype, device=cfg.device)
     aligned = load_model(cfg.aligned, dtype=cfg.dtype, device=cfg.device)
     check_pair(base, aligned)
@@ -262,7 +269,7 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     if cfg.control and cfg.control != "placebo":
         given = load_model(cfg.control, dtype=cfg.dtype, device=cfg.device)
         check_pair(base, given)
-    probe, _ = load_probe(cfg.probe, base)
+    probe, meta = load_probe(cfg.probe, base)
     token_id = single_token(base, cfg.lens_token)
     a = base.adapter
     out = Path(cfg.out)
@@ -277,6 +284,12 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     # cosine of its value vector v itself, so that m·sign and m·cos(v) do not depend on a gated neuron's convention
     signs = torch.tensor([float(r.get("sign", 1)) for r in tv])
     cosines = torch.tensor([r["cosine"] for r in tv]) * signs
+    # the token writers (their `cosine` is the signed score, as the toxic vectors'), measured in the same passes
+    writers = [(r["layer"], r["neuron"]) for r in wv]
+    all_signs = signs_of(base, meta)
+    w_cosines = torch.tensor([r["cosine"] * float(all_signs[l, n]) for r, (l, n) in zip(wv, writers)])
+    tops, wcols = slice(0, len(top)), slice(len(top), len(top) + len(writers))
+    neurons = top + writers
     fig_layers = sorted({l for l, _ in top[: cfg.figure_layers]})
     all_layers = range(a.n_layers)
 
@@ -286,9 +299,9 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     same = [(g.prompt_ids, g.continuation_ids) for g in gens["base"]]
     stats = {
         ("base", "same"): continuation_stats(base, same, fig_layers, cfg.batch_size, "base, base tokens",
-                                             x_layers=all_layers, neurons=top),
+                                             x_layers=all_layers, neurons=neurons),
         ("aligned", "same"): continuation_stats(aligned, same, fig_layers, cfg.batch_size, "aligned, base tokens",
-                                                x_layers=all_layers, neurons=top),
+                                                x_layers=all_layers, neurons=neurons),
         ("aligned", "own"): continuation_stats(aligned, [(g.prompt_ids, g.continuation_ids) for g in gens["aligned"]],
                                                  fig_layers, cfg.batch_size, "aligned, own tokens"),
     }
@@ -297,7 +310,7 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     for k in range(cfg.control_draws if cfg.control == "placebo" else 1 if cfg.control else 0):
         c = given or placebo(base, aligned, cfg.seed + k)
         st = continuation_stats(c, same, (), cfg.batch_size, f"control {k}, base tokens", x_layers=all_layers,
-                                neurons=top)
+                                neurons=neurons)
         dvc = {j: c.adapter.value_vectors(j).float() - a.value_vectors(j).float() for j in range(a.n_layers)}
         controls.append((st, value_shift_stats(dvc, st.mean_x - stats[("base", "same")].mean_x, st.mean_m_over_s,
                                                cfg.n_boot, cfg.seed + 1 + k, replicates=True)))
@@ -319,8 +332,9 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
                       "mean_aligned_own_tokens: the aligned model's own continuations",
             "n_neurons": len(per_neuron), "per_neuron": per_neuron}
     sb, sa = stats[("base", "same")], stats[("aligned", "same")]
-    per_prompt = {"raw_base": per_prompt_means(sb, signs), "raw_aligned": per_prompt_means(sa, signs),
-                  "signed_base": per_prompt_means(sb, cosines, True), "signed_aligned": per_prompt_means(sa, cosines, True),
+    per_prompt = {"raw_base": per_prompt_means(sb, signs, cols=tops), "raw_aligned": per_prompt_means(sa, signs, cols=tops),
+                  "signed_base": per_prompt_means(sb, cosines, True, tops),
+                  "signed_aligned": per_prompt_means(sa, cosines, True, tops),
                   "n_tokens": [int(n) for n in sb.prompt_tokens]}
     drop.update({"raw": paired_drop(per_prompt["raw_base"], per_prompt["raw_aligned"], cfg.n_boot, cfg.seed),
                  "signed": paired_drop(per_prompt["signed_base"], per_prompt["signed_aligned"], cfg.n_boot, cfg.seed),
@@ -333,8 +347,18 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
                  "per_prompt": per_prompt})
     if controls:
         drop["control"] = paired_vs_draws(per_prompt["signed_base"], per_prompt["signed_aligned"],
-                                          [per_prompt_means(st, cosines, True) for st, _ in controls], cfg.n_boot,
+                                          [per_prompt_means(st, cosines, True, tops) for st, _ in controls], cfg.n_boot,
                                           cfg.seed)
+    if writers:
+        wb, wa = per_prompt_means(sb, w_cosines, True, wcols), per_prompt_means(sa, w_cosines, True, wcols)
+        drop["writers"] = {"neurons": [{"layer": l, "neuron": n, "cosine": float(c)}
+                                       for (l, n), c in zip(writers, w_cosines.tolist())],
+                           "signed": paired_drop(wb, wa, cfg.n_boot, cfg.seed),
+                           "definition": "the top token writers (vectors/token_writers.json): mean (m/s)·cos(v, probe) "
+                                         "as for the toxic neurons"}
+        if controls:
+            drop["writers"]["control"] = paired_vs_draws(
+                wb, wa, [per_prompt_means(st, w_cosines, True, wcols) for st, _ in controls], cfg.n_boot, cfg.seed)
 
     xb, xa = sb.mean_x, sa.mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens
@@ -431,6 +455,15 @@ def activation_drop(ctx: StageContext) -> Measured:
                  f"{signed_text}; {raw_text}; {sign_text}", **_prov(a))
     if (c := d.get("control")) and c["signed"]["diff"] is not None:
         m.against_placebo(c["signed"]["diff"], c["signed"]["ci95"], c["vs_control"]["diff"], c["vs_control"]["ci95"])
+    if (w := d.get("writers")) and (ws := w.get("signed")) and ws.get("diff") is not None:
+        text = (f"the top {len(w['neurons'])} token writers' contribution along the probe {num(ws['base'], 5)} → "
+                f"{num(ws['aligned'], 5)}, Δ {num(ws['diff'], 5)} {interval(ws['ci95'], 5)}")
+        alt = Measured(ws["diff"], ws["ci95"], ws["n"], text, text, **_prov(a))
+        if (c := w.get("control")) and c["signed"]["diff"] is not None:
+            alt.against_placebo(c["signed"]["diff"], c["signed"]["ci95"], c["vs_control"]["diff"],
+                                c["vs_control"]["ci95"])
+        m.alternatives["token-writers"] = alt
+        m.ours += f"; {text}"
     return m
 
 

@@ -41,7 +41,7 @@ from dpolens.attribution import (GATED_GROUPS, assign_groups, crossfit_shares, d
 from dpolens.compare import GROUPS, check_pair, draw_mean, placebo, vs_placebos
 from dpolens.config import RunSettings, at_least
 from dpolens.data import holdout_split, load_pairs, load_prompts
-from dpolens.directions import load_probe
+from dpolens.directions import load_probe, probe_top_tokens, signed_values, token_writer_scores
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
                               percentile_ci, resample_units)
 from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, finite, gap_share, guarded, identity,
@@ -87,6 +87,11 @@ class NeuronsConfig(RunSettings):
     # the aligned model's size, tensor by tensor; one generation and one forward over the fit prompts each)
     control: Literal["placebo"] | None = "placebo"
     control_draws: int = 5  # placebos (seeds seed..seed+K-1); aligned − placebo uses a prediction interval
+    # the cross-fitted toxic-neuron share also with the toxic neurons ranked as token writers (directions.
+    # token_writer_scores: how much each value vector promotes the probe's top `writer_tokens` tokens), which the
+    # ledger reports where the cosine ranking's precondition fails (numpy only: no generation)
+    writers: bool = True
+    writer_tokens: int = 10
     cluster_sample: int = 3000
     batch_size: int = 32
     max_new_tokens: int = 20
@@ -273,19 +278,30 @@ def edit_neurons(cfg: NeuronsConfig, base: LoadedModel, inputs: EvalInputs, t: d
 
 
 def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, probe, probe_meta: dict,
-                   fit_prompts: list[str], t: dict, cf: dict, gated: bool) -> dict:
+                   fit_prompts: list[str], t: dict, cf: dict, gated: bool, writer_score: np.ndarray | None = None,
+                   cf_writers: dict | None = None) -> tuple[dict, dict | None]:
     """The cross-fitted toxic-neuron share and smallest group share of `control_draws` placebos (the base plus
     noise of the aligned model's size per tensor), on the same fit prompts, split and bootstrap replicates as the
     aligned model's; aligned − placebo with `compare.vs_placebos`' prediction interval, the placebo's own
     interval over its replicates with a draw picked in each (`compare.draw_mean`, as `analyze`'s)."""
-    draws = []
+    draws, writer_draws = [], []
     for k in range(cfg.control_draws):
         c = placebo(base, aligned, cfg.seed + k)
         tc = neuron_table(base, c, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
                           meta=probe_meta, space=cfg.space, base_from=t)
         draws.append((c.identity(), crossfit_shares(tc, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, n_random=0,
                                                     replicates=True)))
+        if writer_score is not None:
+            writer_draws.append((c.identity(), crossfit_shares({**tc, "toxic_score": writer_score}, cfg.top_toxic,
+                                                               cfg.n_boot, cfg.seed, gated, n_random=0,
+                                                               replicates=True)))
         del c, tc
+    return (versus_draws(cfg, cf, draws),
+            versus_draws(cfg, cf_writers, writer_draws) if writer_draws and cf_writers else None)
+
+
+def versus_draws(cfg: NeuronsConfig, cf: dict, draws: list[tuple[dict, dict]]) -> dict:
+    """The placebo block of a cross-fitted result `cf` from the draws' cross-fitted results (same replicates)."""
     out = {"kind": "placebo", "draws": len(draws), "models": [i for i, _ in draws],
            "four_groups_reduction": [d["four_groups_reduction"]["value"] for _, d in draws],
            "rule": "each placebo's groups and toxic neurons chosen and measured as the aligned model's (same halves, "
@@ -338,10 +354,23 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
                            "rule": "groups held as fitted; each replicate recomputes the reductions from the "
                                    "resampled prompts' per-prompt projection sums (token-weighted); percentile"}
     shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, replicates=True)
+    writer_score = None
+    if cfg.writers:  # the same cross-fit with the toxic neurons ranked as token writers (in the base model)
+        token_ids = probe_top_tokens(base, probe, cfg.writer_tokens)
+        writer_score = token_writer_scores(base, signed_values(base, probe_meta).flatten(0, 1), token_ids).numpy()
+        shares["crossfit_writers"] = crossfit_shares({**t, "toxic_score": writer_score}, cfg.top_toxic, cfg.n_boot,
+                                                     cfg.seed, gated, replicates=True)
+        shares["crossfit_writers"]["ranking"] = (f"token writers: mean z-score of the probe's top {cfg.writer_tokens} "
+                                                 "tokens in each signed value vector's logit lens")
     if cfg.control == "placebo" and "_replicates" in shares["crossfit"]:
-        shares["crossfit"]["control"] = placebo_shares(cfg, base, aligned, probe, probe_meta, fit_prompts, t,
-                                                       shares["crossfit"], gated)
-    shares["crossfit"].pop("_replicates", None)
+        ctl, ctl_w = placebo_shares(cfg, base, aligned, probe, probe_meta, fit_prompts, t, shares["crossfit"], gated,
+                                    writer_score, shares.get("crossfit_writers"))
+        shares["crossfit"]["control"] = ctl
+        if ctl_w:
+            shares["crossfit_writers"]["control"] = ctl_w
+    for k in ("crossfit", "crossfit_writers"):
+        if k in shares:
+            shares[k].pop("_replicates", None)
     for k in ("prompt_p_base", "prompt_p_aligned"):
         del t[k]  # n_prompts × n_neurons: not needed past the intervals
     shares["clustering"] = clustering_check(t, labels, cfg.cluster_sample, cfg.seed)
@@ -464,11 +493,24 @@ def toxic_neurons_small_share(ctx: StageContext) -> Measured:
     cf, why = _crossfit(g)
     if cf is None:
         return Measured(None if pos is None else pos - 0.5, None, None, text, f"{why}; {text}", **prov)
+    m = _toxic_share(cf, text, prov)
+    cfw, _ = _crossfit({"crossfit": g.get("crossfit_writers")})
+    if cfw is not None:  # the toxic neurons ranked as token writers (NeuronsConfig.writers)
+        alt = _toxic_share(cfw, "", prov)
+        m.alternatives["token-writers"] = alt
+        t = cfw["toxic_neurons"]
+        m.ours += f"; ranked as token writers: {t['count']} neurons carry {pct(t['share'])} {pct_interval(t['ci95'])}"
+    return m
+
+
+def _toxic_share(cf: dict, text: str, prov: dict) -> Measured:
+    """The cross-fitted toxic-neuron share of `cf` (a crossfit block of groups.json) as the claim's Measured."""
     t = cf["toxic_neurons"]
     ci = [c - 0.5 for c in t["ci95"]] if t["share"] is not None and all(map(finite, t["ci95"])) else None
     ours = (f"cross-fitted: {t['count']} toxic neurons chosen on {cf['split']['choose']} prompts carry "
             f"{pct(t['share'])} "
-            f"{pct_interval(t['ci95'])} of the four groups' reduction on the other {cf['split']['measure']}; {text}")
+            f"{pct_interval(t['ci95'])} of the four groups' reduction on the other {cf['split']['measure']}"
+            + (f"; {text}" if text else ""))
     if (r := t.get("random_sets")):
         ours += (f"; {r['n_sets']} random sets of {r['count']} neurons carry {pct(r['share'])} {pct_interval(r['ci95'])}, "
                  f"toxic − random {pct(r['toxic_minus_random']['diff'])} "

@@ -59,6 +59,9 @@ class UnalignConfig(RunSettings):
     rank: Literal["cosine", "token-writers"] = "cosine"
     writer_tokens: int = 10  # rank: token-writers — how many of the probe's top tokens
     sign_aware: bool = True  # also evaluate the sign-aware variant (scale m_i only where m_i > 0)
+    # rank cosine: also scale the k top token writers' keys (rank token-writers) in the aligned model and evaluate
+    # that (one more evaluation): the ledger reports the claim for that ranking beside the paper's
+    writers: bool = True
     sign_flip_prompts: int = 64  # the first N evaluation prompts measure how often m_i < 0
     eval: EvalData = field(default_factory=EvalData)
 
@@ -164,12 +167,21 @@ def run_unalign(cfg: UnalignConfig) -> UnalignResult:
         res = evaluate_inputs(aligned, cfg.eval, inputs, spec, label="unaligned-sign-aware")
         rows.append({"model": "unaligned-sign-aware", "ref": aligned.ref, "weight_sha256": aligned.weight_hash,
                      "intervention": spec, **res.row()})
+    writers = None
+    if cfg.writers and cfg.rank == "cosine":
+        w_targets = toxic_keys(aligned, cfg.probe, cfg.k, cfg.space, "token-writers", cfg.writer_tokens)
+        with keys_scaled(aligned, w_targets, cfg.scale, cfg.key) as w_scaled:
+            res = evaluate_inputs(aligned, cfg.eval, inputs, label="unaligned-token-writers")
+            rows.append({"model": "unaligned-token-writers", "ref": aligned.ref,
+                         "weight_sha256": aligned.weight_hash, **res.row()})
+        writers = [{**s_, "token_writer_score": c} for s_, (_, _, c) in zip(w_scaled, w_targets)]
     flips = sign_flip(unaligned, targets, inputs.prompts[: cfg.sign_flip_prompts],
                       cfg.eval.settings.max_prompt_tokens, cfg.eval.settings.batch_size)
     score = "cosine" if cfg.rank == "cosine" else "token_writer_score"
     result = {"rows": rows, "scaled": [{**s, score: c} for s, (_, _, c) in zip(scaled, targets)],
               "rank": cfg.rank, "k": cfg.k, "scale": cfg.scale, "key_kind": f"{a.mlp_kind}: {scaled[0]['module'].rsplit('.', 1)[-1]}",
-              "sign_flip": flips, "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts)}
+              "sign_flip": flips, "scorer": inputs.scorer.describe(), "n_prompts": len(inputs.prompts),
+              "writers_scaled": writers}
     write_json(out / "table.json", result)
     lines = [f"# Table 4 — un-aligning {cfg.model} by scaling {cfg.k} toxic keys ×{cfg.scale}", "",
              "| model | toxicity | 95% CI | PPL | F1 |", "|---|---|---|---|---|"]
@@ -228,6 +240,7 @@ def unalign_restores(ctx: StageContext) -> Measured:
     share, ci, gap = gap_share(*tox, ctx)
     ppl = ppl_ratio(aligned, unaligned, ctx)
     ours = f"{means}: {pct(share)} of the gap back {pct_interval(ci)}; {ppl_text(ppl, aligned, unaligned)} vs aligned"
+    writers = row_of(rows, "unaligned-token-writers")
     if sign_aware and sign_aware.get("toxicity_per_prompt"):
         sa_share, sa_ci, _ = gap_share(tox[0], tox[1], sign_aware["toxicity_per_prompt"], ctx)
         ours += f"; sign-aware variant {pct(sa_share)} {pct_interval(sa_ci)}"
@@ -235,8 +248,19 @@ def unalign_restores(ctx: StageContext) -> Measured:
         ours += f"; the scaled neurons write −v on {pct(flip['share'])} of {flip.get('n_tokens')} prompt tokens"
     diag = ours if ci is not None else (f"no toxicity gap to recover: aligned − base {num(gap['diff'])} "
                                         f"{interval(gap['ci95'])}; {means}")
-    m = more_than_half(share, ci, gap["n"], ours, diag, prov)
-    return guarded(m, ppl_check(ppl, aligned, unaligned), suffix=" (un-aligned against aligned)")
+    m = guarded(more_than_half(share, ci, gap["n"], ours, diag, prov), ppl_check(ppl, aligned, unaligned),
+                suffix=" (un-aligned against aligned)")
+    if writers and writers.get("toxicity_per_prompt"):  # the same claim for the k top token writers' keys
+        w_share, w_ci, _ = gap_share(tox[0], tox[1], writers["toxicity_per_prompt"], ctx)
+        w_ppl = ppl_ratio(aligned, writers, ctx)
+        text = (f"the {u.get('k')} top token writers' keys scaled: toxicity {num(writers['toxicity']['mean'])}, "
+                f"{pct(w_share)} of the gap back {pct_interval(w_ci)}; {ppl_text(w_ppl, aligned, writers)} vs aligned")
+        w_prov = {**prov, "models": {**prov["models"], "unaligned-token-writers": identity(writers)}}
+        m.alternatives["token-writers"] = guarded(
+            more_than_half(w_share, w_ci, gap["n"], text, text if w_ci is not None else diag, w_prov),
+            ppl_check(w_ppl, aligned, writers), suffix=" (un-aligned against aligned)")
+        m.ours += f"; {text}"
+    return m
 
 
 CLAIMS = (

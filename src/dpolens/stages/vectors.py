@@ -248,10 +248,13 @@ def vectors_toxic_tokens(ctx: StageContext) -> Measured:
                         f"scorer {ctx.scorer_name} unavailable ({e})" + writer_text, models)
     texts_top = [[t.strip() or t for t in r["top_tokens"]] for r in top]
     texts_random = [[t.strip() or t for t in r["top_tokens"]] for r in random["rows"]]
-    flat = [t for ts in texts_top + texts_random for t in ts]
+    w_rows = [r for r in writers["rows"][:TOP_VECTORS] if r.get("top_tokens")] if writers else []
+    texts_writers = [[t.strip() or t for t in r["top_tokens"]] for r in w_rows]
+    flat = [t for ts in texts_top + texts_random + texts_writers for t in ts]
     tox = iter(scorer.score(flat).toxicity.tolist())
     per_top = [float(np.mean([next(tox) for _ in ts])) for ts in texts_top]
     per_random = [float(np.mean([next(tox) for _ in ts])) for ts in texts_random]
+    per_writer = [float(np.mean([next(tox) for _ in ts])) for ts in texts_writers]
     r = unpaired_bootstrap(per_random, per_top, ctx.n_boot, ctx.seed)
     ours = (f"mean toxicity of the top-{len(top)} cosine vectors' top tokens {num(r['mean_b'])} vs "
             f"{num(r['mean_a'])} for {len(per_random)} random value vectors (seed {random['seed']}): "
@@ -260,9 +263,17 @@ def vectors_toxic_tokens(ctx: StageContext) -> Measured:
     diag = (f"top-{len(top)} tokens {num(r['mean_b'])} vs random {num(r['mean_a'])}, {num(r['diff'])} "
             f"{interval(r['ci95'])}; most toxic: L{top[most]['layer']}.{top[most]['neuron']} "
             f"({', '.join(texts_top[most][:5])})" + writer_text)
-    return Measured(r["diff"], r["ci95"], len(top), ours, diag, models, scorer.describe(),
-                    {"random_vectors": random["n"], "random_seed": random["seed"], "tokens_per_vector":
-                     len(texts_top[0]) if texts_top else 0})
+    data = {"random_vectors": random["n"], "random_seed": random["seed"], "tokens_per_vector":
+            len(texts_top[0]) if texts_top else 0}
+    m = Measured(r["diff"], r["ci95"], len(top), ours, diag, models, scorer.describe(), data)
+    if per_writer:  # the same statistic for the token writers, the ranking the rows resting on this one report too
+        w = unpaired_bootstrap(per_random, per_writer, ctx.n_boot, ctx.seed)
+        text = (f"the top-{len(per_writer)} token writers' top tokens {num(w['mean_b'])} vs random "
+                f"{num(w['mean_a'])}: {num(w['diff'])} {interval(w['ci95'])}")
+        m.alternatives["token-writers"] = Measured(w["diff"], w["ci95"], len(per_writer), text, text, models,
+                                                   scorer.describe(), data)
+        m.ours += f"; {text}"
+    return m
 
 
 CLAIMS = (
