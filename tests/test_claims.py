@@ -660,3 +660,30 @@ def test_an_alternative_mechanism_without_placebo_does_not_hold(run_dir):
     rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
     alt = rows["toxic_neurons_activation_drop"]["alternatives"]["token-writers"]
     assert alt["verdict"] == "inconclusive" and "no placebo control" in alt["diagnosis"]
+
+
+def test_the_ledger_across_runs_puts_each_run_in_its_column(tmp_path):
+    """`dpolens claims RUN RUN`: per claim one column per run with its verdict and effect (the token-writer
+    ranking beside it where measured), and which claims hold on all runs, on some, on none."""
+    from dpolens.claims import across_runs, render_across
+
+    a = make_run(tmp_path / "a", np.random.default_rng(0))
+    b = make_run(tmp_path / "b", np.random.default_rng(0))
+    # run b: its cosine vectors are not toxic, its token writers are
+    _writers_measured(b, np.random.default_rng(1), [" idiot", " stupid", " moron", " the"])
+    ledgers = [build_claims(d, n_boot=300, scorer_factory=lambda n: WordScorer()) for d in (a, b)]
+    table = across_runs(ledgers, ["A", "B"])
+    rows = {r["id"]: r for r in table["rows"]}
+    assert len(rows) == len(ledgers[0]["rows"])
+    for cid, r in rows.items():
+        for label, led in zip("AB", ledgers):
+            own = next(x for x in led["rows"] if x["id"] == cid)
+            assert (r["runs"][label]["verdict"], r["runs"][label]["effect"]) == (own["verdict"], own["effect"])
+        n_holds = sum(v["verdict"] == "holds" for v in r["runs"].values())
+        assert r["holds_on"] == {2: "all", 1: "some", 0: "none"}[n_holds] and cid in table["summary"][r["holds_on"]]
+    assert rows["vectors_toxic_tokens"]["holds_on"] == "some"
+    assert rows["toxic_neurons_activation_drop"]["runs"]["B"]["verdict"] == "precondition failed"
+    md = render_across(table)
+    assert md.count("\n| (") == len(rows) and "| A | B |" in md
+    assert rows["unalign_restores"]["runs"]["B"]["alternatives"]["token-writers"]["verdict"] == "holds"
+    assert "; token-writers: holds" in md

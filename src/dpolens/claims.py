@@ -203,7 +203,10 @@ def across_runs(ledgers: list[dict], labels: list[str]) -> dict:
         per = {}
         for label, led in zip(labels, ledgers):
             r = next((x for x in led["rows"] if x["id"] == cid), None)
-            per[label] = ({"effect": r["effect"], "ci95": r["ci95"], "verdict": r["verdict"], "n": r["n"]}
+            per[label] = ({"effect": r["effect"], "ci95": r["ci95"], "verdict": r["verdict"], "n": r["n"],
+                           "verdict_holm": r.get("verdict_holm"),
+                           "alternatives": {k: {"effect": a["effect"], "ci95": a["ci95"], "verdict": a["verdict"]}
+                                            for k, a in (r.get("alternatives") or {}).items()}}
                           if r else {"effect": None, "ci95": None, "verdict": "not measured", "n": None})
         first = next(x for led in ledgers for x in led["rows"] if x["id"] == cid)
         holds = sum(v["verdict"] == "holds" for v in per.values())
@@ -218,7 +221,9 @@ def render_across(table: dict) -> str:
     labels = table["runs"]
     lines = ["| claim | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
     for r in table["rows"]:
-        cells = [f"{v['verdict']}: {effect_text(v) if v['effect'] is not None else '–'}" for v in r["runs"].values()]
+        cells = [f"{v['verdict']}: {effect_text(v) if v['effect'] is not None else '–'}"
+                 + "".join(f"; {k}: {a['verdict']} {effect_text(a)}" for k, a in (v.get("alternatives") or {}).items())
+                 for v in r["runs"].values()]
         lines.append(f"| ({r['source']}) {r['claim']} | " + " | ".join(cells) + " |")
     s = table["summary"]
     lines += ["", f"holds on all {len(labels)}: {len(s['all'])} ({', '.join(s['all']) or '–'}); on some: "
