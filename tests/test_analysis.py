@@ -151,7 +151,8 @@ def test_analyze_writes_json_and_figures(tiny_dirs, pair):
 
     # the token writers are measured in the same passes (their own columns): given the top toxic vectors as the
     # "writers", their drop and its placebo block equal the toxic vectors', and the toxic vectors' are unchanged
-    assert len(d["writers"]["neurons"]) == 4 and d["writers"]["control"]["draws"] == 5
+    assert len(d["writers"]["neurons"]) == 4 and d["writers"]["control_activation"]["draws"] == 5
+    assert d["writers"]["verdict_uses"] == "activation"
     tv = json.loads((t / "vec" / "toxic_vectors.json").read_text())[:4]
     assert [(r["layer"], r["neuron"]) for r in d["writers"]["neurons"]] != [(r["layer"], r["neuron"]) for r in tv]
     write_json(t / "vec" / "token_writers.json", {"rows": [{**r, "score": 1.0} for r in tv]})
@@ -163,7 +164,7 @@ def test_analyze_writes_json_and_figures(tiny_dirs, pair):
     # (equal up to fp32 summation order: the per-layer gathers hold other columns)
     close = lambda x, y: np.testing.assert_allclose(_flat(x), _flat(y), rtol=1e-5, atol=1e-8)  # noqa: E731
     close(d2["signed"], d["signed"]), close(d2["raw"], d["raw"]), close(d2["control"], d["control"])
-    close(d2["writers"]["signed"], d["signed"]), close(d2["writers"]["control"], d["control"])
+    close(d2["writers"]["signed"], d["signed"]), close(d2["writers"]["control_signed"], d["control"])
     assert not np.allclose(_flat(d["writers"]["signed"]), _flat(d["signed"]))
 
 

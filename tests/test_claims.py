@@ -607,9 +607,11 @@ def _writers_measured(run_dir, rng, writer_tokens):
                   "top_tokens": writer_tokens} for i in range(10)]})
     a = json.loads((run_dir / "analyze" / "analysis.json").read_text())
     a["activation_drop"]["writers"] = {
-        "neurons": [], "signed": {"base": 0.02, "aligned": 0.01, "diff": -0.01, "ci95": [-0.012, -0.008], "n": 200},
-        "control": {"signed": {"diff": 0.0, "ci95": [-0.001, 0.001], "n": 200},
-                    "vs_control": {"diff": -0.01, "ci95": [-0.012, -0.008], "n": 200}}}
+        "neurons": [], "activation": {"base": 0.02, "aligned": 0.01, "diff": -0.01, "ci95": [-0.012, -0.008], "n": 200},
+        "control_activation": {"signed": {"diff": 0.0, "ci95": [-0.001, 0.001], "n": 200},
+                               "vs_control": {"diff": -0.01, "ci95": [-0.012, -0.008], "n": 200}},
+        # their contribution along the probe (reported, not judged) rises
+        "signed": {"base": 0.001, "aligned": 0.002, "diff": 0.001, "ci95": [0.0005, 0.0015], "n": 200}}
     write_json(run_dir / "analyze" / "analysis.json", a)
     u = json.loads((run_dir / "unalign" / "table.json").read_text())
     base = next(r for r in u["rows"] if r["model"] == "base")
@@ -633,12 +635,15 @@ def test_rows_resting_on_the_vectors_are_reported_for_the_token_writers(run_dir)
     rows = _writers_measured(run_dir, np.random.default_rng(1), [" idiot", " stupid", " moron", " the"])
     vec = rows["vectors_toxic_tokens"]
     assert vec["verdict"] != "holds" and vec["alternatives"]["token-writers"]["verdict"] == "holds"
-    for cid in ("toxic_neurons_activation_drop", "unalign_restores", "toxic_neurons_small_share"):
+    for cid in ("toxic_neurons_activation_drop", "unalign_restores"):
         r = rows[cid]
         alt = r["alternatives"]["token-writers"]
         assert r["verdict"] == "precondition failed", cid
         assert alt["verdict"] == "holds" and "verdict_as_measured" not in alt, (cid, alt)
         assert "with the token-writers ranking (whose own precondition is holds" in r["diagnosis"], cid
+    # the writers' share of the reduction along the probe is reported, not judged (small by construction)
+    share = rows["toxic_neurons_small_share"]
+    assert share["verdict"] == "precondition failed" and not share["alternatives"] and "not judged" in share["ours"]
     # the mechanism rule applies to the alternative too: without its placebo it cannot hold
     assert rows["toxic_neurons_activation_drop"]["alternatives"]["token-writers"]["placebo"]["difference_verdict"] == "holds"
 
@@ -647,7 +652,7 @@ def test_token_writer_rows_need_their_own_precondition(run_dir):
     """...and reads `precondition failed` itself where the writers' tokens are no more toxic than random."""
     rows = _writers_measured(run_dir, np.random.default_rng(1), [" the", " a", " cat", " of"])
     assert rows["vectors_toxic_tokens"]["alternatives"]["token-writers"]["verdict"] != "holds"
-    for cid in ("toxic_neurons_activation_drop", "unalign_restores", "toxic_neurons_small_share"):
+    for cid in ("toxic_neurons_activation_drop", "unalign_restores"):
         alt = rows[cid]["alternatives"]["token-writers"]
         assert alt["verdict"] == "precondition failed" and alt["verdict_as_measured"] == "holds", (cid, alt)
 
@@ -655,7 +660,7 @@ def test_token_writer_rows_need_their_own_precondition(run_dir):
 def test_an_alternative_mechanism_without_placebo_does_not_hold(run_dir):
     rows = _writers_measured(run_dir, np.random.default_rng(1), [" idiot", " stupid", " moron", " the"])
     a = json.loads((run_dir / "analyze" / "analysis.json").read_text())
-    del a["activation_drop"]["writers"]["control"]
+    del a["activation_drop"]["writers"]["control_activation"]
     write_json(run_dir / "analyze" / "analysis.json", a)
     rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
     alt = rows["toxic_neurons_activation_drop"]["alternatives"]["token-writers"]
@@ -687,3 +692,31 @@ def test_the_ledger_across_runs_puts_each_run_in_its_column(tmp_path):
     assert md.count("\n| (") == len(rows) and "| A | B |" in md
     assert rows["unalign_restores"]["runs"]["B"]["alternatives"]["token-writers"]["verdict"] == "holds"
     assert "; token-writers: holds" in md
+
+
+def test_token_writers_precondition_leaves_out_the_tokens_they_were_chosen_for(run_dir):
+    """The writers are chosen for promoting the probe's top tokens: lists that hold only those tokens (and
+    harmless ones) do not pass the writers' precondition, while the same insults outside the probe's list do."""
+    def writers_verdict(probe_tokens):
+        write_json(run_dir / "vectors" / "token_writers.json", {
+            "probe_tokens": probe_tokens, "median_cosine_rank": 900.0,
+            "rows": [{"layer": 1, "neuron": i, "score": 3.0, "cosine": 0.01, "cosine_rank": 900,
+                      "top_tokens": [" idiot", " stupid", " moron", " the"]} for i in range(10)]})
+        rows = build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]
+        return next(r for r in rows if r["id"] == "vectors_toxic_tokens")["alternatives"]["token-writers"]
+
+    assert writers_verdict([" idiot", " stupid", " moron"])["verdict"] != "holds"
+    assert writers_verdict([" fool"])["verdict"] == "holds"
+
+
+def test_unalign_ranked_by_token_writers_rests_on_their_precondition(run_dir):
+    u = json.loads((run_dir / "unalign" / "table.json").read_text())
+    u["rank"] = "token-writers"
+    write_json(run_dir / "unalign" / "table.json", u)
+    tv = json.loads((run_dir / "vectors" / "toxic_vectors.json").read_text())
+    for r in tv:
+        r["top_tokens"] = [" the", " a", " cat", " of"]
+    write_json(run_dir / "vectors" / "toxic_vectors.json", tv)
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+    r = rows["unalign_restores"]
+    assert r["verdict"] == "precondition failed" and r["alternatives"]["token-writers"]["effect"] == r["effect"]

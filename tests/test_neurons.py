@@ -396,5 +396,5 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     cw = g["crossfit_writers"]
     assert cw["min"] == g["crossfit"]["min"] and cw["split"] == g["crossfit"]["split"] and "_replicates" not in cw
     assert cw["control"]["draws"] == 3 and cw["control"]["models"] == ctl["models"]
-    alt = decide(next(c for c in neurons.CLAIMS if c.id == "toxic_neurons_small_share"), ctx)["alternatives"]
-    assert alt["token-writers"]["verdict"] != "holds" and alt["token-writers"]["placebo"]
+    row = decide(next(c for c in neurons.CLAIMS if c.id == "toxic_neurons_small_share"), ctx)
+    assert not row["alternatives"] and "ranked as token writers" in row["ours"]

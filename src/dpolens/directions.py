@@ -239,8 +239,9 @@ def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tok
     rank[cos.argsort(descending=True)] = torch.arange(cos.numel())
     flat = [layer * d_mlp + neuron for layer, neuron, _ in best]
     proj = vocab_projection(lm, values[flat], 10, projection)
+    sign = signs_of(lm, meta or {}).flatten()
     rows = [{"layer": layer, "neuron": neuron, "score": score, "cosine": float(cos[i]), "cosine_rank": int(rank[i]),
-             **proj[r]} for r, ((layer, neuron, score), i) in enumerate(zip(best, flat))]
+             "sign": int(sign[i]), **proj[r]} for r, ((layer, neuron, score), i) in enumerate(zip(best, flat))]
     return {"probe_tokens": [lm.tokenizer.decode([t]) for t in token_ids], "rows": rows,
             "median_cosine_rank": float(torch.tensor([r["cosine_rank"] for r in rows]).float().median()),
             "score": "mean z-score of the probe's top tokens among all logits of E·(γ ⊙ v)"}

@@ -69,10 +69,10 @@ def apply_preconditions(rows: list[dict], claims: dict[str, Claim]) -> list[dict
         required = [by_id[q] for q in (c.requires if c else ()) if q in by_id]
         for name, alt in (r.get("alternatives") or {}).items():  # the same rule on the alternative ranking
             unmet = [q for q in required if ((q.get("alternatives") or {}).get(name) or {}).get("verdict") != "holds"]
-            if unmet:
+            if unmet and "verdict_as_measured" not in alt:
                 alt["verdict_as_measured"], alt["verdict"] = alt["verdict"], "precondition failed"
         failed = [q for q in required if q["verdict"] != "holds"]
-        if failed:
+        if failed and "verdict_as_measured" not in r:
             f = failed[0]
             r["verdict_as_measured"] = r["verdict"]
             r["diagnosis"] = (f"precondition failed: it rests on '{f['id']}' ({f['claim']}), which is {f['verdict']} "

@@ -46,10 +46,10 @@ def claims_section(run: Path) -> str:
     ledger = read_json(run / "claims.json") or write_claims(run)
     rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
              "effect [95% CI]": effect_text(r), "placebo [95% CI]": _placebo_text(r), "verdict": r["verdict"],
-             "Holm": r.get("verdict_holm", "–"), "other ranking": _alternatives_text(r), "diagnosis": r["diagnosis"],
+             "Holm": r.get("verdict_holm", "–"), "other ranking (not Holm-adjusted)": _alternatives_text(r), "diagnosis": r["diagnosis"],
              "from": Markup(_sources(r))}
             for r in ledger["rows"]]
-    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", "other ranking",
+    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", "other ranking (not Holm-adjusted)",
             "diagnosis", "from"]
     counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
     if "counts_holm" in ledger:

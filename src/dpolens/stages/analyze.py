@@ -284,10 +284,15 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     # cosine of its value vector v itself, so that m·sign and m·cos(v) do not depend on a gated neuron's convention
     signs = torch.tensor([float(r.get("sign", 1)) for r in tv])
     cosines = torch.tensor([r["cosine"] for r in tv]) * signs
-    # the token writers (their `cosine` is the signed score, as the toxic vectors'), measured in the same passes
+    # the token writers, measured in the same passes: their sign as the vectors stage recorded it (rows before it
+    # did: the probe's), their `cosine` the signed score (cosine · sign) as the toxic vectors'
     writers = [(r["layer"], r["neuron"]) for r in wv]
     all_signs = signs_of(base, meta)
-    w_cosines = torch.tensor([r["cosine"] * float(all_signs[l, n]) for r, (l, n) in zip(wv, writers)])
+    w_signs = torch.tensor([float(r.get("sign", all_signs[l, n])) for r, (l, n) in zip(wv, writers)])
+    w_cosines = torch.tensor([r["cosine"] for r in wv]) * w_signs
+    if cfg.writers and len(wv) < cfg.top_neurons:
+        log.warning("token_writers.json lists %d writers, fewer than top_neurons %d: the writers' activation drop "
+                    "is measured on %d", len(wv), cfg.top_neurons, len(wv))
     tops, wcols = slice(0, len(top)), slice(len(top), len(top) + len(writers))
     neurons = top + writers
     fig_layers = sorted({l for l, _ in top[: cfg.figure_layers]})
@@ -350,15 +355,21 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
                                           [per_prompt_means(st, cosines, True, tops) for st, _ in controls], cfg.n_boot,
                                           cfg.seed)
     if writers:
-        wb, wa = per_prompt_means(sb, w_cosines, True, wcols), per_prompt_means(sa, w_cosines, True, wcols)
-        drop["writers"] = {"neurons": [{"layer": l, "neuron": n, "cosine": float(c)}
-                                       for (l, n), c in zip(writers, w_cosines.tolist())],
-                           "signed": paired_drop(wb, wa, cfg.n_boot, cfg.seed),
-                           "definition": "the top token writers (vectors/token_writers.json): mean (m/s)·cos(v, probe) "
-                                         "as for the toxic neurons"}
-        if controls:
-            drop["writers"]["control"] = paired_vs_draws(
-                wb, wa, [per_prompt_means(st, w_cosines, True, wcols) for st, _ in controls], cfg.n_boot, cfg.seed)
+        # the writers are chosen for the tokens they promote, not for their cosine with the probe (which is small and
+        # of either sign): the verdict reads their activation as it reaches the residual, (m/s)·sign, equally
+        # weighted; (m/s)·cos(v, probe), the toxic neurons' statistic, is kept beside it
+        drop["writers"] = {"neurons": [{"layer": l, "neuron": n, "sign": int(sg), "cosine": float(c)}
+                                       for (l, n), sg, c in zip(writers, w_signs.tolist(), w_cosines.tolist())],
+                           "verdict_uses": "activation",
+                           "definition": "the top token writers (vectors/token_writers.json). activation: mean (m/s)·sign "
+                                         "(sign: the neuron's sign on the probe's toxic texts, 1 on a GELU MLP); "
+                                         "signed: mean (m/s)·cos(v, probe), as for the toxic neurons"}
+        for kind, weights in (("activation", w_signs), ("signed", w_cosines)):
+            wb, wa = per_prompt_means(sb, weights, True, wcols), per_prompt_means(sa, weights, True, wcols)
+            drop["writers"][kind] = paired_drop(wb, wa, cfg.n_boot, cfg.seed)
+            if controls:
+                drop["writers"][f"control_{kind}"] = paired_vs_draws(
+                    wb, wa, [per_prompt_means(st, weights, True, wcols) for st, _ in controls], cfg.n_boot, cfg.seed)
 
     xb, xa = sb.mean_x, sa.mean_x
     delta = xa - xb  # δx^l at resid_mid, same tokens
@@ -455,11 +466,13 @@ def activation_drop(ctx: StageContext) -> Measured:
                  f"{signed_text}; {raw_text}; {sign_text}", **_prov(a))
     if (c := d.get("control")) and c["signed"]["diff"] is not None:
         m.against_placebo(c["signed"]["diff"], c["signed"]["ci95"], c["vs_control"]["diff"], c["vs_control"]["ci95"])
-    if (w := d.get("writers")) and (ws := w.get("signed")) and ws.get("diff") is not None:
-        text = (f"the top {len(w['neurons'])} token writers' contribution along the probe {num(ws['base'], 5)} → "
+    if (w := d.get("writers")) and (ws := w.get("activation")) and ws.get("diff") is not None:
+        text = (f"the top {len(w['neurons'])} token writers' activation (m/s)·sign {num(ws['base'], 5)} → "
                 f"{num(ws['aligned'], 5)}, Δ {num(ws['diff'], 5)} {interval(ws['ci95'], 5)}")
+        if (wc := w.get("signed")) and wc.get("diff") is not None:
+            text += f" (their contribution along the probe Δ {num(wc['diff'], 5)} {interval(wc['ci95'], 5)})"
         alt = Measured(ws["diff"], ws["ci95"], ws["n"], text, text, **_prov(a))
-        if (c := w.get("control")) and c["signed"]["diff"] is not None:
+        if (c := w.get("control_activation")) and c["signed"]["diff"] is not None:
             alt.against_placebo(c["signed"]["diff"], c["signed"]["ci95"], c["vs_control"]["diff"],
                                 c["vs_control"]["ci95"])
         m.alternatives["token-writers"] = alt
@@ -541,7 +554,8 @@ CLAIMS = (
           PAPER["activation_drop"], -1,
           "effect = signed contribution along the probe as it reaches the residual, (m/s)·cos(v, probe), aligned − "
           "base on the same tokens, "
-          "paired over prompts (the raw activation m is reported too); paper: < 0",
+          "paired over prompts (the raw activation m is reported too); paper: < 0. Token-writer ranking (reported "
+          "beside it): the top token writers' activation (m/s)·sign, equally weighted",
           ("analysis.json",), activation_drop, mechanism=True,
           requires=("vectors_toxic_tokens",)),
     Claim("offset_grows", "Lee", "the residual offset δx grows over layers", PAPER["offset_grows"], +1,

@@ -18,6 +18,7 @@ where m_i > 0: it amplifies exactly the contribution along +v_i.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -260,6 +261,8 @@ def unalign_restores(ctx: StageContext) -> Measured:
             more_than_half(w_share, w_ci, gap["n"], text, text if w_ci is not None else diag, w_prov),
             ppl_check(w_ppl, aligned, writers), suffix=" (un-aligned against aligned)")
         m.ours += f"; {text}"
+    if u.get("rank") == "token-writers":  # the verdict's keys are the writers': their own precondition applies too
+        m.alternatives["token-writers"] = dataclasses.replace(m, alternatives={})
     return m
 
 
@@ -269,7 +272,8 @@ CLAIMS = (
           "effect = (toxicity un-aligned − aligned) / (base − aligned) − 0.5, paired over prompts (no interval "
           "when the base−aligned gap is not significant); paper: > 0 (more than half the gap back); holds only with "
           f"the un-aligned PPL within ×{PPL_BOUND} of the aligned model's (paired over windows; Table 4 names it). The "
-          "verdict uses the paper's key scaling; the sign-aware variant is reported beside it", ("table.json",),
+          "verdict uses the paper's key scaling; the sign-aware variant is reported beside it, and the k top token "
+          "writers' keys scaled (token-writer ranking)", ("table.json",),
           unalign_restores, requires=("vectors_toxic_tokens",)),
 )
 

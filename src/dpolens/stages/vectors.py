@@ -248,13 +248,18 @@ def vectors_toxic_tokens(ctx: StageContext) -> Measured:
                         f"scorer {ctx.scorer_name} unavailable ({e})" + writer_text, models)
     texts_top = [[t.strip() or t for t in r["top_tokens"]] for r in top]
     texts_random = [[t.strip() or t for t in r["top_tokens"]] for r in random["rows"]]
-    w_rows = [r for r in writers["rows"][:TOP_VECTORS] if r.get("top_tokens")] if writers else []
-    texts_writers = [[t.strip() or t for t in r["top_tokens"]] for r in w_rows]
-    flat = [t for ts in texts_top + texts_random + texts_writers for t in ts]
+    # the token writers are chosen for promoting the probe's top tokens: their lists are scored without those tokens
+    # (and so are the random vectors' they are compared with), else the test would score the probe's tokens again
+    chosen_for = {t.strip() or t for t in (writers or {}).get("probe_tokens", [])}
+    texts_writers = [ts for r in (writers["rows"][:TOP_VECTORS] if writers else [])
+                     if (ts := [t.strip() or t for t in r["top_tokens"] if (t.strip() or t) not in chosen_for])]
+    texts_random_w = [ts for r in texts_random if (ts := [t for t in r if t not in chosen_for])]
+    flat = [t for ts in texts_top + texts_random + texts_writers + texts_random_w for t in ts]
     tox = iter(scorer.score(flat).toxicity.tolist())
     per_top = [float(np.mean([next(tox) for _ in ts])) for ts in texts_top]
     per_random = [float(np.mean([next(tox) for _ in ts])) for ts in texts_random]
     per_writer = [float(np.mean([next(tox) for _ in ts])) for ts in texts_writers]
+    per_random_w = [float(np.mean([next(tox) for _ in ts])) for ts in texts_random_w]
     r = unpaired_bootstrap(per_random, per_top, ctx.n_boot, ctx.seed)
     ours = (f"mean toxicity of the top-{len(top)} cosine vectors' top tokens {num(r['mean_b'])} vs "
             f"{num(r['mean_a'])} for {len(per_random)} random value vectors (seed {random['seed']}): "
@@ -267,9 +272,10 @@ def vectors_toxic_tokens(ctx: StageContext) -> Measured:
             len(texts_top[0]) if texts_top else 0}
     m = Measured(r["diff"], r["ci95"], len(top), ours, diag, models, scorer.describe(), data)
     if per_writer:  # the same statistic for the token writers, the ranking the rows resting on this one report too
-        w = unpaired_bootstrap(per_random, per_writer, ctx.n_boot, ctx.seed)
-        text = (f"the top-{len(per_writer)} token writers' top tokens {num(w['mean_b'])} vs random "
-                f"{num(w['mean_a'])}: {num(w['diff'])} {interval(w['ci95'])}")
+        w = unpaired_bootstrap(per_random_w, per_writer, ctx.n_boot, ctx.seed)
+        text = (f"the top-{len(per_writer)} token writers' top tokens, less the {len(chosen_for)} probe tokens they "
+                f"were chosen for, {num(w['mean_b'])} vs random {num(w['mean_a'])}: {num(w['diff'])} "
+                f"{interval(w['ci95'])}")
         m.alternatives["token-writers"] = Measured(w["diff"], w["ci95"], len(per_writer), text, text, models,
                                                    scorer.describe(), data)
         m.ours += f"; {text}"
