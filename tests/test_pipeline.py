@@ -94,9 +94,14 @@ def test_study_end_to_end_caches_and_reports(study_file, tmp_path, jigsaw_cached
     dpo_eval = json.loads((run / "dpo" / "eval.json").read_text())
     dpo_base = dpo_eval["rows"][0]
     # the over-used words are counted in the base's and the aligned model's own continuations (cached)
+    # (the aligned model with its token writers' keys scaled, unalign's writers variant, has its own weight hash)
+    aligned_hash = dpo_eval["rows"][1]["weight_sha256"]
     aligned_rows = [c for c in cached if c["model"]["ref"].endswith("dpo/model") and not c["intervention"]
-                    and len(c["result"]["records"]) == 6]
+                    and len(c["result"]["records"]) == 6 and c["model"]["weight_sha256"] == aligned_hash]
     assert len(aligned_rows) == 1 and isinstance(dpo_eval["warnings"], list)
+    writers_row = next(x for x in json.loads((run / "unalign" / "table.json").read_text())["rows"]
+                       if x["model"] == "unaligned-token-writers")
+    assert writers_row["weight_sha256"] != aligned_hash
     texts = [[x["continuation"] for x in rows[0]["result"]["records"]] for rows in (base_rows, aligned_rows)]
     assert dpo_eval["overused_words"] == overused_words(*texts)  # base first, then aligned: not swapped
     for w in dpo_eval["overused_words"]:
