@@ -720,3 +720,13 @@ def test_unalign_ranked_by_token_writers_rests_on_their_precondition(run_dir):
     rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
     r = rows["unalign_restores"]
     assert r["verdict"] == "precondition failed" and r["alternatives"]["token-writers"]["effect"] == r["effect"]
+    # the writers' own precondition decides the alternative: unmeasured here (no writer tokens), then toxic
+    assert r["alternatives"]["token-writers"]["verdict"] == "precondition failed"
+    write_json(run_dir / "vectors" / "token_writers.json", {
+        "probe_tokens": [" fool"], "median_cosine_rank": 900.0,
+        "rows": [{"layer": 1, "neuron": i, "score": 3.0, "cosine": 0.01, "cosine_rank": 900,
+                  "top_tokens": [" idiot", " stupid", " moron", " the"]} for i in range(10)]})
+    rows = {r["id"]: r for r in build_claims(run_dir, n_boot=300, scorer_factory=lambda n: WordScorer())["rows"]}
+    alt = rows["unalign_restores"]["alternatives"]["token-writers"]
+    assert rows["unalign_restores"]["verdict"] == "precondition failed" and "verdict_as_measured" not in alt
+    assert alt["verdict"] == rows["unalign_restores"]["verdict_as_measured"]

@@ -25,6 +25,9 @@ def _placebo_text(row: dict) -> str:
             f"{effect_text({'effect': p.get('diff'), 'ci95': p.get('diff_ci95')})}")
 
 
+OTHER_RANKING = "other ranking (not Holm-adjusted)"
+
+
 def _alternatives_text(row: dict) -> str:
     """The row's verdict on other rankings of its inputs (the token writers), or –."""
     alts = row.get("alternatives") or {}
@@ -46,10 +49,10 @@ def claims_section(run: Path) -> str:
     ledger = read_json(run / "claims.json") or write_claims(run)
     rows = [{"claim": f"({r['source']}) {r['claim']}", "paper": r["paper"], "ours": r["ours"], "n": r["n"],
              "effect [95% CI]": effect_text(r), "placebo [95% CI]": _placebo_text(r), "verdict": r["verdict"],
-             "Holm": r.get("verdict_holm", "–"), "other ranking (not Holm-adjusted)": _alternatives_text(r), "diagnosis": r["diagnosis"],
+             "Holm": r.get("verdict_holm", "–"), OTHER_RANKING: _alternatives_text(r), "diagnosis": r["diagnosis"],
              "from": Markup(_sources(r))}
             for r in ledger["rows"]]
-    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", "other ranking (not Holm-adjusted)",
+    cols = ["claim", "paper", "ours", "n", "effect [95% CI]", "placebo [95% CI]", "verdict", "Holm", OTHER_RANKING,
             "diagnosis", "from"]
     counts = ", ".join(f"{n} {v}" for v, n in ledger["counts"].items())
     if "counts_holm" in ledger:

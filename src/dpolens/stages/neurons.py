@@ -41,7 +41,7 @@ from dpolens.attribution import (GATED_GROUPS, assign_groups, crossfit_shares, d
 from dpolens.compare import GROUPS, check_pair, draw_mean, placebo, vs_placebos
 from dpolens.config import RunSettings, at_least
 from dpolens.data import holdout_split, load_pairs, load_prompts
-from dpolens.directions import load_probe, probe_top_tokens, signed_values, token_writer_scores
+from dpolens.directions import load_probe, token_writer_ranking
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
                               percentile_ci, resample_units)
 from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, finite, gap_share, guarded, identity,
@@ -356,8 +356,7 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     shares["crossfit"] = crossfit_shares(t, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, replicates=True)
     writer_score = None
     if cfg.writers:  # the same cross-fit with the toxic neurons ranked as token writers (in the base model)
-        token_ids = probe_top_tokens(base, probe, cfg.writer_tokens)
-        writer_score = token_writer_scores(base, signed_values(base, probe_meta).flatten(0, 1), token_ids).numpy()
+        writer_score = token_writer_ranking(base, probe, cfg.writer_tokens, probe_meta).numpy()
         shares["crossfit_writers"] = crossfit_shares({**t, "toxic_score": writer_score}, cfg.top_toxic, cfg.n_boot,
                                                      cfg.seed, gated, replicates=True)
         shares["crossfit_writers"]["ranking"] = (f"token writers: mean z-score of the probe's top {cfg.writer_tokens} "
