@@ -282,11 +282,23 @@ def test_alternatives_refuse_dev_prompts_they_would_evaluate():
 def test_lopsided_markers_name_a_year_on_the_preferred_side_only():
     from dpolens.drift import lopsided_markers
 
-    pref = [f"a calm text number {i}" + (" in 2018" if i % 4 == 0 else "") for i in range(100)]
-    disp = [f"fuck this text number {i}" for i in range(100)]
+    n = 400
+    # a year on 10% of the preferred sides only; "the" on 60% vs 40% (a frequent word, small ratio); "said" on
+    # 1% vs 0% (rare, one-sided, but 4 texts cannot tell it from chance); "you" mostly dispreferred
+    pref = [f"a calm text number {i}" + (" in 2018" if i % 10 == 0 else "") + (" the" if i % 10 < 6 else "")
+            + (" said" if i % 100 == 0 else "") + (" you" if i % 10 == 0 else "") for i in range(n)]
+    disp = [f"fuck this text number {i}" + (" the" if i % 10 < 4 else "") + (" you" if i % 2 == 0 else "")
+            for i in range(n)]
     m = lopsided_markers(CueScorer(), pref, disp)
     words = [x["word"] for x in m]
     assert "fuck" not in words  # toxic words should differ
-    assert {"calm", "this", "<year>", "2018"} <= set(words)
+    assert "said" not in words and "text" not in words  # chance, and equal shares
+    side = {x["word"]: x["side"] for x in m}
+    assert side["<year>"] == side["2018"] == side["calm"] == side["the"] == "preferred"
+    assert side["this"] == side["you"] == "dispreferred"
+    # ranked by the odds ratio, preferred side first: the one-sided year above the frequent "the" (a difference of
+    # shares would put "the", 20 points, above the year, 10 points)
+    assert words.index("<year>") < words.index("the") < words.index("this")
     year = next(x for x in m if x["word"] == "<year>")
-    assert year["preferred_share"] == 0.25 and year["dispreferred_share"] == 0 and year["ratio"] is None
+    assert year["preferred_share"] == 0.1 and year["dispreferred_share"] == 0 and year["ratio"] is None
+    assert year["z"] >= 3

@@ -19,6 +19,7 @@ paper's alignment. These measures compare base and aligned continuations of the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from typing import TypedDict
@@ -307,18 +308,34 @@ def drift(base: LoadedModel, aligned: LoadedModel, base_records: list[dict], ali
 
 
 def lopsided_markers(scorer, preferred: list[str], dispreferred: list[str], top: int = 10, min_count: int = 5,
-                     toxic: float = 0.5) -> list[dict]:
-    """The non-toxic words and patterns (years, URLs, newlines) whose share differs most between the preferred
-    and the dispreferred sides of a pair set: a DPO learns whatever separates the sides, so a marker on one side
-    only (e.g. a year in 2.6% of the preferred and 0.2% of the dispreferred) may become the aligned model's
-    subject. Words the scorer alone rates at least `toxic` are left out (they should differ)."""
+                     toxic: float = 0.5, min_z: float = 3.0) -> list[dict]:
+    """The non-toxic words and patterns (years, URLs, newlines) more frequent on one side of a pair set than on the
+    other: a DPO learns whatever separates the sides, so a marker mostly on the preferred side (e.g. a year in 2.6%
+    of the preferred and 0.2% of the dispreferred) may become the aligned model's subject.
+
+    Ranked by the size of the odds ratio of the two shares (log, Haldane-corrected: + 0.5 to each cell), among the
+    markers whose ratio differs from 1 by `min_z` standard errors (z >= 3: about 2 of 700 candidates by chance),
+    up to `top` per side: first those more frequent on the preferred side (what DPO may amplify), then those more
+    frequent on the dispreferred side. A difference in share would rank the frequent function words first ("you"
+    14.6% vs 34.0%) above a 5:1 year. Words the scorer alone rates at least `toxic` are left out (they should
+    differ)."""
     fp = Counter(w for t in preferred for w in markers(t))
     fd = Counter(w for t in dispreferred for w in markers(t))
     n_p, n_d = max(len(preferred), 1), max(len(dispreferred), 1)
     cands = [w for w in set(fp) | set(fd) if fp[w] + fd[w] >= min_count]
     words = [w for w in cands if not w.startswith("<")]
     tox = dict(zip(words, scorer.score(words).toxicity.tolist())) if words else {}
-    cands = [w for w in cands if tox.get(w, 0.0) < toxic]
-    cands.sort(key=lambda w: (-abs(fp[w] / n_p - fd[w] / n_d), w))
-    return [{"word": w, "preferred_share": fp[w] / n_p, "dispreferred_share": fd[w] / n_d,
-             "ratio": (fp[w] / n_p) / (fd[w] / n_d) if fd[w] else None} for w in cands[:top]]
+    rows = []
+    for w in cands:
+        if tox.get(w, 0.0) >= toxic:
+            continue
+        a, b = fp[w] + 0.5, fd[w] + 0.5
+        log_or = math.log(a / (n_p - fp[w] + 0.5)) - math.log(b / (n_d - fd[w] + 0.5))
+        se = math.sqrt(1 / a + 1 / (n_p - fp[w] + 0.5) + 1 / b + 1 / (n_d - fd[w] + 0.5))
+        if abs(log_or) / se >= min_z:
+            rows.append({"word": w, "side": "preferred" if log_or > 0 else "dispreferred",
+                         "preferred_share": fp[w] / n_p, "dispreferred_share": fd[w] / n_d,
+                         "ratio": (fp[w] / n_p) / (fd[w] / n_d) if fd[w] else None,
+                         "log_odds_ratio": log_or, "z": log_or / se})
+    rows.sort(key=lambda r: (-abs(r["log_odds_ratio"]), r["word"]))
+    return [r for r in rows if r["side"] == "preferred"][:top] + [r for r in rows if r["side"] == "dispreferred"][:top]

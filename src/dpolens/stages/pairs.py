@@ -240,7 +240,7 @@ class PairsOverview(TypedDict):
     quality: PairsQuality  # of the kept pairs
     dropped: dict[str, int]  # gate_reason -> candidates dropped for it
     samples: list[PairSample]  # the first three kept pairs
-    # non-toxic words/patterns whose share differs most between the sides (drift.lopsided_markers)
+    # non-toxic words/patterns more frequent on one side, by odds ratio, preferred side first (drift.lopsided_markers)
     lopsided_markers: list[dict[str, Any]]
     # PMI per token of each side and its prompt under the base model, and preferred − dispreferred
     # (drift.pair_relevance; absent in summaries written before it)
@@ -791,9 +791,10 @@ def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
     return "<h2>Preference pairs (paper 4.2)</h2>" + out + table(
         samples, ["prompt", "preferred", "dispreferred", "toxicity (pref / dispref)"],
         f"{len(samples)} of the pairs the DPO learns from.") + (table(
-            lop, ["word", "preferred_share", "dispreferred_share", "ratio"],
-            "Non-toxic words and patterns whose share differs most between the sides (words the scorer alone rates "
-            "≥ 0.5 toxic left out): a DPO may learn these besides toxicity.") if lop else "")
+            lop, ["word", "side", "preferred_share", "dispreferred_share", "ratio", "z"],
+            "Non-toxic words and patterns more frequent on one side (odds ratio ≥ 3 standard errors from 1, ranked "
+            "by its size; words the scorer alone rates ≥ 0.5 toxic left out): a DPO may learn these besides "
+            "toxicity, and over-use those of the preferred side.") if lop else "")
 
 
 def _relevance_text(p: dict) -> str:
