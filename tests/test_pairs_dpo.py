@@ -90,14 +90,21 @@ def test_pairs_stage_resumes(tiny_dirs, tmp_path, probe_and_text, method, jigsaw
         cands = [json.loads(l) for l in (tmp_path / method / "pairs.candidates.jsonl").read_text().splitlines()]
         assert all(c["dispreferred_toxicity"] >= c["preferred_toxicity"] for c in cands)
     assert json.loads((tmp_path / method / "manifest.json").read_text())["config"]["method"] == method
+    tb = s["time_breakdown"]  # every chunk timed, by phase
+    assert tb["n_candidates_timed"] == s["n_candidates"] and tb["chunks"] == -(-s["n_candidates"] // 2)
+    assert tb["seconds"]["generate"] > 0 and tb["seconds"]["score_sides"] > 0 and tb["seconds"]["other"] >= 0
+    assert (tb["seconds"]["score_samples"] > 0) == (method == "sample")
+    assert sum(tb["seconds"].values()) == pytest.approx(tb["total_s"]) and sum(tb["share"].values()) == pytest.approx(1)
     # interrupted inside a chunk (3 candidates of chunks of 2, and a torn line): the re-run redoes the cut
     # chunk with its own seed and gives the same pairs as the uninterrupted run
     cand = tmp_path / method / "pairs.candidates.jsonl"
     lines = cand.read_text().splitlines()
     cand.write_text("\n".join(lines[:3]) + '\n{"prom')
     (tmp_path / method / "pairs.jsonl").unlink()
-    run_pairs(cfg)
+    s2 = run_pairs(cfg)
     assert [json.loads(l) for l in (tmp_path / method / "pairs.jsonl").read_text().splitlines()] == rows
+    # the cut chunk timed once: its first attempt's line is dropped with its candidates
+    assert s2["time_breakdown"]["n_candidates_timed"] == s2["n_candidates"] == s["n_candidates"]
     # a resume with other settings is refused, naming what differs
     with pytest.raises(DpolensError, match="max_new_tokens"):
         run_pairs(PairsConfig(**{**cfg.__dict__, "max_new_tokens": 5}))

@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
@@ -245,6 +247,8 @@ class PairsOverview(TypedDict):
     # PMI per token of each side and its prompt under the base model, and preferred − dispreferred
     # (drift.pair_relevance; absent in summaries written before it)
     relevance: dict[str, Any]
+    # seconds per phase of making the candidates (`time_breakdown`; absent in summaries written before it)
+    time_breakdown: dict[str, Any]
 
 
 class PairsSummary(PairsOverview):
@@ -516,29 +520,36 @@ class _Generator:
         elif c.method == "pplm":
             self.settings["step_size"] = value
 
-    def pairs(self, prompts: list[str], seed: int) -> tuple[list[tuple[str, str]], list[tuple[float | None, ...]]]:
+    def pairs(self, prompts: list[str], seed: int, times: dict[str, float] | None = None
+              ) -> tuple[list[tuple[str, str]], list[tuple[float | None, ...]]]:
         """(preferred, dispreferred) per prompt, and per side the NLL per token read from the sampling
-        pass where it is the one `continuation_nll` computes (else None: computed by `score_pairs`)."""
+        pass where it is the one `continuation_nll` computes (else None: computed by `score_pairs`).
+        `times`: seconds added per phase (`generate`, `score_samples`)."""
         c, lm, n = self.cfg, self.lm, len(prompts)
+        times = {} if times is None else times
         if c.method == "sample":
             k = c.sample.n_samples
             # the sampler's log-probs are the gate's NLL only when it samples with the fp32 model itself
             reuse = self.sampler is lm
-            gens = generate(self.sampler, prompts, c.max_new_tokens, do_sample=True, temperature=c.sample.temperature,
-                            top_p=c.sample.top_p, seed=seed, batch_size=n * k, max_prompt_tokens=None,
-                            progress=False, n_samples=k, logprobs=reuse)
+            with timed(times, "generate"):
+                gens = generate(self.sampler, prompts, c.max_new_tokens, do_sample=True,
+                                temperature=c.sample.temperature, top_p=c.sample.top_p, seed=seed,
+                                batch_size=n * k, max_prompt_tokens=None, progress=False, n_samples=k,
+                                logprobs=reuse)
             texts = [g.continuation for g in gens]
-            tox = self.scorer.score(texts).toxicity.reshape(n, k)
+            with timed(times, "score_samples"):
+                tox = self.scorer.score(texts).toxicity.reshape(n, k)
             picks = [(i * k + int(tox[i].argmin()), i * k + int(tox[i].argmax())) for i in range(n)]
             made = [(texts[a], texts[b]) for a, b in picks]
             return made, [(sampled_nll(lm, gens[a]), sampled_nll(lm, gens[b])) if reuse else (None, None)
                           for a, b in picks]
-        good = generate(lm, prompts, c.max_new_tokens, batch_size=n, max_prompt_tokens=None, progress=False)
-        if c.method == "steer":
-            st = SteerSettings(**{k: v for k, v in self.settings.items() if k != "beta"})
-            bad = steer_generate(lm, prompts, self.probe, self.settings["beta"], st, c.max_new_tokens, seed, n)
-        else:
-            bad = pplm_generate(lm, prompts, self.attr, PPLMSettings(**self.settings), c.max_new_tokens, seed, n)
+        with timed(times, "generate"):
+            good = generate(lm, prompts, c.max_new_tokens, batch_size=n, max_prompt_tokens=None, progress=False)
+            if c.method == "steer":
+                st = SteerSettings(**{k: v for k, v in self.settings.items() if k != "beta"})
+                bad = steer_generate(lm, prompts, self.probe, self.settings["beta"], st, c.max_new_tokens, seed, n)
+            else:
+                bad = pplm_generate(lm, prompts, self.attr, PPLMSettings(**self.settings), c.max_new_tokens, seed, n)
         return [(g.continuation, b.continuation) for g, b in zip(good, bad)], [(None, None)] * n
 
 
@@ -551,17 +562,33 @@ def sampled_nll(lm: LoadedModel, g: Generation) -> float | None:
 
 
 def score_pairs(lm: LoadedModel, scorer, prompts: list[str], made: list[tuple[str, str]],
-                nll: list[tuple[float | None, ...]] | None = None) -> list[Candidate]:
+                nll: list[tuple[float | None, ...]] | None = None,
+                times: dict[str, float] | None = None) -> list[Candidate]:
     """Candidate records: the paper's three fields plus toxicity and NLL per token of both sides.
-    `nll`: per side an NLL already known (from the sampling pass), or None to compute it here."""
+    `nll`: per side an NLL already known (from the sampling pass), or None to compute it here.
+    `times`: seconds added per phase (`score_sides`, `nll`)."""
+    times = {} if times is None else times
     pref, disp = [m[0] for m in made], [m[1] for m in made]
-    tox_p, tox_d = scorer.score(pref).toxicity, scorer.score(disp).toxicity
+    with timed(times, "score_sides"):
+        tox_p, tox_d = scorer.score(pref).toxicity, scorer.score(disp).toxicity
     known = nll or [(None, None)] * len(made)
-    nll_p, nll_d = (_fill_nll(lm, prompts, texts, [x[side] for x in known]) for side, texts in ((0, pref), (1, disp)))
+    with timed(times, "nll"):
+        nll_p, nll_d = (_fill_nll(lm, prompts, texts, [x[side] for x in known])
+                        for side, texts in ((0, pref), (1, disp)))
     return [{"prompt_text": p, "unpert_gen_text": a, "pert_gen_text": b,
              "preferred_toxicity": float(tp), "dispreferred_toxicity": float(td),
              "preferred_nll": np_, "dispreferred_nll": nd}
             for p, a, b, tp, td, np_, nd in zip(prompts, pref, disp, tox_p, tox_d, nll_p, nll_d)]
+
+
+@contextmanager
+def timed(times: dict[str, float], phase: str):
+    """Add the wall time of the block to `times[phase]` (seconds)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[phase] = times.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def _fill_nll(lm: LoadedModel, prompts: list[str], texts: list[str], known: list[float | None]) -> list[float]:
@@ -716,11 +743,21 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
 
     bar = tqdm(total=cfg.n, initial=min(kept_count(done), cfg.n), desc=f"pairs ({cfg.method})",
                disable=not cfg.progress)
+    # where the time goes, per chunk (appended with the candidates; a resumed run adds its chunks)
+    time_path = stem.parent / f"{stem.name}.timing.jsonl"
+    if time_path.exists():  # only the chunks whose candidates are kept (a cut chunk is redone)
+        write_jsonl(time_path, [c for c in read_jsonl_complete(time_path) if c["start"] < len(done)])
     while kept_count(done) < cfg.n and len(done) < len(prompts):
         start = len(done)
         batch = prompts[start : start + cfg.batch_size]
-        recs = fill_prior_nll(lm, score_pairs(lm, scorer, batch, *gen.pairs(batch, cfg.seed + start)), cfg.gate)
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        recs = score_pairs(lm, scorer, batch, *gen.pairs(batch, cfg.seed + start, times), times=times)
+        with timed(times, "prior_nll"):
+            recs = fill_prior_nll(lm, recs, cfg.gate)
+        times["total"] = time.perf_counter() - t0
         append_jsonl(cand_path, recs)
+        append_jsonl(time_path, [{"start": start, "n": len(batch), **times}])
         done += recs
         bar.update(min(kept_count(done), cfg.n) - bar.n)
     bar.close()
@@ -757,9 +794,24 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
                                               "preferred_toxicity", "dispreferred_toxicity")} for r in kept[:3]],
                "preferred_toxicity_mean": float(np.mean([r["preferred_toxicity"] for r in kept])),
                "dispreferred_toxicity_mean": float(np.mean([r["dispreferred_toxicity"] for r in kept])),
-               "scorer": scorer.describe(), "model": lm.identity()}
+               "scorer": scorer.describe(), "model": lm.identity(),
+               "time_breakdown": time_breakdown(read_jsonl_complete(time_path) if time_path.exists() else [])}
     write_json(stem.parent / f"{stem.name}.summary.json", summary)
     return summary
+
+
+def time_breakdown(chunks: list[dict]) -> dict[str, Any]:
+    """Seconds per phase summed over the chunks this run's candidates were made in (`pairs.timing.jsonl`):
+    generate (sampling, or the steered/PPLM and plain generations), score_samples (the scorer on every
+    sample), score_sides (the scorer on the chosen sides), nll (the fp32 pass of the sides where the
+    sampling pass could not give it), prior_nll (the relevance gate's pass); `other` is the rest of each
+    chunk. Chunks made before timing was recorded are not counted (`n_candidates_timed`)."""
+    phases = ("generate", "score_samples", "score_sides", "nll", "prior_nll")
+    tot = {p: float(sum(c.get(p, 0.0) for c in chunks)) for p in phases}
+    total = float(sum(c.get("total", 0.0) for c in chunks))
+    tot["other"] = max(total - sum(tot.values()), 0.0)
+    return {"seconds": tot, "total_s": total, "share": {p: v / total for p, v in tot.items()} if total else {},
+            "n_candidates_timed": int(sum(c.get("n", 0) for c in chunks)), "chunks": len(chunks)}
 
 
 def headline(folder: Path) -> PairsHeadline:
@@ -768,7 +820,7 @@ def headline(folder: Path) -> PairsHeadline:
         return {}
     return {k: p.get(k) for k in ("n", "n_candidates", "method", "prompt_source", "preferred_toxicity_mean",
                                   "dispreferred_toxicity_mean", "quality", "dropped", "samples", "lopsided_markers",
-                                  "relevance")}
+                                  "relevance", "time_breakdown")}
 
 
 def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
