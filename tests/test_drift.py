@@ -284,9 +284,9 @@ def test_lopsided_markers_name_a_year_on_the_preferred_side_only():
 
     n = 400
     # a year on 10% of the preferred sides only; "the" on 60% vs 40% (a frequent word, small ratio); "said" on
-    # 1% vs 0% (rare, one-sided, but 4 texts cannot tell it from chance); "you" mostly dispreferred
+    # 1.5% vs 0% (one-sided, but 6 texts cannot tell it from chance: z 2.5); "you" mostly dispreferred
     pref = [f"a calm text number {i}" + (" in 2018" if i % 10 == 0 else "") + (" the" if i % 10 < 6 else "")
-            + (" said" if i % 100 == 0 else "") + (" you" if i % 10 == 0 else "") for i in range(n)]
+            + (" said" if i < 6 else "") + (" you" if i % 10 == 0 else "") for i in range(n)]
     disp = [f"fuck this text number {i}" + (" the" if i % 10 < 4 else "") + (" you" if i % 2 == 0 else "")
             for i in range(n)]
     m = lopsided_markers(CueScorer(), pref, disp)
@@ -301,4 +301,12 @@ def test_lopsided_markers_name_a_year_on_the_preferred_side_only():
     assert words.index("<year>") < words.index("the") < words.index("this")
     year = next(x for x in m if x["word"] == "<year>")
     assert year["preferred_share"] == 0.1 and year["dispreferred_share"] == 0 and year["ratio"] is None
-    assert year["z"] >= 3
+    assert year["z"] >= 3 and year["odds_ratio"] == pytest.approx((40.5 / 360.5) / (0.5 / 400.5))
+    # a marker on one side only is found from few texts (20 of 400 vs none of 200: z 3.2; the Haldane odds
+    # ratio's own z would be 2.1), sides of unequal size count by their shares, at most `top` per side (the year
+    # and "2018" tie: by name), and an empty side has no markers
+    few = lopsided_markers(CueScorer(), [f"calm {i}" + (" 2018" if i < 20 else "") for i in range(n)],
+                           [f"calm {i}" for i in range(n // 2)], top=1)
+    assert [(x["word"], x["side"]) for x in few] == [("2018", "preferred")]
+    assert few[0]["preferred_share"] == 0.05 and few[0]["dispreferred_share"] == 0
+    assert lopsided_markers(CueScorer(), [], disp) == []

@@ -72,8 +72,20 @@ OPEN_GATE = QualityGate(require_more_toxic=False, min_toxicity_gap=-1.0, max_nll
 
 
 @pytest.mark.parametrize("method", ["steer", "pplm", "sample"])
-def test_pairs_stage_resumes(tiny_dirs, tmp_path, probe_and_text, method, jigsaw_cached):
+def test_pairs_stage_resumes(tiny_dirs, tmp_path, probe_and_text, method, jigsaw_cached, monkeypatch):
+    import time
+
+    import dpolens.stages.pairs as pairs_mod
+
     probe, text = probe_and_text
+    calls, nll = [], pairs_mod.continuation_nll
+
+    def slow_nll(*a, **k):  # the NLL pass, 50 ms slower: its phase must hold that time
+        calls.append(1)
+        time.sleep(0.05)
+        return nll(*a, **k)
+
+    monkeypatch.setattr(pairs_mod, "continuation_nll", slow_nll)
     cfg = PairsConfig(model=str(tiny_dirs["llama"]), probe=str(probe), prompts=[str(text)], method=method,
                       n=6, out=str(tmp_path / method / "pairs.jsonl"), max_new_tokens=4, batch_size=2,
                       progress=False, pplm=PPLMSettings(num_iterations=2), sample=SampleSettings(n_samples=3),
@@ -92,7 +104,8 @@ def test_pairs_stage_resumes(tiny_dirs, tmp_path, probe_and_text, method, jigsaw
     assert json.loads((tmp_path / method / "manifest.json").read_text())["config"]["method"] == method
     tb = s["time_breakdown"]  # every chunk timed, by phase
     assert tb["n_candidates_timed"] == s["n_candidates"] and tb["chunks"] == -(-s["n_candidates"] // 2)
-    assert tb["seconds"]["generate"] > 0 and tb["seconds"]["score_sides"] > 0 and tb["seconds"]["other"] >= 0
+    assert tb["seconds"]["generate"] > 0 and tb["seconds"]["score_sides"] > 0
+    assert tb["seconds"]["nll"] >= 0.05 * len(calls) and (calls or method == "sample")
     assert (tb["seconds"]["score_samples"] > 0) == (method == "sample")
     assert sum(tb["seconds"].values()) == pytest.approx(tb["total_s"]) and sum(tb["share"].values()) == pytest.approx(1)
     # interrupted inside a chunk (3 candidates of chunks of 2, and a torn line): the re-run redoes the cut

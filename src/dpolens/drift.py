@@ -313,15 +313,17 @@ def lopsided_markers(scorer, preferred: list[str], dispreferred: list[str], top:
     other: a DPO learns whatever separates the sides, so a marker mostly on the preferred side (e.g. a year in 2.6%
     of the preferred and 0.2% of the dispreferred) may become the aligned model's subject.
 
-    Ranked by the size of the odds ratio of the two shares (log, Haldane-corrected: + 0.5 to each cell), among the
-    markers whose ratio differs from 1 by `min_z` standard errors (z >= 3: about 2 of 700 candidates by chance),
-    up to `top` per side: first those more frequent on the preferred side (what DPO may amplify), then those more
-    frequent on the dispreferred side. A difference in share would rank the frequent function words first ("you"
-    14.6% vs 34.0%) above a 5:1 year. Words the scorer alone rates at least `toxic` are left out (they should
-    differ)."""
+    Kept where the shares of texts holding the marker differ by `min_z` standard errors (the pooled two-proportion
+    z, which stays sound where one side has none: z >= 3 is about 2 of 700 candidates by chance), ranked by the
+    size of the odds ratio (log, Haldane-corrected: + 0.5 to each cell), up to `top` per side: first those more
+    frequent on the preferred side (what DPO may amplify), then those more frequent on the dispreferred side. A
+    difference of shares would rank the frequent function words first ("you" 14.6% vs 34.0%) above a 7:1 year.
+    Words the scorer alone rates at least `toxic` are left out (they should differ)."""
+    if not preferred or not dispreferred:
+        return []
     fp = Counter(w for t in preferred for w in markers(t))
     fd = Counter(w for t in dispreferred for w in markers(t))
-    n_p, n_d = max(len(preferred), 1), max(len(dispreferred), 1)
+    n_p, n_d = len(preferred), len(dispreferred)
     cands = [w for w in set(fp) | set(fd) if fp[w] + fd[w] >= min_count]
     words = [w for w in cands if not w.startswith("<")]
     tox = dict(zip(words, scorer.score(words).toxicity.tolist())) if words else {}
@@ -329,13 +331,15 @@ def lopsided_markers(scorer, preferred: list[str], dispreferred: list[str], top:
     for w in cands:
         if tox.get(w, 0.0) >= toxic:
             continue
-        a, b = fp[w] + 0.5, fd[w] + 0.5
-        log_or = math.log(a / (n_p - fp[w] + 0.5)) - math.log(b / (n_d - fd[w] + 0.5))
-        se = math.sqrt(1 / a + 1 / (n_p - fp[w] + 0.5) + 1 / b + 1 / (n_d - fd[w] + 0.5))
-        if abs(log_or) / se >= min_z:
-            rows.append({"word": w, "side": "preferred" if log_or > 0 else "dispreferred",
-                         "preferred_share": fp[w] / n_p, "dispreferred_share": fd[w] / n_d,
-                         "ratio": (fp[w] / n_p) / (fd[w] / n_d) if fd[w] else None,
-                         "log_odds_ratio": log_or, "z": log_or / se})
+        p1, p2, pool = fp[w] / n_p, fd[w] / n_d, (fp[w] + fd[w]) / (n_p + n_d)
+        se = math.sqrt(pool * (1 - pool) * (1 / n_p + 1 / n_d))
+        z = (p1 - p2) / se if se > 0 else 0.0  # se 0: on every text of both sides
+        if abs(z) < min_z:
+            continue
+        log_or = (math.log((fp[w] + 0.5) / (n_p - fp[w] + 0.5)) - math.log((fd[w] + 0.5) / (n_d - fd[w] + 0.5)))
+        rows.append({"word": w, "side": "preferred" if z > 0 else "dispreferred",
+                     "preferred_share": p1, "dispreferred_share": p2,
+                     "ratio": p1 / p2 if fd[w] else None,  # of the shares (None: on the preferred side only)
+                     "odds_ratio": math.exp(log_or), "log_odds_ratio": log_or, "z": z})
     rows.sort(key=lambda r: (-abs(r["log_odds_ratio"]), r["word"]))
     return [r for r in rows if r["side"] == "preferred"][:top] + [r for r in rows if r["side"] == "dispreferred"][:top]

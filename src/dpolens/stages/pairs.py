@@ -756,8 +756,9 @@ def run_pairs(cfg: PairsConfig) -> PairsSummary:
         with timed(times, "prior_nll"):
             recs = fill_prior_nll(lm, recs, cfg.gate)
         times["total"] = time.perf_counter() - t0
-        append_jsonl(cand_path, recs)
+        # timing first: a kill before the candidates are all written drops it with them on resume
         append_jsonl(time_path, [{"start": start, "n": len(batch), **times}])
+        append_jsonl(cand_path, recs)
         done += recs
         bar.update(min(kept_count(done), cfg.n) - bar.n)
     bar.close()
@@ -843,10 +844,11 @@ def section(folder: Path, headline: PairsHeadline, manifest: dict) -> str:
     return "<h2>Preference pairs (paper 4.2)</h2>" + out + table(
         samples, ["prompt", "preferred", "dispreferred", "toxicity (pref / dispref)"],
         f"{len(samples)} of the pairs the DPO learns from.") + (table(
-            lop, ["word", "side", "preferred_share", "dispreferred_share", "ratio", "z"],
-            "Non-toxic words and patterns more frequent on one side (odds ratio ≥ 3 standard errors from 1, ranked "
-            "by its size; words the scorer alone rates ≥ 0.5 toxic left out): a DPO may learn these besides "
-            "toxicity, and over-use those of the preferred side.") if lop else "")
+            lop, ["word", "side", "preferred_share", "dispreferred_share", "ratio", "odds_ratio", "z"],
+            "Non-toxic words and patterns more frequent on one side (shares ≥ 3 standard errors apart, ranked by "
+            "the size of the Haldane-corrected odds ratio; ratio: of the shares; words the scorer alone rates ≥ 0.5 "
+            "toxic left out): a DPO may learn these besides toxicity, and over-use those of the preferred "
+            "side.") if lop else "")
 
 
 def _relevance_text(p: dict) -> str:
