@@ -310,3 +310,19 @@ def test_lopsided_markers_name_a_year_on_the_preferred_side_only():
     assert [(x["word"], x["side"]) for x in few] == [("2018", "preferred")]
     assert few[0]["preferred_share"] == 0.05 and few[0]["dispreferred_share"] == 0
     assert lopsided_markers(CueScorer(), [], disp) == []
+
+
+def test_dose_figures_draw_points_outside_their_interval(tmp_path):
+    """A bootstrap percentile interval need not contain its point (a ratio of means, the smallest of several
+    shares): the dose-response figures draw it anyway (errorbar refused a negative offset and the Gemma study's
+    dpo stage died after 22 min of drift measures, before writing drift.json)."""
+    from dpolens import figures
+
+    rows = [{"reduction": r, "measures": {"cue-masked reduction": {"value": v, "ci95": ci}}}
+            for r, v, ci in ((0.5, 0.10, [0.12, 0.20]), (0.6, 0.2, [0.1, 0.3]), (0.8, 0.3, None))]
+    assert figures.dose_response_figure(tmp_path, rows) == ["fig_dose_response.png", "fig_dose_response.pdf"]
+    claims = [{"id": "c", "flips": False, "at": [{"reduction": 0.5, "effect": 0.1, "ci95": [0.12, 0.2],
+                                                  "verdict": "holds"},
+                                                 {"reduction": 0.8, "effect": 0.2, "ci95": None, "verdict": "inconclusive"}]}]
+    assert figures.claims_dose_figure(tmp_path, claims)
+    assert (tmp_path / "fig_dose_response.png").stat().st_size > 0

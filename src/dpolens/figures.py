@@ -224,6 +224,15 @@ def kl_profile_figure(out: Path, drift: dict[str, dict]) -> list[str]:
     return _save(fig, out, "fig_kl_profile")
 
 
+def interval_bars(ax, x: list[float], cis: list, color=None) -> None:
+    """A vertical line from each interval's lower to its upper bound (none where missing or not finite). Not
+    errorbar's offsets from the point: a bootstrap percentile interval need not contain the point (e.g. a
+    ratio of means, or the smallest of several shares), and errorbar refuses a negative offset."""
+    pts = [(xi, ci) for xi, ci in zip(x, cis) if ci and all(v is not None and np.isfinite(v) for v in ci)]
+    if pts:
+        ax.vlines([p[0] for p in pts], [p[1][0] for p in pts], [p[1][1] for p in pts], colors=color or "C0", lw=1)
+
+
 def dose_response_figure(out: Path, rows: list[dict]) -> list[str]:
     """One panel per measure: its value and 95% interval against the alignment's toxicity reduction."""
     names = sorted({k for r in rows for k in r["measures"]})
@@ -231,9 +240,8 @@ def dose_response_figure(out: Path, rows: list[dict]) -> list[str]:
     for ax, name in zip(axes[0], names):
         pts = sorted(((r["reduction"], r["measures"][name]) for r in rows if name in r["measures"]), key=lambda p: p[0])
         x = [p[0] for p in pts]
-        ax.errorbar(x, [p[1]["value"] for p in pts],
-                    yerr=[[p[1]["value"] - p[1]["ci95"][0] for p in pts], [p[1]["ci95"][1] - p[1]["value"] for p in pts]],
-                    fmt="-o", ms=3, capsize=2)
+        ax.plot(x, [p[1]["value"] for p in pts], "-o", ms=3)
+        interval_bars(ax, x, [p[1]["ci95"] for p in pts])
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("toxicity reduction")
@@ -252,9 +260,8 @@ def claims_dose_figure(out: Path, claims: list[dict]) -> list[str]:
     for ax, c in zip(axes.flat, claims):
         pts = [a for a in c["at"] if a["reduction"] is not None and a["effect"] is not None]
         for a in pts:
-            lo, hi = a["ci95"] or (a["effect"], a["effect"])
-            ax.errorbar([a["reduction"]], [a["effect"]], yerr=[[a["effect"] - lo], [hi - a["effect"]]], fmt="o",
-                        ms=4, capsize=2, color=colors.get(a["verdict"], "black"))
+            ax.plot([a["reduction"]], [a["effect"]], "o", ms=4, color=colors.get(a["verdict"], "black"))
+            interval_bars(ax, [a["reduction"]], [a["ci95"]], color=colors.get(a["verdict"], "black"))
         ax.plot([a["reduction"] for a in pts], [a["effect"] for a in pts], lw=0.6, color="black")
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(c["id"] + (" (flips)" if c["flips"] else ""), fontsize=7)

@@ -112,11 +112,13 @@ def run_dpo(cfg: DpoConfig) -> DPOResult:
             from dpolens import figures
 
             dose = dose_rows(drifts, rows)
+            # written before the figures are drawn: a figure that fails does not lose the measures
+            block = {"models": drifts, "dose_response": dose, "seed": cfg.seed, "scorer": inputs.scorer.describe(),
+                     "n_prompts": len(inputs.prompts)}
+            write_json(out / "drift.json", block)
             figs = figures.kl_profile_figure(out, drifts) + (figures.dose_response_figure(out, dose) if len(dose) > 1
                                                              else [])
-            write_json(out / "drift.json", {"models": drifts, "dose_response": dose, "figures": figs,
-                                            "seed": cfg.seed, "scorer": inputs.scorer.describe(),
-                                            "n_prompts": len(inputs.prompts)})
+            write_json(out / "drift.json", {**block, "figures": figs})
         # each kept strength as a dpo folder of its own (its model as "aligned"): the ledger's dpo rows at that
         # strength, and the wiring of the stages a study repeats there (`dose_response`)
         for (label, m), path in zip(models[2:], (p for _, p in strength_models(cfg, summary))):
