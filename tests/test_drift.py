@@ -53,6 +53,12 @@ def test_distinct2_of_identical_sets_and_of_a_repetitive_one():
     assert d["diff"] == 0 and d["diff_ci95"] == [0.0, 0.0]
     d = distinct2(base, ["the cat sat on the mat"] * 100, n_boot=50)
     assert d["diff_ci95"][1] < -0.5
+    # a resample repeats texts and so their bigrams: raw percentiles sit below the point for any varied set;
+    # the intervals hold their points
+    d = distinct2(base, texts(np.random.default_rng(1), 100), n_boot=200)
+    for k, ci in (("base", "base_ci95"), ("aligned", "aligned_ci95"), ("diff", "diff_ci95")):
+        assert d[ci][0] <= d[k] <= d[ci][1]
+    assert d["base_ci95"][1] > d["base"] + 0.005  # raw replicates all lie below it
 
 
 def test_kl_profile_zero_for_identical_models_positive_for_perturbed(tiny_dirs, tmp_path):
