@@ -220,10 +220,14 @@ def signed_values(lm: LoadedModel, meta: dict | None = None) -> torch.Tensor:
     return all_value_vectors(lm) * signs_of(lm, meta or {})[..., None]
 
 
-def token_writer_ranking(lm: LoadedModel, probe: torch.Tensor, k_tokens: int, meta: dict | None = None) -> torch.Tensor:
+def token_writer_ranking(lm: LoadedModel, probe: torch.Tensor, k_tokens: int, meta: dict | None = None,
+                         values: torch.Tensor | None = None, token_ids: list[int] | None = None) -> torch.Tensor:
     """[n_layers * d_mlp] every signed value vector's token-writer score for the probe's top k_tokens tokens: the
-    one ranking `top_token_writers`, `token_writers` and the neurons stage share."""
-    return token_writer_scores(lm, signed_values(lm, meta).flatten(0, 1), probe_top_tokens(lm, probe, k_tokens))
+    one ranking `top_token_writers`, `token_writers` and the neurons stage share. `values` ([n_layers * d_mlp,
+    d_model] signed value vectors) and `token_ids` (the probe's top tokens): where the caller has them already."""
+    values = signed_values(lm, meta).flatten(0, 1) if values is None else values
+    token_ids = probe_top_tokens(lm, probe, k_tokens) if token_ids is None else token_ids
+    return token_writer_scores(lm, values, token_ids)
 
 
 def top_token_writers(lm: LoadedModel, probe: torch.Tensor, k: int, k_tokens: int,
@@ -238,7 +242,7 @@ def token_writers(lm: LoadedModel, probe: torch.Tensor, cos: torch.Tensor, k_tok
     d_mlp = lm.adapter.d_mlp
     values = signed_values(lm, meta).flatten(0, 1)  # [n_layers * d_mlp, d_model]
     token_ids = probe_top_tokens(lm, probe, k_tokens)
-    best = top_neurons(token_writer_ranking(lm, probe, k_tokens, meta), n, d_mlp)
+    best = top_neurons(token_writer_ranking(lm, probe, k_tokens, meta, values, token_ids), n, d_mlp)
     cos = cos.flatten()
     rank = torch.empty_like(cos, dtype=torch.long)
     rank[cos.argsort(descending=True)] = torch.arange(cos.numel())
