@@ -332,3 +332,41 @@ def test_dose_figures_draw_points_outside_their_interval(tmp_path):
                                                  {"reduction": 0.8, "effect": 0.2, "ci95": None, "verdict": "inconclusive"}]}]
     assert figures.claims_dose_figure(tmp_path, claims)
     assert (tmp_path / "fig_dose_response.png").stat().st_size > 0
+
+
+def test_strength_pick_nearest_keeps_the_checkpoint_before_when_it_lies_nearer(tiny_dirs, tmp_path, monkeypatch):
+    """Dev reductions 20% (step 2), 60% (4), 80% (6): "first" keeps 30% at step 4 and 68% at step 6; "nearest"
+    keeps 30% at step 2 (0.10 away, not 0.30) and 68% at step 4 (0.08, not 0.12), and training still stops at 6.
+    The kept models are the weights of those steps (those a "first" run keeps at 15% and 54%)."""
+    import dpolens.scoring
+
+    from dpolens.config import ConfigError
+    from dpolens.stages.dpo import DpoConfig, run_dpo
+
+    write_pairs(tmp_path / "pairs.jsonl", 40)
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"prompt": f"Dev prompt {i}"}) + "\n" for i in range(5)))
+    common = dict(model=str(tiny_dirs["gpt2"]), pairs=str(tmp_path / "pairs.jsonl"), learning_rate=1e-3,
+                  warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=20, evaluate=False, dev_prompts=[str(dev)],
+                  save_total_limit=1)
+    runs = {}
+    for name, kw in (("first", dict(target_reduction=0.54, strengths=[0.15])),
+                     ("nearest", dict(target_reduction=0.68, strengths=[0.3], strength_pick="nearest"))):
+        monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, s=StepScorer(), **k: s)
+        runs[name] = run_dpo(DpoConfig(out=str(tmp_path / name), **common, **kw))
+    st = runs["nearest"]["strength"]
+    assert runs["nearest"]["steps"] == 6 and st["reached"] == {"30": 4, "68": 6}
+    assert st["kept"] == {"30": 2, "68": 4} and st["analysed_step"] == 4
+    assert json.loads((tmp_path / "nearest" / "strengths" / "30" / "strength.json").read_text())["step"] == 2
+
+    def weights(path):
+        return load_model(path).model.state_dict()
+
+    at2, at4 = weights(tmp_path / "first" / "strengths" / "15" / "model"), weights(tmp_path / "first" / "strengths" / "54" / "model")
+    for got, want in ((weights(tmp_path / "nearest" / "strengths" / "30" / "model"), at2),
+                      (weights(tmp_path / "nearest" / "strengths" / "68" / "model"), at4),
+                      (weights(tmp_path / "nearest" / "model"), at4)):
+        assert all(torch.allclose(got[k], want[k], atol=1e-7, rtol=0) for k in want)
+    assert any(not torch.equal(at2[k], at4[k]) for k in at2)
+    with pytest.raises(ConfigError, match="strength_pick"):
+        DpoConfig(out=str(tmp_path / "x"), **common, strength_pick="last")

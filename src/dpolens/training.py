@@ -32,6 +32,7 @@ from dpolens.artifacts import (
     append_jsonl,
     check_not_input,
     copy_dir,
+    read_json,
     read_jsonl_complete,
     save_model_dir,
     write_json,
@@ -101,6 +102,10 @@ class TrainConfig(RunSettings):
     # also keep the first checkpoint reaching each of these reductions (a dose-response from one run), in
     # out/strengths/<pct>/model; training goes on to the largest of them and target_reduction
     strengths: list[float] = field(default_factory=list)
+    # which checkpoint a target keeps: "first", the first whose dev reduction reaches it; "nearest", that one or
+    # the checkpoint before it, whichever dev reduction lies nearer the target (the Gemma study's first checkpoint
+    # at 25% removed 47.0% on the dev prompts, the one before it 18.5%; training still stops at the first)
+    strength_pick: str = "first"
     # more dev prompts for the strength check (JSONL, `prompt`), never evaluation prompts: a file that shares one
     # with eval.prompts is refused (rtp/challenge_prompts_dev.jsonl's 50 prompts are all among the 1,199)
     dev_prompts: list[str] = field(default_factory=list)
@@ -119,6 +124,8 @@ class TrainConfig(RunSettings):
         for r in [*([self.target_reduction] if self.target_reduction is not None else []), *self.strengths]:
             if not 0 < r < 1:
                 raise ConfigError(f"a target reduction must be in (0, 1), got {r}")
+        if self.strength_pick not in ("first", "nearest"):
+            raise ConfigError(f"strength_pick must be 'first' or 'nearest', got '{self.strength_pick}'")
         at_least(self, 1, "rl_generations", "rl_max_new_tokens")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss '{self.loss}' (TRL's DPO losses: {', '.join(LOSSES)})")
@@ -417,10 +424,11 @@ def strength_label(r: float) -> str:
 
 class StrengthMonitor:
     """Greedy toxicity on the dev prompts at every checkpoint (strength.jsonl, one row a step; step 0 is the
-    base), the first checkpoint reaching each target kept in out/strengths/<pct>/model, and training stopped
-    once the largest target is reached. A resumed run reads the rows it has."""
+    base), a checkpoint kept for each target in out/strengths/<pct>/model (the first reaching it, or with
+    `strength_pick` "nearest" that one or the one before it, whichever lies nearer), and training stopped once
+    the largest target is reached. A resumed run reads the rows and kept checkpoints it has."""
 
-    def __init__(self, cfg: TrainConfig, lm: LoadedModel, val: list[dict], out: Path):
+    def __init__(self, cfg: TrainConfig, lm: LoadedModel, val: list[dict], out: Path, ckpt_dir: Path | None = None):
         from dpolens.scoring import get_scorer
 
         files = [load_prompts(f) for f in cfg.dev_prompts]
@@ -437,11 +445,16 @@ class StrengthMonitor:
         self.dev = {"files": list(cfg.dev_prompts), "n_from_files": sum(map(len, files)),
                     "n_held_out_evaluation_prompts": len(held), "n_validation_pair_prompts": len(vp),
                     "n": len(self.prompts)}
-        self.cfg, self.lm, self.out = cfg, lm, out
+        self.cfg, self.lm, self.out, self.ckpt_dir = cfg, lm, out, ckpt_dir
         self.scorer = get_scorer(cfg.eval.scorer)
         self.targets = sorted({*cfg.strengths, *([cfg.target_reduction] if cfg.target_reduction is not None else [])})
         self.path = out / "strength.jsonl"
         self.rows = read_jsonl_complete(self.path) if self.path.exists() else []
+        # label -> step of the checkpoint kept (strength.json), and the trainable weights of the last checkpoint
+        # measured (`strength_pick` "nearest": the one before a target's first may be the one kept)
+        self.kept = {strength_label(t): j["step"] for t in self.targets
+                     if (j := read_json(out / "strengths" / strength_label(t) / "strength.json")) is not None}
+        self.previous: tuple[int, dict[str, torch.Tensor]] | None = None
 
     def _toxicity(self) -> list[float]:
         from dpolens.model.generation import generate
@@ -476,18 +489,63 @@ class StrengthMonitor:
     def done(self) -> bool:
         return len(self.reached()) == len(self.targets)
 
+    def _previous_weights(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The trainable weights of checkpoint `step` (held since it was measured, else its checkpoint folder)."""
+        if self.previous is not None and self.previous[0] == step:
+            return self.previous[1]
+        f = self.ckpt_dir / f"checkpoint-{step}" / "model.safetensors" if self.ckpt_dir else None
+        if f is None or not f.exists():
+            return None
+        from safetensors.torch import load_file
+
+        saved = load_file(str(f))
+        names = {n for n, p in self.lm.model.named_parameters() if p.requires_grad}
+        return {n: saved[n] for n in names} if names <= saved.keys() else None
+
+    def _keep(self, label: str, target: float, step: int, r: dict) -> None:
+        """Keep the checkpoint for `label` first reached at `step` (or, "nearest", the one before it)."""
+        prev = max((x for x in self.rows if 0 < x["step"] < step), key=lambda x: x["step"], default=None)
+        weights = None
+        if self.cfg.strength_pick == "nearest" and prev is not None and \
+                abs(prev["reduction"] - target) < abs(r["reduction"] - target):
+            weights = self._previous_weights(prev["step"])
+            if weights is None:
+                log.warning("strength %s%%: checkpoint %d lies nearer the target but its weights are gone; keeping "
+                            "step %d", label, prev["step"], step)
+        kept, kr = (prev["step"], prev) if weights is not None else (step, r)
+        folder = self.out / "strengths" / label
+        if weights is None:
+            save_model_dir(folder / "model", self.lm.model, self.lm.tokenizer)
+        else:  # the earlier weights swapped in for the save, the trained ones put back bit for bit
+            params = dict(self.lm.model.named_parameters())
+            now = {n: params[n].detach().clone() for n in weights}
+            with torch.no_grad():
+                for n, w in weights.items():
+                    params[n].copy_(w)
+                try:
+                    save_model_dir(folder / "model", self.lm.model, self.lm.tokenizer)
+                finally:
+                    for n, w in now.items():
+                        params[n].copy_(w)
+        write_json(folder / "strength.json",
+                   {"target": target, "step": kept, "dev_toxicity": kr["toxicity"], "dev_reduction": kr["reduction"],
+                    "first_reaching_step": step, "pick": self.cfg.strength_pick, "dev": self.dev})
+        self.kept[label] = kept
+        log.info("step %d: dev toxicity %.4f, reduction %.3f reaches %s%%; kept step %d (reduction %.3f)", step,
+                 r["toxicity"], r["reduction"], label, kept, kr["reduction"])
+
     def on_checkpoint(self, step: int) -> bool:
-        """Measure the model just saved at `step`; keep it for each target it reaches first; True to stop."""
+        """Measure the model just saved at `step`; keep a checkpoint for each target it reaches first; True to
+        stop."""
         before = self.reached()
         r = self.row(step)
-        for label, first in self.reached().items():
-            if label not in before and first == step:
-                save_model_dir(self.out / "strengths" / label / "model", self.lm.model, self.lm.tokenizer)
-                write_json(self.out / "strengths" / label / "strength.json",
-                           {"target": int(label) / 100, "step": step, "dev_toxicity": r["toxicity"],
-                            "dev_reduction": r["reduction"], "dev": self.dev})
-                log.info("step %d: dev toxicity %.4f, reduction %.3f reaches %s%%", step, r["toxicity"],
-                         r["reduction"], label)
+        for t in self.targets:
+            label = strength_label(t)
+            if label not in before and self.reached().get(label) == step:
+                self._keep(label, t, step, r)
+        if self.cfg.strength_pick == "nearest" and not self.done():
+            self.previous = (step, {n: p.detach().clone() for n, p in self.lm.model.named_parameters()
+                                    if p.requires_grad})
         return self.done()
 
     def summary(self, analysed_step: int | None) -> dict:
@@ -496,7 +554,8 @@ class StrengthMonitor:
         out = {"target_reduction": self.cfg.target_reduction, "strengths": self.cfg.strengths, "dev": self.dev,
                "base_dev_toxicity": base.get("toxicity"),
                "trajectory": [{k: r[k] for k in ("step", "toxicity", "reduction")} for r in self.rows],
-               "reached": reached, "analysed_step": analysed_step,
+               "reached": reached, "pick": self.cfg.strength_pick, "kept": {k: self.kept.get(k, v) for k, v in reached.items()},
+               "analysed_step": analysed_step,
                "models": {label: str(self.out / "strengths" / label / "model") for label in reached}}
         missing = [strength_label(t) for t in self.targets if strength_label(t) not in reached]
         if missing:
@@ -548,7 +607,7 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
                 control.should_training_stop = True
                 control.should_save = False
 
-    monitor = StrengthMonitor(cfg, lm, val, out) if (cfg.target_reduction is not None or cfg.strengths) else None
+    monitor = StrengthMonitor(cfg, lm, val, out, ckpt_dir) if (cfg.target_reduction is not None or cfg.strengths) else None
 
     class StopAtStrength(TrainerCallback):
         def on_save(self, args, st, control, **kw):
@@ -604,7 +663,8 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
     analysed = None
     if monitor and cfg.target_reduction is not None and \
             (label := strength_label(cfg.target_reduction)) in (reached := monitor.reached()):
-        analysed = reached[label]  # the first checkpoint at the target, not the best validation loss
+        # the checkpoint kept at the target (strength_pick), not the best validation loss
+        analysed = monitor.kept.get(label, reached[label])
         copy_dir(out / "strengths" / label / "model", model_dir)
     else:
         save_model_dir(model_dir, trainer.model, lm.tokenizer)

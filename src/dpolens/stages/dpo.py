@@ -169,7 +169,9 @@ def section(folder: Path, headline: DPOHeadline, manifest: dict) -> str:
                         f"Base vs aligned{how} on held-out challenge prompts. Paper: {PAPER['dpo']}.")]
         parts += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in (headline.get("training") or {}).get("warnings") or []]
     if (st := headline.get("strength")):
-        reached = ", ".join(f"{k}% at step {v}" for k, v in (st.get("reached") or {}).items()) or "none"
+        kept = st.get("kept") or {}
+        reached = ", ".join(f"{k}% at step {v}" + (f" (kept step {kept[k]}, the nearer)" if kept.get(k, v) != v else "")
+                            for k, v in (st.get("reached") or {}).items()) or "none"
         parts.append(table([{"step": r["step"], "dev toxicity": r["toxicity"], "reduction": r["reduction"]}
                             for r in st.get("trajectory") or []], ["step", "dev toxicity", "reduction"],
                            f"Strength control: greedy toxicity on {st['dev']['n']} dev prompts (never evaluation "
