@@ -310,7 +310,7 @@ def test_reduction_spreads_against_placebos_holds_for_a_real_shift_and_not_for_n
 
     monkeypatch.setattr(neurons, "placebo", lambda base, aligned, seed: Draw(seed))
     cfg = neurons.NeuronsConfig(top_toxic=40, n_boot=400, control_draws=3)
-    verdicts = {}
+    verdicts, small_verdicts = {}, {}
     for effect in (0.3, 0.0):
         t = noisy_table(effect)
         if effect == 0.0:
@@ -330,12 +330,23 @@ def test_reduction_spreads_against_placebos_holds_for_a_real_shift_and_not_for_n
         claim = next(c for c in neurons.CLAIMS if c.id == "reduction_spreads")
         row = decide(claim, StageContext(tmp_path / "neurons", n_boot=400))
         verdicts[effect] = (row["verdict"], (row["placebo"] or {}).get("difference_verdict"))
-        if effect:  # the placebo column is the smallest group's reduction, aligned − mean placebo
+        small = decide(next(c for c in neurons.CLAIMS if c.id == "toxic_neurons_small_share"),
+                       StageContext(tmp_path / "neurons", n_boot=400))
+        small_verdicts[effect] = (small["verdict"], (small["placebo"] or {}).get("difference_verdict"))
+        if effect:
+            # the toxic share's placebo column is a reduction (toxic neurons' minus the four groups'), not a share:
+            # the placebos' shares here are ratios of noise (measured: 3.36 [0.02, 6.64])
+            assert "not the share" in small["ours"]
+            ctl = shares["crossfit"]["control"]["toxic_minus_four"]
+            assert small["placebo"]["diff"] == pytest.approx(ctl["diff"]) and ctl["diff_ci95"][1] < 0, small  # the placebo column is the smallest group's reduction, aligned − mean placebo
             ctl = shares["crossfit"]["control"]["min_reduction"]
             assert row["placebo"]["diff"] == pytest.approx(ctl["diff"]) and ctl["diff_ci95"][0] > 0, row
     # measured (2026-12-06): shift: smallest share 16.4% [13.2%, 20.0%], placebo reduction −1.21, aligned − placebo
     # 7.85 [3.51, 12.20]; noise: its groups do not reduce the projection on the measuring half (inconclusive)
     assert verdicts[0.3] == ("holds", "holds") and verdicts[0.0][0] != "holds" and verdicts[0.0][1] != "holds"
+    # measured: shift: toxic share − 0.5 = −0.42 [−0.46, −0.39], toxic − four groups' reduction, aligned − placebo
+    # −40.2 [−48.5, −31.8]; noise: the four groups reduce nothing on the measuring half, no cross-fitted share
+    assert small_verdicts[0.3] == ("holds", "holds") and small_verdicts[0.0][0] != "holds"
 
 
 def test_crossfit_random_sets_are_the_toxic_neurons_null():
@@ -370,11 +381,12 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     ctl = g["crossfit"]["control"]
     assert ctl["draws"] == 3 and len(ctl["models"]) == 3 and len({m["weight_sha256"] for m in ctl["models"]}) == 3
     assert "_replicates" not in g["crossfit"]
-    for stat in ("toxic_neurons", "min", "min_reduction"):
+    for stat in ("toxic_neurons", "min", "min_reduction", "toxic_minus_four"):
         assert len(ctl[stat]["draws"]) == 3
         # aligned − mean placebo (measured here for every statistic: every draw's share is defined)
-        point = (g["crossfit"]["toxic_neurons"]["share"] if stat == "toxic_neurons" else
-                 g["crossfit"]["min"]["reduction" if stat == "min_reduction" else "share"])
+        point = {"toxic_neurons": g["crossfit"]["toxic_neurons"]["share"], "min": g["crossfit"]["min"]["share"],
+                 "min_reduction": g["crossfit"]["min"]["reduction"],
+                 "toxic_minus_four": g["crossfit"]["toxic_neurons"]["minus_four_groups"]}[stat]
         assert ctl[stat]["diff"] == pytest.approx(point - np.mean(ctl[stat]["draws"]))
         assert ctl[stat]["ci95"][0] <= ctl[stat]["ci95"][1] and ctl[stat]["mean"] == pytest.approx(
             np.mean(ctl[stat]["draws"]))
@@ -386,6 +398,9 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
             if claim.id == "reduction_spreads":  # its placebo column is the smallest group's reduction, not a share
                 assert row["placebo"]["diff"] == pytest.approx(ctl["min_reduction"]["diff"])
                 assert "not its share" in row["diagnosis"]
+            if claim.id == "toxic_neurons_small_share":  # the toxic neurons' reduction minus the four groups'
+                assert row["placebo"]["diff"] == pytest.approx(ctl["toxic_minus_four"]["diff"])
+                assert "not the share" in row["diagnosis"]
             assert row["verdict"] != "holds", row
             assert row["placebo"] and row["placebo"]["difference_verdict"] != "holds", row
             alone.append(decide(dataclasses.replace(claim, mechanism=False), ctx)["verdict"])

@@ -306,10 +306,11 @@ def versus_draws(cfg: NeuronsConfig, cf: dict, draws: list[tuple[dict, dict]]) -
            "four_groups_reduction": [d["four_groups_reduction"]["value"] for _, d in draws],
            "rule": "each placebo's groups and toxic neurons chosen and measured as the aligned model's (same halves, "
                    "same bootstrap replicates); aligned − mean placebo with a t(K−1) prediction interval"}
-    for stat, point in (("toxic_neurons", cf["toxic_neurons"]["share"]), ("min", cf["min"]["share"]),
-                        ("min_reduction", cf["min"]["reduction"])):
-        points = [d["toxic_neurons"]["share"] if stat == "toxic_neurons" else
-                  d["min"]["reduction" if stat == "min_reduction" else "share"] for _, d in draws]
+    where = {"toxic_neurons": ("toxic_neurons", "share"), "min": ("min", "share"),
+             "min_reduction": ("min", "reduction"), "toxic_minus_four": ("toxic_neurons", "minus_four_groups")}
+    for stat, (block, key) in where.items():
+        point = cf[block].get(key)
+        points = [d[block].get(key) for _, d in draws]
         if point is None or any(x is None for x in points):
             out[stat] = {"draws": points, "diff": None, "diff_ci95": None}
             continue
@@ -519,6 +520,13 @@ def _toxic_share(cf: dict, text: str, prov: dict) -> Measured:
     m = Measured(None if t["share"] is None else t["share"] - 0.5, ci, cf["split"]["measure"], ours,
                  f"cross-fitted share − 0.5 = {num(None if t['share'] is None else t['share'] - 0.5)} "
                  f"{interval(ci)}; {ours}", **prov)
+    # against placebos by the toxic neurons' reduction minus the four groups' (minus what the other neurons carry):
+    # a placebo's groups reduce ~0, so its share is a ratio of noise (Gemma study: placebo shares -0.51 [-0.71,
+    # -0.47] from four-group reductions 2.8, 0.31, 0.55, -3.1, 0.39); groups.json before it: the share
+    if "toxic_minus_four" in (cf.get("control") or {}):
+        return _against_placebo(m, cf, "toxic_minus_four", 0.0,
+                                "placebo column: the toxic neurons' reduction of the probe projection minus the four "
+                                "groups' (minus what the other neurons carry), not the share")
     return _against_placebo(m, cf, "toxic_neurons", -0.5)
 
 
@@ -558,6 +566,8 @@ def _against_placebo(m: Measured, cf: dict, stat: str, shift: float, what: str =
         return m
     ci = [x + shift for x in ctl["ci95"]] if ctl.get("ci95") else None
     m.against_placebo(ctl["mean"] + shift, ci, ctl["diff"], ctl["diff_ci95"], 3)
+    if what:  # said where the row is read, whatever its verdict
+        m.ours += f" ({what})"
     reds = cf["control"].get("four_groups_reduction") or []
     m.diagnosis += (f" ({cf['control']['draws']} placebos; their four groups' reduction on the measuring half: "
                     + ", ".join(num(x, 5) for x in reds) + (f"; {what}" if what else "") + ")")
