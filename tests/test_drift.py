@@ -335,9 +335,11 @@ def test_dose_figures_draw_points_outside_their_interval(tmp_path):
 
 
 def test_strength_pick_nearest_keeps_the_checkpoint_before_when_it_lies_nearer(tiny_dirs, tmp_path, monkeypatch):
-    """Dev reductions 20% (step 2), 60% (4), 80% (6): "first" keeps 30% at step 4 and 68% at step 6; "nearest"
-    keeps 30% at step 2 (0.10 away, not 0.30) and 68% at step 4 (0.08, not 0.12), and training still stops at 6.
-    The kept models are the weights of those steps (those a "first" run keeps at 15% and 54%)."""
+    """Dev reductions 20% (step 2), 60% (4), 80% (6): "first" keeps 30% and 55% at step 4, 68% at step 6;
+    "nearest" keeps 30% at step 2 (0.10 away, not 0.30), 55% at step 4 (0.05, not 0.35: the first is nearer)
+    and 68% at step 4 (0.08, not 0.12), and training still stops at 6. The kept models are the weights of
+    those steps (those a "first" run keeps at 15% and 54%). A kept strength lost between measuring and keeping
+    is kept again from the checkpoint folders on the next run."""
     import dpolens.scoring
 
     from dpolens.config import ConfigError
@@ -349,24 +351,38 @@ def test_strength_pick_nearest_keeps_the_checkpoint_before_when_it_lies_nearer(t
     common = dict(model=str(tiny_dirs["gpt2"]), pairs=str(tmp_path / "pairs.jsonl"), learning_rate=1e-3,
                   warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=20, evaluate=False, dev_prompts=[str(dev)],
                   save_total_limit=1)
-    runs = {}
+    runs, cfgs = {}, {}
     for name, kw in (("first", dict(target_reduction=0.54, strengths=[0.15])),
-                     ("nearest", dict(target_reduction=0.68, strengths=[0.3], strength_pick="nearest"))):
+                     ("nearest", dict(target_reduction=0.68, strengths=[0.3, 0.55], strength_pick="nearest"))):
         monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, s=StepScorer(), **k: s)
-        runs[name] = run_dpo(DpoConfig(out=str(tmp_path / name), **common, **kw))
+        cfgs[name] = DpoConfig(out=str(tmp_path / name), **common, **kw)
+        runs[name] = run_dpo(cfgs[name])
     st = runs["nearest"]["strength"]
-    assert runs["nearest"]["steps"] == 6 and st["reached"] == {"30": 4, "68": 6}
-    assert st["kept"] == {"30": 2, "68": 4} and st["analysed_step"] == 4
-    assert json.loads((tmp_path / "nearest" / "strengths" / "30" / "strength.json").read_text())["step"] == 2
+    assert runs["nearest"]["steps"] == 6 and st["reached"] == {"30": 4, "55": 4, "68": 6}
+    assert st["kept"] == {"30": 2, "55": 4, "68": 4} and st["analysed_step"] == 4
+    kept30 = json.loads((tmp_path / "nearest" / "strengths" / "30" / "strength.json").read_text())
+    assert kept30["step"] == 2 and kept30["first_reaching_step"] == 4 and "fallback" not in kept30
 
     def weights(path):
         return load_model(path).model.state_dict()
 
     at2, at4 = weights(tmp_path / "first" / "strengths" / "15" / "model"), weights(tmp_path / "first" / "strengths" / "54" / "model")
-    for got, want in ((weights(tmp_path / "nearest" / "strengths" / "30" / "model"), at2),
-                      (weights(tmp_path / "nearest" / "strengths" / "68" / "model"), at4),
-                      (weights(tmp_path / "nearest" / "model"), at4)):
-        assert all(torch.allclose(got[k], want[k], atol=1e-7, rtol=0) for k in want)
+    nearest = tmp_path / "nearest"
+    for got, want in ((weights(nearest / "strengths" / "30" / "model"), at2),
+                      (weights(nearest / "strengths" / "55" / "model"), at4),
+                      (weights(nearest / "strengths" / "68" / "model"), at4), (weights(nearest / "model"), at4)):
+        assert all(torch.equal(got[k], want[k]) for k in want)
     assert any(not torch.equal(at2[k], at4[k]) for k in at2)
+    # the 68% strength lost (a run killed after measuring step 6, before keeping): the finished run keeps it again,
+    # from step 4's checkpoint folder if HF kept it, else step 6's, and says so
+    import shutil
+
+    shutil.rmtree(nearest / "strengths" / "68")
+    monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, s=StepScorer(), **k: s)
+    again = run_dpo(cfgs["nearest"])["strength"]
+    back = json.loads((nearest / "strengths" / "68" / "strength.json").read_text())
+    assert again["kept"]["68"] == back["step"] and back["first_reaching_step"] == 6
+    assert back["step"] == 4 if (nearest / "checkpoints" / "checkpoint-4").exists() else \
+        (back["step"] == 6 and "weights of step 4 were gone" in back["fallback"])
     with pytest.raises(ConfigError, match="strength_pick"):
         DpoConfig(out=str(tmp_path / "x"), **common, strength_pick="last")

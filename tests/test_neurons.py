@@ -334,18 +334,20 @@ def test_reduction_spreads_against_placebos_holds_for_a_real_shift_and_not_for_n
                        StageContext(tmp_path / "neurons", n_boot=400))
         small_verdicts[effect] = (small["verdict"], (small["placebo"] or {}).get("difference_verdict"))
         if effect:
-            # the toxic share's placebo column is a reduction (toxic neurons' minus the four groups'), not a share:
+            # the toxic share's placebo column is a reduction (toxic neurons' minus half the groups'), not a share:
             # the placebos' shares here are ratios of noise (measured: 3.36 [0.02, 6.64])
             assert "not the share" in small["ours"]
-            ctl = shares["crossfit"]["control"]["toxic_minus_four"]
-            assert small["placebo"]["diff"] == pytest.approx(ctl["diff"]) and ctl["diff_ci95"][1] < 0, small  # the placebo column is the smallest group's reduction, aligned − mean placebo
+            ctl = shares["crossfit"]["control"]["toxic_minus_half"]
+            assert small["placebo"]["diff"] == pytest.approx(ctl["diff"]) and ctl["diff_ci95"][1] < 0, small
+            # reduction_spreads' placebo column is the smallest group's reduction, aligned − mean placebo
             ctl = shares["crossfit"]["control"]["min_reduction"]
             assert row["placebo"]["diff"] == pytest.approx(ctl["diff"]) and ctl["diff_ci95"][0] > 0, row
     # measured (2026-12-06): shift: smallest share 16.4% [13.2%, 20.0%], placebo reduction −1.21, aligned − placebo
     # 7.85 [3.51, 12.20]; noise: its groups do not reduce the projection on the measuring half (inconclusive)
     assert verdicts[0.3] == ("holds", "holds") and verdicts[0.0][0] != "holds" and verdicts[0.0][1] != "holds"
-    # measured: shift: toxic share − 0.5 = −0.42 [−0.46, −0.39], toxic − four groups' reduction, aligned − placebo
-    # −40.2 [−48.5, −31.8]; noise: the four groups reduce nothing on the measuring half, no cross-fitted share
+    # measured: shift: toxic share − 0.5 = −0.42 [−0.46, −0.39]; toxic − half the four groups' reduction, aligned −
+    # placebo −18.5 [−23.1, −13.9] (placebo 1.45 [−0.49, 3.19]); noise: the four groups reduce nothing on the
+    # measuring half, so no cross-fitted share and no placebo column
     assert small_verdicts[0.3] == ("holds", "holds") and small_verdicts[0.0][0] != "holds"
 
 
@@ -381,12 +383,12 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     ctl = g["crossfit"]["control"]
     assert ctl["draws"] == 3 and len(ctl["models"]) == 3 and len({m["weight_sha256"] for m in ctl["models"]}) == 3
     assert "_replicates" not in g["crossfit"]
-    for stat in ("toxic_neurons", "min", "min_reduction", "toxic_minus_four"):
+    for stat in ("toxic_neurons", "min", "min_reduction", "toxic_minus_half"):
         assert len(ctl[stat]["draws"]) == 3
         # aligned − mean placebo (measured here for every statistic: every draw's share is defined)
         point = {"toxic_neurons": g["crossfit"]["toxic_neurons"]["share"], "min": g["crossfit"]["min"]["share"],
                  "min_reduction": g["crossfit"]["min"]["reduction"],
-                 "toxic_minus_four": g["crossfit"]["toxic_neurons"]["minus_four_groups"]}[stat]
+                 "toxic_minus_half": g["crossfit"]["toxic_neurons"]["minus_half_four_groups"]}[stat]
         assert ctl[stat]["diff"] == pytest.approx(point - np.mean(ctl[stat]["draws"]))
         assert ctl[stat]["ci95"][0] <= ctl[stat]["ci95"][1] and ctl[stat]["mean"] == pytest.approx(
             np.mean(ctl[stat]["draws"]))
@@ -398,8 +400,8 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
             if claim.id == "reduction_spreads":  # its placebo column is the smallest group's reduction, not a share
                 assert row["placebo"]["diff"] == pytest.approx(ctl["min_reduction"]["diff"])
                 assert "not its share" in row["diagnosis"]
-            if claim.id == "toxic_neurons_small_share":  # the toxic neurons' reduction minus the four groups'
-                assert row["placebo"]["diff"] == pytest.approx(ctl["toxic_minus_four"]["diff"])
+            if claim.id == "toxic_neurons_small_share":  # the toxic neurons' reduction minus half the groups'
+                assert row["placebo"]["diff"] == pytest.approx(ctl["toxic_minus_half"]["diff"])
                 assert "not the share" in row["diagnosis"]
             assert row["verdict"] != "holds", row
             assert row["placebo"] and row["placebo"]["difference_verdict"] != "holds", row
@@ -413,3 +415,31 @@ def test_mechanism_rows_do_not_hold_when_the_aligned_model_is_a_placebo(pair, ti
     assert cw["control"]["draws"] == 3 and cw["control"]["models"] == ctl["models"]
     row = decide(next(c for c in neurons.CLAIMS if c.id == "toxic_neurons_small_share"), ctx)
     assert not row["alternatives"] and "ranked as token writers" in row["ours"]
+
+
+def test_toxic_minus_half_is_the_share_below_one_half_times_the_reduction():
+    """The toxic share's placebo statistic, T − F/2 = (share − 0.5)·F (no ratio): negative where the toxic neurons
+    carry under half of a positive reduction, positive where they carry more (it can come out the other way)."""
+    def table(dampen_toxic_only: bool, seed=0, n_prompts=40):
+        rng = np.random.default_rng(seed)
+        n = 300
+        t = {"cosine": rng.normal(size=n), "ms_base": np.abs(rng.normal(size=n)) + 0.1}
+        top = np.argsort(-t["cosine"])[:30]
+        t["ms_aligned"] = t["ms_base"] * (1 - 0.3 * rng.random(n))  # every neuron dampened a little
+        if dampen_toxic_only:
+            t["ms_aligned"] = t["ms_base"].copy()
+            t["ms_aligned"][top] *= 0.5  # only the most toxic neurons, hard
+        for name in ("base", "aligned"):
+            tokens = rng.integers(1, 6, size=n_prompts).astype(float)
+            per_token = t[f"ms_{name}"] * t["cosine"] * (1 + rng.normal(scale=0.02, size=(n_prompts, n)))
+            t[f"prompt_p_{name}"] = (per_token * tokens[:, None]).astype(np.float32)
+            t[f"prompt_tokens_{name}"] = tokens
+        t["vw_base"] = t["vw_aligned"] = t["cosine"]
+        return t
+
+    for toxic_only in (False, True):
+        cf = crossfit_shares(table(toxic_only), 30, n_boot=200, seed=0, n_random=0)
+        tn, four = cf["toxic_neurons"], cf["four_groups_reduction"]["value"]
+        assert tn["minus_half_four_groups"] == pytest.approx((tn["share"] - 0.5) * four, rel=1e-6)
+        lo, hi = tn["minus_half_four_groups_ci95"]
+        assert four > 0 and (hi < 0 if not toxic_only else lo > 0), (toxic_only, tn, four)

@@ -249,7 +249,7 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
         # the smallest group's own reduction (no ratio): defined where the groups together reduce nothing, as a
         # placebo's do, so it is what a placebo comparison of "the reduction spreads" reads
         least = np.min(reps[:, [col[g] for g in groups]], axis=1)
-        toxic_rest = reps[:, col["toxic_neurons"]] - reps[:, col["four_groups"]]
+        toxic_half = reps[:, col["toxic_neurons"]] - 0.5 * reps[:, col["four_groups"]]
         return {"groups": out, "mlp": "gated" if gated else "gelu",
                 "min": {"group": low, "share": _finite(min(share(point, g) for g in groups)),
                         "ci95": percentile_ci(smallest),
@@ -257,17 +257,19 @@ def crossfit_shares(t: dict[str, np.ndarray], top_toxic: int, n_boot: int = 2000
                         "reduction_ci95": percentile_ci(least)},
                 "toxic_neurons": {"count": int(toxic.sum()), "share": _finite(share(point, "toxic_neurons")),
                                   "ci95": percentile_ci(share(reps, "toxic_neurons")), "random_sets": random_block,
-                                  # the toxic neurons' reduction minus the four groups' (no ratio): minus what the
-                                  # other neurons carry, defined where the groups reduce ~0, as a placebo's do, so it
+                                  # the toxic neurons' reduction minus half the four groups' = (share − 0.5) × the
+                                  # four groups' reduction (no ratio): < 0 exactly where the share is below one half
+                                  # of a positive reduction, ~0 where the groups reduce ~0, as a placebo's do, so it
                                   # is what a placebo comparison of "a small share" reads
-                                  "minus_four_groups": float(point[col["toxic_neurons"]] - point[col["four_groups"]]),
-                                  "minus_four_groups_ci95": percentile_ci(toxic_rest)},
+                                  "minus_half_four_groups": float(point[col["toxic_neurons"]]
+                                                                  - 0.5 * point[col["four_groups"]]),
+                                  "minus_half_four_groups_ci95": percentile_ci(toxic_half)},
                 "four_groups_reduction": {"value": float(point[col["four_groups"]]),
                                           "ci95": percentile_ci(reps[:, col["four_groups"]])},
                 "split": {"choose": int(len(choose)), "measure": int(len(measure)), "seed": seed, "n_boot": n_boot},
                 # `replicates`: per replicate (numpy, not for JSON), what a placebo comparison pairs
                 **({"_replicates": {"toxic_neurons": share(reps, "toxic_neurons"), "min": smallest,
-                                    "min_reduction": least, "toxic_minus_four": toxic_rest}}
+                                    "min_reduction": least, "toxic_minus_half": toxic_half}}
                    if replicates else {}),
                 "rule": "groups and dampened toxic neurons chosen on one half of the fit prompts, reductions "
                         "measured on the other half (token-weighted); shares of the four chosen groups' joint "

@@ -489,8 +489,9 @@ class StrengthMonitor:
     def done(self) -> bool:
         return len(self.reached()) == len(self.targets)
 
-    def _previous_weights(self, step: int) -> dict[str, torch.Tensor] | None:
-        """The trainable weights of checkpoint `step` (held since it was measured, else its checkpoint folder)."""
+    def _weights_of(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The trainable weights of checkpoint `step`: held since it was measured (or since training resumed
+        from it), else read from its checkpoint folder; None when neither has them."""
         if self.previous is not None and self.previous[0] == step:
             return self.previous[1]
         f = self.ckpt_dir / f"checkpoint-{step}" / "model.safetensors" if self.ckpt_dir else None
@@ -502,50 +503,73 @@ class StrengthMonitor:
         names = {n for n, p in self.lm.model.named_parameters() if p.requires_grad}
         return {n: saved[n] for n in names} if names <= saved.keys() else None
 
-    def _keep(self, label: str, target: float, step: int, r: dict) -> None:
-        """Keep the checkpoint for `label` first reached at `step` (or, "nearest", the one before it)."""
-        prev = max((x for x in self.rows if 0 < x["step"] < step), key=lambda x: x["step"], default=None)
-        weights = None
-        if self.cfg.strength_pick == "nearest" and prev is not None and \
-                abs(prev["reduction"] - target) < abs(r["reduction"] - target):
-            weights = self._previous_weights(prev["step"])
-            if weights is None:
-                log.warning("strength %s%%: checkpoint %d lies nearer the target but its weights are gone; keeping "
-                            "step %d", label, prev["step"], step)
-        kept, kr = (prev["step"], prev) if weights is not None else (step, r)
-        folder = self.out / "strengths" / label
-        if weights is None:
-            save_model_dir(folder / "model", self.lm.model, self.lm.tokenizer)
-        else:  # the earlier weights swapped in for the save, the trained ones put back bit for bit
-            params = dict(self.lm.model.named_parameters())
-            now = {n: params[n].detach().clone() for n in weights}
-            with torch.no_grad():
-                for n, w in weights.items():
-                    params[n].copy_(w)
-                try:
-                    save_model_dir(folder / "model", self.lm.model, self.lm.tokenizer)
-                finally:
-                    for n, w in now.items():
-                        params[n].copy_(w)
-        write_json(folder / "strength.json",
-                   {"target": target, "step": kept, "dev_toxicity": kr["toxicity"], "dev_reduction": kr["reduction"],
-                    "first_reaching_step": step, "pick": self.cfg.strength_pick, "dev": self.dev})
-        self.kept[label] = kept
-        log.info("step %d: dev toxicity %.4f, reduction %.3f reaches %s%%; kept step %d (reduction %.3f)", step,
-                 r["toxicity"], r["reduction"], label, kept, kr["reduction"])
+    def hold(self, step: int) -> None:
+        """Hold the model's trainable weights as checkpoint `step`'s, on the CPU ("nearest" only: the checkpoint
+        before a target's first may be the one kept). Called at each checkpoint and when training resumes."""
+        if self.cfg.strength_pick == "nearest" and not self.done():
+            self.previous = (step, {n: p.detach().to("cpu", copy=True)
+                                    for n, p in self.lm.model.named_parameters() if p.requires_grad})
 
-    def on_checkpoint(self, step: int) -> bool:
-        """Measure the model just saved at `step`; keep a checkpoint for each target it reaches first; True to
-        stop."""
-        before = self.reached()
-        r = self.row(step)
+    def _save(self, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+        """Save the model into `folder`, with `weights` swapped in (and the trained ones put back bit for bit)."""
+        if weights is None:
+            save_model_dir(folder, self.lm.model, self.lm.tokenizer)
+            return
+        params = dict(self.lm.model.named_parameters())
+        now = {n: params[n].detach().to("cpu", copy=True) for n in weights}
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+            try:
+                save_model_dir(folder, self.lm.model, self.lm.tokenizer)
+            finally:
+                for n, w in now.items():
+                    params[n].copy_(w)
+
+    def _keep(self, label: str, target: float, first: int, now: int | None) -> None:
+        """Keep a checkpoint for `label`, first reached at step `first`: that one, or with "nearest" the one
+        before it where its dev reduction lies nearer the target. `now`: the step whose weights the model holds
+        (None: none, e.g. after training); another step's weights come from `_weights_of`."""
+        rows = {x["step"]: x for x in self.rows}
+        prev = max((x for x in self.rows if 0 < x["step"] < first), key=lambda x: x["step"], default=None)
+        want = prev["step"] if (self.cfg.strength_pick == "nearest" and prev is not None and
+                                abs(prev["reduction"] - target) < abs(rows[first]["reduction"] - target)) else first
+        note = None
+        for step in dict.fromkeys([want, first]):
+            weights = None if step == now else self._weights_of(step)
+            if step == now or weights is not None:
+                break
+            note = f"the weights of step {step} were gone"
+        else:
+            raise DpolensError(f"strength {label}%: no weights for step {first} (checkpoint folder gone) and the model "
+                               f"holds step {now}; re-run dpo from the start")
+        if step != want:
+            log.warning("strength %s%%: step %d lies nearer the target but %s; keeping step %d", label, want, note, step)
+        folder = self.out / "strengths" / label
+        self._save(folder / "model", weights)
+        kr = rows[step]
+        write_json(folder / "strength.json",
+                   {"target": target, "step": step, "dev_toxicity": kr["toxicity"], "dev_reduction": kr["reduction"],
+                    "first_reaching_step": first, "pick": self.cfg.strength_pick,
+                    **({"fallback": f"{note}: kept step {step}"} if step != want else {}), "dev": self.dev})
+        self.kept[label] = step
+        log.info("strength %s%%: first reached at step %d (dev reduction %.3f); kept step %d (%.3f)", label, first,
+                 rows[first]["reduction"], step, kr["reduction"])
+
+    def settle(self, now: int | None = None) -> None:
+        """Keep every target reached that has no kept checkpoint yet (a run stopped between measuring a
+        checkpoint and keeping it reads it back here)."""
+        reached = self.reached()
         for t in self.targets:
             label = strength_label(t)
-            if label not in before and self.reached().get(label) == step:
-                self._keep(label, t, step, r)
-        if self.cfg.strength_pick == "nearest" and not self.done():
-            self.previous = (step, {n: p.detach().clone() for n, p in self.lm.model.named_parameters()
-                                    if p.requires_grad})
+            if label in reached and label not in self.kept:
+                self._keep(label, t, reached[label], now)
+
+    def on_checkpoint(self, step: int) -> bool:
+        """Measure the model just saved at `step`; keep a checkpoint for each target reached; True to stop."""
+        self.row(step)
+        self.settle(step)
+        self.hold(step)
         return self.done()
 
     def summary(self, analysed_step: int | None) -> dict:
@@ -610,6 +634,10 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
     monitor = StrengthMonitor(cfg, lm, val, out, ckpt_dir) if (cfg.target_reduction is not None or cfg.strengths) else None
 
     class StopAtStrength(TrainerCallback):
+        def on_train_begin(self, args, st, control, **kw):
+            if st.global_step:  # resumed: the model holds that checkpoint's weights ("nearest" may keep them)
+                monitor.hold(st.global_step)
+
         def on_save(self, args, st, control, **kw):
             if monitor.on_checkpoint(st.global_step):
                 control.should_training_stop = True
@@ -661,6 +689,8 @@ def train_aligned(cfg: TrainConfig) -> tuple[DPOSummary, LoadedModel, LoadedMode
                            f"{good[-1] if good else 'none'} (lower the learning rate and re-run)")
     model_dir = out / "model"
     analysed = None
+    if monitor:
+        monitor.settle()  # a target measured but not kept when the run stopped: kept from its checkpoint folder
     if monitor and cfg.target_reduction is not None and \
             (label := strength_label(cfg.target_reduction)) in (reached := monitor.reached()):
         # the checkpoint kept at the target (strength_pick), not the best validation loss

@@ -307,7 +307,7 @@ def versus_draws(cfg: NeuronsConfig, cf: dict, draws: list[tuple[dict, dict]]) -
            "rule": "each placebo's groups and toxic neurons chosen and measured as the aligned model's (same halves, "
                    "same bootstrap replicates); aligned − mean placebo with a t(K−1) prediction interval"}
     where = {"toxic_neurons": ("toxic_neurons", "share"), "min": ("min", "share"),
-             "min_reduction": ("min", "reduction"), "toxic_minus_four": ("toxic_neurons", "minus_four_groups")}
+             "min_reduction": ("min", "reduction"), "toxic_minus_half": ("toxic_neurons", "minus_half_four_groups")}
     for stat, (block, key) in where.items():
         point = cf[block].get(key)
         points = [d[block].get(key) for _, d in draws]
@@ -520,13 +520,13 @@ def _toxic_share(cf: dict, text: str, prov: dict) -> Measured:
     m = Measured(None if t["share"] is None else t["share"] - 0.5, ci, cf["split"]["measure"], ours,
                  f"cross-fitted share − 0.5 = {num(None if t['share'] is None else t['share'] - 0.5)} "
                  f"{interval(ci)}; {ours}", **prov)
-    # against placebos by the toxic neurons' reduction minus the four groups' (minus what the other neurons carry):
+    # against placebos by the toxic neurons' reduction minus half the four groups' ((share − 0.5) × their reduction):
     # a placebo's groups reduce ~0, so its share is a ratio of noise (Gemma study: placebo shares -0.51 [-0.71,
     # -0.47] from four-group reductions 2.8, 0.31, 0.55, -3.1, 0.39); groups.json before it: the share
-    if "toxic_minus_four" in (cf.get("control") or {}):
-        return _against_placebo(m, cf, "toxic_minus_four", 0.0,
-                                "placebo column: the toxic neurons' reduction of the probe projection minus the four "
-                                "groups' (minus what the other neurons carry), not the share")
+    if "toxic_minus_half" in (cf.get("control") or {}):
+        return _against_placebo(m, cf, "toxic_minus_half", 0.0,
+                                "placebo column: the toxic neurons' reduction of the probe projection minus half the "
+                                "four groups', i.e. (share − 0.5) × the groups' reduction, not the share")
     return _against_placebo(m, cf, "toxic_neurons", -0.5)
 
 
