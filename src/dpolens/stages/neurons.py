@@ -633,7 +633,9 @@ CLAIMS = (
           PAPER["toxic_share"], -1,
           "effect = share of the four groups' reduction from the top toxic neurons that were active and dampened, "
           "minus 0.5 (less than half), both chosen on one half of the fit prompts and measured on the other; the "
-          "in-sample shares of the positive and net reduction are reported; paper: < 0",
+          "in-sample shares of the positive and net reduction are reported; paper: < 0; against placebos by the "
+          "toxic neurons' reduction minus half the four groups' ((share − 0.5) × their reduction: no ratio, ~0 "
+          "for noise), aligned − placebo < 0",
           ("groups.json",), toxic_neurons_small_share, mechanism=True,
           requires=("vectors_toxic_tokens",)),
     Claim("reduction_spreads", "Yang", "the reduction spreads over the four neuron groups (TP−, TN+, AP+, AN−)",
