@@ -373,16 +373,23 @@ def test_strength_pick_nearest_keeps_the_checkpoint_before_when_it_lies_nearer(t
                       (weights(nearest / "strengths" / "68" / "model"), at4), (weights(nearest / "model"), at4)):
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert any(not torch.equal(at2[k], at4[k]) for k in at2)
-    # the 68% strength lost (a run killed after measuring step 6, before keeping): the finished run keeps it again,
-    # from step 4's checkpoint folder if HF kept it, else step 6's, and says so
+    # the 68% strength lost (a run killed after measuring step 6, before keeping): the finished run keeps it again
+    # from the checkpoint folders. save_total_limit=1 left only checkpoint-6, so step 4 (the nearer) is gone: it
+    # keeps step 6, read from that folder's safetensors, and says so
     import shutil
 
+    from safetensors.torch import load_file
+
     shutil.rmtree(nearest / "strengths" / "68")
+    assert not (nearest / "checkpoints" / "checkpoint-4").exists()
     monkeypatch.setattr(dpolens.scoring, "get_scorer", lambda name, s=StepScorer(), **k: s)
     again = run_dpo(cfgs["nearest"])["strength"]
     back = json.loads((nearest / "strengths" / "68" / "strength.json").read_text())
     assert again["kept"]["68"] == back["step"] and back["first_reaching_step"] == 6
-    assert back["step"] == 4 if (nearest / "checkpoints" / "checkpoint-4").exists() else \
-        (back["step"] == 6 and "weights of step 4 were gone" in back["fallback"])
+    assert back["step"] == 6 and "weights of step 4 were gone" in back["fallback"]
+    at6 = load_file(str(nearest / "checkpoints" / "checkpoint-6" / "model.safetensors"))
+    kept68 = weights(nearest / "strengths" / "68" / "model")
+    assert all(torch.equal(kept68[k], at6[k]) for k in at6 if k in kept68)
+    assert any(not torch.equal(kept68[k], at4[k]) for k in at4)  # step 6, not step 4
     with pytest.raises(ConfigError, match="strength_pick"):
         DpoConfig(out=str(tmp_path / "x"), **common, strength_pick="last")
