@@ -730,3 +730,27 @@ def test_unalign_ranked_by_token_writers_rests_on_their_precondition(run_dir):
     alt = rows["unalign_restores"]["alternatives"]["token-writers"]
     assert rows["unalign_restores"]["verdict"] == "precondition failed" and "verdict_as_measured" not in alt
     assert alt["verdict"] == rows["unalign_restores"]["verdict_as_measured"]
+
+
+def test_the_dose_response_table_shows_each_strength_and_which_verdicts_flip():
+    """dose_response.md: one row per claim with effect [interval] and verdict per strength, ordered as the
+    strengths are, "not measured" where a stage was not repeated, and whether the verdict flips."""
+    from dpolens.claims import render_dose
+
+    at = lambda s, r, e, v: {"strength": s, "reduction": r, "effect": e, "ci95": None if e is None else [e - 1, e + 1],
+                              "verdict": v}
+    d = {"strengths": [{"strength": "25%", "reduction": 0.496}, {"strength": "analysed", "reduction": 0.627}],
+         "stages_repeated": ["analyze"],
+         "claims": [{"id": "a", "claim": "A", "source": "paper", "flips": False,
+                     "at": [at("25%", 0.496, 2.0, "holds"), at("analysed", 0.627, 3.0, "holds")]},
+                    {"id": "b", "claim": "B", "source": "paper", "flips": True,
+                     "at": [at("25%", 0.496, -2.0, "contradicted"), at("analysed", 0.627, 3.0, "holds")]},
+                    {"id": "c", "claim": "C", "source": "paper", "flips": False,
+                     "at": [at("25%", 0.496, None, "not measured"), at("analysed", 0.627, 1.5, "inconclusive")]}],
+         "summary": {"keep_verdict": ["a", "c"], "flip": ["b"]}}
+    md = render_dose(d).splitlines()
+    assert md[0] == "| claim | 25% (49.6% removed) | analysed (62.7% removed) | verdict |"
+    rows = {line.split(":")[0].split(") ")[1]: line for line in md if line.startswith("| (")}
+    assert rows["a"].endswith("| kept |") and rows["b"].endswith("| flips |")
+    assert "contradicted: -2" in rows["b"] and "| not measured | inconclusive: 1.5" in rows["c"]
+    assert md[-1].endswith("2 claims keep their verdict, 1 flip (b)")

@@ -271,6 +271,7 @@ def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monke
     assert [s["strength"] for s in d["strengths"]] in (["25%", "analysed"], ["analysed", "25%"])
     ledger = json.loads((run / "claims.json").read_text())
     assert len(d["claims"]) == len(ledger["rows"]) and all(len(c["at"]) == 2 for c in d["claims"])
+    assert (run / "dose_response.md").read_text().count("\n| (") == len(d["claims"])
     at25 = {c["id"]: next(a for a in c["at"] if a["strength"] == "25%") for c in d["claims"]}
     analysed = {c["id"]: next(a for a in c["at"] if a["strength"] == "analysed") for c in d["claims"]}
     # the rows read the 25% model's own artifacts: its weights moved less than the analysed model's

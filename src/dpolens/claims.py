@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from dpolens.artifacts import DpolensError, read_json, write_json
+from dpolens.artifacts import DpolensError, read_json, write_json, write_text
 from dpolens.ledger import (
     HOLM_ALPHA,
     RULE,
@@ -37,7 +37,7 @@ from dpolens.stages import REGISTRY, Stage
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_claims", "write_claims", "dose_response", "write_dose_response", "render_text", "registered_claims", "effect_text", "RULE", "across_runs",
+__all__ = ["build_claims", "write_claims", "dose_response", "write_dose_response", "render_dose", "render_text", "registered_claims", "effect_text", "RULE", "across_runs",
            "render_across"]
 
 
@@ -176,6 +176,7 @@ def write_dose_response(run_dir: str | Path, stages: list[str], **kwargs) -> dic
     d = dose_response(run_dir, stages, **kwargs)
     d["figures"] = figures.claims_dose_figure(Path(run_dir), d["claims"]) if len(d["strengths"]) > 1 else []
     write_json(Path(run_dir) / "dose_response.json", d)
+    write_text(Path(run_dir) / "dose_response.md", render_dose(d))
     log.info("dose-response over %d strengths: %d claims keep their verdict, %d flip", len(d["strengths"]),
              len(d["summary"]["keep_verdict"]), len(d["summary"]["flip"]))
     return d
@@ -228,6 +229,23 @@ def render_across(table: dict) -> str:
     s = table["summary"]
     lines += ["", f"holds on all {len(labels)}: {len(s['all'])} ({', '.join(s['all']) or '–'}); on some: "
               f"{len(s['some'])} ({', '.join(s['some']) or '–'}); on none: {len(s['none'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_dose(d: dict) -> str:
+    """The dose-response as a Markdown table: per claim, effect [95% interval] and verdict at each strength
+    (ordered by the toxicity reduction on the evaluation prompts), and whether the verdict flips."""
+    labels = [f"{s['strength']} ({s['reduction']:.1%} removed)" if s["reduction"] is not None else s["strength"]
+              for s in d["strengths"]]
+    lines = ["| claim | " + " | ".join(labels) + " | verdict |", "|---|" + "---|" * (len(labels) + 1)]
+    for c in d["claims"]:
+        cells = [f"{a['verdict']}: {effect_text(a)}" if a["effect"] is not None else a["verdict"] for a in c["at"]]
+        lines.append(f"| ({c['source']}) {c['id']}: {c['claim']} | " + " | ".join(cells) +
+                     f" | {'flips' if c['flips'] else 'kept'} |")
+    s = d["summary"]
+    lines += ["", f"stages repeated at each strength: {', '.join(d['stages_repeated']) or '–'} (the others shared); "
+              f"{len(s['keep_verdict'])} claims keep their verdict, {len(s['flip'])} flip"
+              + (f" ({', '.join(s['flip'])})" if s["flip"] else "")]
     return "\n".join(lines) + "\n"
 
 
