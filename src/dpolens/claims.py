@@ -32,6 +32,8 @@ from dpolens.ledger import (
     decide,
     effect_text,
     holm,
+    strength_labels,
+    verdict_cell,
 )
 from dpolens.stages import REGISTRY, Stage
 
@@ -235,12 +237,10 @@ def render_across(table: dict) -> str:
 def render_dose(d: dict) -> str:
     """The dose-response as a Markdown table: per claim, effect [95% interval] and verdict at each strength
     (ordered by the toxicity reduction on the evaluation prompts), and whether the verdict flips."""
-    labels = [f"{s['strength']} ({s['reduction']:.1%} removed)" if s["reduction"] is not None else s["strength"]
-              for s in d["strengths"]]
+    labels = strength_labels(d["strengths"])
     lines = ["| claim | " + " | ".join(labels) + " | verdict |", "|---|" + "---|" * (len(labels) + 1)]
     for c in d["claims"]:
-        cells = [f"{a['verdict']}: {effect_text(a)}" if a["effect"] is not None else a["verdict"] for a in c["at"]]
-        lines.append(f"| ({c['source']}) {c['id']}: {c['claim']} | " + " | ".join(cells) +
+        lines.append(f"| ({c['source']}) {c['id']}: {c['claim']} | " + " | ".join(verdict_cell(a) for a in c["at"]) +
                      f" | {'flips' if c['flips'] else 'kept'} |")
     s = d["summary"]
     lines += ["", f"stages repeated at each strength: {', '.join(d['stages_repeated']) or '–'} (the others shared); "

@@ -304,6 +304,17 @@ def effect_text(row: dict) -> str:
     return f"{num(row['effect'], 4)} {interval(row['ci95'], 4)}"
 
 
+def verdict_cell(row: dict) -> str:
+    """`verdict: effect [lo, hi]`, or the verdict alone where nothing was measured (a dose-response cell)."""
+    return f"{row['verdict']}: {effect_text(row)}" if row["effect"] is not None else row["verdict"]
+
+
+def strength_labels(strengths: list[dict]) -> list[str]:
+    """Column labels of a dose-response: each strength with the share of the base's toxicity it removed."""
+    return [f"{s['strength']} ({s['reduction']:.1%} removed)" if s["reduction"] is not None else s["strength"]
+            for s in strengths]
+
+
 # ---- reading the stages' rows --------------------------------------------------------------------
 
 def identity(d: dict | None) -> dict | None:

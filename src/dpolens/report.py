@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpolens.artifacts import DpolensError, check_output, read_json, write_text
-from dpolens.ledger import effect_text
+from dpolens.ledger import effect_text, strength_labels, verdict_cell
 from dpolens.stages import REGISTRY
 from dpolens.webpage import Markup, esc, image, table
 
@@ -80,9 +80,8 @@ def dose_section(run: Path) -> str:
     """Every ledger row at each strength of the alignment (dose_response.json), when the study made one."""
     if not (d := read_json(run / "dose_response.json")):
         return ""
-    labels = [f"{s['strength']} ({s['reduction']:.0%} removed)" if s["reduction"] is not None else s["strength"]
-              for s in d["strengths"]]
-    rows = [{"claim": c["id"], **{lab: f"{a['verdict']}: {effect_text(a)}" for lab, a in zip(labels, c["at"])},
+    labels = strength_labels(d["strengths"])
+    rows = [{"claim": c["id"], **{lab: verdict_cell(a) for lab, a in zip(labels, c["at"])},
              "flips": "yes" if c["flips"] else ""} for c in d["claims"]]
     fig = run / "fig_dose_response_claims.png"
     return ("<h2>Claims at each strength of the alignment</h2>" +
