@@ -294,7 +294,7 @@ class EvalSettings:
     seed: int = 0  # of the bootstrap intervals
     # tokens per perplexity window (None: 1,024 or the context); the ledger's PPL guards need >= 20 windows
     ppl_window: int | None = None
-    # greedy decoding through a bf16 screen of the vocabulary head, the argmax exact in fp32 (heads.screened_head):
+    # greedy decoding through a bf16 screen of the vocabulary head, the argmax exact in fp32 (heads.ScreenedHead, generation._greedy_loop):
     # auto = where the device computes bf16 natively; on; off. Not part of an evaluation's cache key: the tokens
     # are plain fp32 greedy's (up to fp32 summation order, benchmarks/bench_screen.py)
     head_screen: str = "auto"

@@ -9,8 +9,6 @@ in the logits: a continuation is text a reader could have written, ended only by
 
 from __future__ import annotations
 
-import contextlib
-
 import re
 from dataclasses import dataclass
 
@@ -111,8 +109,8 @@ def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, m
                  logprobs: list | None = None) -> torch.Tensor:
     """Sampled decoding with the KV cache; returns [batch × n_samples, steps <= max_new_tokens] ids
     (pad after EOS), each prompt's samples in consecutive rows. A prompt is read once and its cache
-    repeated for its samples. Greedy decoding stays with transformers' generate, which measured
-    faster here (benchmarks/bench_generation.py). `logprobs`, a list, receives one [rows, 1] tensor a
+    repeated for its samples. Plain greedy decoding stays with transformers' generate, which measured
+    faster here (benchmarks/bench_generation.py); the screened head has `_greedy_loop`. `logprobs`, a list, receives one [rows, 1] tensor a
     step: the log-probability of the sampled token under the raw logits (before any filter)."""
     tok = lm.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
@@ -145,6 +143,30 @@ def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, m
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = lm.model(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                        past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(steps, 1)
+
+
+def _greedy_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 head) -> torch.Tensor:
+    """Greedy decoding with the KV cache where `head` maps the body's final hidden states [rows, d_model] to
+    the next ids [rows] (heads.ScreenedHead): the vocabulary-sized fp32 logits transformers' generate makes,
+    copies and argmaxes each step are never made. Returns [rows, steps <= max_new_tokens] ids, pad after EOS,
+    as transformers' generate. The plain fp32 head stays with transformers' generate."""
+    eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
+    out = lm.adapter.body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
+    steps = []
+    for _ in range(max_new_tokens):
+        nxt = head(out.last_hidden_state[:, -1])[:, None]  # [rows, 1]
+        nxt = torch.where(finished.unsqueeze(1), torch.full_like(nxt, pad), nxt)
+        steps.append(nxt)
+        if eos is not None:
+            finished |= nxt.squeeze(1) == eos
+        if finished.all() or len(steps) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = lm.adapter.body(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                              past_key_values=out.past_key_values, use_cache=True)
     return torch.cat(steps, 1)
 
 
@@ -221,14 +243,16 @@ def generate(
     n_samples: int = 1,
     head_screen: bool = False,
     screen_stats=None,
+    screen_options: dict | None = None,
     logprobs: bool = False,
 ) -> list[Generation]:
     """Greedy (default; transformers' generate) or sampled (our loop, see `sample_next`)
     continuations of `prompts`, in input order; sampled with `n_samples` > 1, that many per prompt
     (consecutive), `batch_size` counting continuations (at least one prompt's n_samples a batch).
-    `head_screen`: greedy decoding through `heads.screened_head` (a bf16 screen of the vocabulary head, the
-    argmax exact in fp32; `screen_stats` counts its fallbacks), where the head is fp32 and no repetition
-    penalty reads the logits; else the plain head. `logprobs` (sampling only): fill each Generation's
+    `head_screen`: greedy decoding through `heads.ScreenedHead` in our own loop (a bf16 screen of the
+    vocabulary head, the argmax exact in fp32; `screen_stats` counts its fallbacks, `screen_options` go to
+    ScreenedHead: `k`, `force_fallback`), where the head is fp32 and no repetition penalty reads the
+    logits; else transformers' generate with the plain head. `logprobs` (sampling only): fill each Generation's
     `logprobs` from the decoding pass (pairs reuses them as the continuation's NLL)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -247,6 +271,11 @@ def generate(
         raise DpolensError("n_samples > 1 needs do_sample: greedy continuations of one prompt are all the same")
     if logprobs and not do_sample:
         raise DpolensError("logprobs are read from the sampling loop: they need do_sample")
+    screen = None
+    if head_screen and not do_sample and repetition_penalty == 1.0 and lm.adapter.unembed.dtype == torch.float32:
+        from dpolens.model.heads import ScreenedHead
+
+        screen = ScreenedHead(lm.adapter, banned, stats=screen_stats, **(screen_options or {}))
     k = n_samples
     results: list[Generation | None] = [None] * (len(prompts) * k)
     batches = length_batches([len(p) for p in prompt_ids], max(1, batch_size // k))
@@ -257,13 +286,11 @@ def generate(
             gen = torch.Generator(device=lm.device).manual_seed(seed + b)
             cont = _sample_loop(lm, input_ids, mask, max_new_tokens, temperature, top_k, top_p,
                                 repetition_penalty, banned_ids, gen, k, steps).tolist()
+        elif screen is not None:
+            cont = _greedy_loop(lm, input_ids, mask, max_new_tokens, screen).tolist()
         else:
-            from dpolens.model.heads import screened_head
-
-            screen = head_screen and repetition_penalty == 1.0 and lm.adapter.unembed.dtype == torch.float32
-            with screened_head(lm.adapter, banned, stats=screen_stats) if screen else contextlib.nullcontext():
-                out = lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
-                                        logits_processor=ban)
+            out = lm.model.generate(input_ids=input_ids, attention_mask=mask, generation_config=cfg,
+                                    logits_processor=ban)
             cont = out[:, input_ids.shape[1]:].tolist()
         lp = torch.cat(steps, 1).tolist() if steps else None
         for row, (i, j) in enumerate((i, j) for i in idx for j in range(k)):

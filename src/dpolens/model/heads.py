@@ -118,69 +118,69 @@ class ScreenStats:
         return {"rows": self.rows, "fallbacks": self.fallbacks}
 
 
-def screened_logits(x: torch.Tensor, weight: torch.Tensor, weight_bf16: torch.Tensor, bias: torch.Tensor | None,
+def screened_argmax(x: torch.Tensor, weight: torch.Tensor, weight_bf16: torch.Tensor, bias: torch.Tensor | None,
                     banned: torch.Tensor | None, k: int, w_norm_max: float, stats: ScreenStats | None = None,
                     force_fallback: bool = False) -> torch.Tensor:
-    """Logits for greedy decoding whose argmax is the fp32 head's: bf16 logits over the whole vocabulary pick
-    `k` candidates (banned ids excluded), their logits are recomputed in fp32 from the fp32 hidden state, and
-    every other entry is −inf. A row whose best exact candidate does not beat the (k+1)-th bf16 logit by more
-    than the bf16 error bound gets the full fp32 head instead.
+    """The fp32 head's argmax (banned ids excluded) of each row of `x` [n, d_model], without the fp32 head:
+    bf16 logits over the whole vocabulary pick `k` candidates, their logits are recomputed in fp32 from the
+    fp32 hidden state, and the best of them is taken. A row whose best exact candidate does not beat the
+    (k+1)-th bf16 logit by more than the bf16 error bound gets the full fp32 head instead. No [n, vocab] fp32
+    tensor is made on the fast path: the bf16 product, one ban fill and one top-k are its only passes over the
+    vocabulary. A final soft-cap (tanh, monotone) does not change the argmax and is not applied.
 
     Bound: a bf16 product of bf16-rounded operands, accumulated in fp32 and rounded to bf16, is within
     (2u + u² + d·2⁻²⁴)·Σ|x_i w_i| + u·|logit| of the fp32 logit (u = 2⁻⁸), and Σ|x_i w_i| <= ‖x‖·max_v ‖w_v‖."""
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    n, d = flat.shape
-    lb = (flat.to(torch.bfloat16) @ weight_bf16.T).float()  # [n, V]
+    n, d = x.shape
+    lb = torch.nn.functional.linear(x.to(torch.bfloat16), weight_bf16)  # [n, V] bf16
     if bias is not None:
-        lb += bias.float()
+        lb += bias.to(torch.bfloat16)
     if banned is not None and len(banned):
         lb.index_fill_(1, banned, -float("inf"))
     top = lb.topk(k + 1, dim=-1)
-    cand, next_best = top.indices[:, :k], top.values[:, k]
-    exact = torch.einsum("nd,nkd->nk", flat.float(), weight[cand].float())  # fp32, from the fp32 hidden state
+    cand, next_best = top.indices[:, :k], top.values[:, k].float()
+    exact = torch.einsum("nd,nkd->nk", x.float(), weight[cand].float())  # fp32, from the fp32 hidden state
     if bias is not None:
         exact += bias.float()[cand]
     c = 2 * BF16_U + BF16_U ** 2 + d * 2.0 ** -24
-    eps = c * flat.float().norm(dim=-1) * w_norm_max + BF16_U * next_best.abs()
-    safe = exact.max(-1).values > next_best + eps
+    eps = c * x.float().norm(dim=-1) * w_norm_max + BF16_U * next_best.abs()
+    best, at = exact.max(-1)
+    ids = cand.gather(1, at[:, None])[:, 0]
+    safe = best > next_best + eps
     if force_fallback:
         safe[:] = False
-    out = torch.full((n, lb.shape[1]), -float("inf"), dtype=torch.float32, device=x.device)
-    out.scatter_(1, cand, exact)
     if not bool(safe.all()):
         rows = (~safe).nonzero()[:, 0]
-        full = flat[rows].float() @ weight.float().T
+        full = x[rows].float() @ weight.float().T
         if bias is not None:
             full += bias.float()
-        out[rows] = full
+        if banned is not None and len(banned):
+            full.index_fill_(1, banned, -float("inf"))
+        ids[rows] = full.argmax(-1)
     if stats is not None:
         stats.rows += n
         stats.fallbacks += int((~safe).sum())
-    return out.reshape(*shape[:-1], lb.shape[1])
+    return ids
 
 
-@contextmanager
-def screened_head(adapter: Adapter, banned: list[int] | None = None, k: int = 16, stats: ScreenStats | None = None,
-                  force_fallback: bool = False):
-    """While active, the model's unembedding returns `screened_logits`: only for greedy decoding (argmax), with
-    no logits processor that reads other entries (repetition penalty). A final soft-cap (tanh) keeps the order."""
-    head = adapter.unembed_module
-    weight = head.weight.detach()
-    if weight.dtype != torch.float32:
-        raise ValueError(f"the screened head needs an fp32 unembedding, not {weight.dtype}")
-    weight_bf16 = weight.to(torch.bfloat16)
-    bias = getattr(head, "bias", None)
-    bias = None if bias is None else bias.detach()
-    ban = torch.tensor(sorted(banned or []), dtype=torch.long, device=weight.device)
-    w_norm_max = float(weight.norm(dim=-1).max())
-    original = head.forward
+class ScreenedHead:
+    """Greedy next tokens from final hidden states through `screened_argmax`: the argmax of the model's fp32
+    unembedding (banned ids excluded) with a bf16 copy of it as the screen. Only for greedy decoding with no
+    logits processor that reads other entries (repetition penalty)."""
 
-    def forward(self, x):
-        return screened_logits(x, weight, weight_bf16, bias, ban, k, w_norm_max, stats, force_fallback)
+    def __init__(self, adapter: Adapter, banned: list[int] | None = None, k: int = 16,
+                 stats: ScreenStats | None = None, force_fallback: bool = False):
+        head = adapter.unembed_module
+        weight = head.weight.detach()
+        if weight.dtype != torch.float32:
+            raise ValueError(f"the screened head needs an fp32 unembedding, not {weight.dtype}")
+        self.weight, self.weight_bf16 = weight, weight.to(torch.bfloat16)
+        bias = getattr(head, "bias", None)
+        self.bias = None if bias is None else bias.detach()
+        self.ban = torch.tensor(sorted(banned or []), dtype=torch.long, device=weight.device)
+        self.w_norm_max = float(weight.norm(dim=-1).max())
+        self.k, self.stats, self.force_fallback = k, stats, force_fallback
 
-    head.forward = MethodType(forward, head)
-    try:
-        yield stats
-    finally:
-        head.forward = original
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, d_model] final (normed) hidden states -> [n] token ids."""
+        return screened_argmax(hidden, self.weight, self.weight_bf16, self.bias, self.ban, self.k, self.w_norm_max,
+                               self.stats, self.force_fallback)
