@@ -38,6 +38,9 @@ _DEBUG = {"on": False}
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
           debug: bool = typer.Option(False, "--debug", help="show the traceback of an input error")):
     _DEBUG["on"] = debug
+    from dpolens.runtime import tune_allocator
+
+    tune_allocator()  # large temporaries stay in the heap: fp32 greedy and sampling ~1.2x (bench_allocator.py)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "filelock"):
