@@ -1,11 +1,11 @@
-"""Greedy toxicity-evaluation decoding on gemma-3-270m: the plain fp32 head against the bf16-screened head
-(issue #34: bf16 logits over the vocabulary pick 16 candidates, recomputed in fp32; a row whose bf16 margin
+"""Greedy toxicity-evaluation decoding (gemma-3-270m unless --model NAME): the plain fp32 head against the
+bf16-screened head (issue #34: bf16 logits over the vocabulary pick 16 candidates, recomputed in fp32; a row whose bf16 margin
 cannot rule out an outside token falls back to the full fp32 head). Both in this process, same prompts:
 tokens/s, the ratio, the share of the fp32 and of the bf16 2048x2048 matmul rooflines (measured here), the
 fallback rate, and the tokens that differ from plain fp32 decoding (goal 0).
 
-  python benchmarks/bench_screen.py [N_PROMPTS] [--force]   # default 256 (64 a batch); 1199 for the whole
-  check; without native bf16 it stops (the screen is off there) unless --force
+  python benchmarks/bench_screen.py [N_PROMPTS] [--model NAME] [--force]   # default 256 (64 a batch); 1199
+  for the whole check; without native bf16 it stops (the screen is off there) unless --force
 """
 
 import sys
@@ -19,7 +19,13 @@ from dpolens.model.generation import encode_prompts, generate
 from dpolens.model.heads import ScreenStats
 from dpolens.model.loading import native_bf16
 
-args = [a for a in sys.argv[1:] if a != "--force"]
+argv = sys.argv[1:]
+model = "gemma-3-270m"
+if "--model" in argv:
+    i = argv.index("--model")
+    model = argv[i + 1]
+    del argv[i : i + 2]
+args = [a for a in argv if a != "--force"]
 n = int(args[0]) if args else 256
 if not native_bf16("cpu") and "--force" not in sys.argv:
     # measured 2026-12-06 on an AMD EPYC with AVX2 only: torch's bf16 matmul there is the emulated
@@ -32,7 +38,7 @@ a @ b
 mm16_s, _ = timed(lambda: a @ b, 10)
 roof16 = 2 * 2048**3 / mm16_s
 
-lm = load_model("gemma-3-270m")
+lm = load_model(model)
 n_params = sum(p.numel() for p in lm.model.parameters())
 unembed = lm.adapter.unembed_module.weight.numel()
 body = n_params - unembed
@@ -55,7 +61,7 @@ diff_rows = sum(a_.continuation_ids != b_.continuation_ids for a_, b_ in zip(g32
 total = sum(len(g.continuation_ids) for g in g32)
 print(f"== native bf16 on this device: {native_bf16('cpu')}; torch threads {torch.get_num_threads()}")
 print(f"== matmul 2048^3: fp32 {roof32 / 1e9:.1f} GFLOP/s, bf16 {roof16 / 1e9:.1f} GFLOP/s ({roof16 / roof32:.2f}x)")
-print(f"== greedy, gemma-3-270m, {len(prompts)} prompts ({prompt_tokens} prompt tokens) x {new} new, "
+print(f"== greedy, {model}, {len(prompts)} prompts ({prompt_tokens} prompt tokens) x {new} new, "
       f"{flop / 1e12:.2f} TFLOP (model FLOP, as fp32)")
 print(f"{'':<18} {'seconds':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'% fp32 roof':>12} {'% bf16 roof':>12}")
 for name, t in (("fp32 head", t32), ("bf16-screened", tsc)):

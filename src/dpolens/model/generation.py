@@ -103,6 +103,27 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return choice
 
 
+def _decode(lm: LoadedModel, forward, out, mask: torch.Tensor, max_new_tokens: int, choose) -> torch.Tensor:
+    """The KV-cache loop both decoders share: `choose(out, steps)` picks the next ids [rows, 1] from the last
+    forward's output (`steps`: the ids so far, pad after EOS), and `forward` (the model or its body) reads
+    them. Returns [rows, steps <= max_new_tokens] ids, pad after EOS, as transformers' generate."""
+    eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
+    finished = torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+    steps = []
+    for _ in range(max_new_tokens):
+        nxt = choose(out, steps)
+        nxt = torch.where(finished.unsqueeze(1), torch.full_like(nxt, pad), nxt)
+        steps.append(nxt)
+        if eos is not None:
+            finished |= nxt.squeeze(1) == eos
+        if finished.all() or len(steps) == max_new_tokens:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = forward(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                      past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(steps, 1)
+
+
 def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float,
                  banned: torch.Tensor, generator: torch.Generator, n_samples: int = 1,
@@ -110,22 +131,20 @@ def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, m
     """Sampled decoding with the KV cache; returns [batch × n_samples, steps <= max_new_tokens] ids
     (pad after EOS), each prompt's samples in consecutive rows. A prompt is read once and its cache
     repeated for its samples. Plain greedy decoding stays with transformers' generate, which measured
-    faster here (benchmarks/bench_generation.py); the screened head has `_greedy_loop`. `logprobs`, a list, receives one [rows, 1] tensor a
-    step: the log-probability of the sampled token under the raw logits (before any filter)."""
-    tok = lm.tokenizer
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    faster here (benchmarks/bench_generation.py); the screened head has `_greedy_loop`. `logprobs`, a
+    list, receives one [rows, 1] tensor a step: the log-probability of the sampled token under the raw
+    logits (before any filter)."""
     out = lm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
                    use_cache=True, logits_to_keep=1)
     if n_samples > 1:
         out.past_key_values.batch_repeat_interleave(n_samples)
         out.logits = out.logits.repeat_interleave(n_samples, 0)
         input_ids, mask = input_ids.repeat_interleave(n_samples, 0), mask.repeat_interleave(n_samples, 0)
-    seen = input_ids  # repetition penalty: every token of the prompt and the continuation so far
-    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    steps = []
-    for _ in range(max_new_tokens):
+
+    def choose(out, steps):
         logits = out.logits[:, -1].float().index_fill(1, banned, -float("inf"))
         if repetition_penalty != 1.0:
+            seen = torch.cat([input_ids, *steps], 1)  # every token of the prompt and the continuation so far
             prev = logits.gather(1, seen)
             logits = logits.scatter(1, seen, torch.where(prev > 0, prev / repetition_penalty,
                                                           prev * repetition_penalty))
@@ -133,41 +152,19 @@ def _sample_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, m
         if logprobs is not None:
             raw = out.logits[:, -1].float()
             logprobs.append(raw.gather(1, nxt) - raw.logsumexp(-1, keepdim=True))
-        nxt = torch.where(finished.unsqueeze(1), torch.full_like(nxt, pad), nxt)
-        steps.append(nxt)
-        if eos is not None:
-            finished |= nxt.squeeze(1) == eos
-        if finished.all() or len(steps) == max_new_tokens:
-            break
-        seen = torch.cat([seen, nxt], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = lm.model(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                       past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(steps, 1)
+        return nxt
+
+    return _decode(lm, lm.model, out, mask, max_new_tokens, choose)
 
 
 def _greedy_loop(lm: LoadedModel, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  head) -> torch.Tensor:
     """Greedy decoding with the KV cache where `head` maps the body's final hidden states [rows, d_model] to
     the next ids [rows] (heads.ScreenedHead): the vocabulary-sized fp32 logits transformers' generate makes,
-    copies and argmaxes each step are never made. Returns [rows, steps <= max_new_tokens] ids, pad after EOS,
-    as transformers' generate. The plain fp32 head stays with transformers' generate."""
-    eos, pad = lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id
+    copies and argmaxes each step are never made. The plain fp32 head stays with transformers' generate."""
     out = lm.adapter.body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    finished = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
-    steps = []
-    for _ in range(max_new_tokens):
-        nxt = head(out.last_hidden_state[:, -1])[:, None]  # [rows, 1]
-        nxt = torch.where(finished.unsqueeze(1), torch.full_like(nxt, pad), nxt)
-        steps.append(nxt)
-        if eos is not None:
-            finished |= nxt.squeeze(1) == eos
-        if finished.all() or len(steps) == max_new_tokens:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out = lm.adapter.body(input_ids=nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                              past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(steps, 1)
+    return _decode(lm, lm.adapter.body, out, mask, max_new_tokens,
+                   lambda out, steps: head(out.last_hidden_state[:, -1])[:, None])
 
 
 def encode_prompts(lm: LoadedModel, prompts: list[str], max_prompt_tokens: int | None,
