@@ -70,3 +70,19 @@ def test_screened_greedy_generation_gives_the_fp32_tokens(family, tiny_dirs):
     assert torch.isfinite(logits).all()
     again = generate(lm, PROMPTS, 8, batch_size=3, progress=False)
     assert [g.continuation_ids for g in again] == [g.continuation_ids for g in plain]
+
+
+def test_auto_screens_only_where_bf16_is_native_and_the_head_is_most_of_the_model(tiny_dirs, monkeypatch):
+    import dpolens.model.loading as loading
+    from dpolens.evaluate import EvalSettings, head_dominates, use_screen
+
+    lm = load_model(tiny_dirs["llama"])
+    head = lm.adapter.unembed_module.weight.numel()
+    body = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    assert head_dominates(lm) == (head > body)
+    monkeypatch.setattr(loading, "native_bf16", lambda device: True)
+    assert use_screen(EvalSettings(head_screen="auto"), lm) == (head > body)
+    assert use_screen(EvalSettings(head_screen="on"), lm)
+    assert not use_screen(EvalSettings(head_screen="off"), lm)
+    monkeypatch.setattr(loading, "native_bf16", lambda device: False)
+    assert not use_screen(EvalSettings(head_screen="auto"), lm)

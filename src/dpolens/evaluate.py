@@ -294,9 +294,11 @@ class EvalSettings:
     seed: int = 0  # of the bootstrap intervals
     # tokens per perplexity window (None: 1,024 or the context); the ledger's PPL guards need >= 20 windows
     ppl_window: int | None = None
-    # greedy decoding through a bf16 screen of the vocabulary head, the argmax exact in fp32 (heads.ScreenedHead, generation._greedy_loop):
-    # auto = where the device computes bf16 natively; on; off. Not part of an evaluation's cache key: the tokens
-    # are plain fp32 greedy's (up to fp32 summation order, benchmarks/bench_screen.py)
+    # greedy decoding through a bf16 screen of the vocabulary head, the argmax exact in fp32 (heads.ScreenedHead,
+    # generation._greedy_loop): auto = where the device computes bf16 natively and the head holds more parameters
+    # than the rest of the model (gemma-3-270m: 1.385x; smollm2-135m, head a fifth of the model: 0.910x, 18% of
+    # rows fell back; benchmarks/bench_screen.py, 2026-12-07); on; off. Not part of an evaluation's cache key: the
+    # tokens are plain fp32 greedy's (up to fp32 summation order)
     head_screen: str = "auto"
 
     def __post_init__(self):
@@ -357,10 +359,22 @@ def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_
 
 
 def use_screen(s: EvalSettings, lm: LoadedModel) -> bool:
-    """Whether greedy decoding goes through the bf16 screen of the head (`EvalSettings.head_screen`)."""
+    """Whether greedy decoding goes through the bf16 screen of the head (`EvalSettings.head_screen`): `auto` only
+    where bf16 is native and the head is the larger part of a token's work (the screen saves nothing else)."""
     from dpolens.model.loading import native_bf16
 
-    return s.head_screen == "on" or (s.head_screen == "auto" and native_bf16(lm.device))
+    if s.head_screen != "auto":
+        return s.head_screen == "on"
+    return native_bf16(lm.device) and head_dominates(lm)
+
+
+def head_dominates(lm: LoadedModel) -> bool:
+    """Whether the vocabulary head holds more parameters than the rest of the model (input embeddings, which
+    cost a lookup, not counted): gemma-3-270m 168M vs 100M, smollm2-135m 28M vs 106M."""
+    head = lm.adapter.unembed_module.weight
+    emb = lm.model.get_input_embeddings().weight
+    rest = sum(p.numel() for p in lm.model.parameters() if p.data_ptr() not in (head.data_ptr(), emb.data_ptr()))
+    return head.numel() > rest
 
 
 def generation_identity(lm: LoadedModel, s: EvalSettings, intervention: Any = None) -> dict:
