@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from dpolens import load_model
-from dpolens.evaluate import (EvalConfig, EvalSettings, bigram_repetition, bootstrap_ci, f1_score,
+from dpolens.evaluate import (EvalConfig, EvalSettings, batch_chunks, bigram_repetition, bootstrap_ci, f1_score,
                               generation_identity, perplexity, run_eval)
 from dpolens.model import hooks
+from dpolens.model.generation import encode_prompts, generate
 
 
 def test_metric_helpers():
@@ -74,19 +75,32 @@ def test_run_eval_writes_metrics_and_resumes(tiny_dirs, tmp_path, jigsaw_cached)
     assert m["perplexity"] > 1 and 0 <= m["f1"] <= 1 and m["model"]["weight_sha256"]
     gens = [json.loads(l) for l in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == 4 and all("toxicity" in g for g in gens)
-    # a killed run left two generations behind: the re-run keeps them and makes the rest
+    # batches (and the partial file) in length order, longest first; records come back in input order
+    lm = load_model(cfg.model)
+    prompts = [g["prompt"] for g in gens]
+    order = [i for c in batch_chunks(lm, prompts, cfg.settings, cfg.settings.max_prompt_tokens) for i in c]
+    lengths = [len(tok) for tok in encode_prompts(lm, prompts, 32)]
+    assert sorted(order) == [0, 1, 2, 3] and [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    plain = generate(lm, prompts, 5, batch_size=2, progress=False)  # sorts by length too: the same batches
+    assert [g["continuation_ids"] for g in gens] == [g.continuation_ids for g in plain]
+    # a killed run left the first chunk (two generations) behind: the re-run keeps them and makes the rest
     partial = tmp_path / "out2" / "generations.partial.jsonl"
     partial.parent.mkdir()
-    kept = [{**{k: g[k] for k in ("prompt", "continuation", "continuation_ids")}, "continuation": "MARK"}
-            for g in gens[:2]]
+    kept = [{**{k: gens[i][k] for k in ("prompt", "continuation", "continuation_ids")}, "continuation": "MARK"}
+            for i in order[:2]]
     partial.write_text("".join(json.dumps(r) + "\n" for r in kept) + '{"torn')
     (partial.parent / "generations.partial.identity.json").write_text(  # written when the killed run began
-        json.dumps(generation_identity(load_model(cfg.model), cfg.settings)))
+        json.dumps(generation_identity(lm, cfg.settings)))
     cfg.out = str(tmp_path / "out2")
     run_eval(cfg)
     gens2 = [json.loads(l) for l in (tmp_path / "out2" / "generations.jsonl").read_text().splitlines()]
-    assert [g["continuation"] for g in gens2[:2]] == ["MARK", "MARK"]
-    assert [g["continuation"] for g in gens2[2:]] == [g["continuation"] for g in gens[2:]]
+    assert [g["prompt"] for g in gens2] == prompts
+    assert [gens2[i]["continuation"] for i in order[:2]] == ["MARK", "MARK"]
+    assert [gens2[i]["continuation"] for i in order[2:]] == [gens[i]["continuation"] for i in order[2:]]
+    # the order before batch_order (consecutive prompts) resumes its own partial files, recorded without it
+    ident = generation_identity(lm, EvalSettings(max_new_tokens=5, batch_size=2, batch_order="input"))
+    assert "batch_order" not in ident and generation_identity(lm, cfg.settings)["batch_order"] == "length"
+    assert batch_chunks(lm, prompts, EvalSettings(batch_order="input", batch_size=3), 32) == [[0, 1, 2], [3]]
 
 
 def test_evaluations_are_shared_through_the_cache(tiny_dirs, tmp_path, jigsaw_cached):
@@ -108,5 +122,25 @@ def test_evaluations_are_shared_through_the_cache(tiny_dirs, tmp_path, jigsaw_ca
     spec = {"kind": "add", "layer": 0, "vector": [1.0] * lm.adapter.d_model, "alpha": 2.0}
     other = [eval_key(lm, d, inputs, spec), eval_key(lm, d, inputs, {**spec, "alpha": 3.0}),
              eval_key(lm, EvalData(**{**d.__dict__, "settings": EvalSettings(max_new_tokens=4)}), inputs),
-             eval_key(load_model(tiny_dirs["gemma3"]), d, inputs)]
-    assert len({key, *other}) == 5  # intervention, its strength, settings and weights all change the key
+             eval_key(load_model(tiny_dirs["gemma3"]), d, inputs),
+             eval_key(lm, EvalData(**{**d.__dict__, "settings": EvalSettings(max_new_tokens=3, batch_size=2,
+                                                                             batch_order="input")}), inputs)]
+    assert len({key, *other}) == 6  # intervention, its strength, settings, weights and batch order change the key
+    screened = EvalData(**{**d.__dict__, "settings": EvalSettings(max_new_tokens=3, batch_size=2, head_screen="on")})
+    assert eval_key(lm, screened, inputs) == key  # the screen is exact: the same tokens as the plain head
+
+
+def test_length_batches_bound_the_prompt_positions_a_batch_pads_to(tiny_dirs):
+    lm = load_model(tiny_dirs["llama"])
+    prompts = ["word " * k for k in (12, 3, 11, 2, 1, 12)]
+    lengths = [len(ids) for ids in encode_prompts(lm, prompts, None)]
+    by_len = sorted(range(6), key=lambda i: -lengths[i])
+    assert batch_chunks(lm, prompts, EvalSettings(batch_tokens=None), None) == [by_len]  # rows only: one batch
+    budget = 2 * max(lengths)
+    chunks = batch_chunks(lm, prompts, EvalSettings(batch_tokens=budget), None)
+    assert [i for c in chunks for i in c] == by_len and by_len[:2] == [0, 5]  # longest first, ties in input order
+    assert chunks[0] == [0, 5] and len(chunks) > 2  # the two longest fill the budget; the short ones share batches
+    assert all(len(c) == 1 or lengths[c[0]] * len(c) <= budget for c in chunks)
+    assert all(lengths[c[0]] * (len(c) + 1) > budget for c in chunks[:-1])  # each full before the next opens
+    assert batch_chunks(lm, prompts, EvalSettings(batch_size=4, batch_tokens=None), None) == [by_len[:4], by_len[4:]]
+    assert batch_chunks(lm, prompts, EvalSettings(batch_tokens=1), None) == [[i] for i in by_len]

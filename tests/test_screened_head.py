@@ -72,17 +72,43 @@ def test_screened_greedy_generation_gives_the_fp32_tokens(family, tiny_dirs):
     assert [g.continuation_ids for g in again] == [g.continuation_ids for g in plain]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_parameter_counts_split_the_model_into_head_input_embeddings_and_body(tiny_dirs, family):
+    lm = load_model(tiny_dirs[family])
+    n = lm.adapter.parameter_counts()
+    unique = {p.data_ptr(): p.numel() for p in lm.model.parameters()}
+    assert n["head"] + n["input_embeddings"] + n["body"] == sum(unique.values())
+    assert n["head"] == lm.adapter.unembed.shape[0] * lm.adapter.d_model
+    assert (n["input_embeddings"] == 0) == lm.adapter.tied_embeddings
+    assert n["body"] > 0
+
+
 def test_auto_screens_only_where_bf16_is_native_and_the_head_is_most_of_the_model(tiny_dirs, monkeypatch):
     import dpolens.model.loading as loading
     from dpolens.evaluate import EvalSettings, head_dominates, use_screen
 
     lm = load_model(tiny_dirs["llama"])
-    head = lm.adapter.unembed_module.weight.numel()
-    body = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    assert head_dominates(lm) == (head > body)
     monkeypatch.setattr(loading, "native_bf16", lambda device: True)
-    assert use_screen(EvalSettings(head_screen="auto"), lm) == (head > body)
-    assert use_screen(EvalSettings(head_screen="on"), lm)
-    assert not use_screen(EvalSettings(head_screen="off"), lm)
+    for head, body in ((100, 99), (99, 100)):  # both outcomes (gemma-3-270m: 168M vs 100M; smollm2-135m: 28M vs 106M)
+        monkeypatch.setattr(lm.adapter, "parameter_counts", lambda h=head, b=body: {"head": h, "input_embeddings": 0,
+                                                                                     "body": b})
+        assert head_dominates(lm) == (head > body)
+        assert use_screen(EvalSettings(head_screen="auto"), lm) == (head > body)
+        assert use_screen(EvalSettings(head_screen="on"), lm)
+        assert not use_screen(EvalSettings(head_screen="off"), lm)
     monkeypatch.setattr(loading, "native_bf16", lambda device: False)
     assert not use_screen(EvalSettings(head_screen="auto"), lm)
+
+
+def test_generate_auto_screens_where_screen_pays(tiny_dirs, monkeypatch):
+    import dpolens.model.loading as loading
+
+    lm = load_model(tiny_dirs["llama"])
+    plain = generate(lm, PROMPTS, 6, batch_size=3, progress=False)
+    monkeypatch.setattr(lm.adapter, "parameter_counts", lambda: {"head": 2, "input_embeddings": 0, "body": 1})
+    for native, screened in ((True, True), (False, False)):
+        monkeypatch.setattr(loading, "native_bf16", lambda device, n=native: n)
+        stats = ScreenStats()
+        gens = generate(lm, PROMPTS, 6, batch_size=3, progress=False, head_screen="auto", screen_stats=stats)
+        assert (stats.rows > 0) == screened
+        assert [g.continuation_ids for g in gens] == [g.continuation_ids for g in plain]

@@ -49,7 +49,7 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
         if name == "base" and base_from is not None:
             out.update({k: v for k, v in base_from.items() if k.endswith("_base") or k in ("cosine", "toxic_score")})
             continue
-        gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
+        gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress, head_screen="auto",
                         desc=f"generate {name}")
         st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
                                 batch_size, f"neurons {name}", progress, per_prompt_ms=True)

@@ -300,12 +300,25 @@ class EvalSettings:
     # rows fell back; benchmarks/bench_screen.py, 2026-12-07); on; off. Not part of an evaluation's cache key: the
     # tokens are plain fp32 greedy's (up to fp32 summation order)
     head_screen: str = "auto"
+    # which prompts share a generation batch: length = sorted by token count over all prompts (longest first), so
+    # a batch pads little (challenge prompts on gemma-3-270m, batches of 64: 20,839 prompt positions for 20,025
+    # tokens, against 37,024 in input order); input = consecutive prompts (the order before 2026-12-07; its
+    # evaluations keep their cache keys). Each prompt's continuation is the same either way up to fp32 summation
+    # order (padding and batch shape change the sums)
+    batch_order: str = "length"
+    # length order only: a batch holds at most this many prompt positions (rows × its longest prompt), so that
+    # long prompts of unequal length (F1's WikiText rows: 18 to 250 Gemma tokens) are not all padded to the
+    # longest; 2,048 = 64 challenge prompts cut to 32 tokens, which it never splits. None: rows only
+    batch_tokens: int | None = 2048
 
     def __post_init__(self):
         at_least(self, 1, "max_new_tokens", "max_prompt_tokens", "batch_size", "ppl_max_tokens", "ppl_batch_size")
         at_least(self, 2, "ppl_window")
+        at_least(self, 1, "batch_tokens")
         if self.head_screen not in ("auto", "on", "off"):
             raise ConfigError(f"head_screen must be auto, on or off, not '{self.head_screen}'")
+        if self.batch_order not in ("length", "input"):
+            raise ConfigError(f"batch_order must be length or input, not '{self.batch_order}'")
 
 
 PER_UNIT_KEYS = ("toxicity_per_prompt", "f1_per_row", "ppl_window_nll", "ppl_window_tokens")  # of EvalResult.row()
@@ -339,15 +352,20 @@ class EvalResult:
 
 
 def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_tokens):
-    """Generate in chunks, appending records to `path`; on a re-run, skip what is written."""
-    done = read_jsonl_complete(path) if path else []
-    done = done[: len(prompts)]
-    if any(r["prompt"] != p for r, p in zip(done, prompts)):
+    """Generate in chunks (`batch_chunks`: by `settings.batch_order`), appending records to `path` as each chunk
+    is made; on a re-run, skip what is written. The file follows the chunks' order; the records come back in
+    input order."""
+    chunks = batch_chunks(lm, prompts, settings, max_prompt_tokens)
+    order = [i for c in chunks for i in c]
+    done = (read_jsonl_complete(path) if path else [])[: len(prompts)]
+    if any(r["prompt"] != prompts[i] for r, i in zip(done, order)):
         raise DpolensError(f"{path} holds generations for other prompts: remove it or use another --out")
-    chunk = settings.batch_size
-    for start in tqdm(range(len(done), len(prompts), chunk), desc=desc, disable=not progress,
-                      unit="chunk"):
-        gens = generate(lm, prompts[start : start + chunk], settings.max_new_tokens,
+    todo, start = [], 0
+    for c in chunks:  # a chunk the kill cut short is finished on its own
+        todo += [c[max(0, len(done) - start):]] if start + len(c) > len(done) else []
+        start += len(c)
+    for idx in tqdm(todo, desc=desc, disable=not progress, unit="chunk"):
+        gens = generate(lm, [prompts[i] for i in idx], settings.max_new_tokens,
                         batch_size=settings.batch_size, max_prompt_tokens=max_prompt_tokens,
                         progress=False, head_screen=use_screen(settings, lm))
         rows = [{"prompt": g.prompt, "continuation": g.continuation,
@@ -355,32 +373,54 @@ def _generate_resumable(lm, prompts, settings, path, desc, progress, max_prompt_
         if path:
             append_jsonl(path, rows)
         done += rows
-    return done
+    out: list[dict] = [{}] * len(prompts)
+    for r, i in zip(done, order):
+        out[i] = r
+    return out
+
+
+def batch_chunks(lm: LoadedModel, prompts: list[str], s: EvalSettings, max_prompt_tokens: int | None
+                 ) -> list[list[int]]:
+    """The generation batches of `_generate_resumable`, as prompt indices. `input`: `batch_size` consecutive
+    prompts. `length`: sorted by token count (as cut for generation), longest first (ties in input order), at
+    most `batch_size` rows and `batch_tokens` prompt positions (rows × the batch's longest prompt) a batch."""
+    n = len(prompts)
+    if s.batch_order == "input":
+        return [list(range(i, min(i + s.batch_size, n))) for i in range(0, n, s.batch_size)]
+    lengths = [len(ids) for ids in encode_prompts(lm, prompts, max_prompt_tokens)]
+    chunks: list[list[int]] = []
+    for i in sorted(range(n), key=lambda i: -lengths[i]):
+        c = chunks[-1] if chunks else None
+        if c and len(c) < s.batch_size and (s.batch_tokens is None or lengths[c[0]] * (len(c) + 1) <= s.batch_tokens):
+            c.append(i)
+        else:
+            chunks.append([i])
+    return chunks
 
 
 def use_screen(s: EvalSettings, lm: LoadedModel) -> bool:
     """Whether greedy decoding goes through the bf16 screen of the head (`EvalSettings.head_screen`): `auto` only
-    where bf16 is native and the head is the larger part of a token's work (the screen saves nothing else)."""
-    from dpolens.model.loading import native_bf16
+    where bf16 is native and the head is the larger part of a token's work (`generation.screen_pays`)."""
+    from dpolens.model.generation import screen_pays
 
     if s.head_screen != "auto":
         return s.head_screen == "on"
-    return native_bf16(lm.device) and head_dominates(lm)
+    return screen_pays(lm)
 
 
 def head_dominates(lm: LoadedModel) -> bool:
-    """Whether the vocabulary head holds more parameters than the rest of the model (input embeddings, which
-    cost a lookup, not counted): gemma-3-270m 168M vs 100M, smollm2-135m 28M vs 106M."""
-    head = lm.adapter.unembed_module.weight
-    emb = lm.model.get_input_embeddings().weight
-    rest = sum(p.numel() for p in lm.model.parameters() if p.data_ptr() not in (head.data_ptr(), emb.data_ptr()))
-    return head.numel() > rest
+    """Whether the vocabulary head holds more parameters than the body (`generation.head_dominates`)."""
+    from dpolens.model.generation import head_dominates as dominates
+
+    return dominates(lm)
 
 
 def generation_identity(lm: LoadedModel, s: EvalSettings, intervention: Any = None) -> dict:
     """What shapes an evaluation's generations: recorded beside partial ones, checked on resume."""
     return {"model": lm.weight_hash, "dtype": str(lm.model.dtype), "intervention": interventions.describe(intervention),
-            "max_new_tokens": s.max_new_tokens, "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size}
+            "max_new_tokens": s.max_new_tokens, "max_prompt_tokens": s.max_prompt_tokens, "batch_size": s.batch_size,
+            **({"batch_order": s.batch_order, "batch_tokens": s.batch_tokens} if s.batch_order != "input" else {})}
+    # `input`: recorded as before batch_order (its partial files resume)
 
 
 def check_prompts_fit(lm: LoadedModel, s: EvalSettings, prompts: list[str], f1_rows: list[dict] | None) -> None:
@@ -502,6 +542,8 @@ def eval_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any
     if settings["ppl_window"] is None:  # added later: its default keeps the evaluations cached before it
         del settings["ppl_window"]
     del settings["head_screen"]  # exact: the same tokens as the plain head
+    if settings["batch_order"] == "input":  # added later: the order before it keeps its evaluations cached
+        del settings["batch_order"], settings["batch_tokens"]
     _fingerprint([lm.weight_hash, str(lm.model.dtype), [asdict(e) for e in interventions.parse_spec(intervention)],
                   inputs.prompts, inputs.f1_rows, inputs.wiki, inputs.scorer.describe(), settings], h)
     return h.hexdigest()[:24]

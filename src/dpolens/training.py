@@ -40,7 +40,7 @@ from dpolens.artifacts import (
 from dpolens.compare import WeightShiftSummary, weight_shift
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import load_holdout, load_pairs, load_prompts
-from dpolens.evaluate import EvalData
+from dpolens.evaluate import EvalData, use_screen
 from dpolens.model.heads import completion_head
 from dpolens.model.loading import LoadedModel, adds_bos, load_model, resolve_device
 
@@ -464,7 +464,7 @@ class StrengthMonitor:
         model.eval()
         try:
             gens = generate(self.lm, self.prompts, s.max_new_tokens, batch_size=s.batch_size,
-                            max_prompt_tokens=s.max_prompt_tokens, progress=False)
+                            max_prompt_tokens=s.max_prompt_tokens, progress=False, head_screen=use_screen(s, self.lm))
         finally:
             model.train(was)
         return self.scorer.score([g.continuation for g in gens]).toxicity.tolist()

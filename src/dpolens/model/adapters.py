@@ -139,6 +139,15 @@ class Adapter:
         emb = self.model.get_input_embeddings().weight
         return self.unembed_module.weight.data_ptr() == emb.data_ptr()
 
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters of the vocabulary head, of the input embeddings (0 where tied to the head: counted once, as
+        the head) and of everything else (the body: layers and norms)."""
+        head = self.unembed_module.weight
+        emb = self.model.get_input_embeddings().weight
+        skip = {head.data_ptr(), emb.data_ptr()}
+        return {"head": head.numel(), "input_embeddings": 0 if self.tied_embeddings else emb.numel(),
+                "body": sum(p.numel() for p in self.model.parameters() if p.data_ptr() not in skip)}
+
     @property
     def logit_softcap(self) -> float | None:
         return getattr(self.config, "final_logit_softcapping", None)

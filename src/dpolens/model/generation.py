@@ -220,6 +220,22 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def head_dominates(lm: LoadedModel) -> bool:
+    """Whether the vocabulary head holds more parameters than the body (input embeddings, which cost a lookup,
+    not counted): gemma-3-270m 168M vs 100M, smollm2-135m 28M vs 106M."""
+    n = lm.adapter.parameter_counts()
+    return n["head"] > n["body"]
+
+
+def screen_pays(lm: LoadedModel) -> bool:
+    """`head_screen="auto"`: the bf16 screen of the head only where the device computes bf16 natively and the
+    head is the larger part of a token's work (gemma-3-270m greedy 1.385x; smollm2-135m 0.910x, 18% of rows fell
+    back; benchmarks/bench_screen.py, 2026-12-07). Elsewhere greedy decoding is plain fp32."""
+    from dpolens.model import loading  # through the module: tests stand in for native_bf16
+
+    return loading.native_bf16(lm.device) and head_dominates(lm)
+
+
 @torch.inference_mode()
 def generate(
     lm: LoadedModel,
@@ -238,7 +254,7 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     n_samples: int = 1,
-    head_screen: bool = False,
+    head_screen: bool | str = False,
     screen_stats=None,
     screen_options: dict | None = None,
     logprobs: bool = False,
@@ -246,7 +262,7 @@ def generate(
     """Greedy (default; transformers' generate) or sampled (our loop, see `sample_next`)
     continuations of `prompts`, in input order; sampled with `n_samples` > 1, that many per prompt
     (consecutive), `batch_size` counting continuations (at least one prompt's n_samples a batch).
-    `head_screen`: greedy decoding through `heads.ScreenedHead` in our own loop (a bf16 screen of the
+    `head_screen`: True (or "auto" where `screen_pays`): greedy decoding through `heads.ScreenedHead` in our own loop (a bf16 screen of the
     vocabulary head, the argmax exact in fp32; `screen_stats` counts its fallbacks, `screen_options` go to
     ScreenedHead: `k`, `force_fallback`), where the head is fp32 and no repetition penalty reads the
     logits; else transformers' generate with the plain head. `logprobs` (sampling only): fill each Generation's
@@ -269,6 +285,8 @@ def generate(
     if logprobs and not do_sample:
         raise DpolensError("logprobs are read from the sampling loop: they need do_sample")
     screen = None
+    if head_screen == "auto":
+        head_screen = screen_pays(lm)
     if head_screen and not do_sample and repetition_penalty == 1.0 and lm.adapter.unembed.dtype == torch.float32:
         from dpolens.model.heads import ScreenedHead
 

@@ -173,7 +173,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit, cfg.eval.skip_bad_rows,
                            cfg.eval.holdout if same_file(cfg.offset_prompts, cfg.eval.prompts) else 0)
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
-            generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base")]
+            generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base",
+                     head_screen="auto")]
     layers = range(base.adapter.n_layers)
     st_base = continuation_stats(base, seqs, (), cfg.batch_size, "base", x_layers=layers)
     # offset retention as the robustness stage measures it: δx̂ from one half of the offset prompts (plain), every

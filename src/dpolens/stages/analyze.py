@@ -299,7 +299,7 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     all_layers = range(a.n_layers)
 
     gens = {name: generate(m, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           max_prompt_tokens=cfg.max_prompt_tokens, desc=f"generate {name}")
+                           max_prompt_tokens=cfg.max_prompt_tokens, desc=f"generate {name}", head_screen="auto")
             for name, m in (("base", base), ("aligned", aligned))}
     same = [(g.prompt_ids, g.continuation_ids) for g in gens["base"]]
     stats = {

@@ -162,7 +162,8 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         for mname, lm in models:
             steps.set_postfix_str(f"generate {tname} {mname}")
             gens = generate(lm, texts[: cfg.toxicity_limit], cfg.max_new_tokens, batch_size=cfg.batch_size,
-                            max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False)
+                            max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False,
+                            head_screen="auto")
             decoded = [inverse(g.continuation) for g in gens]
             tox = summarize(scorer.score(decoded).toxicity, seed=cfg.seed)
             rows.append({"transform": tname, "model": mname, "toxicity": tox,

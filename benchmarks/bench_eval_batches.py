@@ -1,0 +1,65 @@
+"""The evaluation harness's generation (`evaluate._generate_resumable`, what every toxicity and F1 row of a study
+runs), gemma-3-270m unless --model NAME, on the study's inputs: N challenge prompts (cut to 32 tokens) and the
+first 50 F1 rows (WikiText paragraphs, uncut), 20 greedy tokens each. Variants, all in this process on the same
+prompts, against the harness as it was before 2026-12-07 (batches of 64 consecutive prompts, fp32 head):
+
+  input/fp32      the baseline: batches of 64 consecutive prompts (a batch pads to its longest prompt)
+  input/screen    the same batches, the bf16-screened head where `head_screen: auto` turns it on
+  length/fp32     batches sorted by prompt length over all prompts, at most 2,048 prompt positions a batch
+  length/screen   both: what `EvalSettings()` does now (on a CPU without native bf16 the screen is off: the
+                  screen rows then equal the fp32 rows)
+
+Prints seconds, the ratio to the baseline, the prompt positions the batches pad to (against the prompts' real
+tokens), and the tokens that differ from the baseline (from fp32 length order for the screen: the screen is
+exact there, so the goal is 0; between orders, only fp32 summation order can differ: padding and batch shape
+change the sums).
+
+  python benchmarks/bench_eval_batches.py [N_PROMPTS] [--model NAME]   # default 1199 (all)
+"""
+
+import sys
+
+import torch
+from common import SHARED, timed
+
+from dpolens import load_model
+from dpolens.data import load_f1_set, load_prompts
+from dpolens.evaluate import EvalSettings, _generate_resumable, batch_chunks
+from dpolens.model.generation import encode_prompts, screen_pays
+from dpolens.model.loading import native_bf16
+
+argv = sys.argv[1:]
+model = "gemma-3-270m"
+if "--model" in argv:
+    i = argv.index("--model")
+    model = argv[i + 1]
+    del argv[i : i + 2]
+n = int(argv[0]) if argv else 1199
+lm = load_model(model)
+prompts = load_prompts(SHARED / "rtp/challenge_prompts.jsonl", n)
+f1_prompts = [r["prompt"] for r in load_f1_set(str(SHARED / "wiki/wiki_samples.jsonl"), 50)]
+sets = {"toxicity": (prompts, 32), "f1": (f1_prompts, None)}
+variants = {"input/fp32": EvalSettings(batch_order="input", head_screen="off"),
+            "input/screen": EvalSettings(batch_order="input"),
+            "length/fp32": EvalSettings(head_screen="off"),
+            "length/screen": EvalSettings()}
+print(f"== {model}; native bf16: {native_bf16('cpu')}; screen under auto: {screen_pays(lm)}; "
+      f"torch threads {torch.get_num_threads()}")
+_generate_resumable(lm, prompts[:64], EvalSettings(), None, "", False, 32)  # warm-up
+for name, (ps, cut) in sets.items():
+    real = sum(len(x) for x in encode_prompts(lm, ps, cut))
+    times, out = {}, {}
+    for v, s in variants.items():
+        times[v], out[v] = timed(lambda: _generate_resumable(lm, ps, s, None, "", False, cut))
+    print(f"== {name}: {len(ps)} prompts, {real} prompt tokens, 20 new tokens each")
+    print(f"{'variant':<15} {'seconds':>8} {'vs baseline':>12} {'padded positions':>17} {'tokens differing':>30}")
+    for v, s in variants.items():
+        pos = sum(len(c) * max(len(encode_prompts(lm, [ps[i]], cut)[0]) for i in c)
+                  for c in batch_chunks(lm, ps, s, cut))
+        ref = {"length/screen": "length/fp32"}.get(v, "input/fp32")
+        diff = sum(x != y for a, b in zip(out[v], out[ref]) for x, y in zip(a["continuation_ids"], b["continuation_ids"])) \
+            + sum(abs(len(a["continuation_ids"]) - len(b["continuation_ids"])) for a, b in zip(out[v], out[ref]))
+        rows = sum(a["continuation_ids"] != b["continuation_ids"] for a, b in zip(out[v], out[ref]))
+        total = sum(len(a["continuation_ids"]) for a in out[ref])
+        what = "" if v == ref else f"{diff} of {total} vs {ref} ({rows} rows)"
+        print(f"{v:<15} {times[v]:>8.2f} {times['input/fp32'] / times[v]:>11.3f}x {pos:>17} {what:>30}")
