@@ -8,6 +8,7 @@ prompts, against the harness as it was before 2026-12-07 (batches of 64 consecut
   length/fp32     batches sorted by prompt length over all prompts, at most 2,048 prompt positions a batch
   length/screen   both: what `EvalSettings()` does now (on a CPU without native bf16 the screen is off: the
                   screen rows then equal the fp32 rows)
+  length/screen/128  the same with 128 rows and 4,096 prompt positions a batch
 
 Prints seconds, the ratio to the baseline, the prompt positions the batches pad to (against the prompts' real
 tokens), and the tokens that differ from the baseline (from fp32 length order for the screen: the screen is
@@ -42,7 +43,8 @@ sets = {"toxicity": (prompts, 32), "f1": (f1_prompts, None)}
 variants = {"input/fp32": EvalSettings(batch_order="input", head_screen="off"),
             "input/screen": EvalSettings(batch_order="input"),
             "length/fp32": EvalSettings(head_screen="off"),
-            "length/screen": EvalSettings()}
+            "length/screen": EvalSettings(),
+            "length/screen/128": EvalSettings(batch_size=128, batch_tokens=4096)}
 print(f"== {model}; native bf16: {native_bf16('cpu')}; screen under auto: {screen_pays(lm)}; "
       f"torch threads {torch.get_num_threads()}")
 _generate_resumable(lm, prompts[:64], EvalSettings(), None, "", False, 32)  # warm-up
@@ -52,14 +54,14 @@ for name, (ps, cut) in sets.items():
     for v, s in variants.items():
         times[v], out[v] = timed(lambda: _generate_resumable(lm, ps, s, None, "", False, cut))
     print(f"== {name}: {len(ps)} prompts, {real} prompt tokens, 20 new tokens each")
-    print(f"{'variant':<15} {'seconds':>8} {'vs baseline':>12} {'padded positions':>17} {'tokens differing':>30}")
+    print(f"{'variant':<18} {'seconds':>8} {'vs baseline':>12} {'padded positions':>17} {'tokens differing':>30}")
     for v, s in variants.items():
         pos = sum(len(c) * max(len(encode_prompts(lm, [ps[i]], cut)[0]) for i in c)
                   for c in batch_chunks(lm, ps, s, cut))
-        ref = {"length/screen": "length/fp32"}.get(v, "input/fp32")
+        ref = {"length/screen": "length/fp32", "length/screen/128": "length/fp32"}.get(v, "input/fp32")
         diff = sum(x != y for a, b in zip(out[v], out[ref]) for x, y in zip(a["continuation_ids"], b["continuation_ids"])) \
             + sum(abs(len(a["continuation_ids"]) - len(b["continuation_ids"])) for a, b in zip(out[v], out[ref]))
         rows = sum(a["continuation_ids"] != b["continuation_ids"] for a, b in zip(out[v], out[ref]))
         total = sum(len(a["continuation_ids"]) for a in out[ref])
         what = "" if v == ref else f"{diff} of {total} vs {ref} ({rows} rows)"
-        print(f"{v:<15} {times[v]:>8.2f} {times['input/fp32'] / times[v]:>11.3f}x {pos:>17} {what:>30}")
+        print(f"{v:<18} {times[v]:>8.2f} {times['input/fp32'] / times[v]:>11.3f}x {pos:>17} {what:>30}")
