@@ -385,7 +385,7 @@ def batch_chunks(lm: LoadedModel, prompts: list[str], s: EvalSettings, max_promp
     prompts. `length`: sorted by token count (as cut for generation), longest first (ties in input order), at
     most `batch_size` rows and `batch_tokens` prompt positions (rows × the batch's longest prompt) a batch."""
     n = len(prompts)
-    if s.batch_order == "input":
+    if s.batch_order == "input" or n == 0:
         return [list(range(i, min(i + s.batch_size, n))) for i in range(0, n, s.batch_size)]
     lengths = [len(ids) for ids in encode_prompts(lm, prompts, max_prompt_tokens)]
     chunks: list[list[int]] = []
