@@ -197,7 +197,7 @@ def _bad_files(d, tiny):
     (d / "partial/generations.partial.jsonl").write_text('{"prompt": "p", "continuation": "c", "continuation_ids": [1]}\n')
     (d / "partial/generations.partial.identity.json").write_text(json.dumps(
         {"model": "0" * 64, "dtype": "torch.float32", "intervention": [], "max_new_tokens": 20, "max_prompt_tokens": 32,
-         "batch_size": 64}))
+         "batch_size": 64, "batch_order": "length", "batch_tokens": 2048}))
 
 
 @pytest.mark.slow  # runs the CLI in a subprocess

@@ -32,7 +32,8 @@ def group_names(gated: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
 @torch.inference_mode()
 def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, prompts: list[str],
                  batch_size: int = 32, max_new_tokens: int = 20, progress: bool = True, *,
-                 meta: dict | None = None, space: str = "raw", base_from: dict | None = None) -> dict[str, np.ndarray]:
+                 meta: dict | None = None, space: str = "raw", base_from: dict | None = None,
+                 head_screen: bool | str = "auto") -> dict[str, np.ndarray]:
     """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, toxic_score, m, m/s, p for both
     models; and per prompt, `prompt_p_*` [n_prompts, n_layers * d_mlp], the sums over the prompt's
     continuation tokens of each neuron's projection (m/s)·(v·ŵ), and `prompt_tokens_*` [n_prompts].
@@ -49,7 +50,7 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
         if name == "base" and base_from is not None:
             out.update({k: v for k, v in base_from.items() if k.endswith("_base") or k in ("cosine", "toxic_score")})
             continue
-        gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress, head_screen="auto",
+        gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress, head_screen=head_screen,
                         desc=f"generate {name}")
         st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
                                 batch_size, f"neurons {name}", progress, per_prompt_ms=True)

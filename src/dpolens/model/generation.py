@@ -228,12 +228,14 @@ def head_dominates(lm: LoadedModel) -> bool:
 
 
 def screen_pays(lm: LoadedModel) -> bool:
-    """`head_screen="auto"`: the bf16 screen of the head only where the device computes bf16 natively and the
+    """`head_screen="auto"`: the bf16 screen of the head only on a CPU that computes bf16 natively, and where the
     head is the larger part of a token's work (gemma-3-270m greedy 1.385x; smollm2-135m 0.910x, 18% of rows fell
-    back; benchmarks/bench_screen.py, 2026-12-07). Elsewhere greedy decoding is plain fp32."""
+    back; benchmarks/bench_screen.py, 2026-12-07). Elsewhere greedy decoding is plain fp32: on CUDA the head is
+    cheap, and bf16 GEMMs may reduce in reduced precision there (`allow_bf16_reduced_precision_reduction`),
+    which the screen's error bound does not allow for."""
     from dpolens.model import loading  # through the module: tests stand in for native_bf16
 
-    return loading.native_bf16(lm.device) and head_dominates(lm)
+    return torch.device(lm.device).type == "cpu" and loading.native_bf16(lm.device) and head_dominates(lm)
 
 
 @torch.inference_mode()

@@ -25,7 +25,7 @@ from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, load_prompts, same_file, wikitext_prompts
 from dpolens.directions import keys_scaled, load_probe, read_direction, toxic_keys
 from dpolens.evaluate import (EvalData, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap, paired_gap_share,
-                              paired_ppl_ratio, summarize)
+                              paired_ppl_ratio, summarize, use_screen)
 from dpolens.drift import split_halves
 from dpolens.ledger import (StageContext, StageNotRun, growth, identity, offset_control, toxicity_drop, weakening,
                             weakening_against_placebo, weights_moved)
@@ -174,7 +174,7 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
                            cfg.eval.holdout if same_file(cfg.offset_prompts, cfg.eval.prompts) else 0)
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
             generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base",
-                     head_screen="auto")]
+                     head_screen=use_screen(cfg.eval.settings, base))]
     layers = range(base.adapter.n_layers)
     st_base = continuation_stats(base, seqs, (), cfg.batch_size, "base", x_layers=layers)
     # offset retention as the robustness stage measures it: δx̂ from one half of the offset prompts (plain), every
