@@ -76,6 +76,11 @@ def test_kl_profile_zero_for_identical_models_positive_for_perturbed(tiny_dirs, 
     # batched with padding = each prompt alone (positions by index, not by pad id)
     alone = [kl_profile(other, a, [p], [c], 32, n_boot=10)["positions"] for p, c in zip(prompts, conts)]
     assert prof["positions"][0]["mean"] == pytest.approx(np.mean([x[0]["mean"] for x in alone]), rel=1e-4)
+    with torch.inference_mode():  # = KL of the full forwards' next-token distributions at those positions
+        ids = torch.tensor([a.tokenizer(prompts[2])["input_ids"] + conts[2]])
+        lp, lq = (m.model(input_ids=ids).logits[0].float().log_softmax(-1) for m in (other, a))
+    want = (lp.exp() * (lp - lq)).sum(-1)[-len(conts[2]) - 1 : -1]
+    assert [x["mean"] for x in alone[2]] == pytest.approx(want.tolist(), rel=1e-4)
     w = kl_wikitext(other, a, ["The quick brown fox jumps over the lazy dog. " * 20], 128, 32, n_boot=100)
     assert w["n"] >= 4 and w["mean"] > 0
 

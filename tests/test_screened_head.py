@@ -112,3 +112,17 @@ def test_generate_auto_screens_where_screen_pays(tiny_dirs, monkeypatch):
         gens = generate(lm, PROMPTS, 6, batch_size=3, progress=False, head_screen="auto", screen_stats=stats)
         assert (stats.rows > 0) == screened
         assert [g.continuation_ids for g in gens] == [g.continuation_ids for g in plain]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])  # gemma3: the final soft-cap
+def test_picked_logprobs_are_log_softmax_at_the_targets_in_any_chunking(tiny_dirs, family):
+    from dpolens.model.heads import picked_logprobs
+
+    lm = load_model(tiny_dirs[family])
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, lm.adapter.d_model, generator=g)
+    target = torch.randint(0, lm.adapter.unembed.shape[0], (7,), generator=g)
+    with torch.inference_mode():
+        want = lm.adapter.logits(hidden, apply_norm=False).float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+    for chunk in (1, 3, 512):
+        torch.testing.assert_close(picked_logprobs(lm.adapter, hidden, target, chunk), want, rtol=0, atol=1e-5)

@@ -121,7 +121,9 @@ def distinct2(base: list[str], aligned: list[str], seed: int = 0, n_boot: int = 
 
 def _kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) per row, from logits."""
-    lp, lq = torch.log_softmax(logits_p.float(), -1), torch.log_softmax(logits_q.float(), -1)
+    # contiguous rows: the adapter's W·xᵀ unembedding returns a transposed view (reductions along it are slow on CPU)
+    lp = torch.log_softmax(logits_p.float().contiguous(), -1)
+    lq = torch.log_softmax(logits_q.float().contiguous(), -1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -150,14 +152,18 @@ def kl_profile(aligned: LoadedModel, base: LoadedModel, prompts: list[str], cont
         pos = position_ids(mask)
         hp = aligned.adapter.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         hq = base.adapter.body(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-        width = ids.shape[1]
-        for row, i in enumerate(idx):
-            n = len(continuation_ids[i])
-            if not n:
-                continue
-            sl = slice(width - n - 1, width - 1)  # position t predicts token t+1: continuation token j at width-n-1+j
-            kl[i, :n] = _kl_rows(aligned.adapter.logits(hp[row, sl], apply_norm=False),
-                                 base.adapter.logits(hq[row, sl], apply_norm=False)).cpu().numpy()
+        width, lens = ids.shape[1], [len(continuation_ids[i]) for i in idx]
+        scored = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        for row, n in enumerate(lens):  # position t predicts token t+1: continuation token j at width-n-1+j
+            scored[row, width - n - 1 : width - 1] = n > 0
+        hp, hq = hp[scored], hq[scored]  # the batch's scored positions, row by row: through each head at once
+        vals = torch.cat([_kl_rows(aligned.adapter.logits(hp[s : s + 256], apply_norm=False),
+                                   base.adapter.logits(hq[s : s + 256], apply_norm=False))
+                          for s in range(0, len(hp), 256)]).cpu().numpy() if len(hp) else np.zeros(0)
+        start = 0
+        for i, n in zip(idx, lens):
+            kl[i, :n] = vals[start : start + n]
+            start += n
     per_pos = [{"position": t + 1, **_interval(kl[:, t], seed, n_boot)} for t in range(T)]
     return {"positions": per_pos, "mean_over_positions": _interval(np.nanmean(kl, axis=1) if T else np.array([]),
                                                                    seed, n_boot),

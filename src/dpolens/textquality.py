@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dpolens.model.generation import banned_token_ids, encode_prompts, left_pad, length_batches, position_ids
+from dpolens.model.heads import picked_logprobs
 from dpolens.model.loading import LoadedModel, adds_bos
 
 
@@ -29,12 +30,17 @@ def continuation_logprob(lm: LoadedModel, contexts: list[list[int]], continuatio
     for idx in length_batches([len(s) for s in seqs], batch_size):
         ids, mask = left_pad([seqs[i] for i in idx], lm.tokenizer.pad_token_id, lm.device)
         hidden = lm.adapter.body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        width = ids.shape[1]
-        for row, i in enumerate(idx):
-            n = len(continuations[i])
-            if n:  # position t predicts token t+1: the continuation's tokens sit in the last n slots
-                logits = lm.adapter.logits(hidden[row, width - n - 1 : width - 1], apply_norm=False).float()
-                out[i] = -float(torch.nn.functional.cross_entropy(logits, ids[row, width - n :]))
+        width, lens = ids.shape[1], [len(continuations[i]) for i in idx]
+        scored = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)  # the positions that predict them:
+        for row, n in enumerate(lens):  # position t predicts token t+1, the continuation sits in the last n slots
+            scored[row, width - n - 1 : width - 1] = n > 0
+        # the batch's scored positions through the head at once (row-major: row by row, in order)
+        lp = picked_logprobs(lm.adapter, hidden[scored], ids[:, 1:][scored[:, :-1]]).tolist()
+        start = 0
+        for i, n in zip(idx, lens):
+            if n:
+                out[i] = float(np.mean(lp[start : start + n]))
+                start += n
     return out
 
 
