@@ -43,7 +43,7 @@ from dpolens.config import RunSettings, at_least
 from dpolens.data import holdout_split, load_pairs, load_prompts
 from dpolens.directions import load_probe, token_writer_ranking
 from dpolens.evaluate import (EvalData, EvalInputs, evaluate_inputs, headline_rows, load_inputs, paired_bootstrap,
-                              percentile_ci, resample_units, use_screen)
+                              percentile_ci, resample_units)
 from dpolens.ledger import (PPL_BOUND, Claim, Measured, NoUnits, StageContext, finite, gap_share, guarded, identity,
                             interval, more_than_half, num, pct, pct_interval, per_prompt, ppl_check, ppl_ratio,
                             ppl_text, ratio, stat_block)
@@ -51,6 +51,7 @@ from dpolens.model.loading import LoadedModel, load_model
 from dpolens.webpage import image, table
 
 log = logging.getLogger(__name__)
+SCREEN = {"auto": "auto", "on": True, "off": False}  # eval.settings.head_screen as generate takes it
 
 PATCH_ORDER = ("TP-", "AN-", "TN+", "AP+")
 PATCH_RULES = {"set": "each group's neurons set to their aligned mean activation at every position",
@@ -288,7 +289,7 @@ def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, 
     for k in range(cfg.control_draws):
         c = placebo(base, aligned, cfg.seed + k)
         tc = neuron_table(base, c, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
-                          meta=probe_meta, space=cfg.space, base_from=t, head_screen=use_screen(cfg.eval.settings, base))
+                          meta=probe_meta, space=cfg.space, base_from=t, head_screen=SCREEN[cfg.eval.settings.head_screen])
         draws.append((c.identity(), crossfit_shares(tc, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, n_random=0,
                                                     replicates=True)))
         if writer_score is not None:
@@ -337,7 +338,7 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
-                     meta=probe_meta, space=cfg.space, head_screen=use_screen(cfg.eval.settings, base))
+                     meta=probe_meta, space=cfg.space, head_screen=SCREEN[cfg.eval.settings.head_screen])
     gated = base.adapter.mlp_kind == "gated"  # the sign of m is then a convention: two sign-invariant groups
     labels = assign_groups(t, gated)
     df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],
