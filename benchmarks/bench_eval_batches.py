@@ -21,7 +21,7 @@ change the sums).
 import sys
 
 import torch
-from common import SHARED, timed
+from common import SHARED, pop_option, timed
 
 from dpolens import load_model
 from dpolens.data import load_f1_set, load_prompts
@@ -30,11 +30,7 @@ from dpolens.model.generation import encode_prompts, screen_pays
 from dpolens.model.loading import native_bf16
 
 argv = sys.argv[1:]
-model = "gemma-3-270m"
-if "--model" in argv:
-    i = argv.index("--model")
-    model = argv[i + 1]
-    del argv[i : i + 2]
+model = pop_option(argv, "--model", "gemma-3-270m")
 n = int(argv[0]) if argv else 1199
 lm = load_model(model)
 prompts = load_prompts(SHARED / "rtp/challenge_prompts.jsonl", n)

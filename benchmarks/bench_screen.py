@@ -11,7 +11,7 @@ fallback rate, and the tokens that differ from plain fp32 decoding (goal 0).
 import sys
 
 import torch
-from common import SHARED, fp32_roofline, timed
+from common import SHARED, fp32_roofline, pop_option, timed
 
 from dpolens import load_model
 from dpolens.data import load_prompts
@@ -20,11 +20,7 @@ from dpolens.model.heads import ScreenStats
 from dpolens.model.loading import native_bf16
 
 argv = sys.argv[1:]
-model = "gemma-3-270m"
-if "--model" in argv:
-    i = argv.index("--model")
-    model = argv[i + 1]
-    del argv[i : i + 2]
+model = pop_option(argv, "--model", "gemma-3-270m")
 args = [a for a in argv if a != "--force"]
 n = int(args[0]) if args else 256
 if not native_bf16("cpu") and "--force" not in sys.argv:

@@ -9,6 +9,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pop_option(argv: list[str], name: str, default: str) -> str:
+    """The value after `name` in `argv` (both removed from it), else `default`."""
+    if name not in argv:
+        return default
+    i = argv.index(name)
+    value = argv[i + 1]
+    del argv[i : i + 2]
+    return value
+
+
 def timed(fn, repeat: int = 1):
     """Best wall time of `repeat` runs, and the last result."""
     best, out = float("inf"), None

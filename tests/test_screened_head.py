@@ -85,7 +85,8 @@ def test_parameter_counts_split_the_model_into_head_input_embeddings_and_body(ti
 
 def test_auto_screens_only_where_bf16_is_native_and_the_head_is_most_of_the_model(tiny_dirs, monkeypatch):
     import dpolens.model.loading as loading
-    from dpolens.evaluate import EvalSettings, head_dominates, use_screen
+    from dpolens.evaluate import EvalSettings, use_screen
+    from dpolens.model.generation import head_dominates
 
     lm = load_model(tiny_dirs["llama"])
     monkeypatch.setattr(loading, "native_bf16", lambda device: True)

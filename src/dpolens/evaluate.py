@@ -311,6 +311,11 @@ class EvalSettings:
     # longest; 2,048 = 64 challenge prompts cut to 32 tokens, which it never splits. None: rows only
     batch_tokens: int | None = 2048
 
+    @property
+    def screen(self) -> bool | str:
+        """`head_screen` as `generate` takes it: "auto" (decided per model, `generation.screen_pays`), True, False."""
+        return {"auto": "auto", "on": True, "off": False}[self.head_screen]
+
     def __post_init__(self):
         at_least(self, 1, "max_new_tokens", "max_prompt_tokens", "batch_size", "ppl_max_tokens", "ppl_batch_size")
         at_least(self, 2, "ppl_window")
@@ -403,16 +408,7 @@ def use_screen(s: EvalSettings, lm: LoadedModel) -> bool:
     where bf16 is native and the head is the larger part of a token's work (`generation.screen_pays`)."""
     from dpolens.model.generation import screen_pays
 
-    if s.head_screen != "auto":
-        return s.head_screen == "on"
-    return screen_pays(lm)
-
-
-def head_dominates(lm: LoadedModel) -> bool:
-    """Whether the vocabulary head holds more parameters than the body (`generation.head_dominates`)."""
-    from dpolens.model.generation import head_dominates as dominates
-
-    return dominates(lm)
+    return screen_pays(lm) if s.screen == "auto" else s.screen
 
 
 def generation_identity(lm: LoadedModel, s: EvalSettings, intervention: Any = None) -> dict:

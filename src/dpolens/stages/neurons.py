@@ -51,7 +51,6 @@ from dpolens.model.loading import LoadedModel, load_model
 from dpolens.webpage import image, table
 
 log = logging.getLogger(__name__)
-SCREEN = {"auto": "auto", "on": True, "off": False}  # eval.settings.head_screen as generate takes it
 
 PATCH_ORDER = ("TP-", "AN-", "TN+", "AP+")
 PATCH_RULES = {"set": "each group's neurons set to their aligned mean activation at every position",
@@ -289,7 +288,7 @@ def placebo_shares(cfg: NeuronsConfig, base: LoadedModel, aligned: LoadedModel, 
     for k in range(cfg.control_draws):
         c = placebo(base, aligned, cfg.seed + k)
         tc = neuron_table(base, c, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
-                          meta=probe_meta, space=cfg.space, base_from=t, head_screen=SCREEN[cfg.eval.settings.head_screen])
+                          meta=probe_meta, space=cfg.space, base_from=t, head_screen=cfg.eval.settings.screen)
         draws.append((c.identity(), crossfit_shares(tc, cfg.top_toxic, cfg.n_boot, cfg.seed, gated, n_random=0,
                                                     replicates=True)))
         if writer_score is not None:
@@ -338,7 +337,7 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
-                     meta=probe_meta, space=cfg.space, head_screen=SCREEN[cfg.eval.settings.head_screen])
+                     meta=probe_meta, space=cfg.space, head_screen=cfg.eval.settings.screen)
     gated = base.adapter.mlp_kind == "gated"  # the sign of m is then a convention: two sign-invariant groups
     labels = assign_groups(t, gated)
     df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],
