@@ -547,3 +547,39 @@ def test_sampled_nll_is_the_gate_nll_or_none(tiny_dirs, jigsaw_cached):
     assert odd != ids and lm.tokenizer(g.continuation, add_special_tokens=False)["input_ids"] == ids
     assert sampled_nll(lm, g) is None
     assert sampled_nll(lm, Generation("p", [1], ids, lm.tokenizer.decode(ids), [-1.0] * len(ids))) == 1.0
+
+
+def test_lazy_reference_logps_equal_precomputed_and_cover_only_pairs_seen(tiny_dirs, tmp_path, monkeypatch):
+    """The reference log-probs of a training pair, computed by the step that reads it (lazy_ref), are those
+    TRL precomputes for every pair before the first step: the same losses and rewards, the same weights; the
+    lazy run computes them only for the pairs its steps read (and the validation pairs)."""
+    from trl import DPOTrainer
+
+    from dpolens.stages.dpo import DpoConfig, run_dpo
+
+    rows = []  # pairs whose reference log-probs were computed
+    compute = DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs",
+                        lambda self, m, inputs: rows.append(len(inputs["input_ids"]) // 2) or compute(self, m, inputs))
+    pairs = tmp_path / "pairs.jsonl"
+    write_pairs(pairs, 30)
+    logs, weights, counts = {}, {}, {}
+    for lazy in (False, True):
+        rows.clear()
+        cfg = DpoConfig(model=str(tiny_dirs["gpt2"]), pairs=str(pairs), max_pairs=24, out=str(tmp_path / f"dpo{lazy}"),
+                        learning_rate=1e-3, warmup_steps=0, val_pairs=4, eval_steps=2, max_steps=3, evaluate=False,
+                        target_reduction=None, lazy_ref=lazy)
+        run_dpo(cfg)
+        counts[lazy] = sum(rows)
+        logs[lazy] = [json.loads(l) for l in (tmp_path / f"dpo{lazy}" / "train_log.jsonl").read_text().splitlines()]
+        weights[lazy] = load_model(tmp_path / f"dpo{lazy}" / "model").model.state_dict()
+    assert counts == {False: 20 + 4, True: 3 * 4 + 4}
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "eval_loss")
+    for a, b in zip(logs[False], logs[True], strict=True):
+        for k in keys:
+            assert (k in a) == (k in b)
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
+    assert any(a.get("rewards/chosen") for a in logs[True])  # the policy moved away from the reference
+    for k in weights[False]:
+        torch.testing.assert_close(weights[True][k], weights[False][k], rtol=1e-4, atol=1e-6)
