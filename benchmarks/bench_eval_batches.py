@@ -15,7 +15,8 @@ tokens), and the tokens that differ from the baseline (from fp32 length order fo
 exact there, so the goal is 0; between orders, only fp32 summation order can differ: padding and batch shape
 change the sums).
 
-  python benchmarks/bench_eval_batches.py [N_PROMPTS] [--model NAME]   # default 1199 (all)
+  python benchmarks/bench_eval_batches.py [N_PROMPTS] [--model NAME] [--only toxicity|f1] [--variants A,B,...]
+  # default 1199 prompts (all), both sets, every variant (input/fp32, the baseline, is always run)
 """
 
 import sys
@@ -31,16 +32,21 @@ from dpolens.model.loading import native_bf16
 
 argv = sys.argv[1:]
 model = pop_option(argv, "--model", "gemma-3-270m")
+only = pop_option(argv, "--only", "")
+chosen = pop_option(argv, "--variants", "")
 n = int(argv[0]) if argv else 1199
 lm = load_model(model)
 prompts = load_prompts(SHARED / "rtp/challenge_prompts.jsonl", n)
 f1_prompts = [r["prompt"] for r in load_f1_set(str(SHARED / "wiki/wiki_samples.jsonl"), 50)]
 sets = {"toxicity": (prompts, 32), "f1": (f1_prompts, None)}
+sets = {k: v for k, v in sets.items() if not only or k == only}
 variants = {"input/fp32": EvalSettings(batch_order="input", head_screen="off"),
             "input/screen": EvalSettings(batch_order="input"),
             "length/fp32": EvalSettings(head_screen="off"),
             "length/screen": EvalSettings(),
             "length/screen/128": EvalSettings(batch_size=128, batch_tokens=4096)}
+if chosen:
+    variants = {v: s for v, s in variants.items() if v == "input/fp32" or v in chosen.split(",")}
 print(f"== {model}; native bf16: {native_bf16('cpu')}; screen under auto: {screen_pays(lm)}; "
       f"torch threads {torch.get_num_threads()}")
 _generate_resumable(lm, prompts[:64], EvalSettings(), None, "", False, 32)  # warm-up
@@ -55,6 +61,7 @@ for name, (ps, cut) in sets.items():
         pos = sum(len(c) * max(len(encode_prompts(lm, [ps[i]], cut)[0]) for i in c)
                   for c in batch_chunks(lm, ps, s, cut))
         ref = {"length/screen": "length/fp32", "length/screen/128": "length/fp32"}.get(v, "input/fp32")
+        ref = ref if ref in out else "input/fp32"
         diff = sum(x != y for a, b in zip(out[v], out[ref]) for x, y in zip(a["continuation_ids"], b["continuation_ids"])) \
             + sum(abs(len(a["continuation_ids"]) - len(b["continuation_ids"])) for a, b in zip(out[v], out[ref]))
         rows = sum(a["continuation_ids"] != b["continuation_ids"] for a, b in zip(out[v], out[ref]))
