@@ -67,3 +67,21 @@ def test_model_folder_is_written_whole_or_not_at_all(tiny_dirs, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_model_dir(tmp_path / "other", Broken(), lm.tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_frozen_copy_keeps_the_weights_of_now_while_the_original_trains(tiny_dirs):
+    from dpolens.model.loading import frozen_copy
+
+    lm = load_model(tiny_dirs["gpt2"])  # tied embeddings
+    ref = frozen_copy(lm)
+    assert ref.weight_hash == lm.weight_hash and ref.adapter.model is ref.model
+    assert ref.adapter.tied_embeddings and not ref.model.training
+    assert not any(p.requires_grad for p in ref.model.parameters())
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.add_(0.01)
+    assert all(not torch.equal(a, b) for a, b in zip(ref.model.parameters(), lm.model.parameters()))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.equal(ref.model(ids).logits, frozen_copy(ref).model(ids).logits)
+        assert not torch.equal(ref.model(ids).logits, lm.model(ids).logits)

@@ -42,7 +42,7 @@ from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import load_holdout, load_pairs, load_prompts
 from dpolens.evaluate import EvalData, use_screen
 from dpolens.model.heads import completion_head
-from dpolens.model.loading import LoadedModel, adds_bos, load_model, resolve_device
+from dpolens.model.loading import LoadedModel, adds_bos, frozen_copy, load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -343,10 +343,11 @@ def _trainer_class():
     from trl import DPOTrainer
 
     class CompletionHeadDPOTrainer(DPOTrainer):
-        def __init__(self, *args, adapter, lazy_ref=False, **kwargs):
+        def __init__(self, *args, adapter, reference: LoadedModel | None = None, **kwargs):
+            """`reference`: a frozen copy of the base (`frozen_copy`); with it, the training pairs' reference
+            log-probs are computed from it by the step that reads them, not all precomputed (`lazy_ref`)."""
             self.adapter = adapter
-            self.lazy_ref = lazy_ref
-            self.reference = None  # (model, adapter): the frozen base copy lazy reference log-probs come from
+            self.reference = reference
             super().__init__(*args, **kwargs)
 
         @property
@@ -363,20 +364,16 @@ def _trainer_class():
             return dataset
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
-            if name == "train" and self.lazy_ref:  # at init: the policy is still the reference
-                import copy
-
-                ref = copy.deepcopy(self.model).eval().requires_grad_(False)
-                self.reference = (ref, type(self.adapter)(ref))
+            if name == "train" and self.reference is not None:  # computed per step (`_compute_loss`)
                 return dataset
             with completion_head(self.model, self.adapter, self.head_outputs):
                 return super()._precompute_ref_logps(dataset, name, batch_size)
 
         def _compute_loss(self, model, inputs, return_outputs):
             if self.reference is not None and "ref_chosen_logps" not in inputs:
-                ref, adapter = self.reference
-                with completion_head(ref, adapter, self.head_outputs):
-                    chosen, rejected = self.compute_ref_log_probs(ref, inputs)
+                ref = self.reference
+                with completion_head(ref.model, ref.adapter, self.head_outputs):
+                    chosen, rejected = self.compute_ref_log_probs(ref.model, inputs)
                 inputs = {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
             return super()._compute_loss(model, inputs, return_outputs)
 
@@ -392,7 +389,8 @@ def _trainer(cfg: TrainConfig, lm: LoadedModel, common: dict, train: list[dict],
         args = TRLConfig(**common, precompute_ref_log_probs=cfg.precompute_ref, max_length=cfg.max_length,
                          loss_type=[cfg.loss if cfg.method == "dpo" else cfg.method])
         return _trainer_class()(args=args, train_dataset=_token_dataset(lm, train), eval_dataset=_token_dataset(lm, val),
-                                adapter=lm.adapter, lazy_ref=cfg.precompute_ref and cfg.lazy_ref, **kw)
+                                adapter=lm.adapter, reference=frozen_copy(lm) if cfg.precompute_ref and cfg.lazy_ref
+                                else None, **kw)
     if cfg.method == "kto":
         from trl import KTOConfig, KTOTrainer
 

@@ -204,6 +204,13 @@ def cast_copy(lm: LoadedModel, dtype: str) -> LoadedModel:
                        ref=lm.ref, source=lm.source)
 
 
+def frozen_copy(lm: LoadedModel) -> LoadedModel:
+    """A copy of `lm` with its weights as they are now, in eval mode and without gradients (tied tensors
+    stay tied): a fixed reference while `lm` itself is trained."""
+    model = copy.deepcopy(lm.model).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=lm.tokenizer, ref=f"frozen({lm.ref})", source=lm.source)
+
+
 def load_model(ref: str | Path, dtype: str = "float32", device: str = "auto",
                base: str | None = None, tokenizer: bool = True) -> LoadedModel:
     """Load `ref` (hub id, HF directory, cached asset name, .gguf file, or .pt with `base`) onto
