@@ -130,6 +130,44 @@ def test_evaluations_are_shared_through_the_cache(tiny_dirs, tmp_path, jigsaw_ca
     assert eval_key(lm, screened, inputs) == key  # the screen is exact: the same tokens as the plain head
 
 
+def test_an_evaluation_on_fewer_prompts_reuses_a_cached_one_on_more(tiny_dirs, tmp_path, jigsaw_cached,
+                                                                     monkeypatch):
+    """dpo's base evaluation (999 prompts) from Table 2's base row (1,199): the covered prompts' continuations are
+    read back and scored afresh; perplexity and F1 are the larger evaluation's; nothing is generated (#34)."""
+    import dpolens.evaluate as ev
+
+    write_data(tmp_path)
+    d = ev.EvalData(prompts=str(tmp_path / "p.jsonl"), wikitext=str(tmp_path / "w.raw"), progress=False,
+                    f1_data=str(tmp_path / "f1.jsonl"), f1_limit=2, cache=str(tmp_path / "evals"),
+                    settings=EvalSettings(max_new_tokens=3, batch_size=2))
+    (tmp_path / "f1.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}: the cat", "gold": "sat"}) + "\n"
+                                               for i in range(2)))
+    lm = load_model(tiny_dirs["llama"])
+    everything = ev.load_inputs(d)
+    assert len(everything.prompts) >= 3
+    full = ev.evaluate_inputs(lm, d, everything, label="none")
+    fewer = ev.EvalData(**{**d.__dict__, "holdout": 1})  # as dpo's eval.holdout: a fixed-seed sample left out
+    part = ev.load_inputs(fewer)
+    made = []
+    real = ev.generate
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: made.append(1) or real(*a, **k))
+    reused = ev.evaluate_inputs(lm, fewer, part, label="base")
+    assert made == [] and len(reused.records) == len(part.prompts) == len(everything.prompts) - 1
+    fresh = ev.evaluate(lm, part.prompts, part.scorer, fewer.settings, part.wiki, part.f1_rows, progress=False)
+    assert made  # the fresh evaluation generated; the reused one did not
+    assert reused.records == fresh.records and reused.toxicity == fresh.toxicity
+    assert reused.perplexity == fresh.perplexity == full.perplexity and reused.f1 == fresh.f1 == full.f1
+    assert reused.repetition == fresh.repetition
+    n = len(made)
+    again = ev.evaluate_inputs(lm, fewer, part, label="base")  # now stored under its own key
+    assert again.records == reused.records and len(made) == n
+    # another setting or an intervention is another group: generated afresh
+    made.clear()
+    other = ev.EvalData(**{**fewer.__dict__, "settings": EvalSettings(max_new_tokens=2, batch_size=2)})
+    ev.evaluate_inputs(lm, other, part, label="shorter")
+    assert made
+
+
 def test_length_batches_bound_the_prompt_positions_a_batch_pads_to(tiny_dirs):
     lm = load_model(tiny_dirs["llama"])
     prompts = ["word " * k for k in (12, 3, 11, 2, 1, 12)]

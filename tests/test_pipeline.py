@@ -242,10 +242,15 @@ def test_every_stage_runs_on_a_tied_gqa_llama(study_file, tied_llama, jigsaw_cac
     assert sum(r["claims"].values()) == 21
 
 
-def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monkeypatch):
+def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monkeypatch, caplog):
     """dpo keeps a checkpoint at 25% and stops at 54% (scripted dev toxicity); the study repeats the stages after
-    dpo on the 25% checkpoint and decides every ledger row at both strengths (issue #32)."""
+    dpo on the 25% checkpoint and decides every ledger row at both strengths (issue #32), reading the base
+    model's continuations and statistics back from the run's cache instead of computing them again (#34)."""
+    import logging
+
     from dpolens.training import StrengthMonitor
+
+    caplog.set_level(logging.INFO, logger="dpolens.memo")
 
     dev = iter([0.5, 0.35, 0.2, 0.1])  # base, then each checkpoint: 30% and 60% removed
 
@@ -267,6 +272,11 @@ def test_every_claim_at_each_strength(study_file, tmp_path, jigsaw_cached, monke
     assert man["config"]["aligned"] == str(run / "dpo" / "strengths" / "25" / "model")
     rob = json.loads((run / "strength-25" / "robustness" / "manifest.json").read_text())
     assert rob["config"]["unaligned"] == str(run / "strength-25" / "unalign" / "model")
+    # every base-model computation analyze, neurons and robustness stored was read back at 25%, none computed twice
+    stored = sorted(p.name for p in (run / "evals" / "memo").iterdir())
+    read = {r.getMessage().rsplit("/", 1)[-1] for r in caplog.records if r.name == "dpolens.memo"}
+    assert len(stored) >= 2 + 7 * 2 + 2 and set(stored) == read, (stored, read)
+    assert {n.split("-")[0] for n in stored} >= {"generate", "stats", "lens_search"}
     d = json.loads((run / "dose_response.json").read_text())
     assert [s["strength"] for s in d["strengths"]] in (["25%", "analysed"], ["analysed", "25%"])
     ledger = json.loads((run / "claims.json").read_text())

@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dpolens.activations import continuation_stats
+from dpolens import memo
 from dpolens.compare import GROUPS
 from dpolens.directions import all_value_vectors, rank_by_probe, read_direction, toxic_scores
-from dpolens.model.generation import generate
 from dpolens.model.loading import LoadedModel
 
 MIRRORS = ("TP+", "TN-", "AP-", "AN+")
@@ -33,7 +32,7 @@ def group_names(gated: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, prompts: list[str],
                  batch_size: int = 32, max_new_tokens: int = 20, progress: bool = True, *,
                  meta: dict | None = None, space: str = "raw", base_from: dict | None = None,
-                 head_screen: bool | str = "auto") -> dict[str, np.ndarray]:
+                 head_screen: bool | str = "auto", cache: str | None = None) -> dict[str, np.ndarray]:
     """Per-neuron arrays [n_layers * d_mlp]: layer, neuron, cosine, toxic_score, m, m/s, p for both
     models; and per prompt, `prompt_p_*` [n_prompts, n_layers * d_mlp], the sums over the prompt's
     continuation tokens of each neuron's projection (m/s)·(v·ŵ), and `prompt_tokens_*` [n_prompts].
@@ -42,7 +41,8 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
     w in `raw`), v the value vector after post-MLP norms and m/s its activation as it reaches the
     residual; `cosine` is cos(v, probe) in `space` (its sign is that of v·ŵ) and `toxic_score` the
     ranking every stage uses (`directions.toxic_scores`, which needs the probe's `meta`). `base_from`: a
-    table of the same base, probe and prompts whose base half is reused (a placebo beside the aligned model)."""
+    table of the same base, probe and prompts whose base half is reused (a placebo beside the aligned model).
+    `cache`: a folder where the base model's continuations and statistics are kept and read back (`dpolens.memo`)."""
     a = base.adapter
     w_hat = read_direction(base, probe, space)
     out = {}
@@ -50,10 +50,11 @@ def neuron_table(base: LoadedModel, aligned: LoadedModel, probe: torch.Tensor, p
         if name == "base" and base_from is not None:
             out.update({k: v for k, v in base_from.items() if k.endswith("_base") or k in ("cosine", "toxic_score")})
             continue
-        gens = generate(lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress, head_screen=head_screen,
-                        desc=f"generate {name}")
-        st = continuation_stats(lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
-                                batch_size, f"neurons {name}", progress, per_prompt_ms=True)
+        kept = cache if name == "base" else None
+        gens = memo.generations(kept, lm, prompts, max_new_tokens, batch_size=batch_size, progress=progress,
+                                head_screen=head_screen, desc=f"generate {name}")
+        st = memo.stats(kept, lm, [(g.prompt_ids, g.continuation_ids) for g in gens], (),
+                        batch_size, f"neurons {name}", progress, per_prompt_ms=True)
         values = all_value_vectors(lm)  # [L, d_mlp, d_model]
         vw = values @ w_hat  # [L, d_mlp]
         out[f"m_{name}"] = st.mean_m.flatten().numpy()

@@ -28,6 +28,7 @@ from dpolens.artifacts import (
     DpolensError,
     append_jsonl,
     check_resume,
+    fingerprint,
     read_json,
     read_jsonl_complete,
     write_json,
@@ -446,9 +447,6 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
                          str(partial), resuming=bool(read_jsonl_complete(partial)))
         gens = _generate_resumable(lm, prompts, s, out / "generations.partial.jsonl" if out else None,
                                    f"toxicity {label}".strip(), progress, s.max_prompt_tokens)
-        scores = scorer.score([g["continuation"] for g in gens])
-        records = [{**g, "repetition": bigram_repetition(g["continuation_ids"]), **scores.row(i)}
-                   for i, g in enumerate(gens)]
         ppl = perplexity(lm, wiki, s.ppl_max_tokens, window=s.ppl_window, batch_size=s.ppl_batch_size,
                          progress=progress) if wiki else None
         f1 = f1_per_row = None
@@ -459,6 +457,16 @@ def evaluate(lm: LoadedModel, prompts: list[str], scorer: Scorer, settings: Eval
                 progress, None)
             f1_per_row = [f1_score(g["continuation"], r["gold"]) for g, r in zip(f1_gens, f1_rows)]
             f1 = summarize(f1_per_row, seed=s.seed)
+    return scored(gens, scorer, s, ppl, f1, f1_per_row)
+
+
+def scored(gens: list[dict], scorer: Scorer, s: EvalSettings, ppl: dict | None, f1: dict | None,
+           f1_per_row: list[float] | None) -> EvalResult:
+    """An evaluation from its continuations (`prompt`, `continuation`, `continuation_ids` per prompt, in order):
+    each scored, its repetition, and the toxicity summary."""
+    scores = scorer.score([g["continuation"] for g in gens])
+    records = [{**g, "repetition": bigram_repetition(g["continuation_ids"]), **scores.row(i)}
+               for i, g in enumerate(gens)]
     tox = summarize([r["toxicity"] for r in records], seed=s.seed)
     tox["scorer"] = scorer.describe()
     rep = float(np.mean([r["repetition"] for r in records])) if records else float("nan")
@@ -510,27 +518,6 @@ def load_inputs(d: EvalData, offset: int = 0) -> EvalInputs:
     return EvalInputs(prompts, f1_rows, wiki, get_scorer(d.scorer))
 
 
-def _fingerprint(obj: Any, h) -> None:
-    """Feed `obj` to hash `h` by value: tensors by their bytes, containers item by item."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f"tensor:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    elif isinstance(obj, dict):
-        h.update(b"{")
-        for k in sorted(obj, key=str):
-            _fingerprint(str(k), h)
-            _fingerprint(obj[k], h)
-        h.update(b"}")
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"[")
-        for x in obj:
-            _fingerprint(x, h)
-        h.update(b"]")
-    else:
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
 def eval_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None) -> str:
     """What decides an evaluation's numbers; equal keys give equal results."""
     h = hashlib.sha256()
@@ -540,24 +527,57 @@ def eval_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any
     del settings["head_screen"]  # exact: the same tokens as the plain head
     if settings["batch_order"] == "input":  # added later: the order before it keeps its evaluations cached
         del settings["batch_order"], settings["batch_tokens"]
-    _fingerprint([lm.weight_hash, str(lm.model.dtype), [asdict(e) for e in interventions.parse_spec(intervention)],
+    fingerprint([lm.weight_hash, str(lm.model.dtype), [asdict(e) for e in interventions.parse_spec(intervention)],
                   inputs.prompts, inputs.f1_rows, inputs.wiki, inputs.scorer.describe(), settings], h)
     return h.hexdigest()[:24]
+
+
+def group_key(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None) -> str:
+    """`eval_key` without the prompts: evaluations of one model, intervention, F1 rows, text, scorer and
+    settings that differ only in the prompts they cover."""
+    return eval_key(lm, d, EvalInputs([], inputs.f1_rows, inputs.wiki, inputs.scorer), intervention)
+
+
+def covering(cache: Path, group: str, prompts: list[str]) -> tuple[Path, dict] | None:
+    """A cached evaluation of the `group` whose prompts include every one of `prompts` (the first such file by
+    name), and its result."""
+    if not prompts:
+        return None
+    want = set(prompts)
+    for path in sorted(cache.glob("*.json")):
+        if not (hit := read_json(path)) or hit.get("group") != group:
+            continue
+        if want <= {r["prompt"] for r in hit["result"]["records"]}:
+            return path, hit["result"]
+    return None
 
 
 def evaluate_inputs(lm: LoadedModel, d: EvalData, inputs: EvalInputs, intervention: Any = None,
                     label: str = "", out_dir: str | Path | None = None) -> EvalResult:
     """`evaluate` on loaded inputs; with `d.cache`, a finished evaluation with the same key is
-    read back instead of re-run, and a new one is stored."""
+    read back instead of re-run, and a new one is stored. A cached evaluation of the same model and
+    settings on more prompts (the study's Table 2 base row, 1,199 prompts, for dpo's base evaluation on
+    999 of them) gives the continuations of those prompts, which are scored afresh; perplexity and F1 are
+    its own. Its continuations are what a new generation would give up to fp32 summation order, as
+    with `batch_order` (a prompt's batch differs): on gemma-3-270m the 999 prompts' continuations in
+    the two evaluations of the 2026-12-07 study (runs/study-gemma-retime) are identical."""
     path = Path(d.cache) / f"{eval_key(lm, d, inputs, intervention)}.json" if d.cache else None
     if path and (hit := read_json(path)):
         log.info("evaluation %s: read from %s", label, path)
         return EvalResult(**hit["result"])
-    res = evaluate(lm, inputs.prompts, inputs.scorer, d.settings, inputs.wiki, inputs.f1_rows,
-                   intervention, d.progress, label, out_dir)
+    group = group_key(lm, d, inputs, intervention) if path else None
+    if path and (found := covering(path.parent, group, inputs.prompts)):
+        src, sup = found
+        log.info("evaluation %s: continuations of its %d prompts read from %s", label, len(inputs.prompts), src)
+        by = {r["prompt"]: r for r in sup["records"]}
+        gens = [{k: by[p][k] for k in ("prompt", "continuation", "continuation_ids")} for p in inputs.prompts]
+        res = scored(gens, inputs.scorer, d.settings, sup["perplexity"], sup["f1"], sup["f1_per_row"])
+    else:
+        res = evaluate(lm, inputs.prompts, inputs.scorer, d.settings, inputs.wiki, inputs.f1_rows,
+                       intervention, d.progress, label, out_dir)
     if path:
         write_json(path, {"model": lm.identity(), "intervention": [asdict(e) for e in interventions.parse_spec(intervention)],
-                          "label": label, "result": asdict(res)})
+                          "label": label, "group": group, "result": asdict(res)})
     return res
 
 

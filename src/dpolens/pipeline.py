@@ -109,10 +109,13 @@ def kept_strengths(run: Path) -> list[str]:
 
 def _explicit(cfg: Any) -> dict:
     """The fields of a config dataclass that differ from their defaults, nested ones included; a field
-    with metadata `in_key_if: (other field, value)` counts only while the other field has that value."""
+    with metadata `in_key_if: (other field, value)` counts only while the other field has that value, one with
+    `in_key: False` never."""
     out = {}
     for f in dataclasses.fields(cfg):
         if (cond := f.metadata.get("in_key_if")) and getattr(cfg, cond[0]) != cond[1]:
+            continue
+        if f.metadata.get("in_key") is False:  # decides no number (a folder of finished computations)
             continue
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):

@@ -17,7 +17,8 @@ from typing import Callable, TypedDict
 import numpy as np
 import torch
 
-from dpolens.activations import Stats, continuation_stats
+from dpolens import memo
+from dpolens.activations import Stats
 from dpolens.evaluate import bootstrap_ratio
 from dpolens.model.generation import encode_prompts
 from dpolens.model.loading import LoadedModel
@@ -118,9 +119,11 @@ def subset_mean(stats: Stats, units) -> torch.Tensor:
                         for l in sorted(stats.per_prompt_x)]).to(stats.x_sum.dtype)
 
 
-def prompt_stats(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]], batch_size: int) -> Stats:
-    """resid_mid means over the measured tokens, overall and per prompt, at every layer."""
-    return continuation_stats(lm, seqs, (), batch_size, progress=False, x_layers=range(lm.adapter.n_layers))
+def prompt_stats(lm: LoadedModel, seqs: list[tuple[list[int], list[int]]], batch_size: int,
+                 cache: str | None = None) -> Stats:
+    """resid_mid means over the measured tokens, overall and per prompt, at every layer; with `cache`, kept
+    there and read back by a later call with the same model and tokens (`dpolens.memo`)."""
+    return memo.stats(cache, lm, seqs, (), batch_size, progress=False, x_layers=range(lm.adapter.n_layers))
 
 
 class Retention(TypedDict):

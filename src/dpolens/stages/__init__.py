@@ -26,6 +26,8 @@ from typing import Any, Callable, Protocol
 from dpolens.stages import alternatives, analyze, dpo, neurons, pairs, probe, robustness, table2, unalign, vectors
 
 EVAL_CACHE = {"eval.cache": "{run}/evals"}  # one evaluation per model, intervention and inputs, shared
+# the base model's continuations and statistics (dpolens.memo), shared by a dose-response's strengths
+MEMO = {"cache": "{run}/evals"}
 
 
 class StageModule(Protocol):
@@ -127,7 +129,7 @@ REGISTRY: list[Stage] = [
     Stage(dpo, {"model": "{model}", "pairs": "{pairs}/pairs.jsonl", "out": "{dpo}", **EVAL_CACHE},
           help="DPO through TRL with the paper's settings; resumable; writes an HF model directory."),
     Stage(analyze, {"base": "{model}", "aligned": "{dpo}/model", "probe": "{probe}", "vectors": "{vectors}",
-                    "out": "{analyze}"},
+                    "out": "{analyze}", **MEMO},
           help="Weight shift, logit lens, activation drop, residual offset and value-vector shifts (paper 5)."),
     Stage(unalign, {"model": "{dpo}/model", "base": "{model}", "probe": "{probe}", "out": "{unalign}", **EVAL_CACHE},
           help="Table 4: scale the keys of the k most probe-like value vectors and evaluate."),
@@ -135,7 +137,7 @@ REGISTRY: list[Stage] = [
                     "out": "{neurons}", **EVAL_CACHE},
           help="Neuron groups of the toxicity reduction, activation patching, tuning-free editing."),
     Stage(robustness, {"base": "{model}", "aligned": "{dpo}/model", "unaligned": "{unalign}/model",
-                       "out": "{robustness}"},
+                       "out": "{robustness}", **MEMO},
           help="Transformed and multi-turn prompts: toxicity and how much of the offset δx survives."),
     Stage(alternatives, {"base": "{model}", "probe": "{probe}", "out": "{alternatives}",
                          "train.pairs": "{pairs}/pairs.jsonl", **EVAL_CACHE}, optional=True,

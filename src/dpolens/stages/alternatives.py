@@ -17,6 +17,7 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 
+from dpolens import memo
 from dpolens.activations import continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest, write_text
 from dpolens.attribution import assign_groups, group_names, group_shares, neuron_edits, neuron_table
@@ -30,7 +31,6 @@ from dpolens.drift import split_halves
 from dpolens.ledger import (StageContext, StageNotRun, growth, identity, offset_control, toxicity_drop, weakening,
                             weakening_against_placebo, weights_moved)
 from dpolens.model import hooks
-from dpolens.model.generation import generate
 from dpolens.model.loading import load_model
 from dpolens.textquality import overused_words
 from dpolens.training import METHOD_BETA, TrainConfig, train_aligned
@@ -172,18 +172,20 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
     # the evaluation's held-out (dev) prompts stay out of the offset prompts too when both read the same file
     prompts = load_prompts(cfg.offset_prompts, cfg.offset_limit, cfg.eval.skip_bad_rows,
                            cfg.eval.holdout if same_file(cfg.offset_prompts, cfg.eval.prompts) else 0)
+    # the base's continuations and statistics are kept in the run's cache (dpolens.memo): a re-run with another
+    # variant reads them back
     seqs = [(g.prompt_ids, g.continuation_ids) for g in
-            generate(base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, desc="generate base",
-                     head_screen=use_screen(cfg.eval.settings, base))]
+            memo.generations(cfg.eval.cache, base, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                             desc="generate base", head_screen=use_screen(cfg.eval.settings, base))]
     layers = range(base.adapter.n_layers)
-    st_base = continuation_stats(base, seqs, (), cfg.batch_size, "base", x_layers=layers)
+    st_base = memo.stats(cfg.eval.cache, base, seqs, (), cfg.batch_size, "base", x_layers=layers)
     # offset retention as the robustness stage measures it: δx̂ from one half of the offset prompts (plain), every
     # retention (plain included) on the other half; multi-turn prompts on their final turn's tokens
     transformed = {name: (final_turn_seqs if name == "multi_turn" else prompt_token_seqs)(
                        base, texts, cfg.max_prompt_tokens) for name, (texts, _) in
                    transformed_prompts(prompts, cfg.transforms, wikitext_prompts(cfg.neutral) if
                                        "multi_turn" in cfg.transforms else [], cfg.turns, cfg.seed).items()}
-    tf_base = {name: prompt_stats(base, ts, cfg.batch_size) for name, ts in transformed.items()}
+    tf_base = {name: prompt_stats(base, ts, cfg.batch_size, cfg.eval.cache) for name, ts in transformed.items()}
     fit, measure = split_halves(len(prompts), cfg.seed)
     rows = [{"variant": "base", "ref": base.ref, "weight_sha256": base.weight_hash, **base_eval}]
     if not fit_prompts:
@@ -215,7 +217,8 @@ def run_alternatives(cfg: AlternativesConfig) -> AlternativesResult:
         dv = {j: m.adapter.value_vectors(j).float() - base.adapter.value_vectors(j).float() for j in layers}
         shift_stats = value_shift_stats(dv, stats.mean_x - st_base.mean_x, stats.mean_m_over_s, cfg.n_boot, cfg.seed)
         t = neuron_table(base, m, probe, fit_prompts or prompts, cfg.batch_size, cfg.max_new_tokens,
-                         cfg.eval.progress, meta=probe_meta, space=cfg.space)
+                         cfg.eval.progress, meta=probe_meta, space=cfg.space,
+                         cache=cfg.eval.cache)  # the base half computed for the first variant only
         gated = base.adapter.mlp_kind == "gated"  # two sign-invariant groups (attribution.GATED_GROUPS)
         labels = assign_groups(t, gated)
         shares = group_shares(t, labels, cfg.top_toxic, gated)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dpolens import memo
 from dpolens.activations import Stats, continuation_stats
 from dpolens.artifacts import DpolensError, read_json, write_json, write_manifest
 from dpolens.compare import (
@@ -86,6 +87,10 @@ class AnalyzeConfig(RunSettings):
     # also measure the activation drop for the top `top_neurons` token writers (vectors/token_writers.json), which
     # the ledger reports where the cosine ranking's precondition (its vectors' tokens are toxic) fails
     writers: bool = True
+    # a folder where the base model's continuations, activation statistics and logit lens search are kept and read
+    # back (dpolens.memo): the strengths of a study's dose_response share them. `dpolens run` sets
+    # runs/<name>/evals; not in the stage's key (it decides no number)
+    cache: str | None = field(default=None, metadata={"in_key": False})
 
     def __post_init__(self):
         super().__post_init__()
@@ -298,13 +303,13 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     fig_layers = sorted({l for l, _ in top[: cfg.figure_layers]})
     all_layers = range(a.n_layers)
 
-    gens = {name: generate(m, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size,
-                           max_prompt_tokens=cfg.max_prompt_tokens, desc=f"generate {name}", head_screen="auto")
-            for name, m in (("base", base), ("aligned", aligned))}
+    gen_kw = dict(batch_size=cfg.batch_size, max_prompt_tokens=cfg.max_prompt_tokens, head_screen="auto")
+    gens = {"base": memo.generations(cfg.cache, base, prompts, cfg.max_new_tokens, desc="generate base", **gen_kw),
+            "aligned": generate(aligned, prompts, cfg.max_new_tokens, desc="generate aligned", **gen_kw)}
     same = [(g.prompt_ids, g.continuation_ids) for g in gens["base"]]
     stats = {
-        ("base", "same"): continuation_stats(base, same, fig_layers, cfg.batch_size, "base, base tokens",
-                                             x_layers=all_layers, neurons=neurons),
+        ("base", "same"): memo.stats(cfg.cache, base, same, fig_layers, cfg.batch_size, "base, base tokens",
+                                     x_layers=all_layers, neurons=neurons),
         ("aligned", "same"): continuation_stats(aligned, same, fig_layers, cfg.batch_size, "aligned, base tokens",
                                                 x_layers=all_layers, neurons=neurons),
         ("aligned", "own"): continuation_stats(aligned, [(g.prompt_ids, g.continuation_ids) for g in gens["aligned"]],
@@ -377,10 +382,13 @@ def run_analyze(cfg: AnalyzeConfig) -> AnalysisResult:
     offset_ci = offset_stats(sb, sa, w_hat, offset, cfg.n_boot, cfg.seed, controls=[st for st, _ in controls])
 
     search = (load_prompts(cfg.prompts, holdout=cfg.holdout) + wikitext_prompts(cfg.lens_search))[: cfg.lens_search_limit]
-    lens_prompts = find_lens_prompts(base, search, token_id, cfg.batch_size)
+    lens_prompts = memo.value(cfg.cache, base, "lens_search", [search, token_id, cfg.batch_size],
+                              lambda: find_lens_prompts(base, search, token_id, cfg.batch_size))
     lens = {"token": cfg.lens_token, "n_prompts": len(lens_prompts), "prompts": lens_prompts[:20]}
     if lens_prompts:
-        lb, la = logit_lens(base, lens_prompts, token_id), logit_lens(aligned, lens_prompts, token_id)
+        lb = memo.value(cfg.cache, base, "logit_lens", [lens_prompts, token_id],
+                        lambda: logit_lens(base, lens_prompts, token_id))
+        la = logit_lens(aligned, lens_prompts, token_id)
         lens.update({"labels": lb["labels"], "base": lb["prob"], "aligned": la["prob"]})
 
     dv = {j: (aligned.adapter.value_vectors(j).float() - a.value_vectors(j).float()) for j in range(a.n_layers)}

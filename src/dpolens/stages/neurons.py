@@ -337,7 +337,8 @@ def run_neurons(cfg: NeuronsConfig) -> NeuronsResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t = neuron_table(base, aligned, probe, fit_prompts, cfg.batch_size, cfg.max_new_tokens, cfg.eval.progress,
-                     meta=probe_meta, space=cfg.space, head_screen=cfg.eval.settings.screen)
+                     meta=probe_meta, space=cfg.space, head_screen=cfg.eval.settings.screen,
+                     cache=cfg.eval.cache)  # the base half kept in the run's cache: a dose-response's strengths share it
     gated = base.adapter.mlp_kind == "gated"  # the sign of m is then a convention: two sign-invariant groups
     labels = assign_groups(t, gated)
     df = pd.DataFrame({"layer": t["layer"], "neuron": t["neuron"], "cosine": t["cosine"],

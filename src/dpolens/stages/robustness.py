@@ -19,11 +19,12 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 from tqdm.auto import tqdm
 
+from dpolens import memo
 from dpolens.artifacts import read_json, write_json, write_manifest, write_text
 from dpolens.config import ConfigError, RunSettings, at_least
 from dpolens.data import default_data, load_prompts, wikitext_prompts
 from dpolens.evaluate import summarize
-from dpolens.model.generation import check_fits, encode_prompts, generate
+from dpolens.model.generation import check_fits, encode_prompts
 from dpolens.model.loading import load_model
 from dpolens.scoring import get_scorer
 from dpolens.compare import placebo
@@ -57,6 +58,10 @@ class RobustnessConfig(RunSettings):
     # aligned model's size per tensor), δx̂ and retention on the same halves; no generation for them
     control: Literal["placebo"] | None = "placebo"
     control_draws: int = 5  # placebos (seeds seed..seed+K-1); aligned − placebo uses a prediction interval
+    # a folder where the base model's activation statistics and continuations are kept and read back
+    # (dpolens.memo): the strengths of a study's dose_response share them. `dpolens run` sets
+    # runs/<name>/evals; not in the stage's key (it decides no number)
+    cache: str | None = field(default=None, metadata={"in_key": False})
 
     def __post_init__(self):
         super().__post_init__()
@@ -129,7 +134,7 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
         stats = {}
         for mname, lm in models:
             steps.set_postfix_str(f"activations {tname} {mname}")
-            stats[mname] = prompt_stats(lm, seqs, cfg.batch_size)
+            stats[mname] = prompt_stats(lm, seqs, cfg.batch_size, cfg.cache if mname == "base" else None)
             steps.update()
         base_stats[tname] = stats["base"]
         if delta is None:
@@ -161,9 +166,10 @@ def run_robustness(cfg: RobustnessConfig) -> RobustnessResult:
     for tname, (texts, inverse) in inputs.items():
         for mname, lm in models:
             steps.set_postfix_str(f"generate {tname} {mname}")
-            gens = generate(lm, texts[: cfg.toxicity_limit], cfg.max_new_tokens, batch_size=cfg.batch_size,
-                            max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False,
-                            head_screen="auto")
+            gens = memo.generations(cfg.cache if mname == "base" else None, lm, texts[: cfg.toxicity_limit],
+                                    cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                    max_prompt_tokens=cfg.max_prompt_tokens, keep_last=True, progress=False,
+                                    head_screen="auto")
             decoded = [inverse(g.continuation) for g in gens]
             tox = summarize(scorer.score(decoded).toxicity, seed=cfg.seed)
             rows.append({"transform": tname, "model": mname, "toxicity": tox,
