@@ -158,9 +158,14 @@ def test_an_evaluation_on_fewer_prompts_reuses_a_cached_one_on_more(tiny_dirs, t
     assert reused.records == fresh.records and reused.toxicity == fresh.toxicity
     assert reused.perplexity == fresh.perplexity == full.perplexity and reused.f1 == fresh.f1 == full.f1
     assert reused.repetition == fresh.repetition
-    n = len(made)
-    again = ev.evaluate_inputs(lm, fewer, part, label="base")  # now stored under its own key
-    assert again.records == reused.records and len(made) == n
+    stored = json.loads((tmp_path / "evals" / f"{ev.eval_key(lm, fewer, part)}.json").read_text())
+    assert stored["result"]["records"] == reused.records and stored["covered_from"].endswith(".json")
+    # a damaged file in the folder is passed over, and a prompt no cached evaluation holds is generated
+    (tmp_path / "evals" / "damaged.json").write_text("{not json")
+    made.clear()
+    ev.evaluate_inputs(lm, fewer, ev.EvalInputs([*part.prompts, "An unseen prompt"], part.f1_rows, part.wiki,
+                                                  part.scorer), label="more")
+    assert made
     # another setting or an intervention is another group: generated afresh
     made.clear()
     other = ev.EvalData(**{**fewer.__dict__, "settings": EvalSettings(max_new_tokens=2, batch_size=2)})

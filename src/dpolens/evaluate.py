@@ -545,7 +545,11 @@ def covering(cache: Path, group: str, prompts: list[str]) -> tuple[Path, dict] |
         return None
     want = set(prompts)
     for path in sorted(cache.glob("*.json")):
-        if not (hit := read_json(path)) or hit.get("group") != group:
+        try:
+            hit = read_json(path)
+        except DpolensError:  # a damaged file is no reason to stop another evaluation: it is not used
+            continue
+        if not isinstance(hit, dict) or hit.get("group") != group or not isinstance(hit.get("result"), dict):
             continue
         if want <= {r["prompt"] for r in hit["result"]["records"]}:
             return path, hit["result"]
@@ -566,6 +570,7 @@ def evaluate_inputs(lm: LoadedModel, d: EvalData, inputs: EvalInputs, interventi
         log.info("evaluation %s: read from %s", label, path)
         return EvalResult(**hit["result"])
     group = group_key(lm, d, inputs, intervention) if path else None
+    src = None
     if path and (found := covering(path.parent, group, inputs.prompts)):
         src, sup = found
         log.info("evaluation %s: continuations of its %d prompts read from %s", label, len(inputs.prompts), src)
@@ -577,7 +582,9 @@ def evaluate_inputs(lm: LoadedModel, d: EvalData, inputs: EvalInputs, interventi
                        intervention, d.progress, label, out_dir)
     if path:
         write_json(path, {"model": lm.identity(), "intervention": [asdict(e) for e in interventions.parse_spec(intervention)],
-                          "label": label, "group": group, "result": asdict(res)})
+                          "label": label, "group": group,
+                          # the evaluation whose continuations these are, where one covered the prompts
+                          **({"covered_from": src.name} if src else {}), "result": asdict(res)})
     return res
 
 

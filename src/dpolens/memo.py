@@ -47,9 +47,8 @@ def value(cache: str | Path | None, lm: LoadedModel, kind: str, parts: Any, comp
     if (hit := read_json(path)) is not None:
         log.info("%s of %s: read from %s", kind, lm.ref, path)
         return hit["value"]
-    out = compute()
-    write_json(path, {"kind": kind, "model": lm.ref, "weight_sha256": lm.weight_hash, "value": out})
-    return out
+    write_json(path, {"kind": kind, "model": lm.ref, "weight_sha256": lm.weight_hash, "value": compute()})
+    return read_json(path)["value"]  # as a later call reads it (JSON types), not as computed
 
 
 def generations(cache: str | Path | None, lm: LoadedModel, prompts: list[str], max_new_tokens: int = 20,
