@@ -9,6 +9,7 @@ prompts, against the harness as it was before 2026-12-07 (batches of 64 consecut
   length/screen   both: what `EvalSettings()` does now (on a CPU without native bf16 the screen is off: the
                   screen rows then equal the fp32 rows)
   length/screen/128  the same with 128 rows and 4,096 prompt positions a batch
+  length/screen/256  the same with 256 rows and 8,192 prompt positions a batch
 
 Prints seconds, the ratio to the baseline, the prompt positions the batches pad to (against the prompts' real
 tokens), and the tokens that differ from the baseline (from fp32 length order for the screen: the screen is
@@ -44,7 +45,8 @@ variants = {"input/fp32": EvalSettings(batch_order="input", head_screen="off"),
             "input/screen": EvalSettings(batch_order="input"),
             "length/fp32": EvalSettings(head_screen="off"),
             "length/screen": EvalSettings(),
-            "length/screen/128": EvalSettings(batch_size=128, batch_tokens=4096)}
+            "length/screen/128": EvalSettings(batch_size=128, batch_tokens=4096),
+            "length/screen/256": EvalSettings(batch_size=256, batch_tokens=8192)}
 if chosen:
     variants = {v: s for v, s in variants.items() if v == "input/fp32" or v in chosen.split(",")}
 print(f"== {model}; native bf16: {native_bf16('cpu')}; screen under auto: {screen_pays(lm)}; "
@@ -60,7 +62,7 @@ for name, (ps, cut) in sets.items():
     for v, s in variants.items():
         pos = sum(len(c) * max(len(encode_prompts(lm, [ps[i]], cut)[0]) for i in c)
                   for c in batch_chunks(lm, ps, s, cut))
-        ref = {"length/screen": "length/fp32", "length/screen/128": "length/fp32"}.get(v, "input/fp32")
+        ref = "length/fp32" if v.startswith("length/screen") else "input/fp32"
         ref = ref if ref in out else "input/fp32"
         diff = sum(x != y for a, b in zip(out[v], out[ref]) for x, y in zip(a["continuation_ids"], b["continuation_ids"])) \
             + sum(abs(len(a["continuation_ids"]) - len(b["continuation_ids"])) for a, b in zip(out[v], out[ref]))
