@@ -5,8 +5,10 @@ take if every matmul ran at this machine's 2048x2048 rate, against the stage tim
 
 Counted from the run's own artifacts, with the model's parameter counts (`adapter.parameter_counts`): 2 FLOP per
 parameter per token read, the body (layers and norms) for every position, the vocabulary head only where a position's
-logits are needed (attention scores, norms and the scorer are left out, so this is a lower bound; the head counted in
-bf16 where `head_screen: auto` screens it on this machine):
+logits are needed (attention scores, norms and the scorer are left out; the head counted in bf16 where
+`head_screen: auto` screens it on this machine). Continuations the run did not store (the pairs' unkept samples, the
+F1 rows') are counted at `max_new_tokens` each, as the decoding loop computes every row until its batch ends; the
+rest is a lower bound:
 - every evaluation the run generated (`evals/*.json`, not those covered from another): its prompts as the harness
   cut them, each continuation's own tokens (the head in bf16 where the run screened it, else fp32), the perplexity's
   scored tokens through body and fp32 head, the F1 rows' prompts and `max_new_tokens` tokens each;
@@ -22,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import fp32_roofline, timed
+from common import fp32_roofline
 
 from dpolens import load_model
 from dpolens.data import load_f1_set
@@ -36,10 +38,7 @@ run = Path(sys.argv[1])
 results = json.loads((run / "results.json").read_text())
 times = {k: v["wall_time_s"] for k, v in results["provenance"]["stage_times"].items()}
 
-mm_s, roof32 = fp32_roofline()
-a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
-a @ b
-roof16 = 2 * 2048**3 / timed(lambda: a @ b, 10)[0]
+roof32, roof16 = fp32_roofline()[1], fp32_roofline("bfloat16")[1]
 
 evals = [json.loads(p.read_text()) for p in sorted((run / "evals").glob("*.json"))]
 pcfg = json.loads((run / "pairs" / "manifest.json").read_text())["config"]

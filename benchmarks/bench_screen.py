@@ -29,10 +29,7 @@ if not native_bf16("cpu") and "--force" not in sys.argv:
     sys.exit("no native bf16 on this CPU (no AVX512-BF16/AMX): head_screen 'auto' decodes in fp32 here, so there "
              "is nothing to compare; --force times the emulated screen anyway")
 mm_s, roof32 = fp32_roofline()
-a, b = torch.randn(2048, 2048, dtype=torch.bfloat16), torch.randn(2048, 2048, dtype=torch.bfloat16)
-a @ b
-mm16_s, _ = timed(lambda: a @ b, 10)
-roof16 = 2 * 2048**3 / mm16_s
+mm16_s, roof16 = fp32_roofline("bfloat16")
 
 lm = load_model(model)
 n_params = sum(p.numel() for p in lm.model.parameters())

@@ -29,12 +29,13 @@ def timed(fn, repeat: int = 1):
     return best, out
 
 
-def fp32_roofline() -> tuple[float, float]:
-    """Seconds for one 2048x2048 fp32 matmul (best of 10) and the FLOP/s it reaches (2·2048³ FLOP):
-    the roofline the benchmarks state their shares of."""
+def fp32_roofline(dtype: str = "float32") -> tuple[float, float]:
+    """Seconds for one 2048x2048 matmul in `dtype` (best of 10) and the FLOP/s it reaches (2·2048³ FLOP):
+    the roofline the benchmarks state their shares of (fp32 by default; "bfloat16" for the bf16 one)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
     a @ b
     mm_s, _ = timed(lambda: a @ b, 10)
     return mm_s, 2 * 2048**3 / mm_s
